@@ -1,0 +1,115 @@
+"""The engine interface: what the service hands an engine and what comes back.
+
+An engine turns an `EngineRequest` into a stream of `EngineEvent`s: zero or more `TextDelta`s, then exactly
+one `Finished` carrying the usage. Engines know nothing of keys, credits or storage; they raise the
+`tokentill.errors` server errors (`Overloaded` 503, `DeadlineExceeded` 504, `UpstreamError` 502,
+`InvalidRequest` with code `context_length_exceeded`) and stop work promptly when the consumer stops
+iterating (that is how a client disconnect reaches the decode loop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "Capabilities",
+    "Engine",
+    "EngineEvent",
+    "EngineRequest",
+    "Finished",
+    "ImageInput",
+    "Message",
+    "TextDelta",
+    "Usage",
+]
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """An image that the media layer already fetched and validated; engines never fetch anything."""
+
+    data: bytes
+    mime: str
+    width: int
+    height: int
+    detail: str = "auto"
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat message with text already joined; `images` are in the order they appeared."""
+
+    role: str  # system | user | assistant  (developer is mapped to system before it gets here)
+    text: str
+    images: tuple[ImageInput, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    messages: tuple[Message, ...]
+    max_tokens: int  # completion budget, reasoning included; already clamped to what the account affords
+    deadline: float  # time.monotonic() value after which the engine raises DeadlineExceeded
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    reasoning_effort: str = "medium"
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int  # reasoning tokens included
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    image_tokens: int = 0
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    reasoning: bool = False  # hidden reasoning, not part of `content`
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: FinishReason
+    usage: Usage
+
+
+EngineEvent = TextDelta | Finished
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    context_length: int
+    vision: bool = False
+    reasoning: str = "none"  # none | native | scratchpad
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    capabilities: Capabilities
+
+    async def start(self) -> None:
+        """Load weights / open connections. Called once from the app lifespan."""
+
+    def count_prompt_tokens(self, request: EngineRequest) -> int:
+        """Exact prompt tokens (chat template applied) — used to price the hold before generating."""
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        """TextDelta events, then one Finished. Closing the iterator early cancels the generation."""
+
+    async def aclose(self) -> None:
+        """Stop the decode loop / close connections; pending requests fail with Overloaded."""

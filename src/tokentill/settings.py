@@ -1,0 +1,100 @@
+"""All of tokentill's configuration: one typed object read from `TOKENTILL_*` environment variables.
+
+Nothing else reads the environment. The CLI turns its options into overrides of these fields, so every
+`--flag` has a `TOKENTILL_FLAG` twin and the descriptions below are the help texts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import platformdirs
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+def _default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("tokentill", appauthor=False))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOKENTILL_", extra="ignore", frozen=True)
+
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Folder for the SQLite database and downloaded models (default: the user data folder).",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL; postgresql://user@host/db switches to PostgreSQL (asyncpg). "
+        "Default: SQLite at DATA_DIR/tokentill.db.",
+    )
+    config: Path | None = Field(
+        default=None, description="TOML catalogue of models; default: the built-in o1-preview entry."
+    )
+    redis_url: str | None = Field(
+        default=None, description="Redis URL for shared rate limits across replicas (default: in-process)."
+    )
+    admin_key: SecretStr | None = Field(
+        default=None, description="Key that unlocks /admin/ routes; unset = admin routes refuse everyone."
+    )
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
+    workers: int = Field(default=1, ge=1, description="Server worker processes.")
+    max_body_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted (413 above); default fits a 20 MB image as base64.",
+    )
+    queue_size: int = Field(
+        default=32, ge=1, description="Requests that may wait for an engine; more get 503 overloaded."
+    )
+    request_timeout_s: float = Field(
+        default=600.0, gt=0, description="Deadline for one request, queueing included (504 after)."
+    )
+    hold_ttl_s: int = Field(
+        default=1800, ge=10, description="A credit hold older than this is released by recovery."
+    )
+    hold_sweep_interval_s: float = Field(
+        default=60.0, gt=0, description="How often expired holds are looked for."
+    )
+    n_threads: int | None = Field(
+        default=None, ge=1, description="CPU threads for the embedded engine (default: all cores)."
+    )
+    initial_credits: str = Field(
+        default="10", description="Credits given to the `default` account created on an empty database."
+    )
+    log_level: str = Field(default="info", description="Logging level.")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.lower()
+        if value not in {"critical", "error", "warning", "info", "debug"}:
+            raise ValueError("must be one of critical, error, warning, info, debug")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        for plain, driver in (
+            ("postgresql://", "postgresql+asyncpg://"),
+            ("postgres://", "postgresql+asyncpg://"),
+            ("sqlite:///", "sqlite+aiosqlite:///"),
+        ):
+            if value.startswith(plain):
+                return driver + value[len(plain) :]
+        if not value.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite:///")):
+            raise ValueError("must be a postgresql:// or sqlite:/// URL")
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The async SQLAlchemy URL actually used."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'tokentill.db'}"
