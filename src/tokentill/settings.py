@@ -7,10 +7,14 @@ Nothing else reads the environment. The CLI turns its options into overrides of 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import platformdirs
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from tokentill.media.service import MediaPolicy
 
 __all__ = ["Settings"]
 
@@ -67,6 +71,28 @@ class Settings(BaseSettings):
         default="10", description="Credits given to the `default` account created on an empty database."
     )
     log_level: str = Field(default="info", description="Logging level.")
+    media_allow_hosts: str = Field(
+        default="",
+        description="Comma-separated host:port pairs whose images may be fetched even though they resolve "
+        "to private addresses (e.g. images.internal:80). Nothing else private is ever fetched.",
+    )
+    media_max_bytes: int = Field(
+        default=20 * 1024 * 1024, ge=1024, description="Largest image accepted, fetched or inline (bytes)."
+    )
+    media_max_pixels: int = Field(
+        default=50_000_000, ge=1, description="Largest image accepted in pixels, checked before decoding."
+    )
+    media_max_images: int = Field(default=8, ge=1, description="Images allowed in one request.")
+    media_timeout_s: float = Field(default=30.0, gt=0, description="Total time allowed to fetch one image.")
+
+    @field_validator("media_allow_hosts")
+    @classmethod
+    def _host_ports(cls, value: str) -> str:
+        for item in (h.strip() for h in value.split(",")):
+            host, sep, port = item.rpartition(":")
+            if item and (not sep or not host or not port.isdigit()):
+                raise ValueError(f"{item!r}: each entry must be host:port, e.g. images.internal:80")
+        return value
 
     @field_validator("log_level")
     @classmethod
@@ -91,6 +117,18 @@ class Settings(BaseSettings):
         if not value.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite:///")):
             raise ValueError("must be a postgresql:// or sqlite:/// URL")
         return value
+
+    def media_policy(self) -> MediaPolicy:
+        from tokentill.media.service import MediaPolicy
+
+        hosts = frozenset(h.strip().lower() for h in self.media_allow_hosts.split(",") if h.strip())
+        return MediaPolicy(
+            allow_hosts=hosts,
+            max_bytes=self.media_max_bytes,
+            max_pixels=self.media_max_pixels,
+            max_images=self.media_max_images,
+            total_timeout_s=self.media_timeout_s,
+        )
 
     @property
     def resolved_database_url(self) -> str:

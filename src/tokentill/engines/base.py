@@ -79,6 +79,7 @@ class Usage:
 class TextDelta:
     text: str
     reasoning: bool = False  # hidden reasoning, not part of `content`
+    tokens: int = 1  # completion tokens this delta accounts for (billing of interrupted streams)
 
 
 @dataclass(frozen=True)

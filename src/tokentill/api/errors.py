@@ -1,0 +1,77 @@
+"""Render every failure once, as the OpenAI error envelope with the status from DESIGN §3."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from tokentill import errors
+from tokentill.billing.money import format_credits
+
+__all__ = ["error_response", "install_error_handlers"]
+
+log = logging.getLogger(__name__)
+
+
+def error_response(request: Request, error: errors.APIError) -> JSONResponse:
+    headers = dict(error.headers)
+    balance = getattr(request.state, "remaining_credits", None)
+    if balance is not None:
+        headers["x-remaining-credits"] = format_credits(balance)
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.APIError)
+    if exc.status >= 500:
+        log.warning("request %s failed: %s %s", getattr(request.state, "request_id", "-"), exc.status, exc)
+    return error_response(request, exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    error: errors.APIError
+    if exc.status_code == 404:
+        error = errors.NotFound(
+            f"Unknown request URL: {request.method} {request.url.path}. Please check the URL for typos.",
+            code="unknown_url",
+        )
+    elif exc.status_code == 405:
+        error = errors.MethodNotAllowed(
+            f"Method {request.method} is not allowed for {request.url.path}.",
+            headers=dict(exc.headers or {}),
+        )
+    elif exc.status_code == 413:
+        error = errors.RequestTooLarge("The request body is larger than this server accepts.")
+    else:
+        error = errors.InvalidRequest(str(exc.detail), code="invalid_request")
+    return error_response(request, error)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(request, errors.InvalidRequest("Invalid request.", code="invalid_value"))
+
+
+async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", "-")
+    log.error("request %s: unhandled error", request_id, exc_info=exc)
+    response = error_response(
+        request,
+        errors.InternalError(
+            f"The server had an error while processing your request. Request id: {request_id}."
+        ),
+    )
+    # This handler runs in Starlette's outermost middleware, outside the one that stamps request ids.
+    response.headers["x-request-id"] = request_id
+    return response
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(errors.APIError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _bug)

@@ -1,0 +1,111 @@
+"""`create_app(settings)`: the ASGI application. Nothing is opened at import time.
+
+The lifespan builds every service onto `app.state.services` — database, ledger, keys, catalogue, engines,
+limiter, media — starts the expired-hold sweeper, and closes all of them on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from tokentill.api import build_api
+from tokentill.auth.service import KeyStore
+from tokentill.billing.ledger import Ledger
+from tokentill.catalog import load_catalog
+from tokentill.chat import ChatService
+from tokentill.engines import create_engine
+from tokentill.engines.base import Engine
+from tokentill.limits import create_limiter
+from tokentill.media.service import MediaService
+from tokentill.services import Services
+from tokentill.settings import Settings
+from tokentill.storage.db import open_database
+
+__all__ = ["create_app", "create_app_from_env"]
+
+log = logging.getLogger(__name__)
+
+
+async def _sweep_holds(ledger: Ledger, interval_s: float) -> None:
+    """Release holds whose request died with its process (crash, SIGKILL), now and then periodically."""
+    while True:
+        try:
+            released = await ledger.release_expired()
+            if released:
+                log.warning("released %d expired credit hold(s)", released)
+        except Exception:
+            log.exception("expired-hold sweep failed; will retry")
+        await asyncio.sleep(interval_s)
+
+
+@contextlib.asynccontextmanager
+async def _services(settings: Settings) -> AsyncIterator[Services]:
+    catalog = load_catalog(settings.config)
+    async with contextlib.AsyncExitStack() as stack:
+        db = await open_database(settings.resolved_database_url)
+        stack.push_async_callback(db.aclose)
+        ledger = Ledger(db)
+        engines: dict[str, Engine] = {}
+        for spec in catalog:
+            engine = create_engine(spec, queue_size=settings.queue_size, n_threads=settings.n_threads)
+            await engine.start()
+            stack.push_async_callback(engine.aclose)
+            engines[spec.id] = engine
+        limiter = create_limiter(settings.redis_url)
+        stack.push_async_callback(limiter.aclose)
+        media = MediaService(settings.media_policy())
+        await media.start()
+        stack.push_async_callback(media.aclose)
+        chat = ChatService(
+            catalog=catalog,
+            engines=engines,
+            ledger=ledger,
+            limiter=limiter,
+            media=media,
+            request_timeout_s=settings.request_timeout_s,
+            hold_ttl_s=settings.hold_ttl_s,
+        )
+        sweeper = asyncio.create_task(_sweep_holds(ledger, settings.hold_sweep_interval_s))
+        try:
+            yield Services(
+                settings=settings,
+                db=db,
+                ledger=ledger,
+                keys=KeyStore(db),
+                catalog=catalog,
+                engines=engines,
+                limiter=limiter,
+                media=media,
+                chat=chat,
+                started=int(time.time()),
+                ready=True,
+            )
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with _services(settings) as services:
+            app.state.services = services
+            log.info("tokentill ready: models %s", ", ".join(services.engines))
+            yield
+            services.ready = False
+
+    return build_api(settings, lifespan)
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory` and worker processes: settings come from TOKENTILL_* variables."""
+    return create_app(Settings())

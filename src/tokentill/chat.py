@@ -1,0 +1,294 @@
+"""One chat completion from validated request to settled bill: the service behind both chat routes.
+
+`ChatService.prepare` runs every check that can refuse a request (model, permission, images, context,
+rate limits, credits) and ends holding a credit reservation and a rate-limit lease. `ChatService.run` then
+streams the engine's events and, in a `finally` that survives cancellation, settles exactly once:
+
+    engine failed before any output      → release the hold, charge nothing
+    finished                             → charge the real usage, release the rest
+    client went away / stream broke      → charge the tokens generated so far (status 499 / error status)
+
+Nothing here knows about HTTP; the api package renders the events as JSON or SSE.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+import anyio
+
+from tokentill import errors
+from tokentill.auth.service import Principal
+from tokentill.billing import pricing
+from tokentill.billing.ledger import Hold, Ledger, UsageRecord
+from tokentill.billing.money import format_credits
+from tokentill.catalog import Catalog, ModelSpec
+from tokentill.engines.base import (
+    Engine,
+    EngineEvent,
+    EngineRequest,
+    Finished,
+    ImageInput,
+    Message,
+    TextDelta,
+)
+from tokentill.limits import KeyLimits, Lease, RateLimiter
+from tokentill.media.service import MediaService
+from tokentill.protocol.chat import ChatCompletionRequest, ImagePart
+
+__all__ = ["ChatService", "PreparedChat"]
+
+log = logging.getLogger(__name__)
+
+_ROLE_FOR_ENGINE = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass
+class PreparedChat:
+    """A request that passed every check and holds its reservations; `run` must be called to settle."""
+
+    request_id: str
+    principal: Principal
+    spec: ModelSpec
+    engine: Engine
+    engine_request: EngineRequest
+    prompt_tokens: int
+    image_tokens: int
+    hold: Hold
+    lease: Lease
+    balance_after_hold: int
+    started: float = field(default_factory=time.monotonic)
+    include_reasoning: bool = False
+
+
+class ChatService:
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        engines: Mapping[str, Engine],
+        ledger: Ledger,
+        limiter: RateLimiter,
+        media: MediaService,
+        request_timeout_s: float,
+        hold_ttl_s: float,
+    ) -> None:
+        self._catalog = catalog
+        self._engines = engines
+        self._ledger = ledger
+        self._limiter = limiter
+        self._media = media
+        self._timeout = request_timeout_s
+        self._hold_ttl = hold_ttl_s
+
+    def model(self, model_id: str) -> ModelSpec:
+        spec = self._catalog.get(model_id)
+        if spec is None:
+            raise errors.NotFound(
+                f"The model '{model_id}' does not exist or you do not have access to it.",
+                code="model_not_found",
+                param="model",
+            )
+        return spec
+
+    async def prepare(
+        self, principal: Principal, model_id: str, request: ChatCompletionRequest, request_id: str
+    ) -> PreparedChat:
+        spec = self.model(model_id)
+        principal.check_model(spec.id)
+        engine = self._engines[spec.id]
+        messages = await self._messages(request, engine)
+        explicit = request.completion_limit()
+        draft = EngineRequest(
+            request_id=request_id,
+            messages=messages,
+            max_tokens=explicit or 1,
+            deadline=time.monotonic() + self._timeout,
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            seed=request.seed,
+            stop=request.stop_sequences(),
+            reasoning_effort=request.reasoning_effort or "medium",
+        )
+        prompt_tokens = await anyio.to_thread.run_sync(engine.count_prompt_tokens, draft)
+        room = self._check_context(spec, engine, prompt_tokens, explicit)
+        budget = await self._budget(principal, spec, prompt_tokens, explicit, room)
+        limits = KeyLimits(rpm=principal.rpm, tpm=principal.tpm, max_concurrent=principal.max_concurrent)
+        lease = await self._limiter.acquire(principal.key_id, limits, prompt_tokens + budget)
+        try:
+            need = pricing.cost(prompt_tokens, budget, spec.price_input, spec.price_output)
+            hold = await self._ledger.reserve(
+                account_id=principal.account_id,
+                key_id=principal.key_id,
+                request_id=request_id,
+                amount=need,
+                ttl_s=self._hold_ttl,
+                need_description=f"{prompt_tokens} prompt + {budget} completion tokens",
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await lease.release()
+            raise
+        balance = await self._ledger.balance(principal.account_id)
+        engine_request = EngineRequest(
+            request_id=draft.request_id,
+            messages=draft.messages,
+            max_tokens=budget,
+            deadline=draft.deadline,
+            temperature=draft.temperature,
+            top_p=draft.top_p,
+            seed=draft.seed,
+            stop=draft.stop,
+            reasoning_effort=draft.reasoning_effort,
+        )
+        image_tokens = 0
+        return PreparedChat(
+            request_id=request_id,
+            principal=principal,
+            spec=spec,
+            engine=engine,
+            engine_request=engine_request,
+            prompt_tokens=prompt_tokens,
+            image_tokens=image_tokens,
+            hold=hold,
+            lease=lease,
+            balance_after_hold=balance,
+            include_reasoning=bool(request.include_reasoning),
+        )
+
+    async def run(self, chat: PreparedChat) -> AsyncIterator[EngineEvent]:
+        """The engine's events; settles in `finally` whether the consumer finishes, fails or goes away."""
+        generated = 0
+        reasoning = 0
+        finished: Finished | None = None
+        status = 499  # until proven otherwise: the consumer stopped listening
+        try:
+            async for event in chat.engine.generate(chat.engine_request):
+                if isinstance(event, TextDelta):
+                    generated += event.tokens
+                    if event.reasoning:
+                        reasoning += event.tokens
+                else:
+                    finished = event
+                    status = 200
+                yield event
+        except errors.APIError as exc:
+            status = exc.status
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            # Starlette cancels the body iterator when the client disconnects: the money must still move.
+            with anyio.CancelScope(shield=True):
+                await self._settle(chat, finished, generated, reasoning, status)
+
+    async def _settle(
+        self, chat: PreparedChat, finished: Finished | None, generated: int, reasoning: int, status: int
+    ) -> None:
+        if finished is not None:
+            usage = finished.usage
+            prompt, completion = usage.prompt_tokens, usage.completion_tokens
+            reasoning, cached, estimated = usage.reasoning_tokens, usage.cached_tokens, usage.estimated
+        else:
+            prompt, completion, cached, estimated = chat.prompt_tokens, generated, 0, False
+        record = UsageRecord(
+            request_id=chat.request_id,
+            key_id=chat.principal.key_id,
+            model=chat.spec.id,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            reasoning_tokens=reasoning,
+            cached_tokens=cached,
+            image_tokens=chat.image_tokens,
+            status=status,
+            latency_ms=int((time.monotonic() - chat.started) * 1000),
+            estimated=estimated,
+        )
+        try:
+            if finished is None and generated == 0:
+                await self._ledger.release(chat.hold, usage=record)
+                await chat.lease.release()
+                return
+            cost = pricing.cost(prompt, completion, chat.spec.price_input, chat.spec.price_output)
+            await self._ledger.settle(chat.hold, cost=cost, usage=record)
+            await chat.lease.settle(prompt + completion)
+        except Exception:
+            # The hold stays open and the sweeper releases it after hold_ttl_s: logged, never lost.
+            log.exception("settling request %s failed; its hold is left to expire", chat.request_id)
+
+    async def balance(self, account_id: int) -> int:
+        return await self._ledger.balance(account_id)
+
+    def _check_context(
+        self, spec: ModelSpec, engine: Engine, prompt_tokens: int, explicit: int | None
+    ) -> int:
+        context = min(spec.context, engine.capabilities.context_length)
+        room = context - prompt_tokens
+        if room < 1 or (explicit is not None and explicit > room):
+            asked = f" and {explicit} in the completion" if explicit is not None else ""
+            raise errors.InvalidRequest(
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{prompt_tokens + (explicit or 0)} tokens ({prompt_tokens} in the messages{asked}). "
+                "Please reduce the length of the messages or completion.",
+                code="context_length_exceeded",
+                param="messages",
+            )
+        return room
+
+    async def _budget(
+        self, principal: Principal, spec: ModelSpec, prompt_tokens: int, explicit: int | None, room: int
+    ) -> int:
+        """The completion budget: the client's own, or as much of the context as the balance affords."""
+        if explicit is not None:
+            return explicit
+        balance = await self._ledger.balance(principal.account_id)
+        affordable = pricing.affordable_completion_tokens(
+            balance, prompt_tokens, spec.price_input, spec.price_output
+        )
+        if affordable < 1:
+            need = pricing.cost(prompt_tokens, 1, spec.price_input, spec.price_output)
+            raise errors.InsufficientCredits(
+                f"Insufficient credits: the balance is {format_credits(balance)} credits but this request "
+                f"needs at least {format_credits(need)} ({prompt_tokens} prompt tokens and 1 completion "
+                "token). Add credits to continue."
+            )
+        return min(room, affordable)
+
+    async def _messages(self, request: ChatCompletionRequest, engine: Engine) -> tuple[Message, ...]:
+        out: list[Message] = []
+        images_seen = 0
+        for i, message in enumerate(request.messages):
+            role = _ROLE_FOR_ENGINE[message.role]
+            if message.content is None or isinstance(message.content, str):
+                out.append(Message(role=role, text=message.content or ""))
+                continue
+            texts: list[str] = []
+            images: list[ImageInput] = []
+            for j, part in enumerate(message.content):
+                if not isinstance(part, ImagePart):
+                    texts.append(part.text)
+                    continue
+                param = f"messages[{i}].content[{j}].image_url.url"
+                if not engine.capabilities.vision:
+                    raise errors.InvalidRequest(
+                        "This model does not accept image input. To enable vision, give its catalogue "
+                        "entry an `mmproj` projector file (see docs/configuration.md).",
+                        code="image_input_unsupported",
+                        param=f"messages[{i}].content[{j}]",
+                    )
+                images_seen += 1
+                if images_seen > self._media.policy.max_images:
+                    raise errors.InvalidRequest(
+                        f"Too many images: at most {self._media.policy.max_images} per request.",
+                        code="invalid_value",
+                        param=f"messages[{i}].content[{j}]",
+                    )
+                images.append(
+                    await self._media.load(part.image_url.url, detail=part.image_url.detail, param=param)
+                )
+            out.append(Message(role=role, text="\n".join(texts), images=tuple(images)))
+        return tuple(out)

@@ -1,0 +1,1 @@
+"""The `tokentill` command line: one module per command group, no business logic."""

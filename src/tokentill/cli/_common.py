@@ -1,0 +1,53 @@
+"""Helpers shared by the command groups: settings from the environment, stores opened for one command."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import click
+
+from tokentill.auth.service import KeyStore
+from tokentill.billing.ledger import Ledger
+from tokentill.settings import Settings
+from tokentill.storage.db import open_database
+
+T = TypeVar("T")
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
+
+
+@dataclass
+class Stores:
+    ledger: Ledger
+    keys: KeyStore
+
+
+@contextlib.asynccontextmanager
+async def stores(settings: Settings) -> AsyncIterator[Stores]:
+    db = await open_database(settings.resolved_database_url)
+    try:
+        yield Stores(ledger=Ledger(db), keys=KeyStore(db))
+    finally:
+        await db.aclose()
+
+
+def with_stores(func: Callable[[Stores], Awaitable[T]]) -> T:
+    """Run one async action against the database the environment selects."""
+
+    async def main() -> T:
+        async with stores(Settings()) as s:
+            return await func(s)
+
+    return asyncio.run(main())
+
+
+def emit(as_json: bool, text: str, obj: dict[str, Any] | list[Any]) -> None:
+    if as_json:
+        click.echo(json.dumps(obj, default=str))
+    else:
+        click.echo(text)

@@ -1,0 +1,1 @@
+"""The OpenAI wire format: request validation and response shapes. No framework imports."""

@@ -1,0 +1,32 @@
+"""The running service objects, built by the app lifespan and shared by every request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokentill.auth.service import KeyStore
+from tokentill.billing.ledger import Ledger
+from tokentill.catalog import Catalog
+from tokentill.chat import ChatService
+from tokentill.engines.base import Engine
+from tokentill.limits import RateLimiter
+from tokentill.media.service import MediaService
+from tokentill.settings import Settings
+from tokentill.storage.db import Database
+
+__all__ = ["Services"]
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    ledger: Ledger
+    keys: KeyStore
+    catalog: Catalog
+    engines: dict[str, Engine]
+    limiter: RateLimiter
+    media: MediaService
+    chat: ChatService
+    started: int  # unix time the service started; `created` of every model object
+    ready: bool = False

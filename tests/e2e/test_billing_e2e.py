@@ -1,0 +1,84 @@
+"""Money under pressure: concurrent requests against a small balance, and a server killed mid-generation."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.e2e.conftest import TokentillServer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.llama]
+
+
+def _charges(server: TokentillServer, account: str) -> Decimal:
+    rows = server.cli_json("usage", "--account", account, "--limit", "1000")["usage"]
+    return sum((Decimal(r["cost"]) for r in rows), Decimal(0))
+
+
+def test_race_never_overdraws(server: TokentillServer) -> None:
+    key = server.new_key("racer", credits="0.003")  # ~3 worst-case holds of a short prompt + 8 tokens
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 8, "temperature": 0}
+
+    def call(_: int) -> requests.Response:
+        return requests.post(
+            server.url + "/v1/o1-preview", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=300
+        )
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        responses = list(pool.map(call, range(12)))
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) <= {200, 402}, [r.text for r in responses if r.status_code not in {200, 402}]
+    ok = [r for r in responses if r.status_code == 200]
+    assert 1 <= len(ok) < 12
+    for r in responses:
+        assert Decimal(r.headers["x-remaining-credits"]) >= 0
+    balance = Decimal(server.balance("racer"))
+    charged = _charges(server, "racer")
+    assert balance >= 0
+    assert balance == Decimal("0.003") - charged  # to the micro-credit
+    billed = sum(
+        r.json()["usage"]["prompt_tokens"] * 15 + r.json()["usage"]["completion_tokens"] * 60 for r in ok
+    )
+    assert charged == Decimal(billed) / 1_000_000
+
+
+def test_crash_releases_hold(tmp_path: Path) -> None:
+    from tests.e2e.conftest import llama_available
+
+    llama_available()
+    server = TokentillServer(tmp_path, None, TOKENTILL_HOLD_TTL_S="10").start()
+    try:
+        key = server.new_key("crash", credits="1")
+        body = {
+            "messages": [{"role": "user", "content": "Write a very long story about the sea, with many chapters."}],
+            "max_completion_tokens": 4000,
+            "temperature": 1.0,
+        }
+        thread = threading.Thread(
+            target=lambda: requests.post(
+                server.url + "/v1/o1-preview", json=body, headers={"x-api-key": key}, timeout=120
+            ),
+            daemon=True,
+        )
+        thread.start()
+        deadline = time.monotonic() + 30
+        while Decimal(server.balance("crash")) == Decimal(1):
+            assert time.monotonic() < deadline, "the hold never appeared"
+            time.sleep(0.1)
+        held = Decimal(1) - Decimal(server.balance("crash"))
+        assert held >= Decimal(4000 * 60) / 1_000_000  # the worst case is reserved up front
+        server.kill()  # SIGKILL mid-generation: no settlement ran
+        assert Decimal(server.balance("crash")) < 1
+        server.start()
+        deadline = time.monotonic() + 30
+        while Decimal(server.balance("crash")) != Decimal(1):
+            assert time.monotonic() < deadline, "the stranded hold was never released"
+            time.sleep(0.5)
+    finally:
+        server.stop()

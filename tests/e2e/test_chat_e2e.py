@@ -1,0 +1,143 @@
+"""The contract as users meet it: the official openai SDK (sync and async) and the seed's requests snippet,
+against a real `tokentill serve` on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import openai
+import pytest
+import requests
+
+from tests.e2e.conftest import DEFAULT_MODEL, TokentillServer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.llama]
+
+
+@pytest.fixture(scope="module")
+def key(server: TokentillServer) -> str:
+    return server.new_key("sdk-user", credits="5")
+
+
+def _assert_usage_shape(usage: dict[str, object]) -> None:
+    assert set(usage) >= {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]  # type: ignore[operator]
+    assert "cached_tokens" in usage["prompt_tokens_details"]  # type: ignore[operator]
+    assert "reasoning_tokens" in usage["completion_tokens_details"]  # type: ignore[operator]
+
+
+def test_seed_requests_snippet(server: TokentillServer, key: str) -> None:
+    """The seed's own code, text part only, at the seed's URL shape."""
+    url = server.url + "/v1/o1-preview"
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    data = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is 2 + 2?"}]}]}
+    response = requests.post(url, json=data, headers=headers, timeout=300)
+    body = response.json()
+    assert response.status_code == 200, body
+    assert body["object"] == "chat.completion"
+    assert body["id"].startswith("chatcmpl-")
+    assert body["model"] == DEFAULT_MODEL
+    choice = body["choices"][0]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str) and choice["message"]["content"].strip()
+    assert choice["finish_reason"] in {"stop", "length"}
+    _assert_usage_shape(body["usage"])
+    assert response.headers["x-request-id"].startswith("req_")
+    assert Decimal(response.headers["x-remaining-credits"]) < Decimal("5")
+
+
+def test_openai_sdk_sync(server: TokentillServer, key: str) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    before = Decimal(server.balance("sdk-user"))
+    completion = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": "Name a colour."}],
+        max_completion_tokens=24,
+        temperature=0,
+    )
+    assert completion.choices[0].message.content
+    usage = completion.usage
+    assert usage is not None and usage.completion_tokens <= 24
+    assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens is not None
+    assert usage.completion_tokens_details is not None
+    assert usage.completion_tokens_details.reasoning_tokens is not None
+    # Billing to the micro-credit: 15 µcr per prompt token, 60 per completion token.
+    charged = before - Decimal(server.balance("sdk-user"))
+    assert charged == Decimal(usage.prompt_tokens * 15 + usage.completion_tokens * 60) / 1_000_000
+
+
+def test_openai_sdk_async_concurrent(server: TokentillServer, key: str) -> None:
+    async def main() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0) as client:
+            calls = [
+                client.chat.completions.create(
+                    model=DEFAULT_MODEL,
+                    messages=[{"role": "user", "content": f"Count from {i} to {i + 3}."}],
+                    max_completion_tokens=16,
+                    temperature=0,
+                    seed=i,
+                )
+                for i in range(4)
+            ]
+            results = await asyncio.gather(*calls)
+        return [r.choices[0].message.content or "" for r in results]
+
+    answers = asyncio.run(main())
+    assert len(answers) == 4 and all(a.strip() for a in answers)
+
+
+def test_greedy_is_deterministic_and_alone_equals_concurrent(server: TokentillServer, key: str) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+    def ask(topic: str) -> str:
+        r = client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=[{"role": "user", "content": f"Write one sentence about {topic}."}],
+            max_completion_tokens=20,
+            temperature=0,
+        )
+        return r.choices[0].message.content or ""
+
+    alone = {t: ask(t) for t in ("cats", "rivers")}
+
+    async def together() -> dict[str, str]:
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(*(loop.run_in_executor(None, ask, t) for t in ("cats", "rivers")))
+        return dict(zip(("cats", "rivers"), results, strict=True))
+
+    assert asyncio.run(together()) == alone
+
+
+def test_chat_completions_route_and_models(server: TokentillServer, key: str) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    models = client.models.list()
+    assert DEFAULT_MODEL in [m.id for m in models.data]
+    assert client.models.retrieve(DEFAULT_MODEL).id == DEFAULT_MODEL
+    r = requests.post(
+        server.url + "/v1/chat/completions",
+        headers={"x-api-key": key},
+        json={"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 4
+
+
+def test_stop_and_length(server: TokentillServer, key: str) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    r = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+        max_completion_tokens=5,
+        temperature=0,
+    )
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage is not None and r.usage.completion_tokens == 5
+
+
+def test_health_and_ready(server: TokentillServer) -> None:
+    assert requests.get(server.url + "/healthz", timeout=5).json() == {"status": "ok"}
+    assert requests.get(server.url + "/readyz", timeout=5).status_code == 200
+    metrics = requests.get(server.url + "/metrics", timeout=5)
+    assert metrics.status_code == 200 and "python_info" in metrics.text
