@@ -42,6 +42,7 @@ def llama_available() -> None:
 class TokentillServer:
     def __init__(self, workdir: Path, database_url: str | None, **env: str) -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -85,10 +86,10 @@ class TokentillServer:
         return str(accounts[account])
 
     def start(self, timeout_s: float = 90) -> TokentillServer:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tokentill", "serve"], env=self.env, stdout=log, stderr=log
-        )
+        with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tokentill", "serve"], env=self.env, stdout=log, stderr=log
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

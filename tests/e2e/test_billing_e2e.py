@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -60,12 +61,11 @@ def test_crash_releases_hold(tmp_path: Path) -> None:
             "max_completion_tokens": 4000,
             "temperature": 1.0,
         }
-        thread = threading.Thread(
-            target=lambda: requests.post(
-                server.url + "/v1/o1-preview", json=body, headers={"x-api-key": key}, timeout=120
-            ),
-            daemon=True,
-        )
+        def doomed_request() -> None:
+            with contextlib.suppress(requests.RequestException):  # the server dies under it
+                requests.post(server.url + "/v1/o1-preview", json=body, headers={"x-api-key": key}, timeout=120)
+
+        thread = threading.Thread(target=doomed_request, daemon=True)
         thread.start()
         deadline = time.monotonic() + 30
         while Decimal(server.balance("crash")) == Decimal(1):
@@ -80,5 +80,6 @@ def test_crash_releases_hold(tmp_path: Path) -> None:
         while Decimal(server.balance("crash")) != Decimal(1):
             assert time.monotonic() < deadline, "the stranded hold was never released"
             time.sleep(0.5)
+        thread.join(timeout=10)
     finally:
         server.stop()

@@ -108,12 +108,12 @@ def test_revoked_key_401(sqlite_server: TokentillServer) -> None:
 
 
 def test_402_explicit_budget_and_clamp(sqlite_server: TokentillServer) -> None:
-    key = sqlite_server.new_key("poor", credits="0.0003")  # 300 µcr: a short prompt + ~4 tokens
+    key = sqlite_server.new_key("poor", credits="0.0009")  # 900 µcr: a ~36-token prompt + a few tokens
     r = post(sqlite_server, key, {**HELLO, "max_completion_tokens": 1000})
     error = envelope(r, 402, "insufficient_credits")
     assert error["type"] == "insufficient_credits"
-    assert "0.0003" in error["message"]
-    assert r.headers["x-remaining-credits"] == "0.0003"
+    assert "0.0009" in error["message"]
+    assert r.headers["x-remaining-credits"] == "0.0009"
     client = openai.OpenAI(base_url=sqlite_server.url + "/v1", api_key=key, max_retries=0)
     with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(
