@@ -96,6 +96,7 @@ class Capabilities:
     context_length: int
     vision: bool = False
     reasoning: str = "none"  # none | native | scratchpad
+    exact_prompt_tokens: bool = True  # False: count_prompt_tokens is an estimate (remote tokenizer)
     extra: dict[str, str] = field(default_factory=dict)
 
 

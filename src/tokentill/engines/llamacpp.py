@@ -1,0 +1,237 @@
+"""The embedded llama.cpp engine (llama-cpp-python), the default way tokentill serves a GGUF.
+
+Threads: `start()` loads the weights in a worker thread, then one scheduler thread (`scheduler.py`) owns
+the llama context: every `llama_decode` and sampler call happens there, never on the event loop.
+`count_prompt_tokens` tokenizes on the caller's thread while the scheduler decodes; that is safe because
+`llama_tokenize` only reads the vocabulary, which is immutable after load (llama.cpp's own server tokenizes
+on its HTTP threads the same way). The chat template is a pure Jinja render.
+
+Usage accounting (the contract billing relies on):
+  * `prompt_tokens` is exactly `count_prompt_tokens(request)`: the same render and tokenization.
+  * `completion_tokens` counts every sampled token except the end-of-generation token (EOS/EOT), which
+    produces no text; the tokens that complete a stop string are counted, as they were generated.
+  * `cached_tokens` counts prompt tokens whose KV entries were reused from the previous request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from tokentill.catalog import ModelSpec
+from tokentill.engines.base import Capabilities, EngineEvent, EngineRequest
+from tokentill.engines.chat_template import ChatTemplate
+from tokentill.engines.scheduler import SamplingParams, Scheduler, Sequence, new_channel, stream
+from tokentill.errors import InvalidRequest, UpstreamError
+
+__all__ = ["LlamaCppEngine"]
+
+logger = logging.getLogger(__name__)
+
+_N_BATCH = 512  # prompt tokens per llama_decode call during prefill
+
+
+class _Sampler:
+    """A llama.cpp sampler chain for one sequence: greedy at temperature 0, else top-p → temp → dist."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        import llama_cpp
+
+        self._lib: Any = llama_cpp
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if params.temperature <= 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            seed = llama_cpp.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
+            if params.top_p < 1.0:
+                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        self._chain: Any = chain
+
+    def sample(self, ctx: Any) -> int:
+        # llama_sampler_sample also "accepts" the token into the chain's state.
+        return int(self._lib.llama_sampler_sample(self._chain, ctx, -1))
+
+    def close(self) -> None:
+        if self._chain is not None:
+            self._lib.llama_sampler_free(self._chain)
+            self._chain = None
+
+
+class _LlamaRunner:
+    """`scheduler.Runner` over one `llama_cpp.Llama`, sequence id 0, with prefix reuse of the KV cache."""
+
+    def __init__(self, llm: Any) -> None:
+        import llama_cpp
+
+        self._lib: Any = llama_cpp
+        self._llm = llm
+        self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self._cached: list[int] = []  # tokens whose KV entries are in sequence 0, in order
+        self._samplers: dict[Sequence, _Sampler] = {}
+
+    def prefill(self, seq: Sequence) -> None:
+        prompt = seq.prompt
+        reuse = 0
+        for a, b in zip(self._cached, prompt, strict=False):
+            if a != b:
+                break
+            reuse += 1
+        reuse = min(reuse, len(prompt) - 1)  # re-decode at least one token: its logits start sampling
+        memory = self._lib.llama_get_memory(self._llm.ctx)
+        if reuse > 0 and not self._lib.llama_memory_seq_rm(memory, 0, reuse, -1):
+            reuse = 0  # this model's memory cannot be truncated (recurrent): start over
+        if reuse == 0:
+            self._lib.llama_memory_clear(memory, True)
+        self._cached = []  # consistent again only once eval succeeds
+        self._llm.n_tokens = reuse
+        self._llm.eval(prompt[reuse:])  # Llama.eval splits into n_batch chunks
+        self._cached = list(prompt)
+        seq.cached_tokens = reuse
+        self._samplers[seq] = _Sampler(seq.sampling)
+
+    def sample(self, seq: Sequence) -> int:
+        return self._samplers[seq].sample(self._llm.ctx)
+
+    def is_end(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    def piece(self, token: int) -> bytes:
+        return bytes(self._llm.detokenize([token]))
+
+    def decode(self, seq: Sequence, token: int) -> None:
+        self._llm.eval([token])
+        self._cached.append(token)
+
+    def release(self, seq: Sequence) -> None:
+        sampler = self._samplers.pop(seq, None)
+        if sampler is not None:
+            sampler.close()
+
+    def reset(self) -> None:
+        self._cached = []
+        self._llm.n_tokens = 0
+        self._lib.llama_memory_clear(self._lib.llama_get_memory(self._llm.ctx), True)
+
+
+class LlamaCppEngine:
+    """`Engine` for a local GGUF. Threads: `spec.n_threads`, else `n_threads`, else `os.cpu_count()`."""
+
+    def __init__(self, spec: ModelSpec, *, queue_size: int, n_threads: int | None) -> None:
+        self.spec = spec
+        self.capabilities = Capabilities(
+            context_length=spec.context, vision=spec.mmproj is not None, reasoning=spec.reasoning
+        )
+        self._queue_size = queue_size
+        self._n_threads = spec.n_threads or n_threads or os.cpu_count() or 1
+        self._llm: Any = None
+        self._template: ChatTemplate | None = None
+        self._add_bos = False
+        self._bos_text = ""
+        self._scheduler: Scheduler | None = None
+
+    async def start(self) -> None:
+        """Load the weights off the event loop, then start the decode thread."""
+        if self._scheduler is not None:
+            return
+        self._llm = await asyncio.to_thread(self._load)
+        self._scheduler = Scheduler(_LlamaRunner(self._llm), queue_size=self._queue_size, name=self.spec.id)
+        self._scheduler.start()
+
+    def _load(self) -> Any:
+        import llama_cpp
+
+        path = self.spec.weights_path()
+        started = time.monotonic()
+        llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=self.spec.context,
+            n_batch=_N_BATCH,
+            n_threads=self._n_threads,
+            n_threads_batch=self._n_threads,
+            verbose=False,
+        )
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        bos, eos = llm.token_bos(), llm.token_eos()
+        self._bos_text = llm.detokenize([bos], special=True).decode("utf-8", "replace") if bos >= 0 else ""
+        eos_text = llm.detokenize([eos], special=True).decode("utf-8", "replace") if eos >= 0 else ""
+        self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        self._template = ChatTemplate(llm.metadata, bos_token=self._bos_text, eos_token=eos_text)
+        logger.info(
+            "loaded %s (%s) in %.2fs: n_ctx=%d n_threads=%d",
+            self.spec.id, path.name, time.monotonic() - started, self.spec.context, self._n_threads,
+        )  # fmt: skip
+        return llm
+
+    # --- Engine ------------------------------------------------------------------------------------------
+
+    def count_prompt_tokens(self, request: EngineRequest) -> int:
+        """Exact prompt tokens; callable from the event loop while the decode thread runs (see module doc)."""
+        return len(self._tokenize_prompt(request))
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
+        """TextDelta events, then one Finished; raises the `tokentill.errors` listed in `engines.base`."""
+        scheduler = self._require_started()
+        prompt = self._tokenize_prompt(request)
+        n_ctx = self.spec.context
+        if len(prompt) >= n_ctx:
+            raise InvalidRequest(
+                f"This model's maximum context length is {n_ctx} tokens. However, your messages resulted "
+                f"in {len(prompt)} tokens. Please reduce the length of the messages.",
+                code="context_length_exceeded",
+                param="messages",
+            )
+        seq = Sequence(
+            request_id=request.request_id,
+            prompt=prompt,
+            max_new_tokens=max(1, min(request.max_tokens, n_ctx - len(prompt))),
+            sampling=SamplingParams(request.temperature, request.top_p, request.seed),
+            stop=request.stop,
+            deadline=request.deadline,
+            timeout_s=max(0.0, request.deadline - time.monotonic()),
+            channel=new_channel(),
+        )
+        # stream() withdraws the sequence when this generator is closed or cancelled (client disconnect).
+        events = stream(scheduler, seq)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+    def tokens_decoded(self, request_id: str) -> int | None:
+        """Tokens sampled for a retired request (None if unknown); lets tests see that cancel stopped work."""
+        return self._scheduler.tokens_decoded(request_id) if self._scheduler is not None else None
+
+    async def aclose(self) -> None:
+        """Stop the decode thread (queued and running requests get Overloaded), then free the model."""
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            await asyncio.to_thread(scheduler.close)
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.close()
+
+    # --- helpers -----------------------------------------------------------------------------------------
+
+    def _require_started(self) -> Scheduler:
+        if self._scheduler is None:
+            raise UpstreamError("The model is not loaded.")
+        return self._scheduler
+
+    def _tokenize_prompt(self, request: EngineRequest) -> list[int]:
+        if self._llm is None or self._template is None:
+            raise UpstreamError("The model is not loaded.")
+        try:
+            text = self._template.render(request.messages)
+        except Exception as exc:  # jinja TemplateError, or the template's raise_exception (ValueError)
+            raise InvalidRequest(
+                f"The messages do not fit this model's chat template: {exc}", param="messages"
+            ) from exc
+        add_bos = self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))

@@ -1,0 +1,323 @@
+"""The `upstream` engine: an OpenAI-compatible server (vLLM, SGLang, llama-server, Ollama, OpenAI) as engine.
+
+Catalogue entry (see docs/upstream.md):
+
+    [[models]]
+    id = "o1-preview"
+    engine = "upstream"
+    base_url = ["http://10.0.0.5:8000/v1", "http://10.0.0.6:8000/v1"]   # one URL or replicas
+    api_key = "env:VLLM_API_KEY"       # the value, or env:NAME to read it from the environment
+    upstream_model = "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"           # default: the entry's id
+    timeout_s = 120                    # longest wait for the answer's headers or between two chunks
+    headers = { "x-team" = "research" }
+
+Contract, beyond `engines/base.py`:
+- One long-lived `httpx2.AsyncClient` (opened in `start`, closed in `aclose`), `trust_env=False` so no
+  proxy from the environment sees prompts or keys.
+- Failover: a connect error, or a 5xx / dropped connection before the response headers, moves the request
+  to the next replica (at most one try per replica). Once the upstream has answered 200, nothing is
+  retried: output may already be with the client.
+- `start` never fails because an upstream is down (a warning; requests then get 502).
+- Errors: see `upstream_wire.error_for_status`; all replicas failing → 502, a silent upstream → 504 after
+  `timeout_s`, the request's own deadline → 504, more than `queue_size` requests per replica in flight → 503.
+- Usage comes from the upstream; without it we count (`Usage.estimated`). Every non-empty text delta is
+  `TextDelta(tokens=1)`: most servers stream one token per delta, which is what an interrupted stream is
+  billed by. `<think>` tags in content are split by `reasoning.NativeThinking` (applied by the app for
+  `reasoning = "native"`), exactly as for the embedded engine; `reasoning_content` / `reasoning` fields are
+  reasoning deltas here already.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncGenerator
+
+import httpx2
+
+from tokentill import errors
+from tokentill.catalog import CatalogError, ModelSpec
+from tokentill.engines.base import Capabilities, EngineEvent, EngineRequest, Finished, TextDelta
+from tokentill.engines.upstream_pool import Replica, ReplicaPool
+from tokentill.engines.upstream_wire import (
+    BadAnswer,
+    StreamState,
+    build_payload,
+    error_for_status,
+    estimate_prompt_tokens,
+    parse_json,
+    rejects_max_tokens,
+)
+
+__all__ = ["UpstreamEngine", "resolve_api_key"]
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0
+HEALTH_INTERVAL_S = 5.0
+MAX_ERROR_BODY = 64 * 1024  # bytes of an upstream error answer we read (for its envelope)
+MAX_JSON_BODY = 8 * 1024 * 1024  # a non-streamed completion
+MAX_EVENT = 1024 * 1024  # one SSE event's data
+_UNAVAILABLE = "Bad gateway: the upstream model service is temporarily unavailable; please try again later."
+
+
+def resolve_api_key(spec: ModelSpec) -> str | None:
+    """The upstream key: `api_key` itself, or for `env:NAME` the variable NAME (unset → CatalogError).
+
+    Read here rather than through `Settings` because the variable's name is catalogue data, one per
+    model, unknown when Settings is declared; it is read once, at start-up.
+    """
+    if spec.api_key is None or not spec.api_key.startswith("env:"):
+        return spec.api_key
+    name = spec.api_key.removeprefix("env:")
+    value = os.environ.get(name)
+    if not value:
+        raise CatalogError(f"model {spec.id!r}: api_key names the environment variable {name}, which is unset")
+    return value
+
+
+def _urls(spec: ModelSpec) -> list[str]:
+    urls = [spec.base_url] if isinstance(spec.base_url, str) else list(spec.base_url or [])
+    if not urls:
+        raise CatalogError(f"model {spec.id!r}: engine 'upstream' needs base_url")
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise CatalogError(f"model {spec.id!r}: base_url {url!r} is not an http(s) URL")
+    return urls
+
+
+class UpstreamEngine:
+    """`Engine` that forwards to one or more OpenAI-compatible replicas of the same model."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        queue_size: int = 32,
+        n_threads: int | None = None,
+        health_interval_s: float = HEALTH_INTERVAL_S,
+    ) -> None:
+        self.spec = spec
+        self.model = spec.upstream_model or spec.id
+        self.pool = ReplicaPool(_urls(spec), model=spec.id, interval_s=health_interval_s)
+        self.capabilities = Capabilities(
+            context_length=spec.context,
+            vision=spec.vision,
+            reasoning=spec.reasoning,
+            exact_prompt_tokens=False,
+        )
+        self._max_inflight = max(1, queue_size) * len(self.pool.replicas)
+        self._inflight = 0
+        self._send_max_tokens = True
+        self._headers: dict[str, str] = {}
+        self._client: httpx2.AsyncClient | None = None
+
+    async def start(self) -> None:
+        key = resolve_api_key(self.spec)
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._headers.update(self.spec.headers)  # the catalogue may override (e.g. Azure's api-key)
+        timeout = self.spec.timeout_s
+        self._client = httpx2.AsyncClient(
+            timeout=httpx2.Timeout(
+                connect=min(CONNECT_TIMEOUT_S, timeout), read=timeout, write=timeout, pool=timeout
+            ),
+            limits=httpx2.Limits(
+                max_connections=self._max_inflight + len(self.pool.replicas),  # + the health checks
+                max_keepalive_connections=min(self._max_inflight, 64),
+                keepalive_expiry=30.0,
+            ),
+            follow_redirects=False,
+            trust_env=False,
+        )
+        await self.pool.check(self._client, self._headers, timeout_s=min(CONNECT_TIMEOUT_S, timeout))
+        if not self.pool.any_healthy():
+            log.warning(
+                "no upstream replica of model %s answers yet (%s); requests get 502 until one does",
+                self.spec.id,
+                ", ".join(r.base_url for r in self.pool.replicas),
+            )
+        self.pool.start(self._client, self._headers)
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def count_prompt_tokens(self, request: EngineRequest) -> int:
+        """An over-estimate (see `upstream_wire.estimate_prompt_tokens`): we cannot tokenize remotely."""
+        return estimate_prompt_tokens(request)
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
+        if self._inflight >= self._max_inflight:
+            raise errors.Overloaded("The model is busy with other requests; retry shortly.")
+        self._inflight += 1
+        try:
+            state = StreamState(prompt_estimate=self.count_prompt_tokens(request))
+            response, replica = await self._open(request)
+            try:
+                async for delta in self._read(response, replica, request, state):
+                    yield delta
+            finally:
+                # Also reached when the consumer stops iterating (client gone): closing the response
+                # drops the connection, which is how vLLM/llama-server learn to stop generating.
+                replica.outstanding -= 1
+                await response.aclose()
+            if state.finish_reason is None and not state.done:
+                log.warning("upstream %s ended the stream without finishing", replica.base_url)
+                raise errors.UpstreamError("Bad gateway: the upstream model's answer ended early.")
+            yield Finished(state.finish_reason or "stop", state.final_usage())
+        finally:
+            self._inflight -= 1
+
+    def _timeout(self, request: EngineRequest) -> httpx2.Timeout:
+        left = request.deadline - time.monotonic()
+        if left <= 0:
+            raise errors.DeadlineExceeded("The request timed out before the upstream model answered.")
+        read = min(self.spec.timeout_s, left)
+        return httpx2.Timeout(connect=min(CONNECT_TIMEOUT_S, read), read=read, write=read, pool=read)
+
+    async def _open(self, request: EngineRequest) -> tuple[httpx2.Response, Replica]:
+        """The first replica that answers 200, with its `outstanding` count taken (the caller gives it back)."""
+        client = self._client
+        if client is None:
+            raise errors.UpstreamError(_UNAVAILABLE)
+        tried: set[int] = set()
+        while (index := self.pool.pick(tried)) is not None:
+            tried.add(index)
+            replica = self.pool.replicas[index]
+            where = f"{replica.base_url} (model {self.spec.id})"
+            payload = build_payload(
+                request, model=self.model, reasoning=self.spec.reasoning, send_max_tokens=self._send_max_tokens
+            )
+            outgoing = client.build_request(
+                "POST",
+                replica.base_url + "/chat/completions",
+                json=payload,
+                headers={**self._headers, "x-request-id": request.request_id},
+                timeout=self._timeout(request),
+            )
+            replica.outstanding += 1
+            try:
+                response = await client.send(outgoing, stream=True)
+            except httpx2.PoolTimeout as exc:
+                replica.outstanding -= 1
+                raise errors.Overloaded("The model is busy with other requests; retry shortly.") from exc
+            except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
+                replica.outstanding -= 1
+                replica.mark(False, type(exc).__name__, self.spec.id)
+                continue
+            except httpx2.TimeoutException as exc:  # connected, but no answer within timeout_s
+                replica.outstanding -= 1
+                log.warning("upstream %s sent no answer within %.1fs", where, outgoing_read(outgoing))
+                raise errors.DeadlineExceeded("The upstream model did not answer in time.") from exc
+            except httpx2.TransportError as exc:  # dropped before the headers: nothing reached the client
+                replica.outstanding -= 1
+                replica.mark(False, type(exc).__name__, self.spec.id)
+                continue
+            except BaseException:
+                replica.outstanding -= 1
+                raise
+            if response.status_code == 200:
+                replica.mark(True, "", self.spec.id)
+                return response, replica
+            body = await _read_capped(response, MAX_ERROR_BODY)
+            replica.outstanding -= 1
+            status = response.status_code
+            if status >= 500:
+                replica.mark(False, f"HTTP {status}", self.spec.id)
+                log.warning("upstream %s answered HTTP %d: %s", where, status, body[:300])
+                continue
+            if self._send_max_tokens and rejects_max_tokens(status, body):
+                log.info("upstream %s refuses max_tokens; sending only max_completion_tokens", where)
+                self._send_max_tokens = False
+                tried.discard(index)
+                continue
+            raise error_for_status(status, body, response.headers.get("retry-after"), where=where)
+        log.error("no upstream replica of model %s could take request %s", self.spec.id, request.request_id)
+        raise errors.UpstreamError(_UNAVAILABLE)
+
+    async def _read(
+        self, response: httpx2.Response, replica: Replica, request: EngineRequest, state: StreamState
+    ) -> AsyncGenerator[TextDelta, None]:
+        """The answer's text deltas, the stream's protocol and transport errors mapped to ours."""
+        where = f"{replica.base_url} (model {self.spec.id})"
+        content_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+        try:
+            if content_type == "application/json":  # an upstream that ignores stream: true
+                obj = parse_json(await _read_capped(response, MAX_JSON_BODY))
+                if obj is None:
+                    raise BadAnswer("the body is not a JSON object")
+                for delta in state.completion(obj):
+                    yield delta
+                return
+            if content_type != "text/event-stream":
+                raise BadAnswer(f"unexpected content type {content_type!r}")
+            async for data in _sse_data(response, request.deadline):
+                if data == "[DONE]":
+                    state.done = True
+                    return
+                obj = parse_json(data)
+                if obj is None:
+                    raise BadAnswer(f"an event is not a JSON object: {data[:200]!r}")
+                for delta in state.chunk(obj):
+                    yield delta
+        except BadAnswer as exc:
+            log.warning("upstream %s answered nonsense: %s", where, exc)
+            raise errors.UpstreamError("Bad gateway: the upstream model sent an invalid answer.") from exc
+        except httpx2.TimeoutException as exc:
+            log.warning("upstream %s went silent mid-answer", where)
+            raise errors.DeadlineExceeded("The upstream model stopped answering in time.") from exc
+        except httpx2.TransportError as exc:
+            log.warning("upstream %s broke the answer off: %s", where, type(exc).__name__)
+            raise errors.UpstreamError("Bad gateway: the upstream model's answer broke off.") from exc
+
+
+def outgoing_read(request: httpx2.Request) -> float:
+    timeout = request.extensions.get("timeout", {})
+    value = timeout.get("read") if isinstance(timeout, dict) else None
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+async def _read_capped(response: httpx2.Response, limit: int) -> bytes:
+    """At most `limit` bytes of the body; an over-long body is cut (it is only parsed for an envelope)."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.aiter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= limit:
+                break
+    except httpx2.HTTPError:
+        pass  # an error body that breaks off is still an error; what we have is enough
+    finally:
+        await response.aclose()
+    return b"".join(chunks)[:limit]
+
+
+async def _sse_data(response: httpx2.Response, deadline: float) -> AsyncGenerator[str, None]:
+    """The `data` of each server-sent event; comments (keep-alives) are skipped but the deadline is
+    checked on every line, so an upstream that only sends keep-alives cannot outlive the request."""
+    lines: list[str] = []
+    size = 0
+    async for line in response.aiter_lines():
+        if time.monotonic() > deadline:
+            raise errors.DeadlineExceeded("The request timed out while the upstream model was answering.")
+        if not line:
+            if lines:
+                yield "\n".join(lines)
+            lines, size = [], 0
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        if name == "data":
+            value = value[1:] if value.startswith(" ") else value
+            size += len(value)
+            if size > MAX_EVENT:
+                raise BadAnswer("an event is larger than 1 MiB")
+            lines.append(value)
+    if lines:
+        yield "\n".join(lines)

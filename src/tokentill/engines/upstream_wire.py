@@ -1,0 +1,268 @@
+"""The upstream engine's wire format: the request we send, the chunks we read, the errors we map.
+
+Pure functions and one small accumulator, no I/O, so every rule here is visible in one place:
+
+- `build_payload`: an OpenAI chat request rebuilt from our validated `EngineRequest` (never the client's
+  raw body). Images go as `data:` URIs of the bytes our media layer already fetched and validated, so the
+  upstream never fetches a URL. `stream` and `stream_options.include_usage` are always set.
+- `estimate_prompt_tokens`: a deliberately high guess, because we cannot run a remote model's tokenizer.
+- `StreamState`: folds streamed chunks (or one non-streamed completion) into `TextDelta`s and a final
+  `Usage`, counting for ourselves when the upstream reports no usage (then `Usage.estimated` is true).
+- `error_for_status`: an upstream HTTP error answer → the `tokentill.errors` class the client should see.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokentill import errors
+from tokentill.engines.base import EngineRequest, FinishReason, Message, TextDelta, Usage
+
+__all__ = [
+    "IMAGE_TOKEN_ALLOWANCE",
+    "StreamState",
+    "build_payload",
+    "error_for_status",
+    "estimate_prompt_tokens",
+    "BadAnswer",
+    "parse_json",
+    "rejects_max_tokens",
+]
+
+log = logging.getLogger(__name__)
+
+BYTES_PER_TOKEN = 3  # real tokenizers average ~4 bytes of English per token: /3 over-counts on purpose
+TOKENS_PER_MESSAGE = 8  # role markers and separators of any chat template
+TOKENS_PER_REQUEST = 48  # the assistant prefix plus a default system prompt some templates inject
+IMAGE_TOKEN_ALLOWANCE = 1000  # vision encoders use roughly 256–1500 tokens per image
+_FINISH: dict[str, FinishReason] = {"length": "length"}  # stop, tool_calls, content_filter, … → "stop"
+
+
+def estimate_prompt_tokens(request: EngineRequest) -> int:
+    """A conservative (high) prompt token count for a model whose tokenizer we do not have.
+
+    UTF-8 bytes of all message text / 3 rounded up, plus 8 per message, 48 per request and 1000 per
+    image. The hold is priced on this; billing uses the upstream's own count when it reports one.
+    """
+    total = TOKENS_PER_REQUEST
+    for message in request.messages:
+        total += math.ceil(len(message.text.encode("utf-8")) / BYTES_PER_TOKEN) + TOKENS_PER_MESSAGE
+        total += IMAGE_TOKEN_ALLOWANCE * len(message.images)
+    return total
+
+
+def _content(message: Message) -> str | list[dict[str, Any]]:
+    if not message.images:
+        return message.text
+    parts: list[dict[str, Any]] = []
+    if message.text:
+        parts.append({"type": "text", "text": message.text})
+    for image in message.images:
+        uri = f"data:{image.mime};base64,{base64.b64encode(image.data).decode('ascii')}"
+        parts.append({"type": "image_url", "image_url": {"url": uri, "detail": image.detail}})
+    return parts
+
+
+def build_payload(
+    request: EngineRequest, *, model: str, reasoning: str, send_max_tokens: bool = True
+) -> dict[str, Any]:
+    """The JSON body for `POST {base}/chat/completions`.
+
+    The budget goes out as both `max_completion_tokens` (OpenAI's current name; o-series models accept
+    only it) and `max_tokens` (the name llama-server, llama-cpp-python and older vLLM/Ollama read; servers
+    built on pydantic ignore the name they do not know). `send_max_tokens=False` drops the old name, for
+    an upstream that rejected it. `reasoning_effort` is sent only to models configured as reasoning models.
+    """
+    payload: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": m.role, "content": _content(m)} for m in request.messages],
+        "max_completion_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if send_max_tokens:
+        payload["max_tokens"] = request.max_tokens
+    if request.seed is not None:
+        payload["seed"] = request.seed
+    if request.stop:
+        payload["stop"] = list(request.stop)
+    if reasoning != "none":
+        payload["reasoning_effort"] = request.reasoning_effort
+    return payload
+
+
+def parse_json(data: str | bytes) -> dict[str, Any] | None:
+    """`data` as a JSON object, or None if it is anything else."""
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class BadAnswer(Exception):
+    """The upstream's answer does not follow the OpenAI protocol (the caller maps it to a 502)."""
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadAnswer(f"usage field is not a non-negative integer: {value!r}")
+    return value
+
+
+@dataclass
+class StreamState:
+    """Everything learnt from one upstream answer so far.
+
+    `deltas` counts the non-empty text deltas received: with no upstream usage it becomes the completion
+    token count (servers stream about one token per delta; it is an estimate and is marked as one).
+    """
+
+    prompt_estimate: int
+    deltas: int = 0
+    reasoning_deltas: int = 0
+    finish_reason: FinishReason | None = None
+    usage: dict[str, Any] | None = None
+    done: bool = False
+    _seen_choice: bool = field(default=False, repr=False)
+
+    def chunk(self, obj: dict[str, Any]) -> list[TextDelta]:
+        """Fold one `chat.completion.chunk`; returns its text as deltas (reasoning ones flagged)."""
+        if "error" in obj:
+            raise BadAnswer(f"error event in the stream: {str(obj['error'])[:300]}")
+        usage = obj.get("usage")
+        if isinstance(usage, dict):  # the last non-null one wins (vLLM may send usage on every chunk)
+            self.usage = usage
+        choices = obj.get("choices")
+        if not isinstance(choices, list):
+            raise BadAnswer("chunk without a choices list")
+        out: list[TextDelta] = []
+        for choice in choices:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            self._seen_choice = True
+            delta = choice.get("delta") or {}
+            if not isinstance(delta, dict):
+                raise BadAnswer("choice delta is not an object")
+            out.extend(self._texts(delta))
+            reason = choice.get("finish_reason")
+            if isinstance(reason, str):
+                self.finish_reason = _FINISH.get(reason, "stop")
+        return out
+
+    def completion(self, obj: dict[str, Any]) -> list[TextDelta]:
+        """Fold a whole non-streamed `chat.completion` (an upstream that ignored `stream: true`)."""
+        choices = obj.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise BadAnswer("completion without choices")
+        message = choices[0].get("message")
+        if not isinstance(message, dict):
+            raise BadAnswer("completion choice without a message")
+        delta_like = {k: message.get(k) for k in ("content", "reasoning_content", "reasoning")}
+        out = self.chunk({"choices": [{"delta": delta_like, "finish_reason": choices[0].get("finish_reason")}]})
+        if isinstance(obj.get("usage"), dict):
+            self.usage = obj["usage"]
+        self.done = True
+        return out
+
+    def _texts(self, delta: dict[str, Any]) -> list[TextDelta]:
+        out: list[TextDelta] = []
+        for key in ("reasoning_content", "reasoning"):
+            text = delta.get(key)
+            if isinstance(text, str) and text:
+                self.deltas += 1
+                self.reasoning_deltas += 1
+                out.append(TextDelta(text, reasoning=True))
+                break  # servers that send both send the same text twice
+        text = delta.get("content")
+        if isinstance(text, str) and text:
+            self.deltas += 1
+            out.append(TextDelta(text))
+        elif text is not None and not isinstance(text, str):
+            raise BadAnswer("delta content is not a string")
+        return out
+
+    def final_usage(self) -> Usage:
+        """The upstream's usage if it sent one, else our own count marked `estimated`."""
+        if self.usage is None:
+            return Usage(
+                prompt_tokens=self.prompt_estimate,
+                completion_tokens=self.deltas,
+                reasoning_tokens=self.reasoning_deltas,
+                estimated=True,
+            )
+        completion = _int(self.usage.get("completion_tokens", 0))
+        details = self.usage.get("completion_tokens_details") or {}
+        prompt_details = self.usage.get("prompt_tokens_details") or {}
+        reported = _int(details.get("reasoning_tokens") or 0) if isinstance(details, dict) else 0
+        cached = _int(prompt_details.get("cached_tokens") or 0) if isinstance(prompt_details, dict) else 0
+        return Usage(
+            prompt_tokens=_int(self.usage.get("prompt_tokens", 0)),
+            completion_tokens=completion,
+            cached_tokens=cached,
+            # vLLM/SGLang stream reasoning_content but may not report reasoning_tokens: count the deltas
+            reasoning_tokens=min(completion, max(reported, self.reasoning_deltas)),
+        )
+
+    @property
+    def started(self) -> bool:
+        return self._seen_choice
+
+
+def _envelope(body: bytes) -> dict[str, Any] | None:
+    obj = parse_json(body)
+    error = obj.get("error") if obj else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error
+    return None
+
+
+def error_for_status(status: int, body: bytes, retry_after: str | None, *, where: str) -> errors.APIError:
+    """The error our client sees for an upstream answer with HTTP `status` (>= 400) before any output.
+
+    400/413/422 are the client's fault (context length, a value the upstream refuses): passed through as
+    400 with the upstream's message/code/param when it sent an OpenAI envelope. 429 becomes 503 overloaded
+    with Retry-After. 401/403/404 are the operator's configuration (upstream key, model name): logged
+    loudly, 502 with a generic message. Anything else is a 502. `where` names model and replica for logs.
+    """
+    envelope = _envelope(body)
+    if status in (400, 413, 422):
+        if envelope is not None:
+            code = envelope.get("code")
+            param = envelope.get("param")
+            return errors.InvalidRequest(
+                envelope["message"],
+                code=code if isinstance(code, str) and code else "invalid_value",
+                param=param if isinstance(param, str) else None,
+            )
+        return errors.InvalidRequest("The upstream model rejected the request as invalid.")
+    if status == 429:
+        try:
+            seconds = float(retry_after) if retry_after else 1.0
+        except ValueError:
+            seconds = 1.0
+        return errors.Overloaded(
+            "The upstream model is over capacity; retry shortly.", retry_after_s=min(max(seconds, 1.0), 60.0)
+        )
+    if status in (401, 403):
+        log.error(
+            "upstream %s refused our credentials (HTTP %d): check the catalogue entry's api_key", where, status
+        )
+    elif status == 404:
+        log.error("upstream %s answered 404: check base_url and upstream_model", where)
+    else:
+        log.warning("upstream %s answered HTTP %d: %s", where, status, body[:300])
+    return errors.UpstreamError("Bad gateway: the upstream model service failed; please try again later.")
+
+
+def rejects_max_tokens(status: int, body: bytes) -> bool:
+    """True for OpenAI's answer to `max_tokens` on o-series models (use max_completion_tokens instead)."""
+    envelope = _envelope(body)
+    return status == 400 and envelope is not None and envelope.get("param") == "max_tokens"
