@@ -23,6 +23,7 @@ from tokentill.engines import create_engine
 from tokentill.engines.base import Engine
 from tokentill.limits import create_limiter
 from tokentill.media.service import MediaService
+from tokentill.reasoning import with_reasoning
 from tokentill.services import Services
 from tokentill.settings import Settings
 from tokentill.storage.db import open_database
@@ -53,7 +54,10 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
         ledger = Ledger(db)
         engines: dict[str, Engine] = {}
         for spec in catalog:
-            engine = create_engine(spec, queue_size=settings.queue_size, n_threads=settings.n_threads)
+            engine = with_reasoning(
+                create_engine(spec, queue_size=settings.queue_size, n_threads=settings.n_threads),
+                spec.reasoning,
+            )
             await engine.start()
             stack.push_async_callback(engine.aclose)
             engines[spec.id] = engine

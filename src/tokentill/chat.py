@@ -100,6 +100,13 @@ class ChatService:
         spec = self.model(model_id)
         principal.check_model(spec.id)
         engine = self._engines[spec.id]
+        if request.reasoning_effort is not None and engine.capabilities.reasoning == "none":
+            raise errors.InvalidRequest(
+                f"Unsupported parameter: 'reasoning_effort' is not supported with the model '{spec.id}', "
+                "which does not reason.",
+                code="unsupported_parameter",
+                param="reasoning_effort",
+            )
         messages = await self._messages(request, engine)
         explicit = request.completion_limit()
         draft = EngineRequest(

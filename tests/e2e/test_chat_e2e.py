@@ -53,12 +53,13 @@ def test_openai_sdk_sync(server: TokentillServer, key: str) -> None:
     completion = client.chat.completions.create(
         model=DEFAULT_MODEL,
         messages=[{"role": "user", "content": "Name a colour."}],
-        max_completion_tokens=24,
+        max_completion_tokens=90,
+        reasoning_effort="low",
         temperature=0,
     )
     assert completion.choices[0].message.content
     usage = completion.usage
-    assert usage is not None and usage.completion_tokens <= 24
+    assert usage is not None and usage.completion_tokens <= 90
     assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens is not None
     assert usage.completion_tokens_details is not None
     assert usage.completion_tokens_details.reasoning_tokens is not None
@@ -74,7 +75,8 @@ def test_openai_sdk_async_concurrent(server: TokentillServer, key: str) -> None:
                 client.chat.completions.create(
                     model=DEFAULT_MODEL,
                     messages=[{"role": "user", "content": f"Count from {i} to {i + 3}."}],
-                    max_completion_tokens=16,
+                    max_completion_tokens=80,
+                    reasoning_effort="low",
                     temperature=0,
                     seed=i,
                 )
@@ -94,7 +96,8 @@ def test_greedy_is_deterministic_and_alone_equals_concurrent(server: TokentillSe
         r = client.chat.completions.create(
             model=DEFAULT_MODEL,
             messages=[{"role": "user", "content": f"Write one sentence about {topic}."}],
-            max_completion_tokens=20,
+            max_completion_tokens=84,
+            reasoning_effort="low",
             temperature=0,
         )
         return r.choices[0].message.content or ""

@@ -77,9 +77,9 @@ async def sse_stream(
                     if include_usage:
                         out += chunk(None, usage=event.usage)
                 elif isinstance(event, TextDelta) and not event.reasoning:
-                    out = chunk({"content": event.text})
+                    out = chunk({"content": event.text}) if event.text else b""
                 elif isinstance(event, TextDelta) and include_reasoning:
-                    out = chunk({"reasoning_content": event.text})
+                    out = chunk({"reasoning_content": event.text}) if event.text else b""
                 elif anyio.current_time() - last_sent >= keepalive_s:
                     out = KEEPALIVE  # nothing visible for a while: keep proxies from timing out
                 if out:

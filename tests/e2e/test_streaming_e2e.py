@@ -1,0 +1,186 @@
+"""SSE streaming and o1-style reasoning on a real server: what the SDK reads, what is hidden, what is billed."""
+
+from __future__ import annotations
+
+import json
+import time
+from decimal import Decimal
+from typing import Any
+
+import openai
+import pytest
+import requests
+
+from tests.e2e.conftest import DEFAULT_MODEL, TokentillServer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.llama]
+
+
+@pytest.fixture(scope="module")
+def key(sqlite_server: TokentillServer) -> str:
+    return sqlite_server.new_key("streamer", credits="5")
+
+
+def _sse(response: requests.Response) -> tuple[list[dict[str, Any]], list[str]]:
+    """Parsed `data:` events and the raw lines; asserts `[DONE]` comes last."""
+    events: list[dict[str, Any]] = []
+    raw: list[str] = []
+    for line in response.iter_lines(decode_unicode=True):
+        if not line:
+            continue
+        raw.append(line)
+        if line.startswith(":"):
+            continue  # keep-alive comment
+        assert line.startswith("data: "), line
+        payload = line[len("data: ") :]
+        if payload == "[DONE]":
+            continue
+        events.append(json.loads(payload))
+    assert raw[-1] == "data: [DONE]"
+    return events, raw
+
+
+def _charged(server: TokentillServer, account: str, before: Decimal) -> Decimal:
+    return before - Decimal(server.balance(account))
+
+
+def test_sdk_stream_with_usage(sqlite_server: TokentillServer, key: str) -> None:
+    client = openai.OpenAI(base_url=sqlite_server.url + "/v1", api_key=key, max_retries=0)
+    before = Decimal(sqlite_server.balance("streamer"))
+    stream = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": "Say hello to the world."}],
+        max_completion_tokens=100,
+        reasoning_effort="low",
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    *body, last = chunks
+    assert all(c.usage is None for c in body)
+    assert last.choices == [] and last.usage is not None
+    finals = [c for c in body if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0] is body[-1]
+    text = "".join(c.choices[0].delta.content or "" for c in body)
+    usage = last.usage
+    assert text.strip()
+    assert usage.completion_tokens_details is not None
+    assert 0 < usage.completion_tokens_details.reasoning_tokens <= 64
+    assert usage.completion_tokens <= 100
+    expected = Decimal(usage.prompt_tokens * 15 + usage.completion_tokens * 60) / 1_000_000
+    assert _charged(sqlite_server, "streamer", before) == expected
+
+
+def test_raw_sse_with_requests(sqlite_server: TokentillServer, key: str) -> None:
+    response = requests.post(
+        sqlite_server.url + "/v1/o1-preview",
+        headers={"Authorization": f"Bearer {key}"},
+        json={
+            "messages": [{"role": "user", "content": "Count to three."}],
+            "max_completion_tokens": 90,
+            "reasoning_effort": "low",
+            "stream": True,
+        },
+        stream=True,
+        timeout=300,
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events, _ = _sse(response)
+    assert all(e["object"] == "chat.completion.chunk" and e["usage"] is None for e in events)
+    assert events[-1]["choices"][0]["finish_reason"] in {"stop", "length"}
+    assert not any("reasoning_content" in e["choices"][0]["delta"] for e in events)  # hidden by default
+
+
+def test_reasoning_hidden_by_default_shown_on_request(sqlite_server: TokentillServer, key: str) -> None:
+    client = openai.OpenAI(base_url=sqlite_server.url + "/v1", api_key=key, max_retries=0)
+    body: dict[str, Any] = {
+        "model": DEFAULT_MODEL,
+        "messages": [{"role": "user", "content": "Is 7 a prime number?"}],
+        "max_completion_tokens": 120,
+        "reasoning_effort": "low",
+        "temperature": 0,
+    }
+    hidden = client.chat.completions.create(**body)
+    assert hidden.usage is not None and hidden.usage.completion_tokens_details is not None
+    assert hidden.usage.completion_tokens_details.reasoning_tokens > 0
+    assert "reasoning_content" not in hidden.choices[0].message.model_dump()
+    shown = client.chat.completions.create(**body, extra_body={"include_reasoning": True})
+    reasoning = shown.choices[0].message.model_dump().get("reasoning_content")
+    assert isinstance(reasoning, str) and reasoning.strip()
+    # Streamed, the reasoning arrives as delta.reasoning_content before the answer.
+    stream = client.chat.completions.create(**body, stream=True, extra_body={"include_reasoning": True})
+    deltas = [c.choices[0].delta.model_dump() for c in stream if c.choices]
+    assert any(d.get("reasoning_content") for d in deltas)
+
+
+def test_reasoning_can_use_the_whole_budget(sqlite_server: TokentillServer, key: str) -> None:
+    client = openai.OpenAI(base_url=sqlite_server.url + "/v1", api_key=key, max_retries=0)
+    reply = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": "Explain how rainbows form."}],
+        max_completion_tokens=12,
+        reasoning_effort="high",
+    )
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.choices[0].message.content == ""
+    assert reply.usage is not None and reply.usage.completion_tokens_details is not None
+    assert reply.usage.completion_tokens == reply.usage.completion_tokens_details.reasoning_tokens == 12
+
+
+def test_effort_sets_budget(sqlite_server: TokentillServer, key: str) -> None:
+    client = openai.OpenAI(base_url=sqlite_server.url + "/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=[{"role": "user", "content": "x"}], reasoning_effort="max"  # type: ignore[arg-type]
+        )
+    low = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": "Write an essay on the history of bridges."}],
+        max_completion_tokens=70,
+        reasoning_effort="low",
+    )
+    assert low.usage is not None and low.usage.completion_tokens_details is not None
+    assert low.usage.completion_tokens_details.reasoning_tokens <= 64
+
+
+def test_disconnect_mid_stream_charges_generated_tokens(sqlite_server: TokentillServer) -> None:
+    key = sqlite_server.new_key("leaver", credits="1")
+    response = requests.post(
+        sqlite_server.url + "/v1/o1-preview",
+        headers={"Authorization": f"Bearer {key}"},
+        json={
+            "messages": [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}],
+            "max_completion_tokens": 3000,
+            "reasoning_effort": "low",
+            "stream": True,
+            "include_reasoning": True,
+        },
+        stream=True,
+        timeout=300,
+    )
+    assert response.status_code == 200
+    seen = 0
+    for line in response.iter_lines():
+        if line.startswith(b"data: "):
+            seen += 1
+        if seen >= 10:
+            break
+    response.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 30
+    rows: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        rows = sqlite_server.cli_json("usage", "--account", "leaver")["usage"]
+        if rows:
+            break
+        time.sleep(0.5)
+    assert len(rows) == 1, "the interrupted request was never settled"
+    row = rows[0]
+    assert row["status"] == 499
+    assert 0 < row["completion_tokens"] < 3000
+    balance = Decimal(sqlite_server.balance("leaver"))
+    assert balance == Decimal(1) - Decimal(row["cost"])  # charged what was generated, the rest released
+    assert Decimal(row["cost"]) == Decimal(row["prompt_tokens"] * 15 + row["completion_tokens"] * 60) / 10**6
