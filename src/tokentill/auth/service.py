@@ -1,0 +1,274 @@
+"""API keys in the database: authenticate a request's key, and manage keys for the CLI / admin routes.
+
+Only the key id and sha256(secret) are stored; the full key is returned once by `create_key`. Every
+failure to authenticate looks the same to the client (401 `invalid_api_key`, key masked), and the hash
+comparison is constant-time and happens even for unknown ids, so timing tells nothing either.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from tokentill.auth.keys import generate_key, hash_secret, mask_key, parse_key
+from tokentill.errors import AuthenticationFailed, PermissionDenied
+from tokentill.storage.db import Database
+from tokentill.storage.schema import accounts, api_keys, utcnow
+
+__all__ = ["UNSET", "CreatedKey", "KeyInfo", "KeyStore", "Principal"]
+
+logger = logging.getLogger(__name__)
+
+_MISSING_KEY = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization header using "
+    "Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the x-api-key header."
+)
+_DUMMY_HASH = hash_secret("tokentill-no-such-key")
+
+
+class _Unset(enum.Enum):
+    UNSET = enum.auto()
+
+
+UNSET = _Unset.UNSET
+"""Default of `KeyStore.update_limits` arguments: leave this limit as it is (None removes it)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the account and key behind a valid API key, with the key's restrictions.
+
+    `models` None means every catalogue model is allowed; limits None mean unlimited.
+    """
+
+    account_id: int
+    account_name: str
+    key_id: str
+    models: frozenset[str] | None
+    rpm: int | None
+    tpm: int | None
+    max_concurrent: int | None
+
+    def check_model(self, model_id: str) -> None:
+        """Raise `PermissionDenied` (403 `model_not_permitted`) unless this key may use `model_id`."""
+        if self.models is None or model_id in self.models:
+            return
+        allowed = ", ".join(sorted(self.models)) or "none"
+        raise PermissionDenied(
+            f"This API key is not permitted to use the model '{model_id}'. Models allowed for this key: "
+            f"{allowed}.",
+            code="model_not_permitted",
+            param="model",
+        )
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    """A new key; `key` is the full secret text, shown to the operator once and never stored."""
+
+    key_id: str
+    key: str
+    account_name: str
+    name: str | None
+    models: list[str] | None
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A stored key as listings show it (never the secret or its hash)."""
+
+    key_id: str
+    account_name: str
+    name: str | None
+    models: list[str] | None
+    rpm: int | None
+    tpm: int | None
+    max_concurrent: int | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class KeyStore:
+    """Keys of one `Database`. Holds no cache: a revoked key fails its next request."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def authenticate(self, raw_key: str | None) -> Principal:
+        """The `Principal` for `raw_key`, the text after `Bearer ` or of `x-api-key`.
+
+        Raises `AuthenticationFailed`: code `missing_api_key` for None/empty, `invalid_api_key` for a
+        malformed, unknown, revoked or wrong key (the message shows only the masked key).
+        """
+        if raw_key is None or not raw_key.strip():
+            raise AuthenticationFailed(_MISSING_KEY, code="missing_api_key")
+        raw_key = raw_key.strip()
+        parsed = parse_key(raw_key)
+        row = None
+        if parsed is not None:
+            async with self._db.read() as conn:
+                row = (
+                    await conn.execute(
+                        select(api_keys, accounts.c.name.label("account_name"))
+                        .join(accounts, accounts.c.id == api_keys.c.account_id)
+                        .where(api_keys.c.id == parsed[0])
+                    )
+                ).first()
+        stored = row.secret_sha256 if row is not None else _DUMMY_HASH
+        given = hash_secret(parsed[1] if parsed is not None else raw_key)
+        if row is None or not hmac.compare_digest(stored, given) or row.revoked_at is not None:
+            raise AuthenticationFailed(
+                f"Incorrect API key provided: {mask_key(raw_key)}. Check the key you are using, or ask "
+                "the operator of this server for a new one.",
+                code="invalid_api_key",
+            )
+        models = _load_models(row.models)
+        return Principal(
+            account_id=row.account_id,
+            account_name=row.account_name,
+            key_id=row.id,
+            models=frozenset(models) if models is not None else None,
+            rpm=row.rpm,
+            tpm=row.tpm,
+            max_concurrent=row.max_concurrent,
+        )
+
+    async def create_key(
+        self,
+        account_name: str,
+        *,
+        models: list[str] | None = None,
+        name: str | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        max_concurrent: int | None = None,
+    ) -> CreatedKey:
+        """Create a key for `account_name`; `models` None allows every model.
+
+        Raises `LookupError` for an unknown account, `ValueError` for an empty `models` list or a limit
+        below 1.
+        """
+        if models is not None:
+            models = list(dict.fromkeys(models))
+            if not models:
+                raise ValueError("models must name at least one model, or be None for all models")
+        _check_limits(rpm=rpm, tpm=tpm, max_concurrent=max_concurrent)
+        for _attempt in range(5):
+            key_id, secret, full_key = generate_key()
+            try:
+                async with self._db.begin() as conn:
+                    account_id = (
+                        await conn.execute(select(accounts.c.id).where(accounts.c.name == account_name))
+                    ).scalar_one_or_none()
+                    if account_id is None:
+                        raise LookupError(f"no account named {account_name!r}")
+                    await conn.execute(
+                        insert(api_keys).values(
+                            id=key_id,
+                            account_id=account_id,
+                            secret_sha256=hash_secret(secret),
+                            name=name,
+                            models=json.dumps(models) if models is not None else None,
+                            rpm=rpm,
+                            tpm=tpm,
+                            max_concurrent=max_concurrent,
+                            created_at=utcnow(),
+                        )
+                    )
+            except IntegrityError:  # an id collision (36^8 ids): draw again
+                logger.warning("key id collision, drawing another")
+                continue
+            logger.info("created key %s for account %s", key_id, account_name)
+            return CreatedKey(
+                key_id=key_id, key=full_key, account_name=account_name, name=name, models=models
+            )
+        raise RuntimeError("could not draw an unused key id")
+
+    async def list_keys(self, account_name: str | None = None) -> list[KeyInfo]:
+        """Keys, oldest first, optionally of one account; revoked keys included."""
+        query = (
+            select(api_keys, accounts.c.name.label("account_name"))
+            .join(accounts, accounts.c.id == api_keys.c.account_id)
+            .order_by(api_keys.c.created_at, api_keys.c.id)
+        )
+        if account_name is not None:
+            query = query.where(accounts.c.name == account_name)
+        async with self._db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            KeyInfo(
+                key_id=r.id,
+                account_name=r.account_name,
+                name=r.name,
+                models=_load_models(r.models),
+                rpm=r.rpm,
+                tpm=r.tpm,
+                max_concurrent=r.max_concurrent,
+                created_at=r.created_at,
+                revoked_at=r.revoked_at,
+            )
+            for r in rows
+        ]
+
+    async def revoke(self, key_id: str) -> bool:
+        """Revoke the key; False if there is no such key or it was already revoked."""
+        async with self._db.begin() as conn:
+            result = await conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
+                .returning(api_keys.c.id)
+            )
+            done = result.first() is not None
+        if done:
+            logger.info("revoked key %s", key_id)
+        return done
+
+    async def update_limits(
+        self,
+        key_id: str,
+        *,
+        rpm: int | None | _Unset = UNSET,
+        tpm: int | None | _Unset = UNSET,
+        max_concurrent: int | None | _Unset = UNSET,
+    ) -> bool:
+        """Change a live key's limits: an omitted argument stays, None removes the limit.
+
+        False if there is no such live (unrevoked) key; `ValueError` for a limit below 1.
+        """
+        changes: dict[str, int | None] = {
+            column: value
+            for column, value in (("rpm", rpm), ("tpm", tpm), ("max_concurrent", max_concurrent))
+            if not isinstance(value, _Unset)
+        }
+        _check_limits(**changes)
+        async with self._db.begin() as conn:
+            live = api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)
+            if changes:
+                statement: Any = update(api_keys).where(*live).values(**changes).returning(api_keys.c.id)
+            else:
+                statement = select(api_keys.c.id).where(*live)
+            return (await conn.execute(statement)).first() is not None
+
+
+def _check_limits(**limits: int | None) -> None:
+    for name, value in limits.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, or None for no limit")
+
+
+def _load_models(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    value = json.loads(text)
+    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+        raise ValueError(f"api_keys.models is not a JSON list of strings: {text!r}")
+    return value

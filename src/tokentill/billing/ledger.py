@@ -1,0 +1,342 @@
+"""Accounts and the money that moves through them, always one database transaction per change.
+
+Every balance change is a conditional `UPDATE accounts ... RETURNING balance` plus append-only `ledger`
+rows whose `balance_after` comes from that RETURNING, committed together. The balance therefore never goes
+negative (the UPDATE's WHERE refuses, and a CHECK constraint backs it), and the ledger always sums to it.
+
+A request's life (DESIGN §4):
+
+    reserve()  balance -= worst case; ledger 'hold'; holds row 'open'            → Hold (or 402)
+    settle()   hold 'open' → 'settled'; ledger 'release' +hold, 'charge' -cost   → usage row
+    release()  hold 'open' → 'released'; ledger 'release' +hold (charge nothing) → optional usage row
+    release_expired()  crashed requests: hold 'open' → 'expired'; ledger 'release' +hold
+
+Each hold is closed by exactly one conditional `UPDATE holds SET status=... WHERE status='open'`, so two
+closers (a late settle and the sweeper, two sweepers in two processes) cannot both move money for it.
+`settle` and `release` are idempotent: a second call for the same hold changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from tokentill.billing.money import format_credits
+from tokentill.billing.records import Account, AccountExists, Audit, Hold, UsageRecord, UsageRow
+from tokentill.billing.statements import (
+    account_from_row,
+    add_to_balance,
+    append_ledger,
+    balance_of,
+    close_hold,
+    record_usage,
+)
+from tokentill.errors import InsufficientCredits
+from tokentill.storage.db import Database
+from tokentill.storage.schema import accounts, holds, ledger, utcnow
+from tokentill.storage.schema import usage as usage_table
+
+__all__ = ["Account", "AccountExists", "Audit", "Hold", "Ledger", "UsageRecord", "UsageRow"]
+
+logger = logging.getLogger(__name__)
+
+
+class Ledger:
+    """Account and credit operations on one `Database`. Stateless apart from the database handle."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # ----------------------------------------------------------------- accounts
+
+    async def create_account(self, name: str, credits: int = 0) -> Account:
+        """Create account `name` holding `credits` µcr (a 'credit' ledger row when > 0).
+
+        Raises `AccountExists` if the name is taken, `ValueError` for an empty or over-long name or
+        negative credits.
+        """
+        if not name or len(name) > 64 or name != name.strip():
+            raise ValueError(f"account names are 1-64 characters without surrounding spaces: {name!r}")
+        if credits < 0:
+            raise ValueError("initial credits cannot be negative")
+        now = utcnow()
+        try:
+            async with self._db.begin() as conn:
+                row = (
+                    await conn.execute(
+                        insert(accounts)
+                        .values(name=name, balance=credits, created_at=now)
+                        .returning(accounts.c.id)
+                    )
+                ).one()
+                if credits > 0:
+                    await append_ledger(
+                        conn, row.id, "credit", credits, credits, note="initial credits", now=now
+                    )
+        except IntegrityError as exc:
+            raise AccountExists(f"account {name!r} already exists") from exc
+        return Account(id=row.id, name=name, balance=credits, created_at=now)
+
+    async def get_account(self, name: str) -> Account | None:
+        async with self._db.read() as conn:
+            row = (await conn.execute(select(accounts).where(accounts.c.name == name))).first()
+        return account_from_row(row) if row is not None else None
+
+    async def get_account_by_id(self, account_id: int) -> Account | None:
+        async with self._db.read() as conn:
+            row = (await conn.execute(select(accounts).where(accounts.c.id == account_id))).first()
+        return account_from_row(row) if row is not None else None
+
+    async def list_accounts(self) -> list[Account]:
+        async with self._db.read() as conn:
+            rows = (await conn.execute(select(accounts).order_by(accounts.c.id))).all()
+        return [account_from_row(row) for row in rows]
+
+    async def count_accounts(self) -> int:
+        async with self._db.read() as conn:
+            return int((await conn.execute(select(func.count()).select_from(accounts))).scalar_one())
+
+    async def balance(self, account_id: int) -> int:
+        """The account's balance in µcr; `LookupError` if there is no such account."""
+        async with self._db.read() as conn:
+            return await balance_of(conn, account_id)
+
+    async def add_credits(self, name: str, amount: int, note: str = "") -> int:
+        """Add `amount` µcr (> 0, else `ValueError`) to account `name`; returns the new balance.
+
+        Raises `LookupError` for an unknown account.
+        """
+        if amount <= 0:
+            raise ValueError("credits to add must be positive")
+        async with self._db.begin() as conn:
+            row = (
+                await conn.execute(
+                    update(accounts)
+                    .where(accounts.c.name == name)
+                    .values(balance=accounts.c.balance + amount)
+                    .returning(accounts.c.id, accounts.c.balance)
+                )
+            ).first()
+            if row is None:
+                raise LookupError(f"no account named {name!r}")
+            await append_ledger(conn, row.id, "credit", amount, row.balance, note=note, now=utcnow())
+        logger.info("added %s credits to account %s", format_credits(amount), name)
+        return int(row.balance)
+
+    # ----------------------------------------------------------------- holds
+
+    async def reserve(
+        self,
+        *,
+        account_id: int,
+        key_id: str | None,
+        request_id: str,
+        amount: int,
+        ttl_s: float,
+        need_description: str | None = None,
+    ) -> Hold:
+        """Hold `amount` µcr for request `request_id` until settled, released or `ttl_s` passes.
+
+        Raises `InsufficientCredits` (402) if the balance is below `amount`; its message states both,
+        with `need_description` (e.g. "32 prompt + 8 completion tokens") in parentheses.
+        `LookupError` for an unknown account; `ValueError` for a negative amount.
+        """
+        if amount < 0:
+            raise ValueError("a hold cannot be negative")
+        now = utcnow()
+        expires_at = now + timedelta(seconds=ttl_s)
+        async with self._db.begin() as conn:
+            row = (
+                await conn.execute(
+                    update(accounts)
+                    .where(accounts.c.id == account_id, accounts.c.balance >= amount)
+                    .values(balance=accounts.c.balance - amount)
+                    .returning(accounts.c.balance)
+                )
+            ).first()
+            if row is None:
+                balance = await balance_of(conn, account_id)
+                detail = f" ({need_description})" if need_description else ""
+                raise InsufficientCredits(
+                    f"Insufficient credits: this request needs up to {format_credits(amount)} credits"
+                    f"{detail} but the balance is {format_credits(balance)}. Add credits or lower "
+                    "max_completion_tokens."
+                )
+            await conn.execute(
+                insert(holds).values(
+                    id=request_id,
+                    account_id=account_id,
+                    key_id=key_id,
+                    amount=amount,
+                    status="open",
+                    created_at=now,
+                    expires_at=expires_at,
+                )
+            )
+            await append_ledger(conn, account_id, "hold", -amount, row.balance, ref=request_id, now=now)
+        return Hold(id=request_id, account_id=account_id, key_id=key_id, amount=amount, expires_at=expires_at)
+
+    async def settle(self, hold: Hold, *, cost: int, usage: UsageRecord) -> int:
+        """Charge `cost` µcr for the request behind `hold`, give back the rest, record `usage`.
+
+        One transaction. If the hold is open: charge min(cost, hold). If the sweeper already expired it,
+        charge min(cost, balance) (never below zero) and log a warning. If it was settled or released
+        before, change nothing (idempotent). Returns the balance after. Callers run this shielded from
+        cancellation so a client disconnect cannot leave the hold open.
+        """
+        if cost < 0:
+            raise ValueError("cost cannot be negative")
+        now = utcnow()
+        async with self._db.begin() as conn:
+            closed = await close_hold(conn, hold.id, "open", "settled", now)
+            if closed is not None:
+                account_id, amount = closed
+                charge = min(cost, amount)
+                if cost > amount:
+                    logger.warning("request %s cost %d µcr but held only %d", hold.id, cost, amount)
+                balance = await add_to_balance(conn, account_id, amount - charge)
+                released = balance + charge  # the running balance between the two rows
+                await append_ledger(conn, account_id, "release", amount, released, ref=hold.id, now=now)
+                await append_ledger(conn, account_id, "charge", -charge, balance, ref=hold.id, now=now)
+                await record_usage(conn, self._db.dialect, account_id, usage, charge, now)
+                return balance
+            late = await close_hold(conn, hold.id, "expired", "settled", now)
+            if late is None:
+                logger.debug("hold %s was already closed; settle is a no-op", hold.id)
+                return await balance_of(conn, hold.account_id)
+            account_id = late[0]
+            available = await balance_of(conn, account_id, for_update=True)
+            charge = min(cost, available)
+            logger.warning(
+                "hold %s had expired before settlement; charging %d of %d µcr from the balance",
+                hold.id,
+                charge,
+                cost,
+            )
+            balance = available
+            if charge > 0:
+                balance = await add_to_balance(conn, account_id, -charge)
+                await append_ledger(conn, account_id, "charge", -charge, balance, ref=hold.id, now=now)
+            await record_usage(conn, self._db.dialect, account_id, usage, charge, now)
+            return balance
+
+    async def release(self, hold: Hold, *, usage: UsageRecord | None = None) -> int:
+        """Give the whole hold back and charge nothing (the request failed); optionally record `usage`
+        with cost 0. Idempotent like `settle`. Returns the balance after.
+        """
+        now = utcnow()
+        async with self._db.begin() as conn:
+            closed = await close_hold(conn, hold.id, "open", "released", now)
+            if closed is not None:
+                account_id, amount = closed
+                balance = await add_to_balance(conn, account_id, amount)
+                await append_ledger(conn, account_id, "release", amount, balance, ref=hold.id, now=now)
+            else:
+                # Already returned by the sweeper: only the usage row is still owed, once.
+                late = await close_hold(conn, hold.id, "expired", "released", now)
+                if late is None:
+                    return await balance_of(conn, hold.account_id)
+                account_id = late[0]
+                balance = await balance_of(conn, account_id)
+            if usage is not None:
+                await record_usage(conn, self._db.dialect, account_id, usage, 0, now)
+            return balance
+
+    async def release_expired(self, now: datetime | None = None) -> int:
+        """Release every open hold whose `expires_at` is before `now` (default: the current time).
+
+        Each hold is released in its own transaction behind a conditional status update, so concurrent
+        sweepers in several processes release each hold once. Returns how many this call released.
+        """
+        now = now or utcnow()
+        async with self._db.read() as conn:
+            candidates = (
+                (
+                    await conn.execute(
+                        select(holds.c.id).where(holds.c.status == "open", holds.c.expires_at < now)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        released = 0
+        for hold_id in candidates:
+            async with self._db.begin() as conn:
+                closed = await close_hold(conn, hold_id, "open", "expired", now)
+                if closed is None:
+                    continue
+                account_id, amount = closed
+                balance = await add_to_balance(conn, account_id, amount)
+                await append_ledger(
+                    conn, account_id, "release", amount, balance, ref=hold_id, note="hold expired", now=now
+                )
+            released += 1
+            logger.warning("released expired hold %s (%d µcr) of account %d", hold_id, amount, account_id)
+        return released
+
+    # ----------------------------------------------------------------- reports
+
+    async def usage(self, account_name: str | None = None, limit: int = 100) -> list[UsageRow]:
+        """The newest `limit` usage rows, newest first, optionally of one account."""
+        query = (
+            select(usage_table, accounts.c.name.label("account_name"))
+            .join(accounts, accounts.c.id == usage_table.c.account_id)
+            .order_by(usage_table.c.id.desc())
+            .limit(limit)
+        )
+        if account_name is not None:
+            query = query.where(accounts.c.name == account_name)
+        async with self._db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            UsageRow(
+                request_id=r.request_id,
+                account_name=r.account_name,
+                key_id=r.key_id,
+                model=r.model,
+                prompt_tokens=r.prompt_tokens,
+                completion_tokens=r.completion_tokens,
+                reasoning_tokens=r.reasoning_tokens,
+                cached_tokens=r.cached_tokens,
+                image_tokens=r.image_tokens,
+                cost=int(r.cost),
+                status=r.status,
+                latency_ms=r.latency_ms,
+                estimated=bool(r.estimated),
+                created_at=r.created_at,
+            )
+            for r in rows
+        ]
+
+    async def audit(self, account_id: int) -> Audit:
+        """The account's books from one consistent snapshot; `LookupError` if it does not exist."""
+        async with self._db.read() as conn:
+            balance = await balance_of(conn, account_id)
+            sums = {
+                kind: int(total)
+                for kind, total in (
+                    await conn.execute(
+                        select(ledger.c.kind, func.sum(ledger.c.amount))
+                        .where(ledger.c.account_id == account_id)
+                        .group_by(ledger.c.kind)
+                    )
+                ).all()
+            }
+            open_holds = (
+                await conn.execute(
+                    select(func.coalesce(func.sum(holds.c.amount), 0)).where(
+                        holds.c.account_id == account_id, holds.c.status == "open"
+                    )
+                )
+            ).scalar_one()
+        return Audit(
+            account_id=account_id,
+            balance=balance,
+            credits_added=sums.get("credit", 0),
+            settled_charges=-sums.get("charge", 0),
+            open_holds=int(open_holds),
+            ledger_sum=sum(sums.values()),
+        )

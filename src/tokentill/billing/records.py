@@ -1,0 +1,93 @@
+"""The plain records the ledger takes and returns. Amounts are µcr (see `billing.money`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+__all__ = ["Account", "AccountExists", "Audit", "Hold", "UsageRecord", "UsageRow"]
+
+
+class AccountExists(Exception):
+    """`create_account` was given a name that is taken (an operator error, not an API error)."""
+
+
+@dataclass(frozen=True)
+class Account:
+    id: int
+    name: str
+    balance: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Credit reserved for one request; `id` is the request id. Settle or release it exactly once."""
+
+    id: str
+    account_id: int
+    key_id: str | None
+    amount: int
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """What a finished request used; `completion_tokens` includes `reasoning_tokens` (o1 billing).
+
+    `status` is the HTTP status sent (499 when the client went away); `estimated` is true when token
+    counts were estimated rather than reported by the engine.
+    """
+
+    request_id: str
+    key_id: str | None
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+    image_tokens: int = 0
+    status: int = 200
+    latency_ms: int = 0
+    estimated: bool = False
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """One stored usage row, as `Ledger.usage()` lists it."""
+
+    request_id: str
+    account_name: str
+    key_id: str | None
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    cached_tokens: int
+    image_tokens: int
+    cost: int
+    status: int
+    latency_ms: int
+    estimated: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Audit:
+    """One account's books. `consistent` is the invariant of DESIGN §4.
+
+    `credits_added` sums 'credit' rows, `settled_charges` is minus the sum of 'charge' rows,
+    `open_holds` sums holds still open, `ledger_sum` sums every ledger row.
+    """
+
+    account_id: int
+    balance: int
+    credits_added: int
+    settled_charges: int
+    open_holds: int
+    ledger_sum: int
+
+    @property
+    def consistent(self) -> bool:
+        expected = self.credits_added - self.settled_charges - self.open_holds
+        return self.balance >= 0 and self.balance == expected == self.ledger_sum

@@ -1,0 +1,181 @@
+"""The database schema as SQLAlchemy Core tables: one `MetaData`, the same on SQLite and PostgreSQL.
+
+Money columns are `BigInteger` micro-credits (µcr). Timestamps are `UTCDateTime`: Python always sees
+timezone-aware UTC datetimes; PostgreSQL stores `timestamptz`, SQLite stores naive UTC text in ISO order,
+so `<` / `>` comparisons in SQL are correct on both.
+
+Tables:
+    accounts   one row per prepaid account; `balance >= 0` is enforced by a CHECK constraint as well
+    api_keys   `tt-<id>-<secret>` keys: only the id and sha256(secret) are stored
+    ledger     append-only: every balance change is one row, `amount` is the signed balance delta
+    holds      credit reserved for one in-flight request (id = request id), released or settled once
+    usage      one row per finished request (tokens by kind, cost charged, HTTP status)
+
+The Alembic revision `0001_initial` creates exactly these tables; change both together.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "HOLD_STATUSES",
+    "LEDGER_KINDS",
+    "BigId",
+    "UTCDateTime",
+    "accounts",
+    "api_keys",
+    "holds",
+    "ledger",
+    "metadata",
+    "usage",
+    "utcnow",
+]
+
+LEDGER_KINDS = ("credit", "hold", "release", "charge", "adjust")
+HOLD_STATUSES = ("open", "settled", "released", "expired")
+
+# BIGINT on PostgreSQL; on SQLite only `INTEGER PRIMARY KEY` autoincrements (it is 64-bit there anyway).
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A datetime that is always timezone-aware UTC in Python, whatever the dialect stores.
+
+    Binding a naive datetime is a bug (its zone is unknown) and raises `ValueError`.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTCDateTime column")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):  # pragma: no cover - drivers always give datetimes
+            raise TypeError(f"unexpected timestamp value {value!r}")
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("balance", BigInteger, nullable=False, server_default="0"),
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    CheckConstraint("balance >= 0", name="balance_nonnegative"),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(8), primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("name", String(128), nullable=True),
+    Column("models", Text, nullable=True),  # JSON list of model ids; NULL = every model
+    Column("rpm", Integer, nullable=True),
+    Column("tpm", Integer, nullable=True),
+    Column("max_concurrent", Integer, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    Column("revoked_at", UTCDateTime, nullable=True),
+)
+
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("amount", BigInteger, nullable=False),  # signed balance delta
+    Column("balance_after", BigInteger, nullable=False),
+    Column("ref", String(64), nullable=True),  # hold / request id
+    Column("note", Text, nullable=False, server_default=""),
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    CheckConstraint("kind IN ('credit', 'hold', 'release', 'charge', 'adjust')", name="kind"),
+    Index(None, "account_id", "id"),
+)
+
+holds = Table(
+    "holds",
+    metadata,
+    Column("id", String(64), primary_key=True),  # the request id
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("key_id", String(8), nullable=True),
+    Column("amount", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("closed_at", UTCDateTime, nullable=True),
+    CheckConstraint("status IN ('open', 'settled', 'released', 'expired')", name="status"),
+    CheckConstraint("amount >= 0", name="amount_nonnegative"),
+    Index(None, "status", "expires_at"),
+    Index(None, "account_id", "status"),
+)
+
+usage = Table(
+    "usage",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("request_id", String(64), nullable=False, unique=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("key_id", String(8), nullable=True),
+    Column("model", String(128), nullable=False),
+    Column("prompt_tokens", Integer, nullable=False, server_default="0"),
+    Column("completion_tokens", Integer, nullable=False, server_default="0"),
+    Column("reasoning_tokens", Integer, nullable=False, server_default="0"),
+    Column("cached_tokens", Integer, nullable=False, server_default="0"),
+    Column("image_tokens", Integer, nullable=False, server_default="0"),
+    Column("cost", BigInteger, nullable=False),
+    Column("status", Integer, nullable=False),  # HTTP status; 499 = client disconnected
+    Column("latency_ms", Integer, nullable=False, server_default="0"),
+    Column("estimated", Boolean, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    Index(None, "account_id", "id"),
+    Index(None, "created_at"),
+)

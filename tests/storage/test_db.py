@@ -1,0 +1,150 @@
+"""open_database on real SQLite files and real PostgreSQL databases: migrations, pragmas, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Connection, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
+
+from tests._services import run, run_with_db, subprocess_env
+from tokentill.storage import Database, open_database
+from tokentill.storage.schema import accounts, metadata
+
+
+def _schema_diff(connection: Connection) -> list[object]:
+    return list(compare_metadata(MigrationContext.configure(connection), metadata))
+
+
+def test_migrates_to_head_and_matches_schema(database_url: str) -> None:
+    async def body(db: Database) -> None:
+        async with db.read() as conn:
+            version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
+            diff = await conn.run_sync(_schema_diff)
+        assert version == "0001"
+        assert diff == []
+
+    run_with_db(database_url, body)
+
+
+def test_second_open_is_a_noop(database_url: str) -> None:
+    async def first(db: Database) -> None:
+        async with db.begin() as conn:
+            await conn.execute(insert(accounts).values(name="kept", balance=5, created_at=datetime.now(UTC)))
+
+    async def second(db: Database) -> None:
+        async with db.read() as conn:
+            assert (await conn.execute(select(accounts.c.balance))).scalar_one() == 5
+            count = (await conn.execute(text("SELECT count(*) FROM alembic_version"))).scalar_one()
+        assert count == 1
+
+    run_with_db(database_url, first)
+    run_with_db(database_url, second)
+
+
+def test_concurrent_opens_in_one_process(database_url: str) -> None:
+    async def main() -> None:
+        dbs = await asyncio.gather(*(open_database(database_url) for _ in range(4)))
+        try:
+            async with dbs[0].read() as conn:
+                assert (await conn.execute(text("SELECT version_num FROM alembic_version"))).all() == [
+                    ("0001",)
+                ]
+        finally:
+            for db in dbs:
+                await db.aclose()
+
+    run(main())
+
+
+def test_concurrent_opens_from_processes(database_url: str) -> None:
+    script = (
+        "import asyncio, sys\n"
+        "from tokentill.storage import open_database\n"
+        "async def main():\n"
+        "    db = await open_database(sys.argv[1])\n"
+        "    await db.aclose()\n"
+        "asyncio.run(main())\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, database_url],
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(4)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+
+    async def body(db: Database) -> None:
+        async with db.read() as conn:
+            assert (await conn.execute(text("SELECT version_num FROM alembic_version"))).all() == [("0001",)]
+
+    run_with_db(database_url, body)
+
+
+def test_timestamps_are_aware_utc(database_url: str) -> None:
+    async def body(db: Database) -> None:
+        stamp = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+        async with db.begin() as conn:
+            await conn.execute(insert(accounts).values(name="t", created_at=stamp))
+        async with db.read() as conn:
+            got = (await conn.execute(select(accounts.c.created_at))).scalar_one()
+        assert got == stamp and got.tzinfo is not None
+
+    run_with_db(database_url, body)
+
+
+def test_naive_datetime_refused(sqlite_database_url: str) -> None:
+    async def body(db: Database) -> None:
+        async with db.begin() as conn:
+            await conn.execute(insert(accounts).values(name="n", created_at=datetime(2026, 1, 1)))
+
+    with pytest.raises(Exception, match="naive datetime"):
+        run_with_db(sqlite_database_url, body)
+
+
+def test_balance_check_constraint(database_url: str) -> None:
+    async def body(db: Database) -> None:
+        async with db.begin() as conn:
+            await conn.execute(insert(accounts).values(name="c", balance=1, created_at=datetime.now(UTC)))
+        with pytest.raises(IntegrityError):
+            async with db.begin() as conn:
+                await conn.execute(update(accounts).values(balance=-1))
+
+    run_with_db(database_url, body)
+
+
+def test_sqlite_pragmas_and_parent_folder(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "t.db"
+
+    async def body(db: Database) -> None:
+        async with db.read() as conn:
+            pragmas = {
+                name: (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar_one()
+                for name in ("journal_mode", "busy_timeout", "foreign_keys", "synchronous")
+            }
+        assert db.dialect == "sqlite"
+        assert pragmas == {"journal_mode": "wal", "busy_timeout": 10000, "foreign_keys": 1, "synchronous": 1}
+
+    run_with_db(f"sqlite+aiosqlite:///{path}", body)
+    assert path.is_file()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["sqlite:///x.db", "sqlite+aiosqlite:///:memory:", "mysql+aiomysql://u@h/d", "postgresql://u@h/d"],
+)
+def test_unsupported_urls(url: str) -> None:
+    with pytest.raises(ValueError):
+        run(open_database(url))
