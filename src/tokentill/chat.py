@@ -56,7 +56,6 @@ class PreparedChat:
     engine: Engine
     engine_request: EngineRequest
     prompt_tokens: int
-    image_tokens: int
     hold: Hold
     lease: Lease
     balance_after_hold: int
@@ -151,7 +150,6 @@ class ChatService:
             stop=draft.stop,
             reasoning_effort=draft.reasoning_effort,
         )
-        image_tokens = 0
         return PreparedChat(
             request_id=request_id,
             principal=principal,
@@ -159,7 +157,6 @@ class ChatService:
             engine=engine,
             engine_request=engine_request,
             prompt_tokens=prompt_tokens,
-            image_tokens=image_tokens,
             hold=hold,
             lease=lease,
             balance_after_hold=balance,
@@ -196,10 +193,12 @@ class ChatService:
     async def _settle(
         self, chat: PreparedChat, finished: Finished | None, generated: int, reasoning: int, status: int
     ) -> None:
+        image_tokens = 0
         if finished is not None:
             usage = finished.usage
             prompt, completion = usage.prompt_tokens, usage.completion_tokens
             reasoning, cached, estimated = usage.reasoning_tokens, usage.cached_tokens, usage.estimated
+            image_tokens = usage.image_tokens
         else:
             prompt, completion, cached, estimated = chat.prompt_tokens, generated, 0, False
         record = UsageRecord(
@@ -210,7 +209,7 @@ class ChatService:
             completion_tokens=completion,
             reasoning_tokens=reasoning,
             cached_tokens=cached,
-            image_tokens=chat.image_tokens,
+            image_tokens=image_tokens,
             status=status,
             latency_ms=int((time.monotonic() - chat.started) * 1000),
             estimated=estimated,
