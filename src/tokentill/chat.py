@@ -4,9 +4,9 @@
 rate limits, credits) and ends holding a credit reservation and a rate-limit lease. `ChatService.run` then
 streams the engine's events and, in a `finally` that survives cancellation, settles exactly once:
 
-    engine failed before any output      → release the hold, charge nothing
     finished                             → charge the real usage, release the rest
-    client went away / stream broke      → charge the tokens generated so far (status 499 / error status)
+    client went away (499)               → charge the tokens generated so far
+    engine failed (timeout, 5xx)         → charge nothing, unless tokens were already streamed: those
 
 Nothing here knows about HTTP; the api package renders the events as JSON or SSE.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import anyio
 
@@ -61,6 +61,7 @@ class PreparedChat:
     balance_after_hold: int
     started: float = field(default_factory=time.monotonic)
     include_reasoning: bool = False
+    stream: bool = False  # tokens reach the client as they are made (decides what a failure costs)
 
 
 class ChatService:
@@ -161,6 +162,7 @@ class ChatService:
             lease=lease,
             balance_after_hold=balance,
             include_reasoning=bool(request.include_reasoning),
+            stream=bool(request.stream),
         )
 
     async def run(self, chat: PreparedChat) -> AsyncIterator[EngineEvent]:
@@ -214,9 +216,12 @@ class ChatService:
             latency_ms=int((time.monotonic() - chat.started) * 1000),
             estimated=estimated,
         )
+        # What a request that did not finish costs: a client that went away pays for the tokens made for
+        # it; an engine failure costs nothing unless those tokens were already streamed to the client.
+        free = finished is None and (generated == 0 or (status != 499 and not chat.stream))
         try:
-            if finished is None and generated == 0:
-                await self._ledger.release(chat.hold, usage=record)
+            if free:
+                await self._ledger.release(chat.hold, usage=replace(record, completion_tokens=0))
                 await chat.lease.release()
                 return
             cost = pricing.cost(prompt, completion, chat.spec.price_input, chat.spec.price_output)

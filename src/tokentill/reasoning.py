@@ -113,7 +113,7 @@ class Scratchpad(_Wrapper):
                 messages = (replace(messages[0], text=f"{messages[0].text}\n\n{notes}"), *messages[1:])
             else:
                 messages = (Message(role="system", text=notes), *messages)
-        answer = replace(request, messages=messages, max_tokens=left)
+        answer = replace(request, messages=messages, max_tokens=left, continuation=True)
         async for event in self.inner.generate(answer):
             if isinstance(event, TextDelta):
                 yield replace(event, reasoning=False)

@@ -59,6 +59,9 @@ class EngineRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     reasoning_effort: str = "medium"
+    # A later pass of a request that was already admitted (the scratchpad's answer pass): the engine takes
+    # it ahead of waiting requests and past the queue limit, so an admitted request never fails halfway.
+    continuation: bool = False
 
 
 @dataclass(frozen=True)

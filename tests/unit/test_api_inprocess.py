@@ -1,0 +1,123 @@
+"""In-process API tests (Starlette's TestClient) with the echo engine: the failure paths that a real model
+cannot be made to take on demand — a bug (500), an engine failure (502), a stream that breaks midway."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from tokentill import errors
+from tokentill.app import create_app
+from tokentill.engines.base import Capabilities, EngineEvent, EngineRequest, TextDelta
+from tokentill.services import Services
+from tokentill.settings import Settings
+
+
+@dataclass
+class Harness:
+    client: TestClient
+    services: Services
+    key: str
+
+    def balance(self) -> int:
+        async def read() -> int:
+            account = await self.services.ledger.get_account("acct")
+            assert account is not None
+            return account.balance
+
+        return self.client.portal.call(read)  # type: ignore[union-attr]
+
+
+class FailingEngine:
+    """Emits `before` deltas, then raises `error`."""
+
+    def __init__(self, error: Exception, before: int = 0) -> None:
+        self.capabilities = Capabilities(context_length=4096)
+        self.error = error
+        self.before = before
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    def count_prompt_tokens(self, request: EngineRequest) -> int:
+        return 10
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        for i in range(self.before):
+            yield TextDelta(f"t{i} ")
+        raise self.error
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    catalogue = tmp_path / "models.toml"
+    catalogue.write_text('[[models]]\nid = "echo"\nengine = "echo"\nprice_input = 15\nprice_output = 60\n')
+    settings = Settings(data_dir=tmp_path / "data", config=catalogue)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        services: Services = client.app.state.services  # type: ignore[attr-defined]
+
+        async def setup() -> str:
+            await services.ledger.create_account("acct", 1_000_000)
+            return (await services.keys.create_key("acct")).key
+
+        key = client.portal.call(setup)  # type: ignore[union-attr]
+        client.headers["Authorization"] = f"Bearer {key}"
+        yield Harness(client, services, key)
+
+
+BODY: dict[str, Any] = {"messages": [{"role": "user", "content": "one two three"}], "max_completion_tokens": 10}
+
+
+def test_echo_completion_billed_exactly(harness: Harness) -> None:
+    r = harness.client.post("/v1/echo", json=BODY)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert r.json()["choices"][0]["message"]["content"] == "one two three"
+    assert harness.balance() == 1_000_000 - usage["prompt_tokens"] * 15 - usage["completion_tokens"] * 60
+    assert Decimal(r.headers["x-remaining-credits"]) == Decimal(harness.balance()) / 1_000_000
+
+
+def test_bug_is_a_generic_500(harness: Harness) -> None:
+    harness.services.engines["echo"] = FailingEngine(RuntimeError("secret internal detail"))
+    r = harness.client.post("/v1/echo", json=BODY)
+    assert r.status_code == 500
+    error = r.json()["error"]
+    assert error["code"] == "internal_error" and error["type"] == "server_error"
+    assert "secret" not in r.text and r.headers["x-request-id"] in error["message"]
+    assert harness.balance() == 1_000_000
+
+
+def test_engine_failure_is_502_and_free(harness: Harness) -> None:
+    harness.services.engines["echo"] = FailingEngine(errors.UpstreamError("The model failed."), before=3)
+    r = harness.client.post("/v1/echo", json=BODY)
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "upstream_error"
+    assert harness.balance() == 1_000_000  # nothing reached the client, nothing is charged
+
+
+def test_stream_that_breaks_midway(harness: Harness) -> None:
+    harness.services.engines["echo"] = FailingEngine(errors.UpstreamError("The model failed."), before=3)
+    with harness.client.stream("POST", "/v1/echo", json={**BODY, "stream": True}) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] != "data: [DONE]"
+    last = json.loads(lines[-1][len("data: ") :])
+    assert last["error"]["code"] == "upstream_error"
+    contents = [json.loads(line[6:])["choices"][0]["delta"].get("content") for line in lines[1:-1]]
+    assert contents == ["t0 ", "t1 ", "t2 "]
+    # The three streamed tokens were delivered, so they are billed: 10 prompt + 3 completion tokens.
+    assert harness.balance() == 1_000_000 - 10 * 15 - 3 * 60
+
+
+def test_unknown_route_and_method(harness: Harness) -> None:
+    assert harness.client.get("/nope").json()["error"]["code"] == "unknown_url"
+    r = harness.client.put("/v1/models")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
