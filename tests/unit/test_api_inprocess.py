@@ -121,3 +121,31 @@ def test_unknown_route_and_method(harness: Harness) -> None:
     assert harness.client.get("/nope").json()["error"]["code"] == "unknown_url"
     r = harness.client.put("/v1/models")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_admin_routes_closed_without_admin_key(harness: Harness) -> None:
+    r = harness.client.get("/admin/accounts")  # the harness's client key is not the admin key
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_required"
+    r = harness.client.get("/admin/accounts", headers={"Authorization": ""})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+
+
+def test_admin_routes_with_admin_key(tmp_path: Path) -> None:
+    # No model is needed to manage accounts: an echo catalogue keeps this test fast.
+    catalogue = tmp_path / "models.toml"
+    catalogue.write_text('[[models]]\nid = "echo"\nengine = "echo"\n')
+    app = create_app(Settings(data_dir=tmp_path / "data", config=catalogue, admin_key="adm-secret"))  # type: ignore[arg-type]
+    with TestClient(app, headers={"Authorization": "Bearer adm-secret"}) as admin:
+        assert admin.post("/admin/accounts", json={"name": "team", "credits": "1.5"}).status_code == 201
+        assert admin.post("/admin/accounts", json={"name": "team"}).status_code == 409
+        r = admin.post("/admin/accounts", json={"credits": "1"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "name"
+        assert admin.post("/admin/accounts/team/credits", json={"credits": "0.25"}).json()["balance"] == "1.75"
+        key = admin.post("/admin/keys", json={"account": "team", "models": ["echo"]}).json()
+        r = admin.post("/v1/echo", json=BODY, headers={"Authorization": f"Bearer {key['key']}"})
+        assert r.status_code == 200, r.text
+        assert admin.delete(f"/admin/keys/{key['id']}").json() == {"id": key["id"], "revoked": True}
+        r = admin.post("/v1/echo", json=BODY, headers={"Authorization": f"Bearer {key['key']}"})
+        assert r.status_code == 401
+        names = [a["name"] for a in admin.get("/admin/accounts").json()["data"]]
+        assert names == ["team"]

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from starlette.middleware import Middleware
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
+from tokentill.api.admin import admin_router
 from tokentill.api.errors import install_error_handlers
 from tokentill.api.middleware import RequestContextMiddleware
 from tokentill.api.routes import router
@@ -31,5 +32,6 @@ def build_api(
         ],
     )
     install_error_handlers(app)
+    app.include_router(admin_router)
     app.include_router(router)
     return app

@@ -53,7 +53,15 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(request, errors.InvalidRequest("Invalid request.", code="invalid_value"))
+    """FastAPI's own body validation (admin routes); the chat routes validate in `protocol`."""
+    assert isinstance(exc, RequestValidationError)
+    problems = exc.errors()
+    first = problems[0] if problems else {}
+    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    missing = first.get("type") == "missing"
+    message = f"Missing required parameter: '{param}'." if missing else f"Invalid value for '{param}': {first.get('msg')}."
+    code = "missing_required_parameter" if missing else "invalid_value"
+    return error_response(request, errors.InvalidRequest(message, code=code, param=param))
 
 
 async def _bug(request: Request, exc: Exception) -> JSONResponse:

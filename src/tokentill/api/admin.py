@@ -1,0 +1,115 @@
+"""`/admin/…`: account, credit and key management over HTTP, for operators holding TOKENTILL_ADMIN_KEY.
+
+With no admin key configured every admin route answers 403: nothing is open by default.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from tokentill import errors
+from tokentill.api.routes import presented_key
+from tokentill.api.state import services_of
+from tokentill.billing.ledger import AccountExists
+from tokentill.billing.money import format_credits, parse_credits
+
+__all__ = ["admin_router"]
+
+
+async def require_admin(request: Request) -> None:
+    configured = services_of(request).settings.admin_key
+    given = presented_key(request)
+    if given is None:
+        raise errors.AuthenticationFailed("Admin routes need the admin key.", code="missing_api_key")
+    if configured is None or not hmac.compare_digest(
+        given.encode(), configured.get_secret_value().encode()
+    ):
+        raise errors.PermissionDenied("This route needs the admin key.", code="admin_required")
+
+
+admin_router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NewAccount(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    credits: str = "0"
+
+
+class Credits(_Body):
+    credits: str
+
+
+class NewKey(_Body):
+    account: str
+    models: list[str] | None = None
+    name: str | None = None
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1)
+
+
+def _ucr(text: str) -> int:
+    try:
+        return parse_credits(text)
+    except ValueError as exc:
+        raise errors.InvalidRequest(f"Invalid credits {text!r}: {exc}", param="credits") from exc
+
+
+@admin_router.get("/accounts")
+async def list_accounts(request: Request) -> dict[str, Any]:
+    rows = await services_of(request).ledger.list_accounts()
+    return {"object": "list", "data": [{"name": a.name, "balance": format_credits(a.balance)} for a in rows]}
+
+
+@admin_router.post("/accounts", status_code=201)
+async def create_account(request: Request, body: NewAccount) -> dict[str, Any]:
+    try:
+        account = await services_of(request).ledger.create_account(body.name, _ucr(body.credits))
+    except AccountExists as exc:
+        raise errors.Conflict(f"Account {body.name!r} already exists.", code="account_exists") from exc
+    return {"name": account.name, "balance": format_credits(account.balance)}
+
+
+@admin_router.post("/accounts/{name}/credits")
+async def add_credits(request: Request, name: str, body: Credits) -> dict[str, Any]:
+    amount = _ucr(body.credits)
+    if amount <= 0:
+        raise errors.InvalidRequest("credits must be more than 0.", param="credits")
+    try:
+        balance = await services_of(request).ledger.add_credits(name, amount, note="admin api")
+    except LookupError as exc:
+        raise errors.NotFound(f"No account named {name!r}.", code="account_not_found") from exc
+    return {"name": name, "balance": format_credits(balance)}
+
+
+@admin_router.post("/keys", status_code=201)
+async def create_key(request: Request, body: NewKey) -> dict[str, Any]:
+    try:
+        created = await services_of(request).keys.create_key(
+            body.account,
+            models=body.models,
+            name=body.name,
+            rpm=body.rpm,
+            tpm=body.tpm,
+            max_concurrent=body.max_concurrent,
+        )
+    except LookupError as exc:
+        raise errors.NotFound(f"No account named {body.account!r}.", code="account_not_found") from exc
+    return {"id": created.key_id, "key": created.key, "account": body.account, "models": body.models}
+
+
+@admin_router.delete("/keys/{key_id}")
+async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
+    if not await services_of(request).keys.revoke(key_id):
+        raise errors.NotFound(f"No active key with id {key_id!r}.", code="key_not_found")
+    return {"id": key_id, "revoked": True}
+
+
