@@ -28,7 +28,7 @@ __all__ = ["router"]
 router = APIRouter()
 
 
-def _raw_key(request: Request) -> str | None:
+def presented_key(request: Request) -> str | None:
     header = request.headers.get("authorization")
     if header:
         scheme, _, value = header.partition(" ")
@@ -40,7 +40,7 @@ def _raw_key(request: Request) -> str | None:
 
 async def authenticate(request: Request) -> Principal:
     services = services_of(request)
-    principal = await services.keys.authenticate(_raw_key(request))
+    principal = await services.keys.authenticate(presented_key(request))
     request.state.remaining_credits = await services.ledger.balance(principal.account_id)
     return principal
 
