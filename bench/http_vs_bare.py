@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.e2e.conftest import TokentillServer  # noqa: E402
+
 from tokentill.catalog import default_weights_path  # noqa: E402
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -56,8 +57,11 @@ def through_http(server: TokentillServer, key: str, model: str, runs: int, token
         r = requests.post(
             f"{server.url}/v1/{model}",
             headers={"Authorization": f"Bearer {key}"},
-            json={"messages": [{"role": "user", "content": PROMPT}], "max_completion_tokens": tokens,
-                  "temperature": 0},
+            json={
+                "messages": [{"role": "user", "content": PROMPT}],
+                "max_completion_tokens": tokens,
+                "temperature": 0,
+            },
             timeout=600,
         )
         elapsed = time.perf_counter() - start
@@ -66,15 +70,22 @@ def through_http(server: TokentillServer, key: str, model: str, runs: int, token
     return rates
 
 
-def first_token(server: TokentillServer, key: str, model: str, tokens: int, extra: dict[str, object]) -> tuple[float, float]:
+def first_token(
+    server: TokentillServer, key: str, model: str, tokens: int, extra: dict[str, object]
+) -> tuple[float, float]:
     """(seconds to the first visible content delta, seconds to [DONE]) for one streamed request."""
     start = time.perf_counter()
     first = float("nan")
     with requests.post(
         f"{server.url}/v1/{model}",
         headers={"Authorization": f"Bearer {key}"},
-        json={"messages": [{"role": "user", "content": PROMPT}], "max_completion_tokens": tokens,
-              "temperature": 0, "stream": True, **extra},
+        json={
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_completion_tokens": tokens,
+            "temperature": 0,
+            "stream": True,
+            **extra,
+        },
         stream=True,
         timeout=600,
     ) as r:
@@ -116,7 +127,10 @@ def main() -> None:
             server.stop()
 
     b, h = statistics.median(bare_rates), statistics.median(http_rates)
-    print(f"machine: {os.cpu_count()} cores, threads={args.threads}, {args.runs} runs, {args.tokens} tokens, greedy")
+    print(
+        f"machine: {os.cpu_count()} cores, threads={args.threads}, {args.runs} runs, "
+        f"{args.tokens} tokens, greedy"
+    )
     print(f"{'path':<44}{'median tok/s':>14}")
     print(f"{'bare llama_cpp.Llama.create_chat_completion':<44}{b:>14.1f}")
     print(f"{'tokentill HTTP (auth + credits + ledger)':<44}{h:>14.1f}")
@@ -124,8 +138,10 @@ def main() -> None:
     print()
     print(f"{'streaming, first visible token':<44}{'median s':>14}{'total s':>10}")
     for label, rows in (("reasoning none", ttft_plain), ("scratchpad, reasoning_effort=low", ttft_reason)):
-        print(f"{label:<44}{statistics.median(r[0] for r in rows):>14.3f}"
-              f"{statistics.median(r[1] for r in rows):>10.3f}")
+        print(
+            f"{label:<44}{statistics.median(r[0] for r in rows):>14.3f}"
+            f"{statistics.median(r[1] for r in rows):>10.3f}"
+        )
 
 
 if __name__ == "__main__":

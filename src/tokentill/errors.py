@@ -1,7 +1,7 @@
 """Every error a client can see, as one tree; `api/` renders them once as the OpenAI envelope.
 
     APIError                      (status, type, code fixed by each class)
-    ├── InvalidRequest            400 invalid_request_error   invalid_value, invalid_type, unknown_parameter, ...
+    ├── InvalidRequest            400 invalid_request_error   invalid_value, invalid_type, ...
     ├── AuthenticationFailed      401 invalid_request_error   missing_api_key / invalid_api_key
     ├── InsufficientCredits       402 insufficient_credits    insufficient_credits
     ├── PermissionDenied          403 permission_error        model_not_permitted / admin_required

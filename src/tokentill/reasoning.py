@@ -39,7 +39,9 @@ _THINK_INSTRUCTION = (
     "Before answering, think step by step about the request above. Write only your reasoning: "
     "the facts that matter, the steps, and checks of your work. Do not write the final answer."
 )
-_ANSWER_INSTRUCTION = "Your private notes on this request (the user cannot see them):\n\n{notes}\n\nNow answer."
+_ANSWER_INSTRUCTION = (
+    "Your private notes on this request (the user cannot see them):\n\n{notes}\n\nNow answer."
+)
 
 
 def with_reasoning(engine: Engine, mode: str) -> Engine:
@@ -74,7 +76,9 @@ class Scratchpad(_Wrapper):
         super().__init__(inner, "scratchpad")
 
     def _thinking_request(self, request: EngineRequest) -> EngineRequest:
-        budget = min(EFFORT_BUDGETS.get(request.reasoning_effort, EFFORT_BUDGETS["medium"]), request.max_tokens)
+        budget = min(
+            EFFORT_BUDGETS.get(request.reasoning_effort, EFFORT_BUDGETS["medium"]), request.max_tokens
+        )
         # The instruction rides on the last user turn: chat templates accept that everywhere, while a
         # trailing system message is refused by some.
         messages = request.messages
@@ -104,15 +108,15 @@ class Scratchpad(_Wrapper):
         if left < 1:
             yield Finished("length", _usage(first, reasoning, 0, reasoning))
             return
-        text = "".join(notes).strip()
+        written = "".join(notes).strip()
         messages = request.messages
-        if text:
+        if written:
             # The notes go into the (first) system message, the one place every template takes one.
-            notes = _ANSWER_INSTRUCTION.format(notes=text)
+            context = _ANSWER_INSTRUCTION.format(notes=written)
             if messages and messages[0].role == "system":
-                messages = (replace(messages[0], text=f"{messages[0].text}\n\n{notes}"), *messages[1:])
+                messages = (replace(messages[0], text=f"{messages[0].text}\n\n{context}"), *messages[1:])
             else:
-                messages = (Message(role="system", text=notes), *messages)
+                messages = (Message(role="system", text=context), *messages)
         answer = replace(request, messages=messages, max_tokens=left, continuation=True)
         async for event in self.inner.generate(answer):
             if isinstance(event, TextDelta):

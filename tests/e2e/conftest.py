@@ -148,8 +148,8 @@ def server(request: pytest.FixtureRequest, module_dir: Path) -> Iterator[Tokenti
 @pytest.fixture(scope="module")
 def pg_module_database_url(pg_server_url: str) -> Iterator[str]:
     """A fresh PostgreSQL database shared by one test module's server, dropped afterwards."""
-    from tests.conftest import _pg_execute, _plain_pg
     from tests._services import run
+    from tests.conftest import _pg_execute, _plain_pg
 
     name = f"tokentill_e2e_{os.getpid()}_{free_port()}"
     run(_pg_execute(pg_server_url, f'CREATE DATABASE "{name}"'))

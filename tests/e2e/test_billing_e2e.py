@@ -57,13 +57,18 @@ def test_crash_releases_hold(tmp_path: Path) -> None:
     try:
         key = server.new_key("crash", credits="1")
         body = {
-            "messages": [{"role": "user", "content": "Write a very long story about the sea, with many chapters."}],
+            "messages": [
+                {"role": "user", "content": "Write a very long story about the sea, with many chapters."}
+            ],
             "max_completion_tokens": 4000,
             "temperature": 1.0,
         }
+
         def doomed_request() -> None:
             with contextlib.suppress(requests.RequestException):  # the server dies under it
-                requests.post(server.url + "/v1/o1-preview", json=body, headers={"x-api-key": key}, timeout=120)
+                requests.post(
+                    server.url + "/v1/o1-preview", json=body, headers={"x-api-key": key}, timeout=120
+                )
 
         thread = threading.Thread(target=doomed_request, daemon=True)
         thread.start()

@@ -1,4 +1,5 @@
-"""SSE streaming and o1-style reasoning on a real server: what the SDK reads, what is hidden, what is billed."""
+"""SSE streaming and o1-style reasoning on a real server: what the SDK reads, what is hidden, what is
+billed."""
 
 from __future__ import annotations
 
@@ -135,7 +136,9 @@ def test_effort_sets_budget(sqlite_server: TokentillServer, key: str) -> None:
     client = openai.OpenAI(base_url=sqlite_server.url + "/v1", api_key=key, max_retries=0)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
-            model=DEFAULT_MODEL, messages=[{"role": "user", "content": "x"}], reasoning_effort="max"  # type: ignore[arg-type]
+            model=DEFAULT_MODEL,
+            messages=[{"role": "user", "content": "x"}],
+            reasoning_effort="max",  # type: ignore[arg-type]
         )
     low = client.chat.completions.create(
         model=DEFAULT_MODEL,

@@ -73,7 +73,10 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
         yield Harness(client, services, key)
 
 
-BODY: dict[str, Any] = {"messages": [{"role": "user", "content": "one two three"}], "max_completion_tokens": 10}
+BODY: dict[str, Any] = {
+    "messages": [{"role": "user", "content": "one two three"}],
+    "max_completion_tokens": 10,
+}
 
 
 def test_echo_completion_billed_exactly(harness: Harness) -> None:
@@ -140,7 +143,9 @@ def test_admin_routes_with_admin_key(tmp_path: Path) -> None:
         assert admin.post("/admin/accounts", json={"name": "team"}).status_code == 409
         r = admin.post("/admin/accounts", json={"credits": "1"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "name"
-        assert admin.post("/admin/accounts/team/credits", json={"credits": "0.25"}).json()["balance"] == "1.75"
+        assert (
+            admin.post("/admin/accounts/team/credits", json={"credits": "0.25"}).json()["balance"] == "1.75"
+        )
         key = admin.post("/admin/keys", json={"account": "team", "models": ["echo"]}).json()
         r = admin.post("/v1/echo", json=BODY, headers={"Authorization": f"Bearer {key['key']}"})
         assert r.status_code == 200, r.text

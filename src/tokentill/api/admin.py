@@ -25,9 +25,7 @@ async def require_admin(request: Request) -> None:
     given = presented_key(request)
     if given is None:
         raise errors.AuthenticationFailed("Admin routes need the admin key.", code="missing_api_key")
-    if configured is None or not hmac.compare_digest(
-        given.encode(), configured.get_secret_value().encode()
-    ):
+    if configured is None or not hmac.compare_digest(given.encode(), configured.get_secret_value().encode()):
         raise errors.PermissionDenied("This route needs the admin key.", code="admin_required")
 
 
@@ -111,5 +109,3 @@ async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
     if not await services_of(request).keys.revoke(key_id):
         raise errors.NotFound(f"No active key with id {key_id!r}.", code="key_not_found")
     return {"id": key_id, "revoked": True}
-
-

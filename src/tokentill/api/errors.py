@@ -59,7 +59,11 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     first = problems[0] if problems else {}
     param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
     missing = first.get("type") == "missing"
-    message = f"Missing required parameter: '{param}'." if missing else f"Invalid value for '{param}': {first.get('msg')}."
+    message = (
+        f"Missing required parameter: '{param}'."
+        if missing
+        else f"Invalid value for '{param}': {first.get('msg')}."
+    )
     code = "missing_required_parameter" if missing else "invalid_value"
     return error_response(request, errors.InvalidRequest(message, code=code, param=param))
 

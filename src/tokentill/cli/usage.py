@@ -35,10 +35,10 @@ def usage(account: str | None, limit: int, as_json: bool) -> None:
             for r in rows
         ]
         lines = [
-            f"{i['created_at'][:19]}  {i['account']:<12} {i['model']:<14} {i['status']}  "
-            f"in={i['prompt_tokens']} out={i['completion_tokens']} (reasoning {i['reasoning_tokens']})  "
-            f"{i['cost']} cr"
-            for i in items
+            f"{str(r.created_at)[:19]}  {r.account_name:<12} {r.model:<14} {r.status}  "
+            f"in={r.prompt_tokens} out={r.completion_tokens} (reasoning {r.reasoning_tokens})  "
+            f"{format_credits(r.cost)} cr"
+            for r in rows
         ]
         emit(as_json, "\n".join(lines) or "no usage yet", {"usage": items})
 

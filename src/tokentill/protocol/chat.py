@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic_core import ErrorDetails
 
 from tokentill.errors import InvalidRequest
 
@@ -136,17 +137,17 @@ def _code_for(error_type: str) -> str:
     return "invalid_value"
 
 
-def _message_for(error: dict[str, Any], param: str) -> str:
+def _message_for(error: ErrorDetails, param: str) -> str:
     kind = error["type"]
     if kind == "missing":
         return f"Missing required parameter: '{param}'."
     if kind == "extra_forbidden":
         return f"Unrecognized request argument supplied: {param}"
     if kind == "union_tag_invalid":
-        tag = error.get("ctx", {}).get("tag")
+        tag = (error.get("ctx") or {}).get("tag")
         return f"Invalid value: '{tag}'. Supported values are: 'text' and 'image_url'."
     if kind == "literal_error":
-        expected = error.get("ctx", {}).get("expected", "")
+        expected = (error.get("ctx") or {}).get("expected", "")
         return f"Invalid value for '{param}': {error.get('input')!r}. Supported values are: {expected}."
     return f"Invalid value for '{param}': {error['msg']}."
 
