@@ -33,6 +33,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 import httpx2
 
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
 HEALTH_INTERVAL_S = 5.0
+STARTUP_CHECK_S = 2.0  # start() waits at most this long for the first health round
 MAX_ERROR_BODY = 64 * 1024  # bytes of an upstream error answer we read (for its envelope)
 MAX_JSON_BODY = 8 * 1024 * 1024  # a non-streamed completion
 MAX_EVENT = 1024 * 1024  # one SSE event's data
@@ -73,7 +75,7 @@ def resolve_api_key(spec: ModelSpec) -> str | None:
     name = spec.api_key.removeprefix("env:")
     value = os.environ.get(name)
     if not value:
-        raise CatalogError(f"model {spec.id!r}: api_key names the environment variable {name}, which is unset")
+        raise CatalogError(f"model {spec.id!r}: api_key names the environment variable {name}; it is unset")
     return value
 
 
@@ -130,7 +132,7 @@ class UpstreamEngine:
             follow_redirects=False,
             trust_env=False,
         )
-        await self.pool.check(self._client, self._headers, timeout_s=min(CONNECT_TIMEOUT_S, timeout))
+        await self.pool.check(self._client, self._headers, timeout_s=min(STARTUP_CHECK_S, timeout))
         if not self.pool.any_healthy():
             log.warning(
                 "no upstream replica of model %s answers yet (%s); requests get 502 until one does",
@@ -157,8 +159,9 @@ class UpstreamEngine:
             state = StreamState(prompt_estimate=self.count_prompt_tokens(request))
             response, replica = await self._open(request)
             try:
-                async for delta in self._read(response, replica, request, state):
-                    yield delta
+                async with aclosing(self._read(response, replica, request, state)) as deltas:
+                    async for delta in deltas:
+                        yield delta
             finally:
                 # Also reached when the consumer stops iterating (client gone): closing the response
                 # drops the connection, which is how vLLM/llama-server learn to stop generating.
@@ -179,7 +182,7 @@ class UpstreamEngine:
         return httpx2.Timeout(connect=min(CONNECT_TIMEOUT_S, read), read=read, write=read, pool=read)
 
     async def _open(self, request: EngineRequest) -> tuple[httpx2.Response, Replica]:
-        """The first replica that answers 200, with its `outstanding` count taken (the caller gives it back)."""
+        """The first replica to answer 200, its `outstanding` count taken (the caller gives it back)."""
         client = self._client
         if client is None:
             raise errors.UpstreamError(_UNAVAILABLE)
@@ -189,13 +192,17 @@ class UpstreamEngine:
             replica = self.pool.replicas[index]
             where = f"{replica.base_url} (model {self.spec.id})"
             payload = build_payload(
-                request, model=self.model, reasoning=self.spec.reasoning, send_max_tokens=self._send_max_tokens
+                request,
+                model=self.model,
+                reasoning=self.spec.reasoning,
+                send_max_tokens=self._send_max_tokens,
             )
             outgoing = client.build_request(
                 "POST",
                 replica.base_url + "/chat/completions",
                 json=payload,
-                headers={**self._headers, "x-request-id": request.request_id},
+                # No x-request-id: llama-cpp-python's server answers 400 to one that is not a UUID.
+                headers=self._headers,
                 timeout=self._timeout(request),
             )
             replica.outstanding += 1
@@ -210,7 +217,7 @@ class UpstreamEngine:
                 continue
             except httpx2.TimeoutException as exc:  # connected, but no answer within timeout_s
                 replica.outstanding -= 1
-                log.warning("upstream %s sent no answer within %.1fs", where, outgoing_read(outgoing))
+                log.warning("upstream %s sent no answer in time (timeout_s=%s)", where, self.spec.timeout_s)
                 raise errors.DeadlineExceeded("The upstream model did not answer in time.") from exc
             except httpx2.TransportError as exc:  # dropped before the headers: nothing reached the client
                 replica.outstanding -= 1
@@ -254,15 +261,16 @@ class UpstreamEngine:
                 return
             if content_type != "text/event-stream":
                 raise BadAnswer(f"unexpected content type {content_type!r}")
-            async for data in _sse_data(response, request.deadline):
-                if data == "[DONE]":
-                    state.done = True
-                    return
-                obj = parse_json(data)
-                if obj is None:
-                    raise BadAnswer(f"an event is not a JSON object: {data[:200]!r}")
-                for delta in state.chunk(obj):
-                    yield delta
+            async with aclosing(_sse_data(response, request.deadline)) as events:
+                async for data in events:
+                    if data == "[DONE]":
+                        state.done = True
+                        return
+                    obj = parse_json(data)
+                    if obj is None:
+                        raise BadAnswer(f"an event is not a JSON object: {data[:200]!r}")
+                    for delta in state.chunk(obj):
+                        yield delta
         except BadAnswer as exc:
             log.warning("upstream %s answered nonsense: %s", where, exc)
             raise errors.UpstreamError("Bad gateway: the upstream model sent an invalid answer.") from exc
@@ -272,12 +280,6 @@ class UpstreamEngine:
         except httpx2.TransportError as exc:
             log.warning("upstream %s broke the answer off: %s", where, type(exc).__name__)
             raise errors.UpstreamError("Bad gateway: the upstream model's answer broke off.") from exc
-
-
-def outgoing_read(request: httpx2.Request) -> float:
-    timeout = request.extensions.get("timeout", {})
-    value = timeout.get("read") if isinstance(timeout, dict) else None
-    return float(value) if isinstance(value, int | float) else 0.0
 
 
 async def _read_capped(response: httpx2.Response, limit: int) -> bytes:

@@ -5,8 +5,9 @@ requests first (ties go to the one listed first); unhealthy replicas are tried o
 untried one is left, so a request is never refused just because the health check is behind.
 
 Health: a replica turns unhealthy when a request cannot connect to it or it answers 5xx before the first
-byte, and when the background check (`GET {base}/models` every `interval_s`) fails; it turns healthy again
-when a check or a request succeeds. All state lives on one event loop: no locks are needed.
+byte, and when the background check (`GET {base}/models` every `interval_s`, sent only to replicas with
+no request of ours in flight) fails; it turns healthy again when a check or a request succeeds. All state
+lives on one event loop: no locks are needed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import httpx2
@@ -37,14 +38,6 @@ class Replica:
             else:
                 log.warning("upstream replica %s for model %s is down: %s", self.base_url, model, why)
         self.healthy = healthy
-
-    @contextlib.contextmanager
-    def busy(self) -> Iterator[None]:
-        self.outstanding += 1
-        try:
-            yield
-        finally:
-            self.outstanding -= 1
 
 
 class ReplicaPool:
@@ -71,8 +64,14 @@ class ReplicaPool:
         return any(r.healthy for r in self.replicas)
 
     async def check(self, client: httpx2.AsyncClient, headers: Mapping[str, str], timeout_s: float) -> None:
-        """One health round over all replicas, concurrently, each bounded by `timeout_s`."""
-        await asyncio.gather(*(self._check_one(r, client, headers, timeout_s) for r in self.replicas))
+        """One health round, concurrently, each bounded by `timeout_s`, over the idle replicas only.
+
+        A replica with requests of ours in flight is judged by those requests. Checking it anyway is
+        harmful: llama-cpp-python's server (interrupt_requests, on by default) cuts a running generation
+        short, reporting a normal "stop", whenever any other request arrives, /models included.
+        """
+        idle = [r for r in self.replicas if r.outstanding == 0]
+        await asyncio.gather(*(self._check_one(r, client, headers, timeout_s) for r in idle))
 
     async def _check_one(
         self, replica: Replica, client: httpx2.AsyncClient, headers: Mapping[str, str], timeout_s: float

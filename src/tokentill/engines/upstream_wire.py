@@ -166,7 +166,8 @@ class StreamState:
         if not isinstance(message, dict):
             raise BadAnswer("completion choice without a message")
         delta_like = {k: message.get(k) for k in ("content", "reasoning_content", "reasoning")}
-        out = self.chunk({"choices": [{"delta": delta_like, "finish_reason": choices[0].get("finish_reason")}]})
+        reason = choices[0].get("finish_reason")
+        out = self.chunk({"choices": [{"delta": delta_like, "finish_reason": reason}]})
         if isinstance(obj.get("usage"), dict):
             self.usage = obj["usage"]
         self.done = True
@@ -252,9 +253,7 @@ def error_for_status(status: int, body: bytes, retry_after: str | None, *, where
             "The upstream model is over capacity; retry shortly.", retry_after_s=min(max(seconds, 1.0), 60.0)
         )
     if status in (401, 403):
-        log.error(
-            "upstream %s refused our credentials (HTTP %d): check the catalogue entry's api_key", where, status
-        )
+        log.error("upstream %s refused our credentials (HTTP %d): check the entry's api_key", where, status)
     elif status == 404:
         log.error("upstream %s answered 404: check base_url and upstream_model", where)
     else:

@@ -1,0 +1,216 @@
+"""What tokentill costs in front of an engine: the same requests against a trivial OpenAI-compatible responder
+directly, and through `tokentill serve` (auth, rate limits, credit hold + settle in the ledger, usage row).
+
+    .venv/bin/python bench/gateway_overhead.py [--requests 300] [--concurrency 1 8]
+
+One run starts (all on 127.0.0.1, as subprocesses so the load generator does not share their GIL):
+  - the responder: a bare ASGI app under uvicorn answering every chat request with a fixed, non-streamed
+    completion with usage (no model: whatever latency it has is the HTTP stack's);
+  - tokentill with one catalogue entry `engine = "upstream"` pointing at the responder, SQLite in a
+    temporary folder, and a key with plenty of credits and an rpm limit high enough never to refuse (so the
+    limiter runs on every request without shaping the figures).
+Then, per concurrency level, a warm-up and `--requests` timed requests to each; every answer must be 200.
+A third row, `tt+echo`, sends the same requests to a built-in `echo` model on the same tokentill: the
+gateway's cost without the upstream hop, so the two can be told apart.
+Prints requests/s, p50 and p95 latency, and the ratios gateway / direct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2
+
+ANSWER = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "responder",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Four."}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14},
+    }
+).encode()
+MODELS = json.dumps({"object": "list", "data": [{"id": "responder", "object": "model"}]}).encode()
+BODY = {"messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_completion_tokens": 16}
+
+
+async def responder_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The trivial upstream: GET …/models and POST …/chat/completions, fixed answers."""
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:  # drain the request body
+        message = await receive()
+        more = message.get("more_body", False)
+    body = MODELS if scope["method"] == "GET" else ANSWER
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{url} exited:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx2.get(url, timeout=1).status_code == 200:
+                return
+        except httpx2.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} not ready after {timeout_s}s")
+
+
+def tokentill_cli(env: dict[str, str], *args: str) -> Any:
+    out = subprocess.run(
+        [sys.executable, "-m", "tokentill", *args, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+async def load(
+    url: str, headers: dict[str, str], body: dict[str, Any], n: int, concurrency: int
+) -> dict[str, float]:
+    """`n` POSTs with `concurrency` in flight; latencies in ms, throughput in requests/s."""
+    latencies: list[float] = []
+    limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx2.AsyncClient(timeout=httpx2.Timeout(30.0), limits=limits, trust_env=False) as client:
+        for _ in range(min(20, n)):  # warm-up: connections, caches, the key cache
+            (await client.post(url, json=body, headers=headers)).raise_for_status()
+        queue = iter(range(n))
+
+        async def worker() -> None:
+            for _ in queue:
+                started = time.perf_counter()
+                response = await client.post(url, json=body, headers=headers)
+                latencies.append((time.perf_counter() - started) * 1000)
+                if response.status_code != 200:
+                    raise SystemExit(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    cuts = statistics.quantiles(latencies, n=20)
+    return {"rps": n / wall, "p50": statistics.median(latencies), "p95": cuts[18]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--serve-responder", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_responder:
+        import uvicorn
+
+        uvicorn.run(
+            responder_app, host="127.0.0.1", port=args.serve_responder, log_level="warning", lifespan="off"
+        )
+        return
+
+    with tempfile.TemporaryDirectory(prefix="tokentill-bench-") as tmp:
+        folder = Path(tmp)
+        responder_port, gateway_port = free_port(), free_port()
+        responder_url = f"http://127.0.0.1:{responder_port}"
+        gateway_url = f"http://127.0.0.1:{gateway_port}"
+        catalogue = folder / "catalogue.toml"
+        catalogue.write_text(
+            "[[models]]\n"
+            'id = "bench"\n'
+            'engine = "upstream"\n'
+            f'base_url = "{responder_url}/v1"\n'
+            "price_input = 15\nprice_output = 60\ncontext = 8192\ntimeout_s = 30\n"
+            '[[models]]\nid = "bench-echo"\nengine = "echo"\nprice_input = 15\nprice_output = 60\n',
+            encoding="utf-8",
+        )
+        env = {
+            **os.environ,
+            "TOKENTILL_DATA_DIR": str(folder / "data"),
+            "TOKENTILL_HOST": "127.0.0.1",
+            "TOKENTILL_PORT": str(gateway_port),
+            "TOKENTILL_CONFIG": str(catalogue),
+            "TOKENTILL_QUEUE_SIZE": "64",
+        }
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            log = folder / "responder.log"
+            with log.open("ab") as out:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, __file__, "--serve-responder", str(responder_port)],
+                        stdout=out,
+                        stderr=out,
+                    )
+                )
+            wait_ready(responder_url + "/v1/models", procs[-1], log)
+            tokentill_cli(env, "accounts", "create", "bench", "--credits", "1000000")
+            key = tokentill_cli(env, "keys", "create", "--account", "bench", "--rpm", "1000000")["key"]
+            log = folder / "tokentill.log"
+            with log.open("ab") as out:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "tokentill", "serve"], env=env, stdout=out, stderr=out
+                    )
+                )
+            wait_ready(gateway_url + "/readyz", procs[-1], log)
+            run(args.requests, args.concurrency, responder_url, gateway_url, key)
+        finally:
+            for proc in reversed(procs):
+                proc.terminate()
+                proc.wait(timeout=20)
+
+
+def run(n: int, levels: list[int], responder_url: str, gateway_url: str, key: str) -> None:
+    direct_body = {"model": "responder", **BODY}
+    gateway_body = {"model": "bench", **BODY}
+    echo_body = {"model": "bench-echo", **BODY}
+    print(f"{n} requests per row, 127.0.0.1, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    print(f"{'target':<10} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8}")
+    summary: list[str] = []
+    for concurrency in levels:
+        direct = asyncio.run(load(responder_url + "/v1/chat/completions", {}, direct_body, n, concurrency))
+        auth = {"Authorization": f"Bearer {key}"}
+        gateway = asyncio.run(load(gateway_url + "/v1/chat/completions", auth, gateway_body, n, concurrency))
+        echo = asyncio.run(load(gateway_url + "/v1/chat/completions", auth, echo_body, n, concurrency))
+        rows = (("direct", direct), ("tokentill", gateway), ("tt+echo", echo))
+        for name, figures in rows:
+            rps, p50, p95 = figures["rps"], figures["p50"], figures["p95"]
+            print(f"{name:<10} {concurrency:>4} {rps:>9.1f} {p50:>8.2f} {p95:>8.2f}")
+        summary.append(
+            f"concurrency {concurrency}: throughput x{gateway['rps'] / direct['rps']:.3f} of direct, "
+            f"p50 {gateway['p50'] - direct['p50']:+.2f} ms (x{gateway['p50'] / direct['p50']:.1f}), "
+            f"p95 {gateway['p95'] - direct['p95']:+.2f} ms; "
+            f"the upstream hop itself: p50 {gateway['p50'] - echo['p50']:+.2f} ms over the echo engine"
+        )
+    print("\n".join(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""tokentill as a gateway in front of real OpenAI-compatible servers it did not start in-process.
+
+Upstreams: (a) a second `tokentill serve` (embedded SmolLM2), (b) llama-cpp-python's own
+`python -m llama_cpp.server` (a server nobody here wrote), (c) dead ports, a wrong upstream key and a
+socket that accepts and never answers. The gateway bills its own account at its own prices from the
+upstream's usage; failures charge nothing. Everything listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import requests
+
+from tests._services import require
+from tests.e2e.conftest import TokentillServer, free_port, llama_available
+from tests.engines.upstream_servers import SilentServer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.llama]
+
+PRICE_IN, PRICE_OUT = 100, 200
+
+
+def _toml_value(value: Any) -> str:
+    return json.dumps(value)  # TOML basic strings, numbers and arrays of them read like JSON
+
+
+def start_gateway(workdir: Path, models: list[dict[str, Any]]) -> TokentillServer:
+    """`tokentill serve` with a catalogue of `models` (tables of scalar / list values)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+    for model in models:
+        lines.append("[[models]]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in model.items()]
+    config = workdir / "catalogue.toml"
+    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return TokentillServer(workdir, None, TOKENTILL_CONFIG=str(config)).start()
+
+
+def _usage_rows(server: TokentillServer, account: str) -> list[dict[str, Any]]:
+    return list(server.cli_json("usage", "--account", account, "--limit", "1000")["usage"])
+
+
+def _estimated(server: TokentillServer) -> list[bool]:
+    """The usage rows' `estimated` flags, read from the server's SQLite file (the CLI does not show them)."""
+    with contextlib.closing(sqlite3.connect(server.workdir / "data" / "tokentill.db")) as db:
+        return [bool(row[0]) for row in db.execute("SELECT estimated FROM usage ORDER BY created_at")]
+
+
+def _cost(prompt: int, completion: int) -> Decimal:
+    return Decimal(prompt * PRICE_IN + completion * PRICE_OUT) / 1_000_000
+
+
+@pytest.fixture(scope="module")
+def tokentill_a(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokentillServer]:
+    llama_available()
+    server = TokentillServer(tmp_path_factory.mktemp("upstream-a"), None).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway_key_on_a(tokentill_a: TokentillServer) -> str:
+    return tokentill_a.new_key("gateway", credits="100")
+
+
+def _fronted(base_url: list[str] | str, **fields: Any) -> dict[str, Any]:
+    return {
+        "id": "fronted",
+        "engine": "upstream",
+        "base_url": base_url,
+        "price_input": PRICE_IN,
+        "price_output": PRICE_OUT,
+        **fields,
+    }
+
+
+def test_second_tokentill_as_upstream(
+    tokentill_a: TokentillServer, gateway_key_on_a: str, tmp_path: Path
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    model = _fronted(
+        [dead, tokentill_a.url + "/v1"],
+        api_key=gateway_key_on_a,
+        upstream_model="o1-preview",
+        reasoning="native",  # the upstream reasons itself; we forward reasoning_effort
+        context=8192,
+    )
+    gateway = start_gateway(tmp_path / "b", [model])
+    try:
+        key = gateway.new_key("client", credits="10")
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+        messages: Any = [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Name a colour."},
+        ]
+        options: Any = {"max_completion_tokens": 128, "reasoning_effort": "low", "temperature": 0}
+
+        plain = client.chat.completions.create(model="fronted", messages=messages, **options)
+        assert plain.model == "fronted"
+        assert plain.choices[0].message.content
+        usage = plain.usage
+        assert usage is not None and usage.prompt_tokens > 0 and usage.completion_tokens > 0
+        assert usage.completion_tokens_details is not None
+        assert usage.completion_tokens_details.reasoning_tokens  # A's scratchpad, reported through
+
+        chunks = list(
+            client.chat.completions.create(
+                model="fronted",
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+                **options,
+            )
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed
+        stream_usage = chunks[-1].usage
+        assert stream_usage is not None and stream_usage.completion_tokens > 0
+
+        # B billed its own prices on A's usage, to the micro-credit; A billed B's key the same tokens.
+        rows = _usage_rows(gateway, "client")
+        assert len(rows) == 2 and all(r["status"] == 200 for r in rows)
+        assert _estimated(gateway) == [False, False]
+        charged = sum((Decimal(r["cost"]) for r in rows), Decimal(0))
+        expected = _cost(usage.prompt_tokens, usage.completion_tokens) + _cost(
+            stream_usage.prompt_tokens, stream_usage.completion_tokens
+        )
+        assert charged == expected
+        assert Decimal(gateway.balance("client")) == Decimal(10) - expected
+        upstream_rows = _usage_rows(tokentill_a, "gateway")
+        assert sorted(r["prompt_tokens"] for r in upstream_rows[-2:]) == sorted(
+            [usage.prompt_tokens, stream_usage.prompt_tokens]
+        )
+        assert "is down" in gateway.log()  # the dead replica was found and skipped
+    finally:
+        gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    llama_available()
+    try:
+        import sse_starlette  # noqa: F401
+        import starlette_context  # noqa: F401
+    except ImportError as exc:
+        require("llama-cpp-python[server]", f"the server extra is missing: {exc}")
+    from tokentill.catalog import default_weights_path
+
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(default_weights_path()),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "2048",
+        "--n_threads",
+        "2",
+    ]
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log_path.read_text(errors="replace")[-4000:]
+            assert time.monotonic() < deadline, "llama_cpp.server did not come up"
+            try:
+                if requests.get(url + "/models", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_llama_cpp_server_as_upstream(llama_server: str, tmp_path: Path) -> None:
+    gateway = start_gateway(tmp_path / "b", [_fronted(llama_server, upstream_model="smollm2", context=2048)])
+    try:
+        key = gateway.new_key("client", credits="10")
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+        messages: Any = [{"role": "user", "content": "What is the capital of France?"}]
+        plain = client.chat.completions.create(
+            model="fronted", messages=messages, max_completion_tokens=24, temperature=0
+        )
+        assert plain.choices[0].message.content
+        assert plain.usage is not None and 0 < plain.usage.completion_tokens <= 24
+        chunks = list(
+            client.chat.completions.create(
+                model="fronted",
+                messages=messages,
+                max_completion_tokens=24,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        stream_usage = chunks[-1].usage
+        assert stream_usage is not None and 0 < stream_usage.completion_tokens <= 24
+        # llama-cpp-python's server streams no usage: counted by the gateway and marked estimated
+        rows = _usage_rows(gateway, "client")
+        assert len(rows) == 2 and all(r["status"] == 200 for r in rows)
+        assert _estimated(gateway) == [True, True]
+        expected = _cost(plain.usage.prompt_tokens, plain.usage.completion_tokens) + _cost(
+            stream_usage.prompt_tokens, stream_usage.completion_tokens
+        )
+        assert sum((Decimal(r["cost"]) for r in rows), Decimal(0)) == expected
+        assert Decimal(gateway.balance("client")) == Decimal(10) - expected
+    finally:
+        gateway.stop()
+
+
+def test_failures_charge_nothing(tokentill_a: TokentillServer, tmp_path: Path) -> None:
+    silent = SilentServer()
+    dead = [f"http://127.0.0.1:{free_port()}/v1", f"http://127.0.0.1:{free_port()}/v1"]
+    wrong_key = "tt-AAAAAAAA-" + "B" * 43
+    models = [
+        {**_fronted(dead), "id": "all-down"},
+        {
+            **_fronted(tokentill_a.url + "/v1", api_key=wrong_key, upstream_model="o1-preview"),
+            "id": "bad-key",
+        },
+        {**_fronted(silent.url + "/v1", timeout_s=2), "id": "silent"},
+    ]
+    gateway = start_gateway(tmp_path / "b", models)
+    try:
+        key = gateway.new_key("client", credits="10")
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+        messages: Any = [{"role": "user", "content": "Hi"}]
+        for model, status in [("all-down", 502), ("bad-key", 502), ("silent", 504)]:
+            started = time.monotonic()
+            with pytest.raises(openai.APIStatusError) as raised:
+                client.chat.completions.create(model=model, messages=messages, max_completion_tokens=8)
+            assert raised.value.status_code == status, (model, raised.value.body)
+            error = raised.value.body
+            assert isinstance(error, dict)
+            assert error["code"] == ("timeout" if status == 504 else "upstream_error")
+            assert wrong_key not in json.dumps(error)
+            if model == "silent":
+                assert time.monotonic() - started < 2 + 3  # bounded by timeout_s
+        assert Decimal(gateway.balance("client")) == Decimal(10)
+        assert all(Decimal(r["cost"]) == 0 for r in _usage_rows(gateway, "client"))
+        assert "refused our credentials" in gateway.log() and wrong_key not in gateway.log()
+    finally:
+        gateway.stop()
+        silent.close()

@@ -1,0 +1,312 @@
+"""The upstream engine against real HTTP servers on 127.0.0.1 (see `upstream_servers.py`)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests._services import run
+from tests.engines.upstream_servers import ScriptedUpstream, SilentServer, free_port
+from tokentill import errors
+from tokentill.catalog import CatalogError, ModelSpec
+from tokentill.engines import create_engine
+from tokentill.engines.base import Engine, EngineRequest, Finished, ImageInput, Message, TextDelta, Usage
+from tokentill.engines.upstream import UpstreamEngine
+from tokentill.reasoning import with_reasoning
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[ScriptedUpstream]:
+    server = ScriptedUpstream().start()
+    yield server
+    server.stop()
+
+
+def _spec(base_url: str | list[str], **fields: Any) -> ModelSpec:
+    return ModelSpec(id="fronted", engine="upstream", base_url=base_url, **fields)
+
+
+def _request(text: str = "Say hello", **fields: Any) -> EngineRequest:
+    values: dict[str, Any] = {
+        "request_id": "req-1",
+        "messages": (Message("system", "be brief"), Message("user", text)),
+        "max_tokens": 50,
+        "deadline": time.monotonic() + 30,
+    }
+    values.update(fields)
+    return EngineRequest(**values)
+
+
+async def _collect(engine: Engine, request: EngineRequest) -> tuple[list[TextDelta], Finished]:
+    deltas: list[TextDelta] = []
+    finished: Finished | None = None
+    async for event in engine.generate(request):
+        if isinstance(event, TextDelta):
+            deltas.append(event)
+        else:
+            finished = event
+    assert finished is not None
+    return deltas, finished
+
+
+def _complete(spec: ModelSpec, request: EngineRequest | None = None, *, mode: str = "none") -> Any:
+    async def main() -> tuple[list[TextDelta], Finished]:
+        engine = UpstreamEngine(spec, queue_size=4)
+        await engine.start()
+        try:
+            return await _collect(with_reasoning(engine, mode), request or _request())
+        finally:
+            await engine.aclose()
+
+    return run(main())
+
+
+def _text(deltas: list[TextDelta], reasoning: bool = False) -> str:
+    return "".join(d.text for d in deltas if d.reasoning == reasoning)
+
+
+def test_factory_builds_it_and_capabilities_say_estimates(upstream: ScriptedUpstream) -> None:
+    engine = create_engine(
+        _spec(upstream.url + "/ok/v1", vision=True, context=4096), queue_size=2, n_threads=None
+    )
+    assert isinstance(engine, UpstreamEngine)
+    caps = engine.capabilities
+    assert (caps.context_length, caps.vision, caps.exact_prompt_tokens) == (4096, True, False)
+    # bytes/3 rounded up + 8 per message + 48 per request + 1000 per image
+    image = ImageInput(data=b"\x89PNG", mime="image/png", width=1, height=1)
+    request = _request("x" * 30, messages=(Message("user", "x" * 30, images=(image,)),))
+    assert engine.count_prompt_tokens(request) == 10 + 8 + 48 + 1000
+
+
+def test_stream_with_usage_and_rebuilt_payload(upstream: ScriptedUpstream) -> None:
+    spec = _spec(
+        upstream.url + "/ok/v1", upstream_model="served-name", api_key="sk-test", headers={"x-a": "b"}
+    )
+    deltas, finished = _complete(spec, _request(seed=7, stop=("END",), temperature=0.2))
+    assert _text(deltas) == "Hello world"
+    assert all(d.tokens == 1 for d in deltas)
+    assert finished.finish_reason == "stop"
+    assert finished.usage == Usage(
+        prompt_tokens=11, completion_tokens=7, cached_tokens=2, reasoning_tokens=3, estimated=False
+    )
+    seen = upstream.seen[-1]
+    assert seen["headers"]["authorization"] == "Bearer sk-test"
+    assert seen["headers"]["x-a"] == "b"
+    assert seen["body"] == {
+        "model": "served-name",
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Say hello"}],
+        "max_tokens": 50,
+        "max_completion_tokens": 50,
+        "temperature": 0.2,
+        "top_p": 1.0,
+        "seed": 7,
+        "stop": ["END"],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def test_images_go_as_data_uris(upstream: ScriptedUpstream) -> None:
+    image = ImageInput(data=b"\x89PNG\r\n", mime="image/png", width=1, height=1, detail="low")
+    request = _request(messages=(Message("user", "what is this?", images=(image,)),))
+    _complete(_spec(upstream.url + "/ok/v1", vision=True), request)
+    content = upstream.seen[-1]["body"]["messages"][0]["content"]
+    uri = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n").decode()
+    assert content == [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": uri, "detail": "low"}},
+    ]
+
+
+def test_crlf_framing(upstream: ScriptedUpstream) -> None:
+    deltas, _ = _complete(_spec(upstream.url + "/crlf/v1"))
+    assert _text(deltas) == "Hello world"
+
+
+def test_missing_usage_is_counted_and_marked_estimated(upstream: ScriptedUpstream) -> None:
+    request = _request()
+    deltas, finished = _complete(_spec(upstream.url + "/nousage/v1"), request)
+    assert _text(deltas) == "one two three"
+    expected_prompt = UpstreamEngine(_spec(upstream.url)).count_prompt_tokens(request)
+    assert finished.usage == Usage(prompt_tokens=expected_prompt, completion_tokens=3, estimated=True)
+
+
+def test_reasoning_fields_become_reasoning_deltas(upstream: ScriptedUpstream) -> None:
+    deltas, finished = _complete(_spec(upstream.url + "/reasoning/v1", reasoning="native"), mode="native")
+    assert _text(deltas, reasoning=True) == "Let me think. Done."
+    assert _text(deltas) == "42"
+    assert finished.finish_reason == "length"
+    assert finished.usage.reasoning_tokens == 3  # not reported: counted from the reasoning deltas
+    assert (finished.usage.prompt_tokens, finished.usage.completion_tokens) == (5, 4)
+    assert upstream.seen[-1]["body"]["reasoning_effort"] == "medium"
+
+
+def test_think_tags_split_across_chunks(upstream: ScriptedUpstream) -> None:
+    deltas, finished = _complete(_spec(upstream.url + "/think/v1", reasoning="native"), mode="native")
+    assert _text(deltas, reasoning=True) == "planning"
+    assert _text(deltas) == "Answer"
+    assert sum(d.tokens for d in deltas) == 5
+    assert finished.usage.completion_tokens == 5 and finished.usage.estimated
+
+
+def test_non_streamed_json_answer(upstream: ScriptedUpstream) -> None:
+    deltas, finished = _complete(_spec(upstream.url + "/json/v1"))
+    assert _text(deltas) == "fixed answer"
+    assert finished.usage.prompt_tokens == 11 and not finished.usage.estimated
+
+
+def test_max_tokens_refused_then_dropped(upstream: ScriptedUpstream) -> None:
+    deltas, _ = _complete(_spec(upstream.url + "/legacy/v1"))
+    assert _text(deltas) == "modern"
+    first, second = upstream.seen[-2:]
+    assert "max_tokens" in first["body"] and "max_tokens" not in second["body"]
+    assert second["body"]["max_completion_tokens"] == 50
+
+
+@pytest.mark.parametrize(
+    ("script", "error", "code", "param"),
+    [
+        ("unauthorized", errors.UpstreamError, "upstream_error", None),
+        ("toolong", errors.InvalidRequest, "context_length_exceeded", "messages"),
+        ("plain400", errors.InvalidRequest, "invalid_value", None),
+        ("busy", errors.Overloaded, "overloaded", None),
+        ("broken", errors.UpstreamError, "upstream_error", None),
+        ("garbage", errors.UpstreamError, "upstream_error", None),
+        ("truncated", errors.UpstreamError, "upstream_error", None),
+        ("nowhere", errors.UpstreamError, "upstream_error", None),  # 404: wrong base_url
+    ],
+)
+def test_error_mapping(
+    upstream: ScriptedUpstream,
+    script: str,
+    error: type[errors.APIError],
+    code: str,
+    param: str | None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with pytest.raises(error) as raised:
+        _complete(_spec(upstream.url + f"/{script}/v1", api_key="sk-secret-value"))
+    assert (raised.value.code, raised.value.param) == (code, param)
+    if script == "unauthorized":
+        assert "credentials" in caplog.text and "fronted" in caplog.text
+        assert "Incorrect API key" not in raised.value.message
+    if script == "toolong":
+        assert raised.value.message == "This model's maximum context length is 2048 tokens."
+    if script == "busy":
+        assert raised.value.headers["Retry-After"] == "7"
+    assert "sk-secret-value" not in caplog.text
+
+
+def test_failover_from_dead_port_and_500(upstream: ScriptedUpstream) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    spec = _spec([dead, upstream.url + "/broken/v1", upstream.url + "/ok/v1"])
+
+    async def main() -> None:
+        engine = UpstreamEngine(spec, queue_size=4)
+        await engine.start()
+        try:
+            dead_replica, broken, ok = engine.pool.replicas
+            assert not dead_replica.healthy and broken.healthy and ok.healthy  # /models answers on /broken
+            deltas, _ = await _collect(engine, _request())
+            assert _text(deltas) == "Hello world"
+            assert not broken.healthy  # its 500 marked it down
+            assert [r.outstanding for r in engine.pool.replicas] == [0, 0, 0]
+        finally:
+            await engine.aclose()
+
+    run(main())
+
+
+def test_all_replicas_down_is_502_and_start_survives() -> None:
+    spec = _spec([f"http://127.0.0.1:{free_port()}/v1", f"http://127.0.0.1:{free_port()}/v1"])
+    with pytest.raises(errors.UpstreamError):
+        _complete(spec)
+
+
+def test_health_check_brings_a_replica_back() -> None:
+    port = free_port()
+    spec = _spec(f"http://127.0.0.1:{port}/ok/v1")
+
+    async def main() -> None:
+        engine = UpstreamEngine(spec, queue_size=4, health_interval_s=0.1)
+        await engine.start()
+        server: ScriptedUpstream | None = None
+        try:
+            assert not engine.pool.replicas[0].healthy
+            server = await asyncio.to_thread(ScriptedUpstream(port).start)
+            deadline = time.monotonic() + 5
+            while not engine.pool.replicas[0].healthy:
+                assert time.monotonic() < deadline, "the health check never saw the replica come back"
+                await asyncio.sleep(0.05)
+            deltas, _ = await _collect(engine, _request())
+            assert _text(deltas) == "Hello world"
+        finally:
+            await engine.aclose()
+            if server is not None:
+                await asyncio.to_thread(server.stop)
+
+    run(main())
+
+
+def test_silent_upstream_is_504_within_timeout() -> None:
+    silent = SilentServer()
+    try:
+        started = time.monotonic()
+        with pytest.raises(errors.DeadlineExceeded):
+            _complete(_spec(silent.url + "/v1", timeout_s=1.0))
+        assert time.monotonic() - started < 2.0 + 1.0 + 1.5  # start()'s health round + timeout_s
+    finally:
+        silent.close()
+
+
+def test_request_deadline_bounds_the_wait() -> None:
+    silent = SilentServer()
+    try:
+        with pytest.raises(errors.DeadlineExceeded):
+            _complete(_spec(silent.url + "/v1", timeout_s=60), _request(deadline=time.monotonic() + 4.0))
+    finally:
+        silent.close()
+
+
+def test_consumer_leaving_closes_the_upstream_stream(upstream: ScriptedUpstream) -> None:
+    upstream.closed.clear()
+
+    async def main() -> None:
+        engine = UpstreamEngine(_spec(upstream.url + "/endless/v1"), queue_size=4, health_interval_s=0.02)
+        await engine.start()
+        try:
+            events = engine.generate(_request())
+            assert isinstance(await anext(events), TextDelta)
+            checks = upstream.models_hits
+            for _ in range(10):  # ~200 ms of streaming: a busy replica gets no health checks
+                assert isinstance(await anext(events), TextDelta)
+            assert upstream.models_hits == checks
+            await events.aclose()  # type: ignore[attr-defined]
+            assert engine.pool.replicas[0].outstanding == 0
+        finally:
+            await engine.aclose()
+
+    run(main())
+    assert upstream.closed.wait(5), "the upstream kept streaming after the consumer left"
+
+
+def test_api_key_from_environment(upstream: ScriptedUpstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TT_TEST_UPSTREAM_KEY", "sk-from-env")
+    _complete(_spec(upstream.url + "/ok/v1", api_key="env:TT_TEST_UPSTREAM_KEY"))
+    assert upstream.seen[-1]["headers"]["authorization"] == "Bearer sk-from-env"
+    assert "sk-from-env" not in repr(_spec(upstream.url, api_key="sk-from-env"))
+    monkeypatch.delenv("TT_TEST_UPSTREAM_KEY")
+    with pytest.raises(CatalogError, match="TT_TEST_UPSTREAM_KEY"):
+        _complete(_spec(upstream.url + "/ok/v1", api_key="env:TT_TEST_UPSTREAM_KEY"))
+
+
+def test_catalogue_errors() -> None:
+    with pytest.raises(CatalogError, match="needs base_url"):
+        UpstreamEngine(ModelSpec(id="fronted", engine="upstream"))
+    with pytest.raises(CatalogError, match="not an http"):
+        UpstreamEngine(_spec("ftp://127.0.0.1/v1"))

@@ -1,0 +1,211 @@
+"""Tiny real OpenAI-style servers on 127.0.0.1 for the upstream engine's tests (no mocks of our code).
+
+`ScriptedUpstream` is a Starlette app under uvicorn in a thread; the first path segment picks a script, so
+`base_url = f"{server.url}/ok/v1"` answers with the `ok` script. `SilentServer` accepts TCP connections
+and never answers (a hung upstream). Both listen on loopback only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+__all__ = ["ScriptedUpstream", "SilentServer", "free_port", "sse_chunk"]
+
+USAGE = {
+    "prompt_tokens": 11,
+    "completion_tokens": 7,
+    "total_tokens": 18,
+    "prompt_tokens_details": {"cached_tokens": 2},
+    "completion_tokens_details": {"reasoning_tokens": 3},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sse_chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> bytes:
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    obj = {
+        "id": "chatcmpl-x",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": choices,
+    }
+    return b"data: " + json.dumps({**obj, **extra}).encode() + b"\n\n"
+
+
+def _content_stream(*texts: str, usage: bool = True, sep: bytes = b"\n\n") -> list[bytes]:
+    out = [sse_chunk({"role": "assistant", "content": ""})]
+    out += [sse_chunk({"content": t}) for t in texts]
+    out.append(sse_chunk({}, "stop"))
+    if usage:
+        out.append(sse_chunk(None, usage=USAGE))
+    out.append(b"data: [DONE]\n\n")
+    return [c.replace(b"\n\n", sep) for c in out]
+
+
+def _error(status: int, message: str, code: str | None, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+class ScriptedUpstream:
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.seen: list[dict[str, Any]] = []  # (script, headers, body) of every chat request
+        self.models_hits = 0  # GET …/models requests (health checks)
+        self.closed = threading.Event()  # set when an `endless` stream was cancelled by a disconnect
+        app = Starlette(
+            routes=[
+                Route("/{script}/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/{script}/v1/models", self._models, methods=["GET"]),
+            ]
+        )
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off", ws="none"
+        )
+        config.timeout_graceful_shutdown = 1
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def start(self) -> ScriptedUpstream:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            assert time.monotonic() < deadline, "scripted upstream did not start"
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
+
+    async def _models(self, request: Request) -> Response:
+        self.models_hits += 1
+        if request.path_params["script"] == "down":
+            return Response(status_code=503)
+        return JSONResponse({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    async def _chat(self, request: Request) -> Response:
+        script = request.path_params["script"]
+        body = await request.json()
+        self.seen.append({"script": script, "headers": dict(request.headers), "body": body})
+        stream = self._script(script, body)
+        if isinstance(stream, Response):
+            return stream
+        return StreamingResponse(_paced(stream, self.closed), media_type="text/event-stream")
+
+    def _script(self, script: str, body: dict[str, Any]) -> Response | list[bytes] | None:
+        if script == "ok":
+            return _content_stream("Hello", " world")
+        if script == "crlf":  # sse-starlette (llama-cpp-python's server) separates with CRLF
+            return _content_stream("Hello", " world", sep=b"\r\n\r\n")
+        if script == "nousage":
+            return _content_stream("one", " two", " three", usage=False)
+        if script == "reasoning":
+            return [
+                sse_chunk({"role": "assistant", "reasoning_content": "Let me"}),
+                sse_chunk({"reasoning_content": " think."}),
+                sse_chunk({"reasoning": " Done."}),
+                sse_chunk({"content": "42"}),
+                sse_chunk({}, "length"),
+                b": keep-alive comment\n\n",
+                sse_chunk(None, usage={"prompt_tokens": 5, "completion_tokens": 4}),
+                b"data: [DONE]\n\n",
+            ]
+        if script == "think":  # tags split across chunks
+            return _content_stream("<thi", "nk>plan", "ning</th", "ink>Ans", "wer", usage=False)
+        if script == "json":  # ignores stream: true
+            message = {"role": "assistant", "content": "fixed answer"}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            return JSONResponse({"object": "chat.completion", "choices": [choice], "usage": USAGE})
+        if script == "legacy" and "max_tokens" in body:  # OpenAI o-series
+            return _error(400, "Unsupported parameter: 'max_tokens'.", "unsupported_parameter", "max_tokens")
+        if script == "legacy":
+            return _content_stream("modern")
+        if script == "garbage":
+            return [b"data: this is not json\n\n"]
+        if script == "truncated":
+            return [sse_chunk({"content": "half"})]
+        if script == "endless":
+            return None
+        if script == "unauthorized":
+            return _error(401, "Incorrect API key provided: sk-...", "invalid_api_key")
+        if script == "toolong":
+            return _error(
+                400,
+                "This model's maximum context length is 2048 tokens.",
+                "context_length_exceeded",
+                "messages",
+            )
+        if script == "plain400":
+            return Response("bad", status_code=400)
+        if script == "busy":
+            return Response("slow down", status_code=429, headers={"Retry-After": "7"})
+        if script in ("broken", "down"):
+            return Response("internal", status_code=500)
+        return Response("no such script", status_code=404)
+
+
+async def _paced(chunks: list[bytes] | None, closed: threading.Event) -> AsyncIterator[bytes]:
+    try:
+        if chunks is None:
+            while True:  # endless: one delta every 20 ms until the client goes away
+                yield sse_chunk({"content": "x"})
+                await asyncio.sleep(0.02)
+        for chunk in chunks:
+            yield chunk
+            await asyncio.sleep(0.005)
+    finally:
+        if chunks is None:
+            closed.set()
+
+
+class SilentServer:
+    """Accepts connections and never answers."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = int(self._sock.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        self._sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._held.append(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for conn in self._held:
+            conn.close()
+        self._sock.close()
