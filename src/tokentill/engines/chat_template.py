@@ -3,13 +3,19 @@
 The template is Jinja run in llama-cpp-python's sandboxed `Jinja2ChatFormatter` (the same environment and
 filters as Hugging Face Transformers), always with `add_generation_prompt=True`. A GGUF without a template
 falls back to ChatML, which is what most small instruct models (SmolLM2 included) use.
+
+Images: the vision engine renders each image as a media marker (a text string libmtmd later replaces with
+the image's embeddings), placed before the message's text. Templates differ in what `content` they take:
+SmolLM2's concatenates it as a string, SmolVLM's iterates a list of typed parts. `ChatTemplate` probes the
+template once and then passes either a string or `[{"type": "text", "text": ...}, ...]`, always with the
+marker as *text*, so a template never emits its own image token (which libmtmd would not know).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from tokentill.engines.base import Message
 
@@ -38,8 +44,41 @@ class ChatTemplate:
         self._formatter: Any = Jinja2ChatFormatter(
             template=template, eos_token=eos_token, bos_token=bos_token, add_generation_prompt=True
         )
+        self.content_mode: Literal["string", "parts"] = self._probe_content_mode()
 
-    def render(self, messages: tuple[Message, ...]) -> str:
-        """The prompt text, special tokens written out (tokenize it with `special=True`)."""
-        payload = [{"role": m.role, "content": m.text} for m in messages]
+    def render(self, messages: tuple[Message, ...], *, media_marker: str | None = None) -> str:
+        """The prompt text, special tokens written out (tokenize it with `special=True`).
+
+        With `media_marker`, each message's images become that many markers before its text (and the
+        marker is removed from the text itself, so a client cannot add image slots). Without it, images
+        are ignored: only the vision engine passes a marker, and chat.py refuses images elsewhere.
+        """
+        payload = [self._message(m, media_marker) for m in messages]
+        return self._apply(payload)
+
+    def _message(self, message: Message, marker: str | None) -> dict[str, Any]:
+        text = message.text
+        markers: list[str] = []
+        if marker is not None:
+            text = text.replace(marker, "")
+            markers = [marker] * len(message.images)
+        if self.content_mode == "parts":
+            parts = [{"type": "text", "text": m} for m in markers]
+            if text or not parts:
+                parts.append({"type": "text", "text": text})
+            return {"role": message.role, "content": parts}
+        return {"role": message.role, "content": "\n".join([*markers, text]) if markers else text}
+
+    def _apply(self, payload: list[dict[str, Any]]) -> str:
         return str(self._formatter(messages=payload).prompt)
+
+    def _probe_content_mode(self) -> Literal["string", "parts"]:
+        """ "string" unless the template drops string content but renders a list of text parts."""
+        probe = "tokentill-probe-3b9e"
+        for mode, content in (("string", probe), ("parts", [{"type": "text", "text": probe}])):
+            try:
+                if probe in self._apply([{"role": "user", "content": content}]):
+                    return "string" if mode == "string" else "parts"
+            except Exception:  # a template may raise on the shape it does not expect
+                continue
+        return "string"

@@ -11,28 +11,49 @@ Usage accounting (the contract billing relies on):
   * `completion_tokens` counts every sampled token except the end-of-generation token (EOS/EOT), which
     produces no text; the tokens that complete a stop string are counted, as they were generated.
   * `cached_tokens` counts prompt tokens whose KV entries were reused from the previous request.
+  * `image_tokens` counts the prompt tokens that stand for images (included in `prompt_tokens`).
+
+Vision (`spec.mmproj`): `vision.VisionEncoder` loads the projector beside the weights. A request with
+images is rendered with a media marker per image and tokenized by libmtmd **on the decode thread**
+(`Scheduler.call`), for `count_prompt_tokens` as for `generate`; the prefill decodes text and image chunks
+in order. KV reuse across requests covers only the text before the first image: image positions are
+recorded as `_IMAGE` in the runner's token list, which equals no token id, so a later prompt never
+matches them (another image, or even the same one, is always encoded again).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 
 from tokentill.catalog import ModelSpec
-from tokentill.engines.base import Capabilities, EngineEvent, EngineRequest
+from tokentill.engines.base import Capabilities, EngineEvent, EngineRequest, ImageInput
 from tokentill.engines.chat_template import ChatTemplate
 from tokentill.engines.scheduler import SamplingParams, Scheduler, Sequence, new_channel, stream
-from tokentill.errors import InvalidRequest, UpstreamError
+from tokentill.engines.vision import PromptCounts, VisionEncoder, VisionError
+from tokentill.errors import APIError, DeadlineExceeded, InvalidRequest, UpstreamError
 
 __all__ = ["LlamaCppEngine"]
 
 logger = logging.getLogger(__name__)
 
 _N_BATCH = 512  # prompt tokens per llama_decode call during prefill
+_IMAGE = -1  # a KV position holding an image embedding, in `_LlamaRunner._cached`
+
+
+@dataclass(frozen=True)
+class _MediaPrompt:
+    """A prompt with images: the rendered text (one marker per image) and the images, in order."""
+
+    text: str
+    images: tuple[ImageInput, ...]
+    add_special: bool
 
 
 class _Sampler:
@@ -66,34 +87,60 @@ class _Sampler:
 class _LlamaRunner:
     """`scheduler.Runner` over one `llama_cpp.Llama`, sequence id 0, with prefix reuse of the KV cache."""
 
-    def __init__(self, llm: Any) -> None:
+    def __init__(self, llm: Any, vision: VisionEncoder | None = None) -> None:
         import llama_cpp
 
         self._lib: Any = llama_cpp
         self._llm = llm
+        self._vision = vision
         self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        self._cached: list[int] = []  # tokens whose KV entries are in sequence 0, in order
+        self._cached: list[int] = []  # per KV position of sequence 0: its token id, or _IMAGE
         self._samplers: dict[Sequence, _Sampler] = {}
 
     def prefill(self, seq: Sequence) -> None:
-        prompt = seq.prompt
+        if seq.media is not None:
+            self._prefill_media(seq)
+        else:
+            prompt = seq.prompt
+            # re-decode at least one token: its logits start sampling
+            reuse = self._truncate_to_prefix(prompt, limit=len(prompt) - 1)
+            self._llm.eval(prompt[reuse:])  # Llama.eval splits into n_batch chunks
+            self._cached = list(prompt)
+            seq.cached_tokens = reuse
+        self._samplers[seq] = _Sampler(seq.sampling)
+
+    def _prefill_media(self, seq: Sequence) -> None:
+        media: _MediaPrompt = seq.media
+        if self._vision is None:
+            raise UpstreamError("This model has no vision projector.")
+        tokenized = self._vision.take(media.text, media.images, add_special=media.add_special)
+        try:
+            counts = tokenized.counts
+            seq.media_prompt_tokens, seq.image_tokens = counts.total, counts.image  # what is decoded
+            leading = tokenized.leading_tokens  # an image follows, so sampling never starts in it
+            reuse = self._truncate_to_prefix(leading, limit=len(leading))
+            n_past = self._vision.evaluate(tokenized, skip=reuse)
+            self._cached = leading + [_IMAGE] * (n_past - len(leading))
+        finally:
+            tokenized.free()
+        seq.cached_tokens = reuse
+
+    def _truncate_to_prefix(self, tokens: list[int], *, limit: int) -> int:
+        """Keep the KV entries of the longest cached prefix of `tokens` (at most `limit`), drop the rest."""
         reuse = 0
-        for a, b in zip(self._cached, prompt, strict=False):
-            if a != b:
+        for a, b in zip(self._cached, tokens, strict=False):
+            if a != b:  # _IMAGE equals no token id: reuse stops at the first image
                 break
             reuse += 1
-        reuse = min(reuse, len(prompt) - 1)  # re-decode at least one token: its logits start sampling
+        reuse = min(reuse, limit)
         memory = self._lib.llama_get_memory(self._llm.ctx)
         if reuse > 0 and not self._lib.llama_memory_seq_rm(memory, 0, reuse, -1):
             reuse = 0  # this model's memory cannot be truncated (recurrent): start over
         if reuse == 0:
             self._lib.llama_memory_clear(memory, True)
-        self._cached = []  # consistent again only once eval succeeds
+        self._cached = []  # consistent again only once the prefill succeeds
         self._llm.n_tokens = reuse
-        self._llm.eval(prompt[reuse:])  # Llama.eval splits into n_batch chunks
-        self._cached = list(prompt)
-        seq.cached_tokens = reuse
-        self._samplers[seq] = _Sampler(seq.sampling)
+        return reuse
 
     def sample(self, seq: Sequence) -> int:
         return self._samplers[seq].sample(self._llm.ctx)
@@ -127,6 +174,7 @@ class LlamaCppEngine:
         self.capabilities = Capabilities(
             context_length=spec.context, vision=spec.mmproj is not None, reasoning=spec.reasoning
         )
+        self._vision: VisionEncoder | None = None
         self._queue_size = queue_size
         self._n_threads = spec.n_threads or n_threads or os.cpu_count() or 1
         self._llm: Any = None
@@ -140,7 +188,8 @@ class LlamaCppEngine:
         if self._scheduler is not None:
             return
         self._llm = await asyncio.to_thread(self._load)
-        self._scheduler = Scheduler(_LlamaRunner(self._llm), queue_size=self._queue_size, name=self.spec.id)
+        runner = _LlamaRunner(self._llm, self._vision)
+        self._scheduler = Scheduler(runner, queue_size=self._queue_size, name=self.spec.id)
         self._scheduler.start()
 
     def _load(self) -> Any:
@@ -162,6 +211,12 @@ class LlamaCppEngine:
         eos_text = llm.detokenize([eos], special=True).decode("utf-8", "replace") if eos >= 0 else ""
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
         self._template = ChatTemplate(llm.metadata, bos_token=self._bos_text, eos_token=eos_text)
+        if self.spec.mmproj is not None:
+            try:
+                self._vision = VisionEncoder(llm, self.spec.mmproj, n_threads=self._n_threads)
+            except VisionError as exc:
+                llm.close()
+                raise RuntimeError(f"model {self.spec.id!r}: mmproj: {exc}") from exc
         logger.info(
             "loaded %s (%s) in %.2fs: n_ctx=%d n_threads=%d",
             self.spec.id, path.name, time.monotonic() - started, self.spec.context, self._n_threads,
@@ -172,29 +227,48 @@ class LlamaCppEngine:
 
     def count_prompt_tokens(self, request: EngineRequest) -> int:
         """Exact prompt tokens; callable from the event loop while the decode thread runs (see module doc)."""
-        return len(self._tokenize_prompt(request))
+        media = self._media_prompt(request)
+        if media is None:
+            return len(self._tokenize_prompt(request))
+        timeout = max(0.0, request.deadline - time.monotonic())
+        try:
+            return self._count_media(media).result(timeout=timeout).total
+        except concurrent.futures.TimeoutError:
+            raise DeadlineExceeded(f"The request timed out after {timeout:.1f} seconds.") from None
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         """TextDelta events, then one Finished; raises the `tokentill.errors` listed in `engines.base`."""
         scheduler = self._require_started()
-        prompt = self._tokenize_prompt(request)
+        media = self._media_prompt(request)
+        prompt: list[int] = []
+        counts = PromptCounts(total=0, image=0)
+        if media is None:
+            prompt = self._tokenize_prompt(request)
+            counts = PromptCounts(total=len(prompt), image=0)
+        else:
+            counts = await asyncio.wrap_future(self._count_media(media))
         n_ctx = self.spec.context
-        if len(prompt) >= n_ctx:
+        n_prompt = counts.total
+        if n_prompt >= n_ctx:
             raise InvalidRequest(
                 f"This model's maximum context length is {n_ctx} tokens. However, your messages resulted "
-                f"in {len(prompt)} tokens. Please reduce the length of the messages.",
+                f"in {n_prompt} tokens. Please reduce the length of the messages.",
                 code="context_length_exceeded",
                 param="messages",
             )
         seq = Sequence(
             request_id=request.request_id,
             prompt=prompt,
-            max_new_tokens=max(1, min(request.max_tokens, n_ctx - len(prompt))),
+            max_new_tokens=max(1, min(request.max_tokens, n_ctx - n_prompt)),
             sampling=SamplingParams(request.temperature, request.top_p, request.seed),
             stop=request.stop,
             deadline=request.deadline,
             timeout_s=max(0.0, request.deadline - time.monotonic()),
             channel=new_channel(),
+            media=media,
+            media_prompt_tokens=counts.total,
+            image_tokens=counts.image,
+            continuation=request.continuation,
         )
         # stream() withdraws the sequence when this generator is closed or cancelled (client disconnect).
         events = stream(scheduler, seq)
@@ -213,6 +287,9 @@ class LlamaCppEngine:
         scheduler, self._scheduler = self._scheduler, None
         if scheduler is not None:
             await asyncio.to_thread(scheduler.close)
+        vision, self._vision = self._vision, None
+        if vision is not None:
+            vision.close()  # the decode thread has stopped: nothing else touches the mtmd context
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.close()
@@ -224,14 +301,50 @@ class LlamaCppEngine:
             raise UpstreamError("The model is not loaded.")
         return self._scheduler
 
-    def _tokenize_prompt(self, request: EngineRequest) -> list[int]:
+    def _render(self, request: EngineRequest, marker: str | None = None) -> tuple[str, bool]:
+        """(prompt text, whether tokenizing it must add BOS)."""
         if self._llm is None or self._template is None:
             raise UpstreamError("The model is not loaded.")
         try:
-            text = self._template.render(request.messages)
+            text = self._template.render(request.messages, media_marker=marker)
         except Exception as exc:  # jinja TemplateError, or the template's raise_exception (ValueError)
             raise InvalidRequest(
                 f"The messages do not fit this model's chat template: {exc}", param="messages"
             ) from exc
-        add_bos = self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
+        return text, self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
+
+    def _tokenize_prompt(self, request: EngineRequest) -> list[int]:
+        text, add_bos = self._render(request)
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+
+    def _media_prompt(self, request: EngineRequest) -> _MediaPrompt | None:
+        images = tuple(image for message in request.messages for image in message.images)
+        if not images:
+            return None
+        if self._vision is None:
+            raise InvalidRequest(
+                "This model does not accept image input. To enable vision, give its catalogue entry an "
+                "`mmproj` projector file (see docs/vision.md).",
+                code="image_input_unsupported",
+                param="messages",
+            )
+        text, add_bos = self._render(request, self._vision.marker)
+        return _MediaPrompt(text=text, images=images, add_special=add_bos)
+
+    def _count_media(self, media: _MediaPrompt) -> concurrent.futures.Future[PromptCounts]:
+        """Tokenize `media` on the decode thread (it owns the mtmd context); libmtmd failures → 502."""
+        scheduler, vision = self._require_started(), self._vision
+        assert vision is not None, "_media_prompt checked the projector"
+
+        def count() -> PromptCounts:
+            try:
+                return vision.count(media.text, media.images, add_special=media.add_special)
+            except APIError:
+                raise
+            except Exception as exc:  # VisionError, or Pillow on bytes that are not an image
+                logger.warning(
+                    "libmtmd could not tokenize a prompt with %d image(s): %s", len(media.images), exc
+                )
+                raise UpstreamError("The model could not process the image.") from exc
+
+        return scheduler.call(count)

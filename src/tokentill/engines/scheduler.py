@@ -6,22 +6,26 @@
     stream(seq) awaits seq's asyncio.Queue  ◀──    step(): prefill / sample / decode, emit via
                                                    loop.call_soon_threadsafe(queue.put_nowait, event)
     consumer gone → seq.cancel() (threading.Event) checked before every step → retired within one token
+    Scheduler.call(fn) ── jobs ───────────────▶   fn() run between two steps; result via a Future
 
 The model-specific work lives behind `Runner` (see `llamacpp.py`), so this module is plain threading and
-asyncio. `max_active` is 1 today; the loop already steps a list of active sequences so that continuous
-batching only needs a runner whose `step` decodes all of them in one `llama_decode`.
+asyncio. `call` runs other work that must happen on the thread owning the context (libmtmd tokenizing
+images for `count_prompt_tokens`). `max_active` is 1 today; the loop already steps a list of active
+sequences so that continuous batching only needs a runner whose `step` decodes all of them in one
+`llama_decode`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from tokentill.engines.base import EngineEvent, Finished, FinishReason, TextDelta, Usage
 from tokentill.engines.text import TextAssembler
@@ -32,6 +36,8 @@ __all__ = ["Runner", "SamplingParams", "Scheduler", "Sequence", "stream"]
 logger = logging.getLogger(__name__)
 
 _STATS_KEPT = 1024  # request ids whose decoded-token count stays queryable
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,12 @@ class Sequence:
     deadline: float  # time.monotonic()
     channel: _Channel
     timeout_s: float = 0.0  # for the DeadlineExceeded message only
+    continuation: bool = False  # a later pass of an admitted request: next in line, never refused
+    # A multimodal prompt the runner understands (`prompt` is then empty): its token counts are given here,
+    # computed by the same tokenization the runner will use, so usage stays exact.
+    media: Any = None
+    media_prompt_tokens: int = 0  # all prompt tokens, image tokens included (only with `media`)
+    image_tokens: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
     # --- scheduler-thread state ---
     prefilled: bool = False
@@ -79,6 +91,10 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.text = TextAssembler(self.stop)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.media_prompt_tokens if self.media is not None else len(self.prompt)
 
     def cancel(self) -> None:
         """Thread-safe; the scheduler retires the sequence before its next token."""
@@ -124,6 +140,9 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
+        self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
+            collections.deque()
+        )
         self._closing = False
         self._avg_seconds = 1.0  # moving average of a request's time in the loop, for Retry-After
         self._decoded: collections.OrderedDict[str, int] = collections.OrderedDict()
@@ -148,6 +167,10 @@ class Scheduler:
         with self._cond:
             if self._closing:
                 raise Overloaded("The model is shutting down. Retry shortly.", retry_after_s=5.0)
+            if seq.continuation:
+                self._waiting.appendleft(seq)
+                self._cond.notify()
+                return
             busy = len(self._active) + len(self._waiting)
             if busy >= self._max_active + self._queue_size:
                 n = len(self._waiting)
@@ -157,6 +180,20 @@ class Scheduler:
                 )
             self._waiting.append(seq)
             self._cond.notify()
+
+    def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run `fn()` on the decode thread between two steps; its result or exception lands in the Future.
+
+        For native state that only the decode thread may touch. Jobs run before the next step, so a caller
+        waits for at most one token (or one prefill). On `close` pending jobs fail with Overloaded.
+        """
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._cond:
+            if self._closing:
+                raise Overloaded("The model is shutting down. Retry shortly.", retry_after_s=5.0)
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
 
     def withdraw(self, seq: Sequence) -> None:
         """Cancel `seq`; if it is still waiting it leaves the queue now (freeing its slot)."""
@@ -173,7 +210,14 @@ class Scheduler:
             self._closing = True
             orphans = list(self._waiting) + list(self._active)
             self._waiting.clear()
+            calls = list(self._calls)
+            self._calls.clear()
             self._cond.notify_all()
+        for _, future in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(
+                    Overloaded("The model is shutting down. Retry shortly.", retry_after_s=5.0)
+                )
         for seq in orphans:
             seq.cancel()
             seq.emit(Overloaded("The model is shutting down. Retry shortly.", retry_after_s=5.0))
@@ -185,7 +229,7 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closing and not self._active and not self._waiting:
+                while not (self._closing or self._active or self._waiting or self._calls):
                     self._cond.wait()
                 if self._closing:
                     leftovers = list(self._active)
@@ -196,6 +240,10 @@ class Scheduler:
                     seq.started_at = time.monotonic()
                     self._active.append(seq)
                 active = list(self._active)
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn, future in calls:
+                _run_call(fn, future)
             for seq in active:
                 if self._step(seq):
                     self._retire(seq)
@@ -241,26 +289,46 @@ class Scheduler:
                 return self._finish(seq, "length")
             self._runner.decode(seq, token)
             return False
+        except APIError as exc:  # the runner refused this request (e.g. a prompt that does not fit)
+            logger.info("request %s refused by the runner: %s", seq.request_id, exc.message)
+            self._reset_quietly()
+            seq.emit(exc)
+            return True
         except Exception as exc:
             logger.exception("llama.cpp failed while generating request %s", seq.request_id)
-            try:
-                self._runner.reset()
-            except Exception:
-                logger.exception("resetting the model context failed")
+            self._reset_quietly()
             error = UpstreamError("The model failed to generate a response.")
             error.__cause__ = exc
             seq.emit(error)
             return True
+
+    def _reset_quietly(self) -> None:
+        try:
+            self._runner.reset()
+        except Exception:
+            logger.exception("resetting the model context failed")
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> bool:
         tail = seq.text.finish()
         if tail:
             seq.emit(TextDelta(tail))
         usage = Usage(
-            prompt_tokens=len(seq.prompt), completion_tokens=seq.n_generated, cached_tokens=seq.cached_tokens
+            prompt_tokens=seq.prompt_tokens,
+            completion_tokens=seq.n_generated,
+            cached_tokens=seq.cached_tokens,
+            image_tokens=seq.image_tokens,
         )
         seq.emit(Finished(finish_reason=reason, usage=usage))
         return True
+
+
+def _run_call(fn: Callable[[], Any], future: concurrent.futures.Future[Any]) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn())
+    except BaseException as exc:  # handed to the caller's thread; the loop itself must survive
+        future.set_exception(exc)
 
 
 def _deadline_error(seq: Sequence) -> DeadlineExceeded:
