@@ -46,6 +46,24 @@ class Message:
     role: str  # system | user | assistant  (developer is mapped to system before it gets here)
     text: str
     images: tuple[ImageInput, ...] = ()
+    # Where each image sat: an offset into `text` per image, ascending. Empty = all images before the text.
+    image_offsets: tuple[int, ...] = ()
+
+    def pieces(self) -> list[str | ImageInput]:
+        """Text and images in the order the client sent them (empty text pieces left out)."""
+        offsets = (
+            self.image_offsets if len(self.image_offsets) == len(self.images) else (0,) * len(self.images)
+        )
+        out: list[str | ImageInput] = []
+        start = 0
+        for offset, image in zip(offsets, self.images, strict=True):
+            if self.text[start:offset]:
+                out.append(self.text[start:offset])
+            out.append(image)
+            start = offset
+        if self.text[start:]:
+            out.append(self.text[start:])
+        return out
 
 
 @dataclass(frozen=True)

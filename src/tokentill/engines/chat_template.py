@@ -57,17 +57,20 @@ class ChatTemplate:
         return self._apply(payload)
 
     def _message(self, message: Message, marker: str | None) -> dict[str, Any]:
-        text = message.text
-        markers: list[str] = []
-        if marker is not None:
-            text = text.replace(marker, "")
-            markers = [marker] * len(message.images)
+        if marker is None or not message.images:
+            text = message.text if marker is None else message.text.replace(marker, "")
+            if self.content_mode == "parts":
+                return {"role": message.role, "content": [{"type": "text", "text": text}]}
+            return {"role": message.role, "content": text}
+        # Each image becomes one marker where the client put it; the marker is removed from client text
+        # first, so a client cannot add image slots.
+        pieces = [
+            p.replace(marker, "").strip("\n") if isinstance(p, str) else marker for p in message.pieces()
+        ]
+        pieces = [p for p in pieces if p]
         if self.content_mode == "parts":
-            parts = [{"type": "text", "text": m} for m in markers]
-            if text or not parts:
-                parts.append({"type": "text", "text": text})
-            return {"role": message.role, "content": parts}
-        return {"role": message.role, "content": "\n".join([*markers, text]) if markers else text}
+            return {"role": message.role, "content": [{"type": "text", "text": p} for p in pieces]}
+        return {"role": message.role, "content": "\n".join(pieces)}
 
     def _apply(self, payload: list[dict[str, Any]]) -> str:
         return str(self._formatter(messages=payload).prompt)
