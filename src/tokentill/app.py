@@ -21,6 +21,7 @@ from tokentill.catalog import load_catalog
 from tokentill.chat import ChatService
 from tokentill.engines import create_engine
 from tokentill.engines.base import Engine
+from tokentill.idempotency import IdempotencyStore
 from tokentill.limits import create_limiter
 from tokentill.media.service import MediaService
 from tokentill.reasoning import with_reasoning
@@ -33,13 +34,19 @@ __all__ = ["create_app", "create_app_from_env"]
 log = logging.getLogger(__name__)
 
 
-async def _sweep_holds(ledger: Ledger, interval_s: float) -> None:
-    """Release holds whose request died with its process (crash, SIGKILL), now and then periodically."""
+# An in-progress idempotency claim older than the request deadline plus this is presumed dead.
+_IDEMPOTENCY_GRACE_S = 30.0
+
+
+async def _sweep_holds(ledger: Ledger, idempotency: IdempotencyStore, interval_s: float) -> None:
+    """Release holds whose request died with its process (crash, SIGKILL), now and then periodically;
+    drop idempotency rows past their expiry on the same beat (any replica may do either, safely)."""
     while True:
         try:
             released = await ledger.release_expired()
             if released:
                 log.warning("released %d expired credit hold(s)", released)
+            await idempotency.purge_expired()
         except Exception:
             log.exception("expired-hold sweep failed; will retry")
         await asyncio.sleep(interval_s)
@@ -61,7 +68,7 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
             await engine.start()
             stack.push_async_callback(engine.aclose)
             engines[spec.id] = engine
-        limiter = create_limiter(settings.redis_url)
+        limiter = create_limiter(settings.redis_url, lease_ttl_s=settings.rate_limit_lease_ttl_s)
         stack.push_async_callback(limiter.aclose)
         media = MediaService(settings.media_policy())
         await media.start()
@@ -75,7 +82,12 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
             request_timeout_s=settings.request_timeout_s,
             hold_ttl_s=settings.hold_ttl_s,
         )
-        sweeper = asyncio.create_task(_sweep_holds(ledger, settings.hold_sweep_interval_s))
+        idempotency = IdempotencyStore(
+            db,
+            ttl_s=settings.idempotency_ttl_s,
+            abandon_after_s=settings.request_timeout_s + _IDEMPOTENCY_GRACE_S,
+        )
+        sweeper = asyncio.create_task(_sweep_holds(ledger, idempotency, settings.hold_sweep_interval_s))
         try:
             yield Services(
                 settings=settings,
@@ -87,6 +99,7 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
                 limiter=limiter,
                 media=media,
                 chat=chat,
+                idempotency=idempotency,
                 started=int(time.time()),
                 ready=True,
             )

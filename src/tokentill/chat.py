@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field, replace
 
 import anyio
@@ -36,7 +36,7 @@ from tokentill.engines.base import (
     TextDelta,
 )
 from tokentill.limits import KeyLimits, Lease, RateLimiter
-from tokentill.media.service import MediaService
+from tokentill.media.service import ImageRef, MediaService
 from tokentill.protocol.chat import ChatCompletionRequest, ImagePart
 
 __all__ = ["ChatService", "PreparedChat"]
@@ -44,6 +44,10 @@ __all__ = ["ChatService", "PreparedChat"]
 log = logging.getLogger(__name__)
 
 _ROLE_FOR_ENGINE = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _limits(principal: Principal) -> KeyLimits:
+    return KeyLimits(rpm=principal.rpm, tpm=principal.tpm, max_concurrent=principal.max_concurrent)
 
 
 @dataclass
@@ -123,8 +127,7 @@ class ChatService:
         prompt_tokens = await anyio.to_thread.run_sync(engine.count_prompt_tokens, draft)
         room = self._check_context(spec, engine, prompt_tokens, explicit)
         budget = await self._budget(principal, spec, prompt_tokens, explicit, room)
-        limits = KeyLimits(rpm=principal.rpm, tpm=principal.tpm, max_concurrent=principal.max_concurrent)
-        lease = await self._limiter.acquire(principal.key_id, limits, prompt_tokens + budget)
+        lease = await self._limiter.acquire(principal.key_id, _limits(principal), prompt_tokens + budget)
         try:
             need = pricing.cost(prompt_tokens, budget, spec.price_input, spec.price_output)
             hold = await self._ledger.reserve(
@@ -165,7 +168,7 @@ class ChatService:
             stream=bool(request.stream),
         )
 
-    async def run(self, chat: PreparedChat) -> AsyncIterator[EngineEvent]:
+    async def run(self, chat: PreparedChat) -> AsyncGenerator[EngineEvent, None]:
         """The engine's events; settles in `finally` whether the consumer finishes, fails or goes away."""
         generated = 0
         reasoning = 0
@@ -234,6 +237,10 @@ class ChatService:
     async def balance(self, account_id: int) -> int:
         return await self._ledger.balance(account_id)
 
+    async def limit_headers(self, principal: Principal) -> dict[str, str]:
+        """The key's x-ratelimit-* headers as they stand, taking nothing (responses never admitted)."""
+        return await self._limiter.peek(principal.key_id, _limits(principal))
+
     def _check_context(
         self, spec: ModelSpec, engine: Engine, prompt_tokens: int, explicit: int | None
     ) -> int:
@@ -270,36 +277,37 @@ class ChatService:
         return min(room, affordable)
 
     async def _messages(self, request: ChatCompletionRequest, engine: Engine) -> tuple[Message, ...]:
-        out: list[Message] = []
-        images_seen = 0
+        """Engine messages with every image fetched and validated (concurrently), each where it was sent."""
+        refs: list[ImageRef] = []
         for i, message in enumerate(request.messages):
-            role = _ROLE_FOR_ENGINE[message.role]
-            if message.content is None or isinstance(message.content, str):
-                out.append(Message(role=role, text=message.content or ""))
-                continue
-            texts: list[str] = []
-            images: list[ImageInput] = []
-            for j, part in enumerate(message.content):
+            for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
                 if not isinstance(part, ImagePart):
-                    texts.append(part.text)
                     continue
-                param = f"messages[{i}].content[{j}].image_url.url"
                 if not engine.capabilities.vision:
                     raise errors.InvalidRequest(
                         "This model does not accept image input. To enable vision, give its catalogue "
-                        "entry an `mmproj` projector file (see docs/configuration.md).",
+                        "entry an `mmproj` projector file, or `vision = true` for an upstream model "
+                        "(see docs/vision.md).",
                         code="image_input_unsupported",
                         param=f"messages[{i}].content[{j}]",
                     )
-                images_seen += 1
-                if images_seen > self._media.policy.max_images:
-                    raise errors.InvalidRequest(
-                        f"Too many images: at most {self._media.policy.max_images} per request.",
-                        code="invalid_value",
-                        param=f"messages[{i}].content[{j}]",
-                    )
-                images.append(
-                    await self._media.load(part.image_url.url, detail=part.image_url.detail, param=param)
-                )
-            out.append(Message(role=role, text="\n".join(texts), images=tuple(images)))
+                url = part.image_url
+                refs.append(ImageRef(url.url, url.detail, f"messages[{i}].content[{j}].image_url.url"))
+        loaded = iter(await self._media.load_many(refs) if refs else [])
+        out: list[Message] = []
+        for message in request.messages:
+            role = _ROLE_FOR_ENGINE[message.role]
+            if not isinstance(message.content, list):
+                out.append(Message(role=role, text=message.content or ""))
+                continue
+            text = ""
+            images: list[ImageInput] = []
+            offsets: list[int] = []
+            for part in message.content:
+                if isinstance(part, ImagePart):
+                    images.append(next(loaded))
+                    offsets.append(len(text))
+                else:
+                    text += ("\n" if text else "") + part.text
+            out.append(Message(role=role, text=text, images=tuple(images), image_offsets=tuple(offsets)))
         return tuple(out)

@@ -9,6 +9,7 @@ from tokentill.billing.ledger import Ledger
 from tokentill.catalog import Catalog
 from tokentill.chat import ChatService
 from tokentill.engines.base import Engine
+from tokentill.idempotency import IdempotencyStore
 from tokentill.limits import RateLimiter
 from tokentill.media.service import MediaService
 from tokentill.settings import Settings
@@ -28,5 +29,6 @@ class Services:
     limiter: RateLimiter
     media: MediaService
     chat: ChatService
+    idempotency: IdempotencyStore
     started: int  # unix time the service started; `created` of every model object
     ready: bool = False

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import platformdirs
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -63,6 +63,17 @@ class Settings(BaseSettings):
     )
     hold_sweep_interval_s: float = Field(
         default=60.0, gt=0, description="How often expired holds are looked for."
+    )
+    rate_limit_lease_ttl_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="How long a concurrency slot survives if its replica dies mid-request (Redis or "
+        "in-process); must be at least REQUEST_TIMEOUT_S so a live request never loses its slot.",
+    )
+    idempotency_ttl_s: int = Field(
+        default=86400,
+        ge=60,
+        description="How long a completed request's response is kept for replay under its Idempotency-Key.",
     )
     n_threads: int | None = Field(
         default=None, ge=1, description="CPU threads for the embedded engine (default: all cores)."
@@ -117,6 +128,17 @@ class Settings(BaseSettings):
         if not value.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite:///")):
             raise ValueError("must be a postgresql:// or sqlite:/// URL")
         return value
+
+    @model_validator(mode="after")
+    def _lease_outlives_request(self) -> Settings:
+        # A slot that expires while its request still runs would let one more request in than
+        # max_concurrent allows: refuse the configuration instead of breaking the limit silently.
+        if self.rate_limit_lease_ttl_s < self.request_timeout_s:
+            raise ValueError(
+                f"rate_limit_lease_ttl_s ({self.rate_limit_lease_ttl_s}) must be at least "
+                f"request_timeout_s ({self.request_timeout_s})"
+            )
+        return self
 
     def media_policy(self) -> MediaPolicy:
         from tokentill.media.service import MediaPolicy

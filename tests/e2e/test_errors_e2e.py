@@ -19,7 +19,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.llama]
 HELLO = {"messages": [{"role": "user", "content": "Hello"}], "max_completion_tokens": 4}
 
 
-def post(server: TokentillServer, key: str | None, body: Any, path: str = "/v1/o1-preview") -> requests.Response:
+def post(
+    server: TokentillServer, key: str | None, body: Any, path: str = "/v1/o1-preview"
+) -> requests.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return requests.post(server.url + path, data=data, headers=headers, timeout=120)
@@ -65,7 +67,14 @@ def key(sqlite_server: TokentillServer) -> str:
         ({**HELLO, "model": "other"}, "invalid_value", "model"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "unsupported_value", "messages[0].role"),
         (
-            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://a.b/c.png"}}]}]},
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "https://a.b/c.png"}}],
+                    }
+                ]
+            },
             "image_input_unsupported",
             "messages[0].content[0]",
         ),
@@ -93,7 +102,9 @@ def test_401s(sqlite_server: TokentillServer, key: str) -> None:
     envelope(bad, 401, "invalid_api_key")
     assert "x" * 43 not in bad.text  # the secret is never echoed
     envelope(post(sqlite_server, "not-a-key", HELLO), 401, "invalid_api_key")
-    r = requests.post(sqlite_server.url + "/v1/o1-preview", json=HELLO, headers={"x-api-key": key}, timeout=60)
+    r = requests.post(
+        sqlite_server.url + "/v1/o1-preview", json=HELLO, headers={"x-api-key": key}, timeout=60
+    )
     assert r.status_code == 200, r.text
     client = openai.OpenAI(base_url=sqlite_server.url + "/v1", api_key="tt-zzzzzzzz-nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
@@ -108,12 +119,12 @@ def test_revoked_key_401(sqlite_server: TokentillServer) -> None:
 
 
 def test_402_explicit_budget_and_clamp(sqlite_server: TokentillServer) -> None:
-    key = sqlite_server.new_key("poor", credits="0.0009")  # 900 µcr: a ~36-token prompt + a few tokens
+    key = sqlite_server.new_key("poor", credits="0.0015")  # 1500 µcr: a ~76-token prompt (reasoning instruction included) + a few tokens
     r = post(sqlite_server, key, {**HELLO, "max_completion_tokens": 1000})
     error = envelope(r, 402, "insufficient_credits")
     assert error["type"] == "insufficient_credits"
-    assert "0.0009" in error["message"]
-    assert r.headers["x-remaining-credits"] == "0.0009"
+    assert "0.0015" in error["message"]
+    assert r.headers["x-remaining-credits"] == "0.0015"
     client = openai.OpenAI(base_url=sqlite_server.url + "/v1", api_key=key, max_retries=0)
     with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(
@@ -146,7 +157,9 @@ def test_404s(sqlite_server: TokentillServer, key: str) -> None:
 
 def test_405(sqlite_server: TokentillServer) -> None:
     envelope(requests.get(sqlite_server.url + "/v1/o1-preview", timeout=10), 405, "method_not_allowed")
-    envelope(requests.delete(sqlite_server.url + "/v1/chat/completions", timeout=10), 405, "method_not_allowed")
+    envelope(
+        requests.delete(sqlite_server.url + "/v1/chat/completions", timeout=10), 405, "method_not_allowed"
+    )
 
 
 def test_413_declared_and_chunked(sqlite_server: TokentillServer, key: str) -> None:
@@ -182,7 +195,15 @@ def test_429_rpm(sqlite_server: TokentillServer) -> None:
 
 
 def test_hostile_inputs_leave_server_healthy(sqlite_server: TokentillServer, key: str) -> None:
-    bodies: list[bytes] = [b"", b"null", b"[]", b'"text"', b"\xff\xfe\x00", b"{" * 10000, b'{"messages": null}']
+    bodies: list[bytes] = [
+        b"",
+        b"null",
+        b"[]",
+        b'"text"',
+        b"\xff\xfe\x00",
+        b"{" * 10000,
+        b'{"messages": null}',
+    ]
     for raw in bodies:
         r = post(sqlite_server, key, raw)
         assert r.status_code == 400, (raw[:20], r.text)

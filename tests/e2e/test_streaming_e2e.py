@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import Any
 
@@ -187,3 +188,58 @@ def test_disconnect_mid_stream_charges_generated_tokens(sqlite_server: Tokentill
     balance = Decimal(sqlite_server.balance("leaver"))
     assert balance == Decimal(1) - Decimal(row["cost"])  # charged what was generated, the rest released
     assert Decimal(row["cost"]) == Decimal(row["prompt_tokens"] * 15 + row["completion_tokens"] * 60) / 10**6
+
+
+def test_effort_orders_reasoning_tokens(sqlite_server: TokentillServer, key: str) -> None:
+    client = openai.OpenAI(base_url=sqlite_server.url + "/v1", api_key=key, max_retries=0)
+    used = {}
+    for effort in ("low", "medium", "high"):
+        reply = client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=[{"role": "user", "content": "Plan a three-day trip to Rome, day by day."}],
+            max_completion_tokens=600,
+            reasoning_effort=effort,  # type: ignore[arg-type]
+            temperature=0,
+        )
+        assert reply.usage is not None and reply.usage.completion_tokens_details is not None
+        used[effort] = reply.usage.completion_tokens_details.reasoning_tokens
+    assert 0 < used["low"] <= used["medium"] <= used["high"] <= 512
+    assert used["low"] <= 64 and used["medium"] <= 192
+
+
+def test_many_concurrent_streams_finish_uninterleaved(sqlite_server: TokentillServer, key: str) -> None:
+    topics = ["apples", "boats", "clocks", "deserts", "eagles", "forests", "glaciers", "harbours"]
+
+    def body(topic: str, stream: bool) -> dict[str, Any]:
+        return {
+            "messages": [{"role": "user", "content": f"Write one sentence about {topic}."}],
+            "max_completion_tokens": 100,
+            "reasoning_effort": "low",
+            "temperature": 0,
+            "stream": stream,
+        }
+
+    def streamed(topic: str) -> str:
+        with requests.post(
+            sqlite_server.url + "/v1/o1-preview",
+            headers={"Authorization": f"Bearer {key}"},
+            json=body(topic, True),
+            stream=True,
+            timeout=600,
+        ) as response:
+            assert response.status_code == 200, response.text
+            events, _ = _sse(response)  # asserts [DONE] came last
+        assert len({e["id"] for e in events}) == 1
+        return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+
+    with ThreadPoolExecutor(max_workers=len(topics)) as pool:
+        texts = dict(zip(topics, pool.map(streamed, topics), strict=True))
+    # Each stream carries its own text: the same as that prompt gives alone (greedy decoding).
+    for topic in topics[:3]:
+        alone = requests.post(
+            sqlite_server.url + "/v1/o1-preview",
+            headers={"Authorization": f"Bearer {key}"},
+            json=body(topic, False),
+            timeout=300,
+        ).json()["choices"][0]["message"]["content"]
+        assert texts[topic] == alone

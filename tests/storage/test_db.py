@@ -18,6 +18,8 @@ from tests._services import run, run_with_db, subprocess_env
 from tokentill.storage import Database, open_database
 from tokentill.storage.schema import accounts, metadata
 
+HEAD_REVISION = "0002"  # the newest file in storage/migrations/versions
+
 
 def _schema_diff(connection: Connection) -> list[object]:
     return list(compare_metadata(MigrationContext.configure(connection), metadata))
@@ -28,7 +30,7 @@ def test_migrates_to_head_and_matches_schema(database_url: str) -> None:
         async with db.read() as conn:
             version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
             diff = await conn.run_sync(_schema_diff)
-        assert version == "0001"
+        assert version == HEAD_REVISION
         assert diff == []
 
     run_with_db(database_url, body)
@@ -55,7 +57,7 @@ def test_concurrent_opens_in_one_process(database_url: str) -> None:
         try:
             async with dbs[0].read() as conn:
                 assert (await conn.execute(text("SELECT version_num FROM alembic_version"))).all() == [
-                    ("0001",)
+                    (HEAD_REVISION,)
                 ]
         finally:
             for db in dbs:
@@ -88,7 +90,9 @@ def test_concurrent_opens_from_processes(database_url: str) -> None:
 
     async def body(db: Database) -> None:
         async with db.read() as conn:
-            assert (await conn.execute(text("SELECT version_num FROM alembic_version"))).all() == [("0001",)]
+            assert (await conn.execute(text("SELECT version_num FROM alembic_version"))).all() == [
+                (HEAD_REVISION,)
+            ]
 
     run_with_db(database_url, body)
 

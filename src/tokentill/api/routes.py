@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from contextlib import aclosing
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 from typing import Annotated, Any
 
 import anyio
@@ -20,6 +21,7 @@ from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits
 from tokentill.chat import PreparedChat
 from tokentill.engines.base import Finished, TextDelta
+from tokentill.idempotency import Claim, Replay, check_key, fingerprint, track_stream
 from tokentill.protocol import responses
 from tokentill.protocol.chat import ChatCompletionRequest, parse_chat_request
 
@@ -61,30 +63,77 @@ async def _json_body(request: Request) -> Any:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, principal: Authenticated) -> Response:
-    body = parse_chat_request(await _json_body(request))
-    if body.model is None:
-        raise errors.InvalidRequest(
-            "Missing required parameter: 'model'.", code="missing_required_parameter", param="model"
-        )
-    return await _complete(request, principal, body.model, body)
+    async with _limit_headers(request, principal):
+        payload = await _json_body(request)
+        body = parse_chat_request(payload)
+        if body.model is None:
+            raise errors.InvalidRequest(
+                "Missing required parameter: 'model'.", code="missing_required_parameter", param="model"
+            )
+        return await _complete(request, principal, body.model, body, payload)
 
 
 @router.post("/v1/{model}")
 async def chat_by_path(
     request: Request, principal: Authenticated, model: Annotated[str, Path(max_length=128)]
 ) -> Response:
-    body = parse_chat_request(await _json_body(request))
-    if body.model is not None and body.model != model:
-        raise errors.InvalidRequest(
-            f"The body's model '{body.model}' does not match the model in the URL, '{model}'.",
-            code="invalid_value",
-            param="model",
-        )
-    return await _complete(request, principal, model, body)
+    async with _limit_headers(request, principal):
+        payload = await _json_body(request)
+        body = parse_chat_request(payload)
+        if body.model is not None and body.model != model:
+            raise errors.InvalidRequest(
+                f"The body's model '{body.model}' does not match the model in the URL, '{model}'.",
+                code="invalid_value",
+                param="model",
+            )
+        return await _complete(request, principal, model, body, payload)
+
+
+@asynccontextmanager
+async def _limit_headers(request: Request, principal: Principal) -> AsyncIterator[None]:
+    """Give an error response to a limited key its x-ratelimit-* headers too (a 429 has its own)."""
+    try:
+        yield
+    except errors.APIError as exc:
+        if not any(name.startswith("x-ratelimit-") for name in exc.headers):
+            with anyio.CancelScope(shield=True):
+                exc.headers.update(await services_of(request).chat.limit_headers(principal))
+        raise
 
 
 async def _complete(
-    request: Request, principal: Principal, model: str, body: ChatCompletionRequest
+    request: Request, principal: Principal, model: str, body: ChatCompletionRequest, payload: Any
+) -> Response:
+    """Answer once per Idempotency-Key: replay a stored answer, or run and record (see idempotency)."""
+    services = services_of(request)
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return await _answer(request, principal, model, body, None)
+    route = "chat.completions" if request.url.path == "/v1/chat/completions" else "model"
+    outcome = await services.idempotency.claim(
+        principal.account_id,
+        check_key(key),
+        fingerprint(route, model, payload),
+        request.state.request_id,
+    )
+    if isinstance(outcome, Replay):
+        headers = {
+            **outcome.headers,
+            **await services.chat.limit_headers(principal),
+            "x-remaining-credits": format_credits(request.state.remaining_credits),
+            "idempotent-replayed": "true",
+        }
+        return JSONResponse(outcome.body, status_code=outcome.status, headers=headers)
+    try:
+        return await _answer(request, principal, model, body, outcome)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await services.idempotency.release(outcome)
+        raise
+
+
+async def _answer(
+    request: Request, principal: Principal, model: str, body: ChatCompletionRequest, claim: Claim | None
 ) -> Response:
     services = services_of(request)
     prepared = await services.chat.prepare(principal, model, body, request.state.request_id)
@@ -92,15 +141,17 @@ async def _complete(
     completion_id = "chatcmpl-" + secrets.token_hex(12)
     created = int(time.time())
     if body.stream:
-        return await _stream(request, prepared, body, completion_id, created)
+        return await _stream(request, prepared, body, completion_id, created, claim)
     try:
-        return await _collect(request, prepared, completion_id, created)
+        return await _collect(request, prepared, completion_id, created, claim)
     finally:
         with anyio.CancelScope(shield=True):
             request.state.remaining_credits = await services.chat.balance(principal.account_id)
 
 
-async def _collect(request: Request, chat: PreparedChat, completion_id: str, created: int) -> Response:
+async def _collect(
+    request: Request, chat: PreparedChat, completion_id: str, created: int, claim: Claim | None
+) -> Response:
     """Run the event stream to the end; a client that hangs up cancels the generation."""
     content: list[str] = []
     reasoning: list[str] = []
@@ -128,6 +179,8 @@ async def _collect(request: Request, chat: PreparedChat, completion_id: str, cre
     except BaseExceptionGroup as group:
         raise first_error(group) from None
     if finished is None:  # the client went away; nobody reads this response
+        if claim is not None:
+            await services_of(request).idempotency.release(claim)
         return Response(status_code=499)
     services = services_of(request)
     balance = await services.chat.balance(chat.principal.account_id)
@@ -141,16 +194,27 @@ async def _collect(request: Request, chat: PreparedChat, completion_id: str, cre
         usage=finished.usage,
         reasoning_content="".join(reasoning) if chat.include_reasoning else None,
     )
+    if claim is not None:
+        # Stored before the client sees it: a retry that arrives now finds the answer, not a 409.
+        stored = {"x-original-request-id": chat.request_id}
+        await services.idempotency.complete(claim, status=200, body=payload, headers=stored)
     return JSONResponse(
         payload, headers={"x-remaining-credits": format_credits(balance), **chat.lease.headers}
     )
 
 
 async def _stream(
-    request: Request, chat: PreparedChat, body: ChatCompletionRequest, completion_id: str, created: int
+    request: Request,
+    chat: PreparedChat,
+    body: ChatCompletionRequest,
+    completion_id: str,
+    created: int,
+    claim: Claim | None,
 ) -> Response:
     services = services_of(request)
     events = services.chat.run(chat)
+    if claim is not None:
+        events = track_stream(events, services.idempotency, claim)
     stream = sse_stream(
         events,
         completion_id=completion_id,

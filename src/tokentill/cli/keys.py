@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from tokentill.auth.service import UNSET, _Unset
 from tokentill.cli._common import Stores, emit, json_option, with_stores
 
 
@@ -79,9 +80,9 @@ def list_(account: str | None, as_json: bool) -> None:
             for k in rows
         ]
         lines = [
-            f"{i['id']}  {i['account']:<16} {'revoked' if i['revoked'] else 'active ':<8} "
-            f"models={','.join(i['models']) if i['models'] else '*'} name={i['name'] or ''}"
-            for i in items
+            f"{k.key_id}  {k.account_name:<16} {'revoked' if k.revoked_at else 'active ':<8} "
+            f"models={','.join(k.models) if k.models else '*'} name={k.name or ''}"
+            for k in rows
         ]
         emit(as_json, "\n".join(lines) or "no keys", {"keys": items})
 
@@ -98,5 +99,52 @@ def revoke(key_id: str, as_json: bool) -> None:
         if not await s.keys.revoke(key_id):
             raise click.ClickException(f"no active key with id {key_id!r}")
         emit(as_json, f"revoked {key_id}", {"revoked": key_id})
+
+    with_stores(run)
+
+
+def _limit(value: int | None, remove: bool, name: str) -> int | None | _Unset:
+    if value is not None and remove:
+        raise click.UsageError(f"give --{name} N or --no-{name}, not both")
+    if remove:
+        return None
+    return UNSET if value is None else value
+
+
+@keys.command("update")
+@click.argument("key_id")
+@click.option("--rpm", type=click.IntRange(min=1), default=None, help="New requests per minute.")
+@click.option("--no-rpm", is_flag=True, help="Remove the requests-per-minute limit.")
+@click.option("--tpm", type=click.IntRange(min=1), default=None, help="New tokens per minute.")
+@click.option("--no-tpm", is_flag=True, help="Remove the tokens-per-minute limit.")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None, help="New requests in flight.")
+@click.option("--no-max-concurrent", is_flag=True, help="Remove the concurrency limit.")
+@json_option
+def update(
+    key_id: str,
+    rpm: int | None,
+    no_rpm: bool,
+    tpm: int | None,
+    no_tpm: bool,
+    max_concurrent: int | None,
+    no_max_concurrent: bool,
+    as_json: bool,
+) -> None:
+    """Change the limits of key KEY_ID; options not given stay as they are.
+
+    Every replica reads keys from the database on each request, so the change applies to the next one.
+    """
+    changes = {
+        "rpm": _limit(rpm, no_rpm, "rpm"),
+        "tpm": _limit(tpm, no_tpm, "tpm"),
+        "max_concurrent": _limit(max_concurrent, no_max_concurrent, "max-concurrent"),
+    }
+
+    async def run(s: Stores) -> None:
+        if not await s.keys.update_limits(key_id, **changes):
+            raise click.ClickException(f"no active key with id {key_id!r}")
+        shown = {k: v for k, v in changes.items() if not isinstance(v, _Unset)}
+        text = ", ".join(f"{k}={'none' if v is None else v}" for k, v in shown.items()) or "nothing"
+        emit(as_json, f"updated {key_id}: {text}", {"updated": key_id, **shown})
 
     with_stores(run)

@@ -138,6 +138,11 @@ class RateLimiter(Protocol):
         """
         ...
 
+    async def peek(self, key_id: str, limits: KeyLimits) -> dict[str, str]:
+        """The x-ratelimit-* headers as they stand now, taking nothing (for responses that were never
+        admitted, such as a 400 after authentication). Never raises: `{}` when the backend fails."""
+        ...
+
     async def aclose(self) -> None:
         """Release connections; the limiter is unusable afterwards."""
         ...

@@ -110,6 +110,15 @@ class MemoryRateLimiter:
 
         return Lease(headers_for(limits, admitted), finish)
 
+    async def peek(self, key_id: str, limits: KeyLimits) -> dict[str, str]:
+        """See `RateLimiter.peek`."""
+        if limits.rpm is None and limits.tpm is None:
+            return {}
+        now = self._clock()
+        state = self._keys.get(key_id) or _KeyState()
+        state.trim(now, self._window_s)
+        return headers_for(limits, self._decide(state, limits, 0, now, after_admission=True))
+
     async def aclose(self) -> None:
         """Forget all state."""
         self._keys.clear()

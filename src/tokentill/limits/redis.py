@@ -50,7 +50,7 @@ from tokentill.limits.base import (
     screen,
 )
 
-__all__ = ["ACQUIRE_LUA", "FINISH_LUA", "RedisRateLimiter"]
+__all__ = ["ACQUIRE_LUA", "FINISH_LUA", "PEEK_LUA", "RedisRateLimiter"]
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +177,39 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
 
+PEEK_LUA = """
+-- KEYS: 1 req zset, 2 tok zset, 3 tok hash.  ARGV: 1 rpm, 2 tpm (0 = no limit), 3 window us.
+-- Trims like ACQUIRE_LUA and reports {req_used, req_reset_us, tok_used, tok_reset_us}; takes nothing.
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local rpm, tpm, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local cutoff = now - window
+local req_used, req_reset, tok_used, tok_reset = 0, 0, 0, 0
+if rpm > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
+  req_used = redis.call('ZCARD', KEYS[1])
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if #oldest > 0 then req_reset = tonumber(oldest[2]) + window - now end
+end
+if tpm > 0 then
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)
+  if #expired > 0 then
+    local freed = 0
+    for _, m in ipairs(expired) do
+      freed = freed + (tonumber(redis.call('HGET', KEYS[3], m)) or 0)
+      redis.call('HDEL', KEYS[3], m)
+    end
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff)
+    redis.call('HINCRBY', KEYS[3], '~sum', -freed)
+  end
+  tok_used = tonumber(redis.call('HGET', KEYS[3], '~sum')) or 0
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  if #oldest > 0 then tok_reset = tonumber(oldest[2]) + window - now end
+end
+return {req_used, req_reset, tok_used, tok_reset}
+"""
+
 
 def _keys(key_id: str) -> tuple[str, str, str, str]:
     prefix = f"tt:rl:{{{key_id}}}"
@@ -218,6 +251,7 @@ class RedisRateLimiter:
         )
         self._acquire_script = self._redis.register_script(ACQUIRE_LUA)
         self._finish_script = self._redis.register_script(FINISH_LUA)
+        self._peek_script = self._redis.register_script(PEEK_LUA)
         self._background: set[asyncio.Task[None]] = set()
 
     async def acquire(self, key_id: str, limits: KeyLimits, tokens: int) -> Lease:
@@ -258,6 +292,31 @@ class RedisRateLimiter:
             await self._finish(key_id, lease_id, actual_tokens)
 
         return Lease(headers, finish)
+
+    async def peek(self, key_id: str, limits: KeyLimits) -> dict[str, str]:
+        """See `RateLimiter.peek`. One EVALSHA; `{}` if Redis fails (the response goes out without)."""
+        if limits.rpm is None and limits.tpm is None:
+            return {}
+        req, tok, tokn, _ = _keys(key_id)
+        try:
+            raw = await self._peek_script(
+                keys=[req, tok, tokn], args=[limits.rpm or 0, limits.tpm or 0, self._window_us]
+            )
+        except _REDIS_FAILURES as exc:
+            logger.warning("rate limiter: Redis at %s failed on peek: %r", self._where, exc)
+            return {}
+        req_used, req_reset_us, tok_used, tok_reset_us = (int(v) for v in raw)
+        decision = Decision(
+            admitted=True,
+            failed=0,
+            retry_s=0.0,
+            requests_used=req_used,
+            requests_reset_s=req_reset_us / 1e6,
+            tokens_used=tok_used,
+            tokens_reset_s=tok_reset_us / 1e6,
+            concurrent_used=0,
+        )
+        return headers_for(limits, decision)
 
     async def aclose(self) -> None:
         """Wait for pending undo calls, then close the connection pool."""

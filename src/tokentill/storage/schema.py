@@ -10,8 +10,10 @@ Tables:
     ledger     append-only: every balance change is one row, `amount` is the signed balance delta
     holds      credit reserved for one in-flight request (id = request id), released or settled once
     usage      one row per finished request (tokens by kind, cost charged, HTTP status)
+    idempotency_keys  one row per (account, Idempotency-Key): claimed, then the stored response
 
-The Alembic revision `0001_initial` creates exactly these tables; change both together.
+The Alembic revisions `0001_initial` and `0002_idempotency` create exactly these tables; change both
+together.
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ from sqlalchemy.types import TypeDecorator
 
 __all__ = [
     "HOLD_STATUSES",
+    "IDEMPOTENCY_STATUSES",
     "LEDGER_KINDS",
     "BigId",
     "UTCDateTime",
     "accounts",
     "api_keys",
     "holds",
+    "idempotency_keys",
     "ledger",
     "metadata",
     "usage",
@@ -52,6 +56,7 @@ __all__ = [
 
 LEDGER_KINDS = ("credit", "hold", "release", "charge", "adjust")
 HOLD_STATUSES = ("open", "settled", "released", "expired")
+IDEMPOTENCY_STATUSES = ("in_progress", "completed", "streamed")
 
 # BIGINT on PostgreSQL; on SQLite only `INTEGER PRIMARY KEY` autoincrements (it is 64-bit there anyway).
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -178,4 +183,25 @@ usage = Table(
     Column("created_at", UTCDateTime, nullable=False, default=utcnow),
     Index(None, "account_id", "id"),
     Index(None, "created_at"),
+)
+
+# The primary key (account_id, key) is the claim: two replicas inserting the same key race on it, and
+# exactly one INSERT wins on either dialect. `expires_at` is when the row may be reclaimed: for an
+# in-progress claim, when its request must have died; for a stored response, when replay ends.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("account_id", Integer, ForeignKey("accounts.id"), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),  # sha256 of route + model + canonical JSON body
+    Column("status", String(16), nullable=False),
+    Column("claim_token", String(32), nullable=False),  # fences a reclaimed row from its old owner
+    Column("request_id", String(64), nullable=True),
+    Column("response_status", Integer, nullable=True),
+    Column("response_body", Text, nullable=True),  # JSON text
+    Column("response_headers", Text, nullable=True),  # JSON object text
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    Column("expires_at", UTCDateTime, nullable=False),
+    CheckConstraint("status IN ('in_progress', 'completed', 'streamed')", name="status"),
+    Index(None, "expires_at"),
 )

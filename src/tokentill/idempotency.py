@@ -1,0 +1,270 @@
+"""`Idempotency-Key` on billable requests: a retried request is answered once and charged once.
+
+Per account; a key is 1-255 printable ASCII characters. The request's *fingerprint* is the sha256 of the
+route, the model and the canonical JSON body (keys sorted, no whitespace), so the same JSON written
+differently is the same request. One row in `idempotency_keys` per (account, key):
+
+    first request              claim() inserts the row 'in_progress' → `Claim`; the request runs
+      answered (200, JSON)     complete(): the status, JSON body and selected headers are kept ttl_s
+      answered (streamed)      mark_streamed(): remembered as answered and charged, but not replayable
+      error / client went away release(): the row is deleted, nothing is stored, the client may retry
+    repeat, same fingerprint   stored response → `Replay` (no hold, no limiter, no charge);
+                               streamed → 409; still running → 409 with Retry-After
+    repeat, other fingerprint  409, and `x-should-retry: false` (retrying cannot help)
+
+Atomicity: the claim is a plain INSERT on the primary key (account_id, key), which exactly one of any
+number of concurrent requests wins, on SQLite and PostgreSQL alike and across replicas. A row whose
+`expires_at` has passed may be taken over: a stored response after `ttl_s`, an in-progress claim after
+`abandon_after_s` (its process must have died: no request lives past its deadline). Take-over is an UPDATE
+fenced by the old `claim_token`, so two requests reclaiming the same row cannot both win, and a request
+that was presumed dead and comes back later cannot overwrite or delete its successor's row (every write
+names its own token).
+
+The official openai SDK retries a 409 by itself (honouring `Retry-After` and `x-should-retry`), so a
+client whose retry overlaps the still-running first attempt simply waits for its stored answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import anyio
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from tokentill import errors
+from tokentill.engines.base import EngineEvent, Finished
+from tokentill.storage.db import Database
+from tokentill.storage.schema import idempotency_keys, utcnow
+
+__all__ = ["Claim", "IdempotencyStore", "Replay", "check_key", "fingerprint", "track_stream"]
+
+log = logging.getLogger(__name__)
+
+MAX_KEY_LENGTH = 255
+IN_PROGRESS_RETRY_S = 1
+
+
+@dataclass(frozen=True)
+class Claim:
+    """This request owns the key until it calls exactly one of complete / mark_streamed / release."""
+
+    account_id: int
+    key: str
+    token: str
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The stored answer of the first request with this key."""
+
+    status: int
+    body: Any
+    headers: dict[str, str]
+
+
+def check_key(key: str) -> str:
+    """The key itself, or `InvalidRequest` (400) when it is empty, too long or not printable ASCII."""
+    if not 1 <= len(key) <= MAX_KEY_LENGTH or not all(33 <= ord(c) <= 126 for c in key):
+        raise errors.InvalidRequest(
+            f"Invalid Idempotency-Key header: use 1 to {MAX_KEY_LENGTH} printable ASCII characters "
+            "without spaces (a UUID is a good choice).",
+            code="invalid_value",
+        )
+    return key
+
+
+def fingerprint(route: str, model: str, body: Any) -> str:
+    """sha256 hex of the route, the model and the canonical JSON of `body`."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(f"{route}\n{model}\n{canonical}".encode()).hexdigest()
+
+
+def _conflict(message: str, *, retry: bool) -> errors.Conflict:
+    headers = {"x-should-retry": "true" if retry else "false"}
+    if retry:
+        headers["Retry-After"] = str(IN_PROGRESS_RETRY_S)
+    return errors.Conflict(message, code="idempotency_key_reused", headers=headers)
+
+
+class IdempotencyStore:
+    """Claims and stored responses in one `Database`; see the module docstring for the contract.
+
+    `complete`, `mark_streamed` and `release` never raise (they run in `finally:` blocks): a failure is
+    logged and the row then simply stays 'in_progress' until `abandon_after_s` passes.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        ttl_s: float,
+        abandon_after_s: float,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._db = db
+        self._ttl = timedelta(seconds=ttl_s)
+        self._abandon = timedelta(seconds=abandon_after_s)
+        self._clock = clock
+
+    async def claim(self, account_id: int, key: str, fingerprint: str, request_id: str) -> Claim | Replay:
+        """Own `key` for this request (`Claim`), or get the first request's stored answer (`Replay`).
+
+        Raises `Conflict` (409) for another body under the same key, a first request still running
+        (with Retry-After) or one that was streamed.
+        """
+        for _attempt in range(5):
+            now = self._clock()
+            token = secrets.token_hex(16)
+            values = {
+                "fingerprint": fingerprint,
+                "status": "in_progress",
+                "claim_token": token,
+                "request_id": request_id,
+                "response_status": None,
+                "response_body": None,
+                "response_headers": None,
+                "created_at": now,
+                "expires_at": now + self._abandon,
+            }
+            try:
+                async with self._db.begin() as conn:
+                    await conn.execute(
+                        insert(idempotency_keys).values(account_id=account_id, key=key, **values)
+                    )
+                return Claim(account_id, key, token)
+            except IntegrityError:
+                pass  # the key exists: look at it (in a new transaction: PostgreSQL aborted this one)
+            async with self._db.begin() as conn:
+                row = (await conn.execute(select(idempotency_keys).where(*self._pk(account_id, key)))).first()
+                if row is None:
+                    continue  # released between our INSERT and SELECT: try to insert again
+                if row.expires_at > now:
+                    return self._answer(row, fingerprint)
+                # Expired (replay window over, or its request died): take it over, fenced by the old
+                # token so that of two reclaimers only one wins.
+                taken = await conn.execute(
+                    update(idempotency_keys)
+                    .where(*self._pk(account_id, key), idempotency_keys.c.claim_token == row.claim_token)
+                    .values(**values)
+                )
+                if taken.rowcount == 1:
+                    log.info("idempotency key of account %d reclaimed from status %s", account_id, row.status)
+                    return Claim(account_id, key, token)
+        raise errors.Overloaded("Could not claim the Idempotency-Key under contention; please retry.")
+
+    async def complete(self, claim: Claim, *, status: int, body: Any, headers: dict[str, str]) -> None:
+        """Store the answer for replay during `ttl_s`."""
+        await self._close(
+            claim,
+            status="completed",
+            response_status=status,
+            response_body=json.dumps(body, separators=(",", ":")),
+            response_headers=json.dumps(headers),
+        )
+
+    async def mark_streamed(self, claim: Claim) -> None:
+        """Remember that the request was answered (and charged) as a stream, which cannot be replayed."""
+        await self._close(claim, status="streamed")
+
+    async def release(self, claim: Claim) -> None:
+        """Forget the claim: nothing is stored and the same key may be used again at once."""
+        try:
+            async with self._db.begin() as conn:
+                await conn.execute(
+                    delete(idempotency_keys).where(
+                        *self._pk(claim.account_id, claim.key),
+                        idempotency_keys.c.claim_token == claim.token,
+                        idempotency_keys.c.status == "in_progress",
+                    )
+                )
+        except Exception:
+            log.exception("could not release an idempotency key; it frees itself when abandoned")
+
+    async def purge_expired(self) -> int:
+        """Delete rows whose `expires_at` has passed; returns how many. Safe on any number of replicas."""
+        async with self._db.begin() as conn:
+            result = await conn.execute(
+                delete(idempotency_keys).where(idempotency_keys.c.expires_at <= self._clock())
+            )
+        return int(result.rowcount)
+
+    async def _close(self, claim: Claim, **values: Any) -> None:
+        try:
+            async with self._db.begin() as conn:
+                result = await conn.execute(
+                    update(idempotency_keys)
+                    .where(
+                        *self._pk(claim.account_id, claim.key),
+                        idempotency_keys.c.claim_token == claim.token,
+                        idempotency_keys.c.status == "in_progress",
+                    )
+                    .values(expires_at=self._clock() + self._ttl, **values)
+                )
+            if result.rowcount != 1:
+                log.warning("idempotency claim was taken over before it finished; its answer is not kept")
+        except Exception:
+            log.exception("could not store the answer of an idempotent request")
+
+    @staticmethod
+    def _pk(account_id: int, key: str) -> tuple[Any, Any]:
+        return idempotency_keys.c.account_id == account_id, idempotency_keys.c.key == key
+
+    @staticmethod
+    def _answer(row: Any, fingerprint: str) -> Replay:
+        if row.fingerprint != fingerprint:
+            raise _conflict(
+                "This Idempotency-Key was already used with a different request (body, model or route). "
+                "Use a new key for a new request.",
+                retry=False,
+            )
+        if row.status == "in_progress":
+            raise _conflict(
+                "A request with this Idempotency-Key is still in progress. Retry after it finishes to "
+                "receive its response.",
+                retry=True,
+            )
+        if row.status == "streamed":
+            raise _conflict(
+                "The request with this Idempotency-Key was streamed; it was answered and charged once, "
+                "and a streamed response cannot be replayed. Use a new key for a new request.",
+                retry=False,
+            )
+        return Replay(
+            status=int(row.response_status),
+            body=json.loads(row.response_body),
+            headers=dict(json.loads(row.response_headers or "{}")),
+        )
+
+
+async def track_stream(
+    events: AsyncGenerator[EngineEvent, None], store: IdempotencyStore, claim: Claim
+) -> AsyncGenerator[EngineEvent, None]:
+    """Pass `events` through; at the end mark the claim streamed if it finished, else release it.
+
+    "Finished" is exactly when `ChatService.run` charges the full answer, so the key is marked answered
+    if and only if the client was charged for an answer. The inner stream is closed first (it settles
+    the money under its own shield), then the claim is closed under a shield too: Starlette cancels the
+    body iterator when the client disconnects.
+    """
+    finished = False
+    try:
+        async with aclosing(events):
+            async for event in events:
+                if isinstance(event, Finished):
+                    finished = True
+                yield event
+    finally:
+        with anyio.CancelScope(shield=True):
+            if finished:
+                await store.mark_streamed(claim)
+            else:
+                await store.release(claim)

@@ -1,0 +1,221 @@
+"""Two `tokentill serve` replicas on different ports sharing one PostgreSQL database and one Redis behave as
+one service: one exact rpm limit, credits never overdrawn and exact to the micro-credit, a revocation
+honoured by both within a second, idempotent replays charged once, `--workers 2` the same, and a replica
+killed with SIGKILL mid-load leaves no hold and no concurrency slot stranded."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import openai
+import pytest
+import requests
+
+from tests._services import run
+from tests.e2e.conftest import DEFAULT_MODEL, TokentillServer, llama_available
+
+pytestmark = [pytest.mark.e2e, pytest.mark.llama, pytest.mark.postgres, pytest.mark.redis]
+
+LEASE_TTL_S = 20  # concurrency slots of a dead replica free themselves after this
+SHORT: dict[str, Any] = {
+    "messages": [{"role": "user", "content": "Say hi."}],
+    "max_completion_tokens": 8,  # the hidden reasoning pass uses it all: empty answer, "length"; fine
+    "reasoning_effort": "low",
+}
+MICRO = Decimal("0.000001")
+
+
+@dataclass
+class Pair:
+    a: TokentillServer
+    b: TokentillServer
+    database_url: str
+    env: dict[str, str]
+
+    def servers(self) -> Iterator[TokentillServer]:
+        return itertools.cycle([self.a, self.b])
+
+
+@pytest.fixture(scope="module")
+def pair(module_dir: Path, pg_module_database_url: str, redis_url: str) -> Iterator[Pair]:
+    llama_available()
+    env = {
+        "TOKENTILL_REDIS_URL": redis_url,
+        "TOKENTILL_HOLD_TTL_S": "10",
+        "TOKENTILL_HOLD_SWEEP_INTERVAL_S": "1",
+        "TOKENTILL_REQUEST_TIMEOUT_S": str(LEASE_TTL_S),
+        "TOKENTILL_RATE_LIMIT_LEASE_TTL_S": str(LEASE_TTL_S),
+        "TOKENTILL_QUEUE_SIZE": "64",
+        # Two replicas decoding at once on a small machine: llama.cpp's spinning worker threads must not
+        # outnumber the cores, or every request slows down many times over.
+        "TOKENTILL_N_THREADS": "1",
+    }
+    # One after the other: the first creates the default account, the second finds it.
+    a = TokentillServer(module_dir / "replica-a", pg_module_database_url, **env).start()
+    b = TokentillServer(module_dir / "replica-b", pg_module_database_url, **env).start()
+    try:
+        yield Pair(a, b, pg_module_database_url, env)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def _post(
+    server: TokentillServer, key: str, body: dict[str, Any] | None = None, **headers: str
+) -> requests.Response:
+    return requests.post(
+        f"{server.url}/v1/{DEFAULT_MODEL}",
+        json=SHORT if body is None else body,
+        headers={"Authorization": f"Bearer {key}", **headers},
+        timeout=120,
+    )
+
+
+def _hammer(pair: Pair, key: str, n: int, body: dict[str, Any] | None = None) -> list[requests.Response]:
+    """`n` requests from 8 threads, alternating between the replicas."""
+    targets = list(itertools.islice(pair.servers(), n))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(lambda s: _post(s, key, body), targets))
+
+
+def _charged(server: TokentillServer, account: str) -> Decimal:
+    rows = server.cli_json("usage", "--account", account, "--limit", "10000")["usage"]
+    return sum((Decimal(r["cost"]) for r in rows), Decimal(0))
+
+
+def _open_holds(pair: Pair) -> int:
+    async def count() -> int:
+        conn = await asyncpg.connect(pair.database_url, timeout=5)
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM holds WHERE status = 'open'"))
+        finally:
+            await conn.close()
+
+    return run(count())
+
+
+def test_rpm_is_exact_across_replicas(pair: Pair) -> None:
+    key = pair.a.new_key("rep-rpm", rpm="5")
+    responses = _hammer(pair, key, 16)
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * 5 + [429] * 11, statuses
+    served_by = {r.url.split("/v1")[0] for r in responses if r.status_code == 200}
+    assert served_by <= {pair.a.url, pair.b.url}
+
+
+def test_account_is_never_overdrawn_and_exact(pair: Pair) -> None:
+    credits = Decimal("0.004")  # a few short answers' worth of holds
+    key = pair.a.new_key("rep-money", credits=str(credits))
+    responses = _hammer(pair, key, 14)
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 402}, statuses
+    assert 200 in statuses and 402 in statuses, statuses
+    billed = sum(
+        r.json()["usage"]["prompt_tokens"] * 15 + r.json()["usage"]["completion_tokens"] * 60
+        for r in responses
+        if r.status_code == 200
+    )
+    charged = _charged(pair.b, "rep-money")
+    assert charged == Decimal(billed) * MICRO
+    balance = Decimal(pair.b.balance("rep-money"))
+    assert balance >= 0
+    assert balance == credits - charged  # no hold left, nothing lost, to the micro-credit
+
+
+def test_revocation_on_one_is_refused_by_both_within_a_second(pair: Pair) -> None:
+    key = pair.a.new_key("rep-revoke")
+    assert _post(pair.b, key).status_code == 200
+    pair.a.cli("keys", "revoke", key.split("-")[1])
+    revoked_at = time.monotonic()
+    for server in (pair.a, pair.b):
+        while True:
+            status = _post(server, key).status_code
+            if status == 401:
+                break
+            assert time.monotonic() - revoked_at < 1.0, f"{server.url} still accepts a revoked key"
+    assert time.monotonic() - revoked_at < 1.0 + 1.0  # both refused; the loop itself bounds the wait
+
+
+def test_idempotent_replay_across_replicas_is_charged_once(pair: Pair) -> None:
+    key = pair.a.new_key("rep-idem")
+    first = _post(pair.a, key, **{"Idempotency-Key": "order-1"})
+    assert first.status_code == 200, first.text
+    replay = _post(pair.b, key, **{"Idempotency-Key": "order-1"})
+    assert replay.status_code == 200 and replay.headers["idempotent-replayed"] == "true"
+    assert replay.json() == first.json()
+    conflict = _post(pair.b, key, {**SHORT, "max_completion_tokens": 9}, **{"Idempotency-Key": "order-1"})
+    assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "idempotency_key_reused"
+
+    # Two clients racing on both replicas with one key: the SDK retries the in-progress 409 by itself.
+    def sdk_call(server: TokentillServer) -> str:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=6)
+        completion = client.chat.completions.create(
+            model=DEFAULT_MODEL, **SHORT, extra_headers={"Idempotency-Key": "order-2"}
+        )
+        return completion.id
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        ids = list(pool.map(sdk_call, [pair.a, pair.b]))
+    assert ids[0] == ids[1]
+    rows = pair.a.cli_json("usage", "--account", "rep-idem")["usage"]
+    assert len(rows) == 2  # order-1 and order-2, each charged once
+    assert Decimal(pair.a.balance("rep-idem")) == Decimal(10) - _charged(pair.a, "rep-idem")
+
+
+def test_workers_share_one_limit(pair: Pair, module_dir: Path) -> None:
+    """`tokentill serve --workers 2` (here via TOKENTILL_WORKERS) on the same PostgreSQL and Redis."""
+    workers = TokentillServer(
+        module_dir / "workers", pair.database_url, **pair.env, TOKENTILL_WORKERS="2"
+    ).start()
+    try:
+        key = workers.new_key("rep-workers", rpm="4")
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            statuses = sorted(pool.map(lambda _: _post(workers, key).status_code, range(12)))
+        assert statuses == [200] * 4 + [429] * 8, statuses
+        # And the limit is the same one the replicas use.
+        assert _post(pair.a, key).status_code == 429
+    finally:
+        workers.stop()
+
+
+def test_sigkill_during_load_strands_nothing(pair: Pair) -> None:
+    credits = Decimal(5)
+    key = pair.a.new_key("rep-kill", credits=str(credits), max_concurrent="2")
+    other = pair.b.new_key("rep-kill-other")
+    long = {**SHORT, "max_completion_tokens": 400, "reasoning_effort": "high"}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        in_flight = [pool.submit(_post, pair.a, key, long) for _ in range(2)]
+        deadline = time.monotonic() + 20
+        while _open_holds(pair) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _open_holds(pair) >= 2, "the long requests never started"
+        pair.a.kill()
+        for future in in_flight:
+            with pytest.raises(requests.ConnectionError):
+                future.result()
+    killed_at = time.monotonic()
+
+    assert _post(pair.b, other).status_code == 200  # B keeps serving
+    # The dead replica's two concurrency slots block the key until their lease TTL, not forever.
+    first = _post(pair.b, key)
+    assert first.status_code == 429 and "concurrent" in first.json()["error"]["message"]
+    while (status := _post(pair.b, key).status_code) == 429:
+        assert time.monotonic() - killed_at < LEASE_TTL_S + 10, "slots of the dead replica never freed"
+        time.sleep(1)
+    assert status == 200
+
+    pair.a.start()  # restart on the same port
+    assert _post(pair.a, key).status_code == 200
+    deadline = time.monotonic() + 30
+    while _open_holds(pair) and time.monotonic() < deadline:
+        time.sleep(0.5)  # the killed requests' holds expire after TOKENTILL_HOLD_TTL_S
+    assert _open_holds(pair) == 0
+    assert Decimal(pair.b.balance("rep-kill")) == credits - _charged(pair.b, "rep-kill")

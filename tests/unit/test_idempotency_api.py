@@ -1,0 +1,141 @@
+"""Idempotency-Key and x-ratelimit-* headers through the real ASGI app (TestClient, echo engine, SQLite):
+replay charges nothing, a different body is 409, errors release the key, streams are answered once."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from tokentill.app import create_app
+from tokentill.services import Services
+from tokentill.settings import Settings
+
+BODY: dict[str, Any] = {
+    "messages": [{"role": "user", "content": "one two three"}],
+    "max_completion_tokens": 10,
+}
+SIX = [
+    f"x-ratelimit-{kind}-{family}"
+    for kind in ("limit", "remaining", "reset")
+    for family in ("requests", "tokens")
+]
+
+
+@dataclass
+class App:
+    client: TestClient
+    services: Services
+
+    def call(self, func: Any, *args: Any) -> Any:
+        return self.client.portal.call(func, *args)  # type: ignore[union-attr]
+
+    def key(self, account: str, **limits: int) -> dict[str, str]:
+        async def make() -> str:
+            if await self.services.ledger.get_account(account) is None:
+                await self.services.ledger.create_account(account, 1_000_000)
+            return (await self.services.keys.create_key(account, **limits)).key  # type: ignore[arg-type]
+
+        return {"Authorization": f"Bearer {self.call(make)}"}
+
+    def balance(self, account: str) -> int:
+        async def read() -> int:
+            found = await self.services.ledger.get_account(account)
+            assert found is not None
+            return found.balance
+
+        return int(self.call(read))
+
+    def usage_rows(self, account: str) -> int:
+        return len(self.call(self.services.ledger.usage, account))
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[App]:
+    catalogue = tmp_path / "models.toml"
+    catalogue.write_text('[[models]]\nid = "echo"\nengine = "echo"\nprice_input = 15\nprice_output = 60\n')
+    settings = Settings(data_dir=tmp_path / "data", config=catalogue)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield App(client, client.app.state.services)  # type: ignore[attr-defined]
+
+
+def test_replay_returns_the_stored_answer_and_charges_nothing(app: App) -> None:
+    headers = {**app.key("a"), "Idempotency-Key": "k-1"}
+    first = app.client.post("/v1/echo", json=BODY, headers=headers)
+    assert first.status_code == 200, first.text
+    assert "idempotent-replayed" not in first.headers
+    after_first = app.balance("a")
+    assert after_first < 1_000_000
+    # The same JSON written differently is the same request.
+    same = json.dumps({"max_completion_tokens": 10, "messages": BODY["messages"]}, indent=2)
+    again = app.client.post("/v1/echo", content=same, headers={**headers, "content-type": "application/json"})
+    assert again.status_code == 200
+    assert again.json() == first.json()
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.headers["x-original-request-id"] == first.headers["x-request-id"]
+    assert again.headers["x-request-id"] != first.headers["x-request-id"]
+    assert app.balance("a") == after_first and app.usage_rows("a") == 1
+
+    other = app.client.post("/v1/echo", json={**BODY, "max_completion_tokens": 9}, headers=headers)
+    assert other.status_code == 409
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    assert other.headers["x-should-retry"] == "false"
+    # Another route with the same body is another request too.
+    routed = app.client.post("/v1/chat/completions", json={**BODY, "model": "echo"}, headers=headers)
+    assert routed.status_code == 409
+    assert app.balance("a") == after_first
+
+
+def test_errors_release_the_key(app: App) -> None:
+    headers = {**app.key("b"), "Idempotency-Key": "retry-me"}
+    too_long = app.client.post("/v1/echo", json={**BODY, "max_completion_tokens": 10**6}, headers=headers)
+    assert too_long.status_code == 400
+    bad = app.client.post("/v1/echo", content=b"{", headers={**headers, "content-type": "application/json"})
+    assert bad.status_code == 400
+    ok = app.client.post("/v1/echo", json=BODY, headers=headers)  # nothing was stored for the failures
+    assert ok.status_code == 200 and "idempotent-replayed" not in ok.headers
+    assert app.usage_rows("b") == 1
+
+
+def test_streamed_request_is_answered_once_and_not_replayed(app: App) -> None:
+    headers = {**app.key("c"), "Idempotency-Key": "stream-1"}
+    with app.client.stream("POST", "/v1/echo", json={**BODY, "stream": True}, headers=headers) as r:
+        assert r.status_code == 200
+        assert [line for line in r.iter_lines() if line.startswith("data: ")][-1] == "data: [DONE]"
+    charged = app.balance("c")
+    again = app.client.post("/v1/echo", json={**BODY, "stream": True}, headers=headers)
+    assert again.status_code == 409 and "cannot be replayed" in again.json()["error"]["message"]
+    assert app.balance("c") == charged and app.usage_rows("c") == 1
+
+
+def test_invalid_key_header(app: App) -> None:
+    r = app.client.post("/v1/echo", json=BODY, headers={**app.key("d"), "Idempotency-Key": "x" * 256})
+    assert r.status_code == 400 and "Idempotency-Key" in r.json()["error"]["message"]
+
+
+def test_limited_key_gets_six_headers_on_every_response(app: App) -> None:
+    auth = app.key("e", rpm=3, tpm=10_000)
+    ok = app.client.post("/v1/echo", json=BODY, headers={**auth, "Idempotency-Key": "lim"})
+    assert ok.status_code == 200 and all(h in ok.headers for h in SIX)
+    assert ok.headers["x-ratelimit-remaining-requests"] == "2"
+    # A replay takes nothing from the limits, and says where they stand.
+    replay = app.client.post("/v1/echo", json=BODY, headers={**auth, "Idempotency-Key": "lim"})
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert all(h in replay.headers for h in SIX)
+    assert replay.headers["x-ratelimit-remaining-requests"] == "2"
+    # 4xx after authentication, never admitted: headers, and nothing taken.
+    bad = app.client.post("/v1/echo", json={**BODY, "n": 2}, headers=auth)
+    assert bad.status_code == 400 and all(h in bad.headers for h in SIX)
+    missing = app.client.post("/v1/nope", json=BODY, headers=auth)
+    assert missing.status_code == 404 and missing.headers["x-ratelimit-remaining-requests"] == "2"
+    assert app.client.post("/v1/echo", json=BODY, headers=auth).status_code == 200
+    assert app.client.post("/v1/echo", json=BODY, headers=auth).status_code == 200
+    limited = app.client.post("/v1/echo", json=BODY, headers=auth)
+    assert limited.status_code == 429 and all(h in limited.headers for h in SIX)
+    assert limited.headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(limited.headers["retry-after"]) >= 1
