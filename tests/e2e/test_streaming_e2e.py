@@ -208,22 +208,20 @@ def test_effort_orders_reasoning_tokens(sqlite_server: TokentillServer, key: str
 
 
 def test_many_concurrent_streams_finish_uninterleaved(sqlite_server: TokentillServer, key: str) -> None:
-    topics = ["apples", "boats", "clocks", "deserts", "eagles", "forests", "glaciers", "harbours"]
+    # Unrelated topics: a stream that received another stream's tokens would name the other's topic.
+    stems = ["apple", "violin", "glacier", "bicycle", "owl", "volcano", "chess", "pyramid"]
 
-    def body(topic: str, stream: bool) -> dict[str, Any]:
-        return {
-            "messages": [{"role": "user", "content": f"Write one sentence about {topic}."}],
-            "max_completion_tokens": 100,
-            "reasoning_effort": "low",
-            "temperature": 0,
-            "stream": stream,
-        }
-
-    def streamed(topic: str) -> str:
+    def streamed(stem: str) -> str:
         with requests.post(
             sqlite_server.url + "/v1/o1-preview",
             headers={"Authorization": f"Bearer {key}"},
-            json=body(topic, True),
+            json={
+                "messages": [{"role": "user", "content": f"Write one sentence about the {stem}."}],
+                "max_completion_tokens": 100,
+                "reasoning_effort": "low",
+                "temperature": 0,
+                "stream": True,
+            },
             stream=True,
             timeout=600,
         ) as response:
@@ -232,14 +230,15 @@ def test_many_concurrent_streams_finish_uninterleaved(sqlite_server: TokentillSe
         assert len({e["id"] for e in events}) == 1
         return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
 
-    with ThreadPoolExecutor(max_workers=len(topics)) as pool:
-        texts = dict(zip(topics, pool.map(streamed, topics), strict=True))
-    # Each stream carries its own text: the same as that prompt gives alone (greedy decoding).
-    for topic in topics[:3]:
-        alone = requests.post(
-            sqlite_server.url + "/v1/o1-preview",
-            headers={"Authorization": f"Bearer {key}"},
-            json=body(topic, False),
-            timeout=300,
-        ).json()["choices"][0]["message"]["content"]
-        assert texts[topic] == alone
+    with ThreadPoolExecutor(max_workers=len(stems)) as pool:
+        texts = dict(zip(stems, pool.map(streamed, stems), strict=True))
+    assert all(text.strip() for text in texts.values()), texts
+    own = [stem for stem, text in texts.items() if stem in text.lower()]
+    foreign = [
+        (stem, other)
+        for stem, text in texts.items()
+        for other in stems
+        if other != stem and other in text.lower()
+    ]
+    assert len(own) >= 6, texts  # a 135M model mostly stays on topic
+    assert not foreign, texts

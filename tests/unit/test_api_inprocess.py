@@ -154,3 +154,12 @@ def test_admin_routes_with_admin_key(tmp_path: Path) -> None:
         assert r.status_code == 401
         names = [a["name"] for a in admin.get("/admin/accounts").json()["data"]]
         assert names == ["team"]
+
+
+def test_stream_failing_before_output_is_an_http_error(harness: Harness) -> None:
+    harness.services.engines["echo"] = FailingEngine(errors.Overloaded("busy", retry_after_s=2))
+    r = harness.client.post("/v1/echo", json={**BODY, "stream": True})
+    assert r.status_code == 503, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"] == "2"
+    assert harness.balance() == 1_000_000

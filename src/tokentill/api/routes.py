@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from typing import Annotated, Any
 
@@ -20,7 +20,7 @@ from tokentill.api.state import services_of
 from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits
 from tokentill.chat import PreparedChat
-from tokentill.engines.base import Finished, TextDelta
+from tokentill.engines.base import EngineEvent, Finished, TextDelta
 from tokentill.idempotency import Claim, Replay, check_key, fingerprint, track_stream
 from tokentill.protocol import responses
 from tokentill.protocol.chat import ChatCompletionRequest, parse_chat_request
@@ -212,7 +212,11 @@ async def _stream(
     claim: Claim | None,
 ) -> Response:
     services = services_of(request)
-    events = services.chat.run(chat)
+    run = services.chat.run(chat)
+    # Wait for the engine's first event before answering, so that a failure before any output (queue
+    # full, upstream down, deadline) is an ordinary HTTP error rather than a 200 carrying an error event.
+    first = await anext(run)
+    events: AsyncGenerator[EngineEvent, None] = _prepend(first, run)
     if claim is not None:
         events = track_stream(events, services.idempotency, claim)
     stream = sse_stream(
@@ -230,6 +234,15 @@ async def _stream(
         **chat.lease.headers,
     }
     return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+
+
+async def _prepend(
+    first: EngineEvent, rest: AsyncGenerator[EngineEvent, None]
+) -> AsyncGenerator[EngineEvent, None]:
+    async with aclosing(rest):
+        yield first
+        async for event in rest:
+            yield event
 
 
 @router.get("/v1/models")
