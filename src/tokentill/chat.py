@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import anyio
 
-from tokentill import errors
+from tokentill import errors, metrics
 from tokentill.auth.service import Principal
 from tokentill.billing import pricing
 from tokentill.billing.ledger import Hold, Ledger, UsageRecord
@@ -222,14 +222,17 @@ class ChatService:
         # What a request that did not finish costs: a client that went away pays for the tokens made for
         # it; an engine failure costs nothing unless those tokens were already streamed to the client.
         free = finished is None and (generated == 0 or (status != 499 and not chat.stream))
+        cost = 0
         try:
             if free:
-                await self._ledger.release(chat.hold, usage=replace(record, completion_tokens=0))
+                record = replace(record, completion_tokens=0, reasoning_tokens=0)
+                await self._ledger.release(chat.hold, usage=record)
                 await chat.lease.release()
-                return
-            cost = pricing.cost(prompt, completion, chat.spec.price_input, chat.spec.price_output)
-            await self._ledger.settle(chat.hold, cost=cost, usage=record)
-            await chat.lease.settle(prompt + completion)
+            else:
+                cost = pricing.cost(prompt, completion, chat.spec.price_input, chat.spec.price_output)
+                await self._ledger.settle(chat.hold, cost=cost, usage=record)
+                await chat.lease.settle(prompt + completion)
+            metrics.observe_request(record, cost, time.monotonic() - chat.started)
         except Exception:
             # The hold stays open and the sweeper releases it after hold_ttl_s: logged, never lost.
             log.exception("settling request %s failed; its hold is left to expire", chat.request_id)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-from tokentill.engines.base import Usage
+from tokentill.billing.records import UsageRecord
 
 __all__ = ["observe_request"]
 
@@ -25,13 +25,15 @@ LATENCY = Histogram(
 )
 
 
-def observe_request(model: str, status: int, usage: Usage | None, cost: int, seconds: float) -> None:
-    REQUESTS.labels(model, str(status)).inc()
+def observe_request(record: UsageRecord, cost: int, seconds: float) -> None:
+    """Count one settled request (every status, free failures included)."""
+    model = record.model
+    REQUESTS.labels(model, str(record.status)).inc()
     LATENCY.labels(model).observe(seconds)
-    if usage is not None:
-        TOKENS.labels(model, "prompt").inc(usage.prompt_tokens)
-        TOKENS.labels(model, "completion").inc(usage.completion_tokens)
-        TOKENS.labels(model, "reasoning").inc(usage.reasoning_tokens)
-        TOKENS.labels(model, "cached").inc(usage.cached_tokens)
     if cost:
+        TOKENS.labels(model, "prompt").inc(record.prompt_tokens)
+        TOKENS.labels(model, "completion").inc(record.completion_tokens)
+        TOKENS.labels(model, "reasoning").inc(record.reasoning_tokens)
+        TOKENS.labels(model, "cached").inc(record.cached_tokens)
+        TOKENS.labels(model, "image").inc(record.image_tokens)
         CHARGED.labels(model).inc(cost)

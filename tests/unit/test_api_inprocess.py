@@ -163,3 +163,11 @@ def test_stream_failing_before_output_is_an_http_error(harness: Harness) -> None
     assert r.headers["content-type"].startswith("application/json")
     assert r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"] == "2"
     assert harness.balance() == 1_000_000
+
+
+def test_metrics_count_settled_requests(harness: Harness) -> None:
+    assert harness.client.post("/v1/echo", json=BODY).status_code == 200
+    text = harness.client.get("/metrics").text
+    assert 'tokentill_requests_total{model="echo",status="200"}' in text
+    assert 'tokentill_tokens_total{kind="completion",model="echo"}' in text
+    assert "tokentill_charged_microcredits_total" in text

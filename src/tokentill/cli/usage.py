@@ -27,6 +27,8 @@ def usage(account: str | None, limit: int, as_json: bool) -> None:
                 "completion_tokens": r.completion_tokens,
                 "reasoning_tokens": r.reasoning_tokens,
                 "cached_tokens": r.cached_tokens,
+                "image_tokens": r.image_tokens,
+                "estimated": r.estimated,
                 "cost": format_credits(r.cost),
                 "status": r.status,
                 "latency_ms": r.latency_ms,
