@@ -56,7 +56,24 @@ logger = logging.getLogger(__name__)
 
 _REDIS_FAILURES = (RedisError, OSError)  # OSError covers socket errors and builtin TimeoutError
 
-ACQUIRE_LUA = """
+# Shared by the scripts below: drop token reservations that left the window, return the tokens in it.
+_TRIM_TOKENS_LUA = """
+local function trim_tokens(cutoff)
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)
+  if #expired > 0 then
+    local freed = 0
+    for _, m in ipairs(expired) do
+      freed = freed + (tonumber(redis.call('HGET', KEYS[3], m)) or 0)
+      redis.call('HDEL', KEYS[3], m)
+    end
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff)
+    redis.call('HINCRBY', KEYS[3], '~sum', -freed)
+  end
+  return tonumber(redis.call('HGET', KEYS[3], '~sum')) or 0
+end
+"""
+
+ACQUIRE_LUA = _TRIM_TOKENS_LUA + """
 -- KEYS: 1 req zset, 2 tok zset, 3 tok hash (lease -> tokens, '~sum'), 4 conc zset
 -- ARGV: 1 lease id, 2 rpm, 3 tpm, 4 max_concurrent (0 = no limit), 5 tokens, 6 window us,
 --       7 lease ttl us, 8 concurrency retry us
@@ -78,17 +95,7 @@ if rpm > 0 then
   req_used = redis.call('ZCARD', KEYS[1])
 end
 if tpm > 0 then
-  local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)
-  if #expired > 0 then
-    local freed = 0
-    for _, m in ipairs(expired) do
-      freed = freed + (tonumber(redis.call('HGET', KEYS[3], m)) or 0)
-      redis.call('HDEL', KEYS[3], m)
-    end
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff)
-    redis.call('HINCRBY', KEYS[3], '~sum', -freed)
-  end
-  tok_used = tonumber(redis.call('HGET', KEYS[3], '~sum')) or 0
+  tok_used = trim_tokens(cutoff)
 end
 if maxc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)  -- slots of crashed replicas expire here
@@ -177,7 +184,7 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
 
-PEEK_LUA = """
+PEEK_LUA = _TRIM_TOKENS_LUA + """
 -- KEYS: 1 req zset, 2 tok zset, 3 tok hash.  ARGV: 1 rpm, 2 tpm (0 = no limit), 3 window us.
 -- Trims like ACQUIRE_LUA and reports {req_used, req_reset_us, tok_used, tok_reset_us}; takes nothing.
 if redis.replicate_commands then pcall(redis.replicate_commands) end
@@ -193,17 +200,7 @@ if rpm > 0 then
   if #oldest > 0 then req_reset = tonumber(oldest[2]) + window - now end
 end
 if tpm > 0 then
-  local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)
-  if #expired > 0 then
-    local freed = 0
-    for _, m in ipairs(expired) do
-      freed = freed + (tonumber(redis.call('HGET', KEYS[3], m)) or 0)
-      redis.call('HDEL', KEYS[3], m)
-    end
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff)
-    redis.call('HINCRBY', KEYS[3], '~sum', -freed)
-  end
-  tok_used = tonumber(redis.call('HGET', KEYS[3], '~sum')) or 0
+  tok_used = trim_tokens(cutoff)
   local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
   if #oldest > 0 then tok_reset = tonumber(oldest[2]) + window - now end
 end
