@@ -62,7 +62,12 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
         engines: dict[str, Engine] = {}
         for spec in catalog:
             engine = with_reasoning(
-                create_engine(spec, queue_size=settings.queue_size, n_threads=settings.n_threads),
+                create_engine(
+                    spec,
+                    queue_size=settings.queue_size,
+                    n_threads=settings.n_threads,
+                    max_parallel=settings.max_parallel,
+                ),
                 spec.reasoning,
             )
             await engine.start()

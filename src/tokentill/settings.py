@@ -78,6 +78,14 @@ class Settings(BaseSettings):
     n_threads: int | None = Field(
         default=None, ge=1, description="CPU threads for the embedded engine (default: all cores)."
     )
+    max_parallel: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Requests the embedded engine decodes together (continuous batching; a catalogue "
+        "entry's `parallel` overrides it). Each holds its own `context` of KV cache, so memory grows with "
+        "it; 8 measured best on 2 cores (docs/performance.md).",
+    )
     initial_credits: str = Field(
         default="10", description="Credits given to the `default` account created on an empty database."
     )

@@ -119,7 +119,8 @@ def test_revoked_key_401(sqlite_server: TokentillServer) -> None:
 
 
 def test_402_explicit_budget_and_clamp(sqlite_server: TokentillServer) -> None:
-    key = sqlite_server.new_key("poor", credits="0.0015")  # 1500 µcr: a ~76-token prompt (reasoning instruction included) + a few tokens
+    # 1500 µcr: a 76-token prompt (reasoning instruction included) and a few completion tokens
+    key = sqlite_server.new_key("poor", credits="0.0015")
     r = post(sqlite_server, key, {**HELLO, "max_completion_tokens": 1000})
     error = envelope(r, 402, "insufficient_credits")
     assert error["type"] == "insufficient_credits"

@@ -21,11 +21,14 @@ ENGINES: dict[str, str] = {
 }
 
 
-def create_engine(spec: ModelSpec, *, queue_size: int, n_threads: int | None) -> Engine:
+def create_engine(
+    spec: ModelSpec, *, queue_size: int, n_threads: int | None, max_parallel: int | None = None
+) -> Engine:
     """Construct (not start) the engine for `spec`; `await engine.start()` loads it.
 
     `queue_size` bounds the requests waiting for the model (a full queue answers 503); `n_threads` is the
-    default CPU thread count when the catalogue entry sets none.
+    default CPU thread count and `max_parallel` the default number of sequences decoded together
+    (`llamacpp` only) when the catalogue entry sets none.
     """
     try:
         target = ENGINES[spec.engine]
@@ -33,4 +36,5 @@ def create_engine(spec: ModelSpec, *, queue_size: int, n_threads: int | None) ->
         raise ValueError(f"unknown engine {spec.engine!r} for model {spec.id!r}") from None
     module_name, _, class_name = target.partition(":")
     engine_class = getattr(importlib.import_module(module_name), class_name)
-    return cast(Engine, engine_class(spec, queue_size=queue_size, n_threads=n_threads))
+    extra = {"max_parallel": max_parallel} if spec.engine == "llamacpp" else {}
+    return cast(Engine, engine_class(spec, queue_size=queue_size, n_threads=n_threads, **extra))

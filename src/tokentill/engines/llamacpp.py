@@ -2,6 +2,10 @@
 
 Threads: `start()` loads the weights in a worker thread, then one scheduler thread (`scheduler.py`) owns
 the llama context: every `llama_decode` and sampler call happens there, never on the event loop.
+Continuous batching (`batch.py`): up to `parallel` requests decode together in one `llama_decode` per
+token; each has `spec.context` tokens of its own (the context is per sequence, so the engine holds
+parallel × context KV cells), and that per-sequence context is what `capabilities.context_length`
+reports and what prompt + completion are clamped to.
 `count_prompt_tokens` tokenizes on the caller's thread while the scheduler decodes; that is safe because
 `llama_tokenize` only reads the vocabulary, which is immutable after load (llama.cpp's own server tokenizes
 on its HTTP threads the same way). The chat template is a pure Jinja render.
@@ -10,21 +14,23 @@ Usage accounting (the contract billing relies on):
   * `prompt_tokens` is exactly `count_prompt_tokens(request)`: the same render and tokenization.
   * `completion_tokens` counts every sampled token except the end-of-generation token (EOS/EOT), which
     produces no text; the tokens that complete a stop string are counted, as they were generated.
-  * `cached_tokens` counts prompt tokens whose KV entries were reused from the previous request.
+  * `cached_tokens` counts prompt tokens whose KV entries were reused from an earlier request (the
+    free slot whose cached tokens share the longest prefix with the prompt is chosen).
   * `image_tokens` counts the prompt tokens that stand for images (included in `prompt_tokens`).
 
 Vision (`spec.mmproj`): `vision.VisionEncoder` loads the projector beside the weights. A request with
 images is rendered with a media marker per image and tokenized by libmtmd **on the decode thread**
-(`Scheduler.call`), for `count_prompt_tokens` as for `generate`; the prefill decodes text and image chunks
-in order. KV reuse across requests covers only the text before the first image: image positions are
-recorded as `_IMAGE` in the runner's token list, which equals no token id, so a later prompt never
-matches them (another image, or even the same one, is always encoded again).
+(`Scheduler.call`), for `count_prompt_tokens` as for `generate`; its prefill decodes text and image chunks
+in order into its own sequence, on its own (not batched with other prompts); its tokens then decode in the
+shared batch. KV reuse across requests covers only the text before the first image (another image, or
+even the same one, is always encoded again).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import time
@@ -34,17 +40,19 @@ from typing import Any
 
 from tokentill.catalog import ModelSpec
 from tokentill.engines.base import Capabilities, EngineEvent, EngineRequest, ImageInput
+from tokentill.engines.batch import BatchedLlamaRunner
 from tokentill.engines.chat_template import ChatTemplate
 from tokentill.engines.scheduler import SamplingParams, Scheduler, Sequence, new_channel, stream
 from tokentill.engines.vision import PromptCounts, VisionEncoder, VisionError
 from tokentill.errors import APIError, DeadlineExceeded, InvalidRequest, UpstreamError
 
-__all__ = ["LlamaCppEngine"]
+__all__ = ["DEFAULT_PARALLEL", "LlamaCppEngine"]
 
 logger = logging.getLogger(__name__)
 
-_N_BATCH = 512  # prompt tokens per llama_decode call during prefill
-_IMAGE = -1  # a KV position holding an image embedding, in `_LlamaRunner._cached`
+# Sequences decoded together when neither the catalogue nor the caller says: one, as before batching.
+# The server always passes `Settings.max_parallel` (default 8, see docs/performance.md).
+DEFAULT_PARALLEL = 1
 
 
 @dataclass(frozen=True)
@@ -56,121 +64,18 @@ class _MediaPrompt:
     add_special: bool
 
 
-class _Sampler:
-    """A llama.cpp sampler chain for one sequence: greedy at temperature 0, else top-p → temp → dist."""
-
-    def __init__(self, params: SamplingParams) -> None:
-        import llama_cpp
-
-        self._lib: Any = llama_cpp
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        if params.temperature <= 0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-        else:
-            seed = llama_cpp.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
-            if params.top_p < 1.0:
-                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
-        self._chain: Any = chain
-
-    def sample(self, ctx: Any) -> int:
-        # llama_sampler_sample also "accepts" the token into the chain's state.
-        return int(self._lib.llama_sampler_sample(self._chain, ctx, -1))
-
-    def close(self) -> None:
-        if self._chain is not None:
-            self._lib.llama_sampler_free(self._chain)
-            self._chain = None
-
-
-class _LlamaRunner:
-    """`scheduler.Runner` over one `llama_cpp.Llama`, sequence id 0, with prefix reuse of the KV cache."""
-
-    def __init__(self, llm: Any, vision: VisionEncoder | None = None) -> None:
-        import llama_cpp
-
-        self._lib: Any = llama_cpp
-        self._llm = llm
-        self._vision = vision
-        self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        self._cached: list[int] = []  # per KV position of sequence 0: its token id, or _IMAGE
-        self._samplers: dict[Sequence, _Sampler] = {}
-
-    def prefill(self, seq: Sequence) -> None:
-        if seq.media is not None:
-            self._prefill_media(seq)
-        else:
-            prompt = seq.prompt
-            # re-decode at least one token: its logits start sampling
-            reuse = self._truncate_to_prefix(prompt, limit=len(prompt) - 1)
-            self._llm.eval(prompt[reuse:])  # Llama.eval splits into n_batch chunks
-            self._cached = list(prompt)
-            seq.cached_tokens = reuse
-        self._samplers[seq] = _Sampler(seq.sampling)
-
-    def _prefill_media(self, seq: Sequence) -> None:
-        media: _MediaPrompt = seq.media
-        if self._vision is None:
-            raise UpstreamError("This model has no vision projector.")
-        tokenized = self._vision.take(media.text, media.images, add_special=media.add_special)
-        try:
-            counts = tokenized.counts
-            seq.media_prompt_tokens, seq.image_tokens = counts.total, counts.image  # what is decoded
-            leading = tokenized.leading_tokens  # an image follows, so sampling never starts in it
-            reuse = self._truncate_to_prefix(leading, limit=len(leading))
-            n_past = self._vision.evaluate(tokenized, skip=reuse)
-            self._cached = leading + [_IMAGE] * (n_past - len(leading))
-        finally:
-            tokenized.free()
-        seq.cached_tokens = reuse
-
-    def _truncate_to_prefix(self, tokens: list[int], *, limit: int) -> int:
-        """Keep the KV entries of the longest cached prefix of `tokens` (at most `limit`), drop the rest."""
-        reuse = 0
-        for a, b in zip(self._cached, tokens, strict=False):
-            if a != b:  # _IMAGE equals no token id: reuse stops at the first image
-                break
-            reuse += 1
-        reuse = min(reuse, limit)
-        memory = self._lib.llama_get_memory(self._llm.ctx)
-        if reuse > 0 and not self._lib.llama_memory_seq_rm(memory, 0, reuse, -1):
-            reuse = 0  # this model's memory cannot be truncated (recurrent): start over
-        if reuse == 0:
-            self._lib.llama_memory_clear(memory, True)
-        self._cached = []  # consistent again only once the prefill succeeds
-        self._llm.n_tokens = reuse
-        return reuse
-
-    def sample(self, seq: Sequence) -> int:
-        return self._samplers[seq].sample(self._llm.ctx)
-
-    def is_end(self, token: int) -> bool:
-        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
-
-    def piece(self, token: int) -> bytes:
-        return bytes(self._llm.detokenize([token]))
-
-    def decode(self, seq: Sequence, token: int) -> None:
-        self._llm.eval([token])
-        self._cached.append(token)
-
-    def release(self, seq: Sequence) -> None:
-        sampler = self._samplers.pop(seq, None)
-        if sampler is not None:
-            sampler.close()
-
-    def reset(self) -> None:
-        self._cached = []
-        self._llm.n_tokens = 0
-        self._lib.llama_memory_clear(self._lib.llama_get_memory(self._llm.ctx), True)
-
-
 class LlamaCppEngine:
-    """`Engine` for a local GGUF. Threads: `spec.n_threads`, else `n_threads`, else `os.cpu_count()`."""
+    """`Engine` for a local GGUF. Threads: `spec.n_threads`, else `n_threads`, else `os.cpu_count()`.
 
-    def __init__(self, spec: ModelSpec, *, queue_size: int, n_threads: int | None) -> None:
+    Parallel sequences: `spec.parallel`, else `max_parallel`, else `DEFAULT_PARALLEL`; `queue_size` more
+    requests may wait (FIFO) before new ones get 503.
+    """
+
+    def __init__(
+        self, spec: ModelSpec, *, queue_size: int, n_threads: int | None, max_parallel: int | None = None
+    ) -> None:
         self.spec = spec
+        self._parallel = spec.parallel or max_parallel or DEFAULT_PARALLEL
         self.capabilities = Capabilities(
             context_length=spec.context, vision=spec.mmproj is not None, reasoning=spec.reasoning
         )
@@ -182,14 +87,24 @@ class LlamaCppEngine:
         self._add_bos = False
         self._bos_text = ""
         self._scheduler: Scheduler | None = None
+        self._runner: BatchedLlamaRunner | None = None
 
     async def start(self) -> None:
         """Load the weights off the event loop, then start the decode thread."""
         if self._scheduler is not None:
             return
         self._llm = await asyncio.to_thread(self._load)
-        runner = _LlamaRunner(self._llm, self._vision)
-        self._scheduler = Scheduler(runner, queue_size=self._queue_size, name=self.spec.id)
+        try:
+            runner = await asyncio.to_thread(self._new_runner)
+        except BaseException:
+            await self.aclose()
+            raise
+        self._runner = runner
+        # llama.cpp may round the per-sequence context down: report (and clamp to) what it holds.
+        self.capabilities = dataclasses.replace(self.capabilities, context_length=runner.n_ctx_seq)
+        self._scheduler = Scheduler(
+            runner, queue_size=self._queue_size, name=self.spec.id, max_active=self._parallel
+        )
         self._scheduler.start()
 
     def _load(self) -> Any:
@@ -197,10 +112,12 @@ class LlamaCppEngine:
 
         path = self.spec.weights_path()
         started = time.monotonic()
+        # The Llama object gives weights, vocabulary and metadata; its own context stays tiny and unused
+        # (the runner creates the multi-sequence context, which Llama's constructor cannot ask for).
         llm = llama_cpp.Llama(
             model_path=str(path),
-            n_ctx=self.spec.context,
-            n_batch=_N_BATCH,
+            n_ctx=256,
+            n_batch=64,
             n_threads=self._n_threads,
             n_threads_batch=self._n_threads,
             verbose=False,
@@ -218,10 +135,23 @@ class LlamaCppEngine:
                 llm.close()
                 raise RuntimeError(f"model {self.spec.id!r}: mmproj: {exc}") from exc
         logger.info(
-            "loaded %s (%s) in %.2fs: n_ctx=%d n_threads=%d",
-            self.spec.id, path.name, time.monotonic() - started, self.spec.context, self._n_threads,
+            "loaded %s (%s) in %.2fs: n_threads=%d",
+            self.spec.id, path.name, time.monotonic() - started, self._n_threads,
         )  # fmt: skip
         return llm
+
+    def _new_runner(self) -> BatchedLlamaRunner:
+        runner = BatchedLlamaRunner(
+            self._llm,
+            parallel=self._parallel,
+            n_ctx_seq=self.spec.context,
+            n_threads=self._n_threads,
+            vision=self._vision,
+        )
+        logger.info(
+            "%s: %d parallel sequences × %d tokens of context", self.spec.id, self._parallel, runner.n_ctx_seq
+        )
+        return runner
 
     # --- Engine ------------------------------------------------------------------------------------------
 
@@ -247,7 +177,7 @@ class LlamaCppEngine:
             counts = PromptCounts(total=len(prompt), image=0)
         else:
             counts = await asyncio.wrap_future(self._count_media(media))
-        n_ctx = self.spec.context
+        n_ctx = self.capabilities.context_length
         n_prompt = counts.total
         if n_prompt >= n_ctx:
             raise InvalidRequest(
@@ -287,6 +217,9 @@ class LlamaCppEngine:
         scheduler, self._scheduler = self._scheduler, None
         if scheduler is not None:
             await asyncio.to_thread(scheduler.close)
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.close()  # the decode thread has stopped: nothing else touches the context
         vision, self._vision = self._vision, None
         if vision is not None:
             vision.close()  # the decode thread has stopped: nothing else touches the mtmd context

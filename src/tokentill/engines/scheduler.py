@@ -2,17 +2,21 @@
 
     event loop (many coroutines)                   scheduler thread (one)
     ───────────────────────────                    ──────────────────────
-    Scheduler.submit(seq)  ── FIFO (bounded) ──▶   admit up to `max_active`
-    stream(seq) awaits seq's asyncio.Queue  ◀──    step(): prefill / sample / decode, emit via
-                                                   loop.call_soon_threadsafe(queue.put_nowait, event)
+    Scheduler.submit(seq)  ── FIFO (bounded) ──▶   admit up to `max_active` (continuations first)
+    stream(seq) awaits seq's asyncio.Queue  ◀──    step: sample / emit / queue each sequence's next token,
+                                                   emit via loop.call_soon_threadsafe(queue.put_nowait, …)
     consumer gone → seq.cancel() (threading.Event) checked before every step → retired within one token
     Scheduler.call(fn) ── jobs ───────────────▶   fn() run between two steps; result via a Future
 
-The model-specific work lives behind `Runner` (see `llamacpp.py`), so this module is plain threading and
-asyncio. `call` runs other work that must happen on the thread owning the context (libmtmd tokenizing
-images for `count_prompt_tokens`). `max_active` is 1 today; the loop already steps a list of active
-sequences so that continuous batching only needs a runner whose `step` decodes all of them in one
-`llama_decode`.
+The model-specific work lives behind a runner (see `batch.py`), so this module is plain threading and
+asyncio. Two kinds of runner:
+  * `Runner`: one sequence at a time; `prefill` and `decode` evaluate at once (scripted test runners).
+  * `BatchRunner` (continuous batching): `decode` and `prefill_chunk` only *queue* tokens; one `flush` per
+    step evaluates every active sequence's next token and a chunk of each new prompt in a single
+    `llama_decode`. A step samples all ready sequences first and prefills after, because a prefill may
+    evaluate on its own (images) and that overwrites the logits the samplers read.
+`call` runs other work that must happen on the thread owning the context (libmtmd tokenizing images for
+`count_prompt_tokens`).
 """
 
 from __future__ import annotations
@@ -24,85 +28,19 @@ import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from tokentill.engines.base import EngineEvent, Finished, FinishReason, TextDelta, Usage
-from tokentill.engines.text import TextAssembler
-from tokentill.errors import APIError, DeadlineExceeded, Overloaded, UpstreamError
+from tokentill.engines.sequence import Outbox, SamplingParams, Sequence, deadline_error, new_channel
+from tokentill.errors import APIError, Overloaded, UpstreamError
 
-__all__ = ["Runner", "SamplingParams", "Scheduler", "Sequence", "stream"]
+__all__ = ["BatchRunner", "Runner", "SamplingParams", "Scheduler", "Sequence", "new_channel", "stream"]
 
 logger = logging.getLogger(__name__)
 
 _STATS_KEPT = 1024  # request ids whose decoded-token count stays queryable
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None  # None = a fresh random seed per request
-
-
-class _Channel:
-    """Scheduler thread → event loop handoff; `put` is the only method called off the loop thread."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self.queue: asyncio.Queue[EngineEvent | APIError] = asyncio.Queue()
-
-    def put(self, item: EngineEvent | APIError) -> bool:
-        """False when the loop is closed (the consumer can never read it): the caller should stop."""
-        try:
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # loop closed; nobody is listening any more
-            return False
-        return True
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One request inside the scheduler. Fields below `cancelled` belong to the scheduler thread."""
-
-    request_id: str
-    prompt: list[int]
-    max_new_tokens: int  # already clamped so prompt + completion fits the context
-    sampling: SamplingParams
-    stop: tuple[str, ...]
-    deadline: float  # time.monotonic()
-    channel: _Channel
-    timeout_s: float = 0.0  # for the DeadlineExceeded message only
-    continuation: bool = False  # a later pass of an admitted request: next in line, never refused
-    # A multimodal prompt the runner understands (`prompt` is then empty): its token counts are given here,
-    # computed by the same tokenization the runner will use, so usage stays exact.
-    media: Any = None
-    media_prompt_tokens: int = 0  # all prompt tokens, image tokens included (only with `media`)
-    image_tokens: int = 0
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    # --- scheduler-thread state ---
-    prefilled: bool = False
-    n_generated: int = 0  # sampled tokens, end-of-generation token excluded
-    cached_tokens: int = 0  # prompt tokens whose KV entries were reused
-    started_at: float = 0.0
-    text: TextAssembler = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.text = TextAssembler(self.stop)
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self.media_prompt_tokens if self.media is not None else len(self.prompt)
-
-    def cancel(self) -> None:
-        """Thread-safe; the scheduler retires the sequence before its next token."""
-        self.cancelled.set()
-
-    def emit(self, item: EngineEvent | APIError) -> None:
-        if not self.channel.put(item):
-            self.cancelled.set()
 
 
 class Runner(Protocol):
@@ -130,11 +68,38 @@ class Runner(Protocol):
         """Forget all cached state after a failure."""
 
 
+@runtime_checkable
+class BatchRunner(Runner, Protocol):
+    """A `Runner` whose `decode` only queues the token; see the module docstring for the step order.
+
+    `prefill` is not used: `prefill_chunk` queues part of the prompt per step. `sample` reads the logits
+    of the last `flush`.
+    """
+
+    def prefill_chunk(self, seq: Sequence) -> bool:
+        """Start or continue `seq`'s prompt (queue at most one chunk); True once its last token is queued.
+
+        Raises before queuing anything for `seq` if it fails, so a batch never holds half a failure.
+        """
+
+    def flush(self) -> None:
+        """Evaluate every queued token in one batch; raising means every queued sequence failed."""
+
+    def discard(self, seq: Sequence) -> None:
+        """Like `release`, and drop the KV cells of `seq` too (after its own failure)."""
+
+
 class Scheduler:
-    """Bounded FIFO admission + one decode thread. `submit`, `withdraw`, `close` are thread-safe."""
+    """Bounded FIFO admission + one decode thread. `submit`, `withdraw`, `close` are thread-safe.
+
+    At most `max_active` sequences decode together (the runner's parallel slots); `queue_size` more may
+    wait, beyond that `submit` raises Overloaded. Continuations skip the queue and its bound.
+    """
 
     def __init__(self, runner: Runner, *, queue_size: int, name: str, max_active: int = 1) -> None:
         self._runner = runner
+        # Continuous batching when the runner supports it; otherwise the original one-at-a-time steps.
+        self._batch: BatchRunner | None = runner if isinstance(runner, BatchRunner) else None
         self._queue_size = queue_size
         self._max_active = max_active
         self._cond = threading.Condition()
@@ -144,6 +109,7 @@ class Scheduler:
             collections.deque()
         )
         self._closing = False
+        self._outbox = Outbox()  # scheduler thread only
         self._avg_seconds = 1.0  # moving average of a request's time in the loop, for Retry-After
         self._decoded: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.total_tokens = 0
@@ -218,9 +184,9 @@ class Scheduler:
                 future.set_exception(
                     Overloaded("The model is shutting down. Retry shortly.", retry_after_s=5.0)
                 )
-        for seq in orphans:
+        for seq in orphans:  # emit_now: the outbox belongs to the scheduler thread
             seq.cancel()
-            seq.emit(Overloaded("The model is shutting down. Retry shortly.", retry_after_s=5.0))
+            seq.emit_now(Overloaded("The model is shutting down. Retry shortly.", retry_after_s=5.0))
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -238,21 +204,30 @@ class Scheduler:
                 while self._waiting and len(self._active) < self._max_active:
                     seq = self._waiting.popleft()
                     seq.started_at = time.monotonic()
+                    seq.outbox = self._outbox
                     self._active.append(seq)
                 active = list(self._active)
                 calls = list(self._calls)
                 self._calls.clear()
             for fn, future in calls:
                 _run_call(fn, future)
+            if self._batch is not None:
+                self._step_batch(self._batch, active)
+                continue
             for seq in active:
                 if self._step(seq):
                     self._retire(seq)
+                self._outbox.send()
         for seq in leftovers:  # close() already told their consumers
             self._retire(seq)
+        self._outbox.send()
 
-    def _retire(self, seq: Sequence) -> None:
+    def _retire(self, seq: Sequence, *, failed: bool = False) -> None:
         try:
-            self._runner.release(seq)
+            if failed and self._batch is not None:
+                self._batch.discard(seq)  # its cells may be half-written: never reuse them
+            else:
+                self._runner.release(seq)
         except Exception:  # a leak at worst; the loop must survive
             logger.exception("releasing sequence %s failed", seq.request_id)
         elapsed = time.monotonic() - seq.started_at
@@ -264,43 +239,97 @@ class Scheduler:
             while len(self._decoded) > _STATS_KEPT:
                 self._decoded.popitem(last=False)
 
-    def _step(self, seq: Sequence) -> bool:
-        """Advance `seq` by one token; True when it is finished (its final event already emitted)."""
+    def _gone(self, seq: Sequence) -> bool:
+        """True when `seq` must leave before its next token (cancelled, closing, or past its deadline)."""
         if seq.cancelled.is_set() or self._closing:
             return True
         if time.monotonic() > seq.deadline:
-            seq.emit(_deadline_error(seq))
+            seq.emit(deadline_error(seq))
+            return True
+        return False
+
+    def _step(self, seq: Sequence) -> bool:
+        """One-at-a-time runner: advance `seq` by one token; True when finished (final event emitted)."""
+        if self._gone(seq):
             return True
         try:
             if not seq.prefilled:
                 self._runner.prefill(seq)
                 seq.prefilled = True
-            token = self._runner.sample(seq)
-            if self._runner.is_end(token):
-                return self._finish(seq, "stop")
-            seq.n_generated += 1
-            self.total_tokens += 1
-            text, stopped = seq.text.feed_bytes(self._runner.piece(token))
-            if text:
-                seq.emit(TextDelta(text))
-            if stopped:
-                return self._finish(seq, "stop")
-            if seq.n_generated >= seq.max_new_tokens:
-                return self._finish(seq, "length")
-            self._runner.decode(seq, token)
-            return False
-        except APIError as exc:  # the runner refused this request (e.g. a prompt that does not fit)
-            logger.info("request %s refused by the runner: %s", seq.request_id, exc.message)
-            self._reset_quietly()
-            seq.emit(exc)
-            return True
+            return self._advance(seq)
         except Exception as exc:
-            logger.exception("llama.cpp failed while generating request %s", seq.request_id)
+            self._fail(seq, exc)
             self._reset_quietly()
-            error = UpstreamError("The model failed to generate a response.")
-            error.__cause__ = exc
-            seq.emit(error)
             return True
+
+    def _step_batch(self, runner: BatchRunner, active: list[Sequence]) -> None:
+        """Sample every ready sequence, queue prompt chunks, then evaluate them all in one `flush`."""
+        done: list[tuple[Sequence, bool]] = []  # (sequence, failed)
+        prefilling: list[Sequence] = []
+        queued: list[Sequence] = []
+        for seq in active:
+            if self._gone(seq):
+                done.append((seq, False))
+            elif not seq.prefilled:
+                prefilling.append(seq)
+            else:
+                try:
+                    if self._advance(seq):
+                        done.append((seq, False))
+                    else:
+                        queued.append(seq)
+                except Exception as exc:
+                    self._fail(seq, exc)
+                    done.append((seq, True))
+        for seq in prefilling:  # after sampling: an image prefill evaluates on its own, clobbering logits
+            try:
+                seq.prefilled = runner.prefill_chunk(seq)
+                queued.append(seq)
+            except Exception as exc:
+                self._fail(seq, exc)
+                done.append((seq, True))
+        for seq, failed in done:  # none of them has a token in the batch: their cells can go now
+            self._retire(seq, failed=failed)
+        self._outbox.send()  # the loop renders this step's text while llama_decode runs (GIL released)
+        try:
+            runner.flush()
+        except Exception as exc:  # the whole batch is lost: every sequence in it fails
+            logger.exception("llama_decode failed for a batch of %d sequences", len(queued))
+            for seq in queued:
+                self._fail(seq, exc, log=False)
+            self._reset_quietly()
+            for seq in queued:
+                self._retire(seq, failed=True)
+            self._outbox.send()
+
+    def _advance(self, seq: Sequence) -> bool:
+        """Sample `seq`'s next token and emit its text; True when finished, else the token is decoded."""
+        token = self._runner.sample(seq)
+        if self._runner.is_end(token):
+            return self._finish(seq, "stop")
+        seq.n_generated += 1
+        self.total_tokens += 1
+        text, stopped = seq.text.feed_bytes(self._runner.piece(token))
+        if text:
+            seq.emit(TextDelta(text))
+        if stopped:
+            return self._finish(seq, "stop")
+        if seq.n_generated >= seq.max_new_tokens:
+            return self._finish(seq, "length")
+        self._runner.decode(seq, token)
+        return False
+
+    def _fail(self, seq: Sequence, exc: Exception, *, log: bool = True) -> None:
+        """Tell `seq`'s consumer: an APIError as is (the runner refused it), anything else as a 502."""
+        if isinstance(exc, APIError):
+            logger.info("request %s refused by the runner: %s", seq.request_id, exc.message)
+            seq.emit(exc)
+            return
+        if log:
+            logger.error("llama.cpp failed while generating request %s", seq.request_id, exc_info=exc)
+        error = UpstreamError("The model failed to generate a response.")
+        error.__cause__ = exc
+        seq.emit(error)
 
     def _reset_quietly(self) -> None:
         try:
@@ -331,15 +360,6 @@ def _run_call(fn: Callable[[], Any], future: concurrent.futures.Future[Any]) -> 
         future.set_exception(exc)
 
 
-def _deadline_error(seq: Sequence) -> DeadlineExceeded:
-    return DeadlineExceeded(f"The request timed out after {seq.timeout_s:.1f} seconds.")
-
-
-def new_channel() -> _Channel:
-    """A channel bound to the running loop (call from the coroutine that will consume it)."""
-    return _Channel(asyncio.get_running_loop())
-
-
 async def stream(scheduler: Scheduler, seq: Sequence) -> AsyncGenerator[EngineEvent, None]:
     """Submit `seq` and relay its events; errors from the loop are raised here, on the consumer's side.
 
@@ -354,11 +374,12 @@ async def stream(scheduler: Scheduler, seq: Sequence) -> AsyncGenerator[EngineEv
             if queue.empty():
                 remaining = seq.deadline - time.monotonic()
                 if remaining <= 0:
-                    raise _deadline_error(seq)
+                    raise deadline_error(seq)
                 try:
-                    item = await asyncio.wait_for(queue.get(), timeout=remaining)
+                    async with asyncio.timeout(remaining):  # no extra task per event, unlike wait_for
+                        item = await queue.get()
                 except TimeoutError:
-                    raise _deadline_error(seq) from None
+                    raise deadline_error(seq) from None
             else:
                 item = queue.get_nowait()
             if isinstance(item, APIError):

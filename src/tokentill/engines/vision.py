@@ -5,7 +5,8 @@
     thread was joined;
   * everything else (`count`, `take`, `evaluate`) runs **on the decode thread only**, through
     `Scheduler.call` or inside the runner's prefill: libmtmd's preprocessing and encoding share buffers
-    in the context, and `evaluate` writes the llama context's KV cache.
+    in the context, and `evaluate` writes the llama context's KV cache (one sequence id of it) and
+    overwrites its logits, so the runner calls it only after the step's samplers have read theirs.
 
 Contract of a prompt with images: the chat template renders one `marker` per image; `count` tokenizes it
 with the validated images (`mtmd_tokenize`: text tokens plus image chunks, no encoding) and returns the
@@ -112,6 +113,7 @@ class VisionEncoder:
     """One projector loaded beside one `llama_cpp.Llama`; see the module docstring for the threads."""
 
     def __init__(self, llm: Any, mmproj: Path, *, n_threads: int) -> None:
+        """`llm` gives the model weights only; `evaluate` writes into the context it is given."""
         import llama_cpp
         import llama_cpp.mtmd_cpp as mtmd
 
@@ -177,27 +179,58 @@ class VisionEncoder:
         cached = self._cache.pop(_key(text, images, add_special), None)
         return cached if cached is not None else self._tokenize(text, images, add_special=add_special)
 
-    def evaluate(self, tokenized: Tokenized, *, skip: int) -> int:
-        """Decode every chunk into sequence 0 after `llm.n_tokens` positions (the first `skip` tokens of a
-        leading text chunk are already there); returns the new position count. Logits end on the last one.
+    def evaluate(
+        self, tokenized: Tokenized, *, ctx: Any, seq_id: int, n_past: int, skip: int, n_batch: int
+    ) -> tuple[int, int]:
+        """Decode every chunk but the prompt's last token into sequence `seq_id` of `ctx`, from position
+        `n_past` on (the first `skip` tokens of a leading text chunk are already there).
+
+        Returns (next position, last token): the caller evaluates that token in its own batch, so the
+        logits it samples from come from that batch (this method's own decodes request none).
         """
-        llm, mtmd = self._llm, self._mtmd
-        last = len(tokenized.chunks) - 1
-        for index, chunk in enumerate(tokenized.chunks):
+        mtmd = self._mtmd
+        chunks = tokenized.chunks
+        if not chunks or chunks[-1].tokens is None or not chunks[-1].tokens:
+            raise VisionError("a prompt with images must end with text (the generation prompt)")
+        last_token = chunks[-1].tokens[-1]
+        for index, chunk in enumerate(chunks):
             if chunk.tokens is not None:
                 tokens = chunk.tokens[skip:] if index == 0 else chunk.tokens
-                if tokens:
-                    llm.eval(tokens)  # keeps llm.n_tokens, splits into n_batch; raises on failure
+                if index == len(chunks) - 1:
+                    tokens = tokens[:-1]
+                n_past = self._decode_text(ctx, tokens, n_past=n_past, seq_id=seq_id, n_batch=n_batch)
                 continue
             new_n_past = self._llama_cpp.llama_pos(0)
             rc = mtmd.mtmd_helper_eval_chunk_single(
-                self._ctx, llm.ctx, chunk.pointer, llm.n_tokens, 0, llm.n_batch, index == last,
-                ctypes.byref(new_n_past),
-            )  # fmt: skip
+                self._ctx, ctx, chunk.pointer, n_past, seq_id, n_batch, False, ctypes.byref(new_n_past)
+            )
             if rc != 0:
                 raise VisionError(f"libmtmd failed to encode or decode an image (code {rc})")
-            llm.n_tokens = int(new_n_past.value)
-        return int(llm.n_tokens)
+            n_past = int(new_n_past.value)
+        return n_past, last_token
+
+    def _decode_text(self, ctx: Any, tokens: list[int], *, n_past: int, seq_id: int, n_batch: int) -> int:
+        """Evaluate `tokens` into `seq_id` at positions `n_past`…, in `n_batch` pieces, without logits."""
+        if not tokens:
+            return n_past
+        lib = self._llama_cpp
+        batch = lib.llama_batch_init(n_batch, 0, 1)
+        try:
+            for start in range(0, len(tokens), n_batch):
+                piece = tokens[start : start + n_batch]
+                for i, token in enumerate(piece):
+                    batch.token[i] = token
+                    batch.pos[i] = n_past + start + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = seq_id
+                    batch.logits[i] = False
+                batch.n_tokens = len(piece)
+                rc = int(lib.llama_decode(ctx, batch))
+                if rc != 0:
+                    raise VisionError(f"llama_decode returned {rc} for the text around an image")
+        finally:
+            lib.llama_batch_free(batch)
+        return n_past + len(tokens)
 
     def _tokenize(
         self,

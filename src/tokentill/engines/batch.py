@@ -1,0 +1,291 @@
+"""Continuous batching over one llama.cpp context: `BatchedLlamaRunner`, the `scheduler.BatchRunner`.
+
+Layout of the context (created here, not by `llama_cpp.Llama`, whose constructor cannot ask for several
+sequences): `parallel` slots, slot i = llama.cpp sequence id i, each with its own `n_ctx_seq` KV cells
+(`kv_unified = false`: per-sequence streams, so attention never scans other sequences' cells and one
+sequence can never run another out of cells). Total KV = parallel × n_ctx_seq cells.
+
+Per step (see `scheduler.py`): every generating sequence queues its sampled token and every new sequence
+queues a chunk of its prompt into one `llama_batch`; `flush` evaluates it with one `llama_decode`, asking
+logits only for each sequence's last token; `sample` then reads row `logits_index` of that output with the
+sequence's own sampler chain (`llama_sampler_sample(chain, ctx, i)`).
+
+Prefix reuse: a slot keeps the tokens of its last request after it leaves (its KV cells stay). A new
+request takes the free slot whose cached tokens share the longest prefix with its prompt and keeps those
+cells (`llama_memory_seq_rm` from the first difference on); `Sequence.cached_tokens` reports them.
+
+Images: a prompt with images is evaluated through libmtmd into its slot's sequence id at admission, on its
+own (`VisionEncoder.evaluate`), all but its last token; that last token joins the shared batch. Only the
+text before the first image is reusable (positions after it are recorded as `_IMAGE`).
+
+Threads: every method runs on the scheduler thread (it owns `_ctx`, `_batch`, the samplers, the mtmd
+context). Native memory (`_ctx`, `_batch`, sampler chains) is freed by `close` / `release`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokentill.engines.sequence import SamplingParams, Sequence
+from tokentill.engines.vision import VisionEncoder
+from tokentill.errors import UpstreamError
+
+__all__ = ["BatchedLlamaRunner"]
+
+logger = logging.getLogger(__name__)
+
+N_BATCH = 512  # prompt tokens evaluated per step when nothing else runs
+PREFILL_CHUNK = 256  # prompt tokens per step (all new sequences together) while others are generating
+_IMAGE = -1  # a KV position holding an image embedding, in `_Slot.tokens`
+
+
+class _Sampler:
+    """A llama.cpp sampler chain for one sequence: greedy at temperature 0, else top-p → temp → dist."""
+
+    def __init__(self, lib: Any, params: SamplingParams) -> None:
+        self._lib = lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if params.temperature <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+        else:
+            seed = lib.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
+            if params.top_p < 1.0:
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(params.temperature))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+        self._chain: Any = chain
+
+    def sample(self, ctx: Any, index: int) -> int:
+        # llama_sampler_sample also "accepts" the token into the chain's state.
+        return int(self._lib.llama_sampler_sample(self._chain, ctx, index))
+
+    def close(self) -> None:
+        if self._chain is not None:
+            self._lib.llama_sampler_free(self._chain)
+            self._chain = None
+
+
+@dataclass(eq=False)
+class _Slot:
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)  # per KV position: token id or _IMAGE (queued included)
+    owner: Sequence | None = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens not queued yet
+    logits_index: int = -1  # row of the last flush's output holding this slot's next-token logits
+    sampler: _Sampler | None = None
+    last_used: int = 0
+
+
+class BatchedLlamaRunner:
+    """`BatchRunner` over the weights of one `llama_cpp.Llama` (tokenizer, vocabulary), own context."""
+
+    def __init__(
+        self, llm: Any, *, parallel: int, n_ctx_seq: int, n_threads: int, vision: VisionEncoder | None = None
+    ) -> None:
+        import llama_cpp
+
+        lib: Any = llama_cpp
+        self._lib = lib
+        self._llm = llm
+        self._vision = vision
+        self._vocab = lib.llama_model_get_vocab(llm.model)
+        self._capacity = N_BATCH + parallel  # room for one chunk plus every slot's next token
+        params = lib.llama_context_default_params()
+        params.n_ctx = parallel * n_ctx_seq
+        params.n_batch = self._capacity
+        params.n_ubatch = N_BATCH
+        params.n_seq_max = parallel
+        params.kv_unified = False
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        params.no_perf = True
+        ctx = lib.llama_init_from_model(llm.model, params)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not create a context of {parallel} × {n_ctx_seq} tokens")
+        self._ctx: Any = ctx
+        self._memory: Any = lib.llama_get_memory(ctx)
+        self.n_ctx_seq = min(n_ctx_seq, int(lib.llama_n_ctx_seq(ctx)))
+        self._batch: Any = lib.llama_batch_init(self._capacity, 0, 1)
+        self._n_queued = 0
+        self._decoding = 0  # sequences whose sampled token is queued in this step's batch
+        self._prefill_queued = 0  # prompt tokens queued in this step's batch
+        self._slots = [_Slot(seq_id=i) for i in range(parallel)]
+        self._by_seq: dict[Sequence, _Slot] = {}
+        self._clock = 0
+
+    @property
+    def ctx(self) -> Any:
+        """The llama context (decode thread only)."""
+        return self._ctx
+
+    # --- BatchRunner ----------------------------------------------------------------------------------
+
+    def prefill(self, seq: Sequence) -> None:  # pragma: no cover - the scheduler calls prefill_chunk
+        raise NotImplementedError("BatchedLlamaRunner prefills through prefill_chunk")
+
+    def prefill_chunk(self, seq: Sequence) -> bool:
+        slot = self._by_seq.get(seq)
+        if slot is None:
+            slot = self._admit(seq)
+        # Sampled tokens were queued first (see scheduler). While other sequences generate, all prompts
+        # together get PREFILL_CHUNK tokens per step, so running streams stall for one chunk at most.
+        budget = (PREFILL_CHUNK if self._decoding else N_BATCH) - self._prefill_queued
+        take = max(0, min(len(slot.pending), budget, self._capacity - self._n_queued))
+        self._prefill_queued += take
+        chunk, slot.pending = slot.pending[:take], slot.pending[take:]
+        done = not slot.pending
+        for i, token in enumerate(chunk):
+            self._queue(slot, token, logits=done and i == take - 1)
+        return done
+
+    def sample(self, seq: Sequence) -> int:
+        slot = self._by_seq[seq]
+        assert slot.sampler is not None and slot.logits_index >= 0, "sample before the prompt was evaluated"
+        return slot.sampler.sample(self._ctx, slot.logits_index)
+
+    def is_end(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    def piece(self, token: int) -> bytes:
+        return bytes(self._llm.detokenize([token]))
+
+    def decode(self, seq: Sequence, token: int) -> None:
+        self._queue(self._by_seq[seq], token, logits=True)
+        self._decoding += 1
+
+    def flush(self) -> None:
+        n, self._n_queued, self._decoding, self._prefill_queued = self._n_queued, 0, 0, 0
+        if n == 0:
+            return
+        self._batch.n_tokens = n
+        rc = int(self._lib.llama_decode(self._ctx, self._batch))
+        if rc != 0:  # 1 = no KV slot (cannot happen within n_ctx_seq), < 0 = error; outputs are undefined
+            raise RuntimeError(f"llama_decode returned {rc} for a batch of {n} tokens")
+
+    def release(self, seq: Sequence) -> None:
+        """Free the sampler and the slot; its KV cells stay for prefix reuse by a later request."""
+        slot = self._by_seq.pop(seq, None)
+        if slot is None:
+            return
+        if slot.sampler is not None:
+            slot.sampler.close()
+        slot.sampler, slot.owner, slot.logits_index = None, None, -1
+        if slot.pending:  # prompt only partly evaluated: what is there is still a valid prefix
+            slot.pending = []
+
+    def discard(self, seq: Sequence) -> None:
+        slot = self._by_seq.get(seq)
+        self.release(seq)
+        if slot is not None:
+            self._forget(slot)
+
+    def reset(self) -> None:
+        """Forget every slot's cache (after a failed batch); active sequences are failed by the caller."""
+        self._lib.llama_memory_clear(self._memory, True)
+        self._n_queued = self._decoding = self._prefill_queued = 0
+        for slot in self._slots:
+            slot.tokens = []
+            slot.pending = []
+            slot.logits_index = -1
+
+    def close(self) -> None:
+        """Free native memory; only once the decode thread has stopped."""
+        for seq in list(self._by_seq):
+            self.release(seq)
+        if self._batch is not None:
+            self._lib.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+
+    # --- helpers ---------------------------------------------------------------------------------------
+
+    def _queue(self, slot: _Slot, token: int, *, logits: bool) -> None:
+        batch, i = self._batch, self._n_queued
+        batch.token[i] = token
+        batch.pos[i] = len(slot.tokens)
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = slot.seq_id
+        batch.logits[i] = logits
+        if logits:
+            slot.logits_index = i
+        slot.tokens.append(token)
+        self._n_queued = i + 1
+
+    def _admit(self, seq: Sequence) -> _Slot:
+        """Bind `seq` to the free slot sharing the longest prefix; evaluate images now (on their own)."""
+        free = [s for s in self._slots if s.owner is None]
+        if not free:  # the scheduler admits at most `parallel` sequences
+            raise RuntimeError("no free slot")
+        if seq.media is not None:
+            tokenized = self._take_media(seq)
+            key = tokenized.leading_tokens
+        else:
+            tokenized, key = None, seq.prompt
+        slot = max(free, key=lambda s: (_common_prefix(s.tokens, key), -s.last_used))
+        # at least the last prompt token is evaluated again: its logits start sampling
+        limit = len(key) if tokenized is not None else len(key) - 1
+        reuse = self._truncate(slot, min(_common_prefix(slot.tokens, key), limit))
+        self._clock += 1
+        slot.owner, slot.last_used, slot.logits_index = seq, self._clock, -1
+        self._by_seq[seq] = slot
+        try:
+            if tokenized is None:
+                slot.pending = seq.prompt[reuse:]
+            else:
+                self._evaluate_media(seq, slot, tokenized, reuse)
+            slot.sampler = _Sampler(self._lib, seq.sampling)
+        except BaseException:
+            self._by_seq.pop(seq, None)
+            slot.owner = None
+            self._forget(slot)
+            raise
+        finally:
+            if tokenized is not None:
+                tokenized.free()
+        seq.cached_tokens = reuse
+        return slot
+
+    def _truncate(self, slot: _Slot, reuse: int) -> int:
+        """Keep the first `reuse` KV cells of `slot`, drop the rest; returns what was kept."""
+        if reuse > 0 and not self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, reuse, -1):
+            reuse = 0  # this model's memory cannot be truncated (recurrent): start over
+        if reuse == 0:
+            self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        slot.tokens = slot.tokens[:reuse]
+        return reuse
+
+    def _forget(self, slot: _Slot) -> None:
+        self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        slot.tokens, slot.pending, slot.logits_index = [], [], -1
+
+    def _take_media(self, seq: Sequence) -> Any:
+        if self._vision is None:
+            raise UpstreamError("This model has no vision projector.")
+        media = seq.media
+        tokenized = self._vision.take(media.text, media.images, add_special=media.add_special)
+        counts = tokenized.counts
+        seq.media_prompt_tokens, seq.image_tokens = counts.total, counts.image  # what is decoded
+        return tokenized
+
+    def _evaluate_media(self, seq: Sequence, slot: _Slot, tokenized: Any, reuse: int) -> None:
+        """All chunks but the last token through libmtmd into the slot; that token joins the batch."""
+        assert self._vision is not None
+        leading = tokenized.leading_tokens
+        n_past, last = self._vision.evaluate(
+            tokenized, ctx=self._ctx, seq_id=slot.seq_id, n_past=reuse, skip=reuse, n_batch=N_BATCH
+        )
+        slot.tokens = leading[: min(len(leading), n_past)] + [_IMAGE] * max(0, n_past - len(leading))
+        slot.pending = [last]
+
+
+def _common_prefix(cached: list[int], tokens: list[int]) -> int:
+    n = 0
+    for a, b in zip(cached, tokens, strict=False):
+        if a != b:  # _IMAGE equals no token id: reuse stops at the first image
+            break
+        n += 1
+    return n
