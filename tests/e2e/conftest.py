@@ -50,7 +50,8 @@ class TokentillServer:
             "TOKENTILL_DATA_DIR": str(workdir / "data"),
             "TOKENTILL_PORT": str(self.port),
             "TOKENTILL_HOST": "127.0.0.1",
-            "TOKENTILL_N_THREADS": "2",
+            # One llama.cpp thread: its spinning workers collapse when the test process competes for 2 cores.
+            "TOKENTILL_N_THREADS": "1",
             "TOKENTILL_HOLD_SWEEP_INTERVAL_S": "1",
             **env,
         }
