@@ -29,7 +29,8 @@ def _charges(server: TokentillServer, account: str) -> Decimal:
 
 def test_full_queue_is_503_and_costs_nothing(tmp_path: Path) -> None:
     llama_available()
-    server = TokentillServer(tmp_path, None, TOKENTILL_QUEUE_SIZE="1").start()
+    # One slot and one queue place: the rest of six concurrent requests must be turned away.
+    server = TokentillServer(tmp_path, None, TOKENTILL_QUEUE_SIZE="1", TOKENTILL_MAX_PARALLEL="1").start()
     try:
         key = server.new_key("busy", credits="2")
         body = {
