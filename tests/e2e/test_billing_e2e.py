@@ -60,7 +60,7 @@ def test_crash_releases_hold(tmp_path: Path) -> None:
             "messages": [
                 {"role": "user", "content": "Write a very long story about the sea, with many chapters."}
             ],
-            "max_completion_tokens": 4000,
+            "max_completion_tokens": 2000,
             "temperature": 1.0,
         }
 
@@ -77,7 +77,7 @@ def test_crash_releases_hold(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the hold never appeared"
             time.sleep(0.1)
         held = Decimal(1) - Decimal(server.balance("crash"))
-        assert held >= Decimal(4000 * 60) / 1_000_000  # the worst case is reserved up front
+        assert held >= Decimal(2000 * 60) / 1_000_000  # the worst case is reserved up front
         server.kill()  # SIGKILL mid-generation: no settlement ran
         assert Decimal(server.balance("crash")) < 1
         server.start()

@@ -79,7 +79,12 @@ def key(sqlite_server: TokentillServer) -> str:
             "messages[0].content[0]",
         ),
         ({"messages": [{"role": "user", "content": "word " * 9000}]}, "context_length_exceeded", "messages"),
-        ({**HELLO, "max_completion_tokens": 100_000}, "context_length_exceeded", "messages"),
+        ({**HELLO, "max_completion_tokens": 100_000}, "invalid_value", "max_completion_tokens"),
+        (
+            {"messages": [{"role": "user", "content": "word " * 7000}], "max_completion_tokens": 2000},
+            "context_length_exceeded",
+            "messages",
+        ),
     ],
 )
 def test_400s(sqlite_server: TokentillServer, key: str, body: Any, code: str, param: str | None) -> None:

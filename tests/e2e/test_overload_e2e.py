@@ -69,7 +69,7 @@ def test_deadline_is_504_and_costs_nothing(tmp_path: Path) -> None:
             key,
             {
                 "messages": [{"role": "user", "content": "Write a very long story about the sea."}],
-                "max_completion_tokens": 3000,
+                "max_completion_tokens": 2000,
                 "reasoning_effort": "high",
             },
         )
@@ -84,7 +84,7 @@ def test_deadline_is_504_and_costs_nothing(tmp_path: Path) -> None:
             client.chat.completions.create(
                 model=DEFAULT_MODEL,
                 messages=[{"role": "user", "content": "Write a very long story about the sea."}],
-                max_completion_tokens=3000,
+                max_completion_tokens=2000,
                 reasoning_effort="high",
             )
         assert info.value.status_code == 504

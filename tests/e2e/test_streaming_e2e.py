@@ -158,7 +158,7 @@ def test_disconnect_mid_stream_charges_generated_tokens(sqlite_server: Tokentill
         headers={"Authorization": f"Bearer {key}"},
         json={
             "messages": [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}],
-            "max_completion_tokens": 3000,
+            "max_completion_tokens": 2000,
             "reasoning_effort": "low",
             "stream": True,
             "include_reasoning": True,
@@ -184,7 +184,7 @@ def test_disconnect_mid_stream_charges_generated_tokens(sqlite_server: Tokentill
     assert len(rows) == 1, "the interrupted request was never settled"
     row = rows[0]
     assert row["status"] == 499
-    assert 0 < row["completion_tokens"] < 3000
+    assert 0 < row["completion_tokens"] < 2000
     balance = Decimal(sqlite_server.balance("leaver"))
     assert balance == Decimal(1) - Decimal(row["cost"])  # charged what was generated, the rest released
     assert Decimal(row["cost"]) == Decimal(row["prompt_tokens"] * 15 + row["completion_tokens"] * 60) / 10**6
