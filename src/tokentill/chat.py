@@ -143,17 +143,7 @@ class ChatService:
                 await lease.release()
             raise
         balance = await self._ledger.balance(principal.account_id)
-        engine_request = EngineRequest(
-            request_id=draft.request_id,
-            messages=draft.messages,
-            max_tokens=budget,
-            deadline=draft.deadline,
-            temperature=draft.temperature,
-            top_p=draft.top_p,
-            seed=draft.seed,
-            stop=draft.stop,
-            reasoning_effort=draft.reasoning_effort,
-        )
+        engine_request = replace(draft, max_tokens=budget)
         return PreparedChat(
             request_id=request_id,
             principal=principal,

@@ -122,8 +122,12 @@ class BatchedLlamaRunner:
 
     # --- BatchRunner ----------------------------------------------------------------------------------
 
-    def prefill(self, seq: Sequence) -> None:  # pragma: no cover - the scheduler calls prefill_chunk
-        raise NotImplementedError("BatchedLlamaRunner prefills through prefill_chunk")
+    def prefill(self, seq: Sequence) -> None:
+        """The whole prompt at once (the one-at-a-time `Runner` contract; the batching scheduler uses
+        `prefill_chunk` instead): chunks are queued and decoded until the prompt is in."""
+        while not self.prefill_chunk(seq):
+            self.flush()
+        self.flush()
 
     def prefill_chunk(self, seq: Sequence) -> bool:
         slot = self._by_seq.get(seq)
