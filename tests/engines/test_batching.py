@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests._services import require
+from tests.engines._helpers import collect_text
 from tokentill.catalog import ModelSpec
 from tokentill.engines import create_engine
 from tokentill.engines.base import EngineRequest, Finished, Message, TextDelta
@@ -65,26 +66,16 @@ def _request(text: str, request_id: str, *, system: str | None = None, **kwargs:
     return EngineRequest(**fields)  # type: ignore[arg-type]
 
 
-async def _collect(engine: LlamaCppEngine, request: EngineRequest) -> tuple[str, Finished]:
-    parts: list[str] = []
-    async for event in engine.generate(request):
-        if isinstance(event, TextDelta):
-            parts.append(event.text)
-        else:
-            return "".join(parts), event
-    raise AssertionError("no Finished event")
-
-
 def _alone(engine: LlamaCppEngine, requests: list[EngineRequest]) -> list[str]:
     async def one_by_one() -> list[str]:
-        return [(await _collect(engine, r))[0] for r in requests]
+        return [(await collect_text(engine, r))[0] for r in requests]
 
     return asyncio.run(one_by_one())
 
 
 def _together(engine: LlamaCppEngine, requests: list[EngineRequest]) -> list[tuple[str, Finished]]:
     async def gathered() -> list[tuple[str, Finished]]:
-        return list(await asyncio.gather(*(_collect(engine, r) for r in requests)))
+        return list(await asyncio.gather(*(collect_text(engine, r) for r in requests)))
 
     return asyncio.run(gathered())
 
@@ -119,8 +110,8 @@ def test_repeated_prefix_reports_cached_tokens(engine: LlamaCppEngine) -> None:
     )
 
     async def scenario() -> tuple[Finished, Finished]:
-        _, one = await _collect(engine, first)
-        _, two = await _collect(engine, second)
+        _, one = await collect_text(engine, first)
+        _, two = await collect_text(engine, second)
         return one, two
 
     one, two = asyncio.run(scenario())
@@ -192,7 +183,7 @@ def test_queue_full_and_deadline_with_parallel_slots() -> None:
             with pytest.raises(DeadlineExceeded):  # admitted, then out of time while generating
                 async for _ in running:
                     pass
-            _, finished = await _collect(engine, _request("Say hello.", "later"))
+            _, finished = await collect_text(engine, _request("Say hello.", "later"))
             assert finished.usage.completion_tokens > 0
 
         asyncio.run(scenario())

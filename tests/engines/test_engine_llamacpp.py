@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator, Iterator
 import pytest
 
 from tests._services import require
+from tests.engines._helpers import collect_text
 from tokentill.catalog import ModelSpec
 from tokentill.engines import create_engine
 from tokentill.engines.base import EngineEvent, EngineRequest, Finished, Message, TextDelta
@@ -57,22 +58,12 @@ def _request(text: str, request_id: str = "req", **kwargs: object) -> EngineRequ
     return EngineRequest(**fields)  # type: ignore[arg-type]
 
 
-async def _collect(engine: LlamaCppEngine, request: EngineRequest) -> tuple[str, Finished]:
-    parts: list[str] = []
-    async for event in engine.generate(request):
-        if isinstance(event, TextDelta):
-            parts.append(event.text)
-        else:
-            return "".join(parts), event
-    raise AssertionError("no Finished event")
-
-
 async def _first(stream: AsyncGenerator[EngineEvent, None]) -> EngineEvent:
     return await anext(stream)
 
 
 def _run(engine: LlamaCppEngine, request: EngineRequest) -> tuple[str, Finished]:
-    return asyncio.run(_collect(engine, request))
+    return asyncio.run(collect_text(engine, request))
 
 
 def test_completion_text_and_exact_usage(engine: LlamaCppEngine) -> None:
@@ -120,7 +111,7 @@ def test_concurrent_requests_do_not_interleave(engine: LlamaCppEngine) -> None:
 
     async def together() -> list[tuple[str, Finished]]:
         return await asyncio.gather(
-            *(_collect(engine, _request(p, request_id=f"c{i}")) for i, p in enumerate(prompts))
+            *(collect_text(engine, _request(p, request_id=f"c{i}")) for i, p in enumerate(prompts))
         )
 
     results = asyncio.run(together())
@@ -160,7 +151,7 @@ def test_closing_the_stream_stops_decoding(engine: LlamaCppEngine) -> None:
             assert isinstance(await anext(stream), TextDelta)
         await stream.aclose()  # what a client disconnect does
         # FIFO with one active sequence: "next" can only run once "gone" has been retired.
-        _, finished = await _collect(engine, _request("Say hello.", request_id="next"))
+        _, finished = await collect_text(engine, _request("Say hello.", request_id="next"))
         assert finished.usage.completion_tokens > 0
 
     asyncio.run(scenario())
@@ -182,7 +173,7 @@ def test_cancelled_task_stops_decoding(engine: LlamaCppEngine) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await _collect(engine, _request("Say hello.", request_id="after-task"))
+        await collect_text(engine, _request("Say hello.", request_id="after-task"))
 
     asyncio.run(scenario())
     decoded = engine.tokens_decoded("task")
@@ -209,7 +200,7 @@ def test_queue_full_is_overloaded_and_queue_deadline() -> None:
             with pytest.raises(DeadlineExceeded):  # timed out while still queued behind "busy"
                 await waiting_task
             await busy.aclose()
-            _, finished = await _collect(engine, _request("Say hello.", request_id="later"))
+            _, finished = await collect_text(engine, _request("Say hello.", request_id="later"))
             assert finished.usage.completion_tokens > 0
 
         asyncio.run(scenario())
@@ -223,7 +214,7 @@ def test_aclose_fails_queued_requests() -> None:
     async def scenario() -> None:
         busy = engine.generate(_request(LONG, request_id="busy", max_tokens=400))
         assert isinstance(await anext(busy), TextDelta)
-        queued = asyncio.create_task(_collect(engine, _request("Say hello.", request_id="queued")))
+        queued = asyncio.create_task(collect_text(engine, _request("Say hello.", request_id="queued")))
         await asyncio.sleep(0)
         await engine.aclose()
         with pytest.raises(Overloaded):

@@ -16,9 +16,10 @@ import pytest
 from PIL import Image
 
 from tests._services import require
+from tests.engines._helpers import collect_text
 from tokentill.catalog import ModelSpec
 from tokentill.engines import create_engine
-from tokentill.engines.base import EngineRequest, Finished, ImageInput, Message, TextDelta
+from tokentill.engines.base import EngineRequest, Finished, ImageInput, Message
 from tokentill.engines.llamacpp import LlamaCppEngine
 from tokentill.errors import InvalidRequest, UpstreamError
 
@@ -68,18 +69,8 @@ def _request(text: str, *images: ImageInput, request_id: str = "req", max_tokens
     )
 
 
-async def _collect(engine: LlamaCppEngine, request: EngineRequest) -> tuple[str, Finished]:
-    parts: list[str] = []
-    async for event in engine.generate(request):
-        if isinstance(event, TextDelta):
-            parts.append(event.text)
-        else:
-            return "".join(parts), event
-    raise AssertionError("no Finished event")
-
-
 def _run(engine: LlamaCppEngine, request: EngineRequest) -> tuple[str, Finished]:
-    return asyncio.run(_collect(engine, request))
+    return asyncio.run(collect_text(engine, request))
 
 
 def test_image_request_counts_image_tokens_exactly(engine: LlamaCppEngine) -> None:
