@@ -122,6 +122,9 @@ class ChatService:
             top_p=1.0 if request.top_p is None else request.top_p,
             seed=request.seed,
             stop=request.stop_sequences(),
+            logit_bias=request.token_biases(),
+            frequency_penalty=request.frequency_penalty or 0.0,
+            presence_penalty=request.presence_penalty or 0.0,
             reasoning_effort=request.reasoning_effort or "medium",
         )
         prompt_tokens = await anyio.to_thread.run_sync(engine.count_prompt_tokens, draft)

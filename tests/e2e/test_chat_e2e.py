@@ -144,3 +144,28 @@ def test_health_and_ready(server: TokentillServer) -> None:
     assert requests.get(server.url + "/readyz", timeout=5).status_code == 200
     metrics = requests.get(server.url + "/metrics", timeout=5)
     assert metrics.status_code == 200 and "python_info" in metrics.text
+
+
+def test_logit_bias_and_penalties_reach_the_model(server: TokentillServer, key: str) -> None:
+    import llama_cpp
+
+    from tokentill.catalog import default_weights_path
+
+    vocab = llama_cpp.Llama(model_path=str(default_weights_path()), vocab_only=True, verbose=False)
+    try:
+        (seven,) = vocab.tokenize(b"7", add_bos=False, special=True)
+    finally:
+        vocab.close()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    completion = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": "Name a colour."}],
+        max_completion_tokens=72,
+        reasoning_effort="low",  # 64 hidden tokens, then 8 visible ones
+        temperature=0,
+        logit_bias={str(seven): 100},
+        frequency_penalty=0,
+        presence_penalty=0,
+    )
+    assert completion.choices[0].message.content == "7" * 8
+    assert completion.choices[0].finish_reason == "length"

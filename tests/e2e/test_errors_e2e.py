@@ -64,6 +64,11 @@ def key(sqlite_server: TokentillServer) -> str:
         ({**HELLO, "reasoning_effort": "extreme"}, "unsupported_value", "reasoning_effort"),
         ({**HELLO, "stream_options": {"include_usage": True}}, "invalid_value", "stream_options"),
         ({**HELLO, "tools": [{"type": "function"}]}, "unsupported_parameter", "tools"),
+        ({**HELLO, "logit_bias": {"seven": 1}}, "invalid_value", "logit_bias"),
+        ({**HELLO, "logit_bias": {"7": 101}}, "invalid_value", "logit_bias.7"),
+        ({**HELLO, "logit_bias": {"99999999": -100}}, "invalid_value", "logit_bias"),  # not in the vocabulary
+        ({**HELLO, "presence_penalty": 2.5}, "invalid_value", "presence_penalty"),
+        ({**HELLO, "frequency_penalty": "high"}, "invalid_type", "frequency_penalty"),
         ({**HELLO, "model": "other"}, "invalid_value", "model"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "unsupported_value", "messages[0].role"),
         (

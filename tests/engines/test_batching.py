@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests._services import require
-from tests.engines._helpers import collect_text
+from tests.engines._helpers import collect_text, new_llama_engine
 from tokentill.catalog import ModelSpec
 from tokentill.engines import create_engine
 from tokentill.engines.base import EngineRequest, Finished, Message, TextDelta
@@ -34,21 +34,9 @@ SYSTEM = (
 )
 
 
-def _new_engine(*, parallel: int, queue_size: int = 32, context: int = 1024) -> LlamaCppEngine:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - depends on the machine
-        require("llama.cpp", f"llama-cpp-python is not importable: {exc}")
-    spec = ModelSpec(id="smol", engine="llamacpp", context=context, n_threads=1)
-    engine = create_engine(spec, queue_size=queue_size, n_threads=None, max_parallel=parallel)
-    assert isinstance(engine, LlamaCppEngine)
-    asyncio.run(engine.start())
-    return engine
-
-
 @pytest.fixture(scope="module")
 def engine() -> Iterator[LlamaCppEngine]:
-    engine = _new_engine(parallel=8)
+    engine = new_llama_engine(parallel=8)
     yield engine
     asyncio.run(engine.aclose())
 
@@ -134,7 +122,7 @@ def test_concurrent_requests_with_a_shared_system_prompt(engine: LlamaCppEngine)
 
 
 def test_a_cancelled_stream_frees_its_slot_for_a_queued_one() -> None:
-    engine = _new_engine(parallel=2, queue_size=4)
+    engine = new_llama_engine(parallel=2, queue_size=4)
     try:
 
         async def scenario() -> None:
@@ -161,7 +149,7 @@ def test_a_cancelled_stream_frees_its_slot_for_a_queued_one() -> None:
 
 
 def test_queue_full_and_deadline_with_parallel_slots() -> None:
-    engine = _new_engine(parallel=2, queue_size=1)
+    engine = new_llama_engine(parallel=2, queue_size=1)
     try:
 
         async def scenario() -> None:

@@ -76,6 +76,10 @@ class EngineRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # OpenAI's logit_bias as (token id, bias) pairs, and the two repetition penalties (0 = off).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     reasoning_effort: str = "medium"
     # A later pass of a request that was already admitted (the scratchpad's answer pass): the engine takes
     # it ahead of waiting requests and past the queue limit, so an admitted request never fails halfway.

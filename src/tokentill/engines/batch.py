@@ -42,11 +42,25 @@ _IMAGE = -1  # a KV position holding an image embedding, in `_Slot.tokens`
 
 
 class _Sampler:
-    """A llama.cpp sampler chain for one sequence: greedy at temperature 0, else top-p → temp → dist."""
+    """A llama.cpp sampler chain for one sequence: logit bias → penalties → greedy at temperature 0, else
+    top-p → temp → dist. Penalties count only the tokens this chain sampled (the completion), as OpenAI's
+    do; the chain's memory of them is bounded by the sequence's own budget."""
 
-    def __init__(self, lib: Any, params: SamplingParams) -> None:
+    def __init__(self, lib: Any, params: SamplingParams, *, n_vocab: int, max_tokens: int) -> None:
         self._lib = lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if params.logit_bias:
+            biases = (lib.llama_logit_bias * len(params.logit_bias))(
+                *(lib.llama_logit_bias(token, bias) for token, bias in params.logit_bias)
+            )
+            lib.llama_sampler_chain_add(
+                chain, lib.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases)
+            )
+        if params.frequency_penalty or params.presence_penalty:
+            penalties = lib.llama_sampler_init_penalties(
+                n_vocab, max(1, max_tokens), 1.0, params.frequency_penalty, params.presence_penalty
+            )
+            lib.llama_sampler_chain_add(chain, penalties)
         if params.temperature <= 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
         else:
@@ -91,6 +105,7 @@ class BatchedLlamaRunner:
         self._llm = llm
         self._vision = vision
         self._vocab = lib.llama_model_get_vocab(llm.model)
+        self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
         self._capacity = N_BATCH + parallel  # room for one chunk plus every slot's next token
         params = lib.llama_context_default_params()
         params.n_ctx = parallel * n_ctx_seq
@@ -241,7 +256,9 @@ class BatchedLlamaRunner:
                 slot.pending = seq.prompt[reuse:]
             else:
                 self._evaluate_media(seq, slot, tokenized, reuse)
-            slot.sampler = _Sampler(self._lib, seq.sampling)
+            slot.sampler = _Sampler(
+                self._lib, seq.sampling, n_vocab=self.n_vocab, max_tokens=seq.max_new_tokens
+            )
         except BaseException:
             self._by_seq.pop(seq, None)
             slot.owner = None

@@ -169,6 +169,7 @@ class LlamaCppEngine:
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         """TextDelta events, then one Finished; raises the `tokentill.errors` listed in `engines.base`."""
         scheduler = self._require_started()
+        self._check_logit_bias(request)
         media = self._media_prompt(request)
         prompt: list[int] = []
         counts = PromptCounts(total=0, image=0)
@@ -190,7 +191,14 @@ class LlamaCppEngine:
             request_id=request.request_id,
             prompt=prompt,
             max_new_tokens=max(1, min(request.max_tokens, n_ctx - n_prompt)),
-            sampling=SamplingParams(request.temperature, request.top_p, request.seed),
+            sampling=SamplingParams(
+                request.temperature,
+                request.top_p,
+                request.seed,
+                logit_bias=request.logit_bias,
+                frequency_penalty=request.frequency_penalty,
+                presence_penalty=request.presence_penalty,
+            ),
             stop=request.stop,
             deadline=request.deadline,
             timeout_s=max(0.0, request.deadline - time.monotonic()),
@@ -233,6 +241,18 @@ class LlamaCppEngine:
         if self._scheduler is None:
             raise UpstreamError("The model is not loaded.")
         return self._scheduler
+
+    def _check_logit_bias(self, request: EngineRequest) -> None:
+        """Every biased token must exist in this model's vocabulary (ids differ between models)."""
+        n_vocab = self._runner.n_vocab if self._runner is not None else 0
+        for token, _ in request.logit_bias:
+            if token >= n_vocab:
+                raise InvalidRequest(
+                    f"Invalid key in 'logit_bias': {token}. The model '{self.spec.id}' has {n_vocab} "
+                    f"tokens (ids 0 to {n_vocab - 1}).",
+                    code="invalid_value",
+                    param="logit_bias",
+                )
 
     def _render(self, request: EngineRequest, marker: str | None = None) -> tuple[str, bool]:
         """(prompt text, whether tokenizing it must add BOS)."""

@@ -23,6 +23,9 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None  # None = a fresh random seed per request
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    frequency_penalty: float = 0.0  # OpenAI's penalties, over the tokens this sequence generated
+    presence_penalty: float = 0.0
 
 
 class Channel:

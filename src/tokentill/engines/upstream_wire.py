@@ -93,6 +93,12 @@ def build_payload(
         payload["seed"] = request.seed
     if request.stop:
         payload["stop"] = list(request.stop)
+    if request.logit_bias:
+        payload["logit_bias"] = {str(token): bias for token, bias in request.logit_bias}
+    if request.frequency_penalty:
+        payload["frequency_penalty"] = request.frequency_penalty
+    if request.presence_penalty:
+        payload["presence_penalty"] = request.presence_penalty
     if reasoning != "none":
         payload["reasoning_effort"] = request.reasoning_effort
     return payload

@@ -73,7 +73,9 @@ local function trim_tokens(cutoff)
 end
 """
 
-ACQUIRE_LUA = _TRIM_TOKENS_LUA + """
+ACQUIRE_LUA = (
+    _TRIM_TOKENS_LUA
+    + """
 -- KEYS: 1 req zset, 2 tok zset, 3 tok hash (lease -> tokens, '~sum'), 4 conc zset
 -- ARGV: 1 lease id, 2 rpm, 3 tpm, 4 max_concurrent (0 = no limit), 5 tokens, 6 window us,
 --       7 lease ttl us, 8 concurrency retry us
@@ -170,6 +172,7 @@ if tpm > 0 then
 end
 return {failed == 0 and 1 or 0, failed, retry, req_used, req_reset, tok_used, tok_reset, conc_used}
 """
+)
 
 FINISH_LUA = """
 -- KEYS: 1 tok hash, 2 conc zset.  ARGV: 1 lease id, 2 actual tokens.
@@ -184,7 +187,9 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
 
-PEEK_LUA = _TRIM_TOKENS_LUA + """
+PEEK_LUA = (
+    _TRIM_TOKENS_LUA
+    + """
 -- KEYS: 1 req zset, 2 tok zset, 3 tok hash.  ARGV: 1 rpm, 2 tpm (0 = no limit), 3 window us.
 -- Trims like ACQUIRE_LUA and reports {req_used, req_reset_us, tok_used, tok_reset_us}; takes nothing.
 if redis.replicate_commands then pcall(redis.replicate_commands) end
@@ -206,6 +211,7 @@ if tpm > 0 then
 end
 return {req_used, req_reset, tok_used, tok_reset}
 """
+)
 
 
 def _keys(key_id: str) -> tuple[str, str, str, str]:

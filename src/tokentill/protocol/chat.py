@@ -67,6 +67,9 @@ class ChatCompletionRequest(_Strict):
     reasoning_effort: StrictStr | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[StrictStr, float] | None = None
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = None
     n: StrictInt | None = None
@@ -80,6 +83,10 @@ class ChatCompletionRequest(_Strict):
         """The client's explicit completion budget, from either spelling."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def token_biases(self) -> tuple[tuple[int, float], ...]:
+        """`logit_bias` as (token id, bias) pairs, keys already checked by `parse_chat_request`."""
+        return tuple(sorted((int(k), v) for k, v in (self.logit_bias or {}).items()))
+
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -88,11 +95,8 @@ class ChatCompletionRequest(_Strict):
 
 # OpenAI parameters we know but do not implement: accepted only with their neutral value.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (0, 0.0, None),
-    "frequency_penalty": (0, 0.0, None),
     "logprobs": (False, None),
     "top_logprobs": (None, 0),
-    "logit_bias": (None, {}),
     "parallel_tool_calls": (None, True, False),
     "store": (None, False),
     "service_tier": (None, "auto", "default"),
@@ -216,6 +220,7 @@ def _check_semantics(request: ChatCompletionRequest) -> None:
             code="invalid_value",
             param="stream_options",
         )
+    _check_logit_bias(request.logit_bias)
     stops = request.stop_sequences()
     if len(stops) > 4 or any(s == "" for s in stops):
         raise InvalidRequest("'stop' takes up to 4 non-empty sequences.", code="invalid_value", param="stop")
@@ -242,3 +247,31 @@ def _check_semantics(request: ChatCompletionRequest) -> None:
                         code="invalid_value",
                         param=f"messages[{i}].content[{j}]",
                     )
+
+
+MAX_LOGIT_BIAS = 1024  # entries; the engine checks each id against its own vocabulary
+
+
+def _check_logit_bias(bias: dict[str, float] | None) -> None:
+    """Keys are token ids written as decimal strings, values in [-100, 100] (OpenAI's rules)."""
+    if not bias:
+        return
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(
+            f"'logit_bias' takes up to {MAX_LOGIT_BIAS} tokens; {len(bias)} were given.",
+            code="invalid_value",
+            param="logit_bias",
+        )
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()):
+            raise InvalidRequest(
+                f"Invalid key in 'logit_bias': {key!r}. Keys are token ids, such as \"50256\".",
+                code="invalid_value",
+                param="logit_bias",
+            )
+        if not -100 <= value <= 100:
+            raise InvalidRequest(
+                f"Invalid value for 'logit_bias' token {key}: {value}. Biases range from -100 to 100.",
+                code="invalid_value",
+                param=f"logit_bias.{key}",
+            )
