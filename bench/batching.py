@@ -1,9 +1,12 @@
 """Concurrent streams: tokentill's continuous batching vs llama-cpp-python's server vs bare batched decode.
 
 One run, one machine, the packaged SmolLM2-135M-Instruct GGUF, the same thread count everywhere. For N in
-1, 4, 8, 16 concurrent streams, each asking for `--tokens` greedy tokens ("count from i to 1000", which
-SmolLM2 keeps doing until the budget), it prints the aggregate tokens/s (all completion tokens / wall time
-from the first request to the last `[DONE]`, prefill included) and the median time to first token, for:
+1, 4, 8, 16 concurrent streams, each asking for exactly `--tokens` greedy tokens (the model's end tokens are
+banned with `logit_bias` over HTTP and masked in the bare loop, so every stream decodes its whole budget
+everywhere), it prints the aggregate tokens/s (all completion tokens / wall time from the first request to
+the last `[DONE]`, prefill included) and the median time to first token, each the median of `--rounds`
+rounds that alternate between the three (every round asks new prompts, so no round is served from an
+earlier round's cache), for:
 
   (a) tokentill: a real `tokentill serve` (auth, credits, ledger), catalogue entry with `reasoning = "none"`,
       streaming SSE, `TOKENTILL_MAX_PARALLEL` = `--parallel`;
@@ -11,13 +14,19 @@ from the first request to the last `[DONE]`, prefill included) and the median ti
       (its default cuts a running stream off when the next request arrives, so most would not finish);
   (c) bare batched `llama_decode`: N sequences in one batch per step, no HTTP, no Python server: the limit.
 
+The HTTP client is one asyncio thread reading raw HTTP/1.1 (every stream must end with `[DONE]` and report
+`--tokens` completion tokens): on a 2-core machine a thread per stream would take CPU from the server
+being measured.
+
     .venv/bin/python bench/batching.py [--tokens 128] [--threads 2] [--parallel 8] [--streams 1,4,8,16]
+                                       [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -25,8 +34,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -40,11 +51,24 @@ from tokentill.catalog import default_weights_path  # noqa: E402
 CONTEXT = 1024  # per sequence, everywhere
 
 
-def prompt(i: int) -> str:
-    return f"Count from {i + 1} to 1000, separated by commas."
+def prompt(i: int, round_: int) -> str:
+    return f"Count from {i + 1 + 100 * round_} to 1000, separated by commas."
 
 
-def bare(n: int, tokens: int, threads: int) -> tuple[float, float]:
+def end_tokens() -> list[int]:
+    """The model's end-of-generation token ids (banned everywhere, so every stream runs its budget)."""
+    import llama_cpp
+
+    lib: Any = llama_cpp
+    llm = llama_cpp.Llama(model_path=str(default_weights_path()), vocab_only=True, verbose=False)
+    try:
+        vocab = lib.llama_model_get_vocab(llm.model)
+        return [t for t in range(lib.llama_vocab_n_tokens(vocab)) if lib.llama_vocab_is_eog(vocab, t)]
+    finally:
+        llm.close()
+
+
+def bare(n: int, tokens: int, threads: int, round_: int, banned: list[int]) -> tuple[float, float]:
     """(aggregate tok/s, seconds to the first token of every sequence) for n sequences in one batch."""
     import llama_cpp
     from llama_cpp import Llama
@@ -63,7 +87,7 @@ def bare(n: int, tokens: int, threads: int) -> tuple[float, float]:
     n_vocab = lib.llama_vocab_n_tokens(vocab)
     prompts = [
         llm.tokenize(
-            f"<|im_start|>user\n{prompt(i)}<|im_end|>\n<|im_start|>assistant\n".encode(),
+            f"<|im_start|>user\n{prompt(i, round_)}<|im_end|>\n<|im_start|>assistant\n".encode(),
             add_bos=False,
             special=True,
         )
@@ -86,7 +110,7 @@ def bare(n: int, tokens: int, threads: int) -> tuple[float, float]:
         return rows
 
     def argmax(row: int) -> int:
-        return _argmax(lib.llama_get_logits_ith(ctx, row), n_vocab)
+        return _argmax(lib.llama_get_logits_ith(ctx, row), n_vocab, banned)
 
     try:
         start = time.perf_counter()
@@ -106,59 +130,104 @@ def bare(n: int, tokens: int, threads: int) -> tuple[float, float]:
     return n * tokens / elapsed, first
 
 
-def _argmax(logits: Any, n_vocab: int) -> int:
+def _argmax(logits: Any, n_vocab: int, banned: list[int]) -> int:
     import numpy as np
 
-    return int(np.argmax(np.ctypeslib.as_array(logits, shape=(n_vocab,))))
+    row = np.ctypeslib.as_array(logits, shape=(n_vocab,))
+    row[banned] = -np.inf
+    return int(np.argmax(row))
 
 
-def stream_one(url: str, headers: dict[str, str], body: dict[str, Any]) -> tuple[float, int]:
+async def stream_one(url: str, headers: dict[str, str], body: dict[str, Any]) -> tuple[float, int]:
     """(seconds to the first content delta, completion tokens) of one streamed chat completion."""
+    target = urlsplit(url)
+    reader, writer = await asyncio.open_connection(target.hostname, target.port)
+    payload = json.dumps(body).encode()
+    head = [
+        f"POST {target.path} HTTP/1.1",
+        f"Host: {target.netloc}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(payload)}",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
     start = time.perf_counter()
-    first, chunks, usage = float("nan"), 0, None
-    with requests.post(url, headers=headers, json=body, stream=True, timeout=900) as r:
-        r.raise_for_status()
-        done = False
-        for line in r.iter_lines():
-            if line == b"data: [DONE]":
+    writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + payload)
+    status = await reader.readline()
+    if b" 200 " not in status:
+        raise RuntimeError(f"{status!r}: {await reader.read(2000)!r}")
+    chunked = False
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        chunked |= line.lower().startswith(b"transfer-encoding: chunked")
+    buffer, first, usage, chunks, done, finish = b"", float("nan"), None, 0, False, None
+    while True:
+        if chunked:
+            size = int((await reader.readline()).strip() or b"0", 16)
+            if size == 0:
+                break
+            buffer += (await reader.readexactly(size + 2))[:-2]
+        else:
+            data = await reader.read(65536)
+            if not data:
+                break
+            buffer += data
+        buffer = buffer.replace(b"\r\n", b"\n")  # sse-starlette (llama_cpp.server) ends lines with CRLF
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            if event == b"data: [DONE]":
                 done = True
-            if not line.startswith(b"data: {"):
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                usage = event["usage"]["completion_tokens"]
-            choices = event.get("choices") or []
-            if choices and choices[0].get("delta", {}).get("content"):
-                chunks += 1
-                if first != first:
-                    first = time.perf_counter() - start
-        if not done:
-            raise RuntimeError("stream ended without [DONE]")
+            elif event.startswith(b"data: {"):
+                chunk = json.loads(event[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]["completion_tokens"]
+                choices = chunk.get("choices") or []
+                if choices and choices[0].get("finish_reason"):
+                    finish = choices[0]["finish_reason"]
+                if choices and choices[0].get("delta", {}).get("content"):
+                    chunks += 1
+                    if first != first:
+                        first = time.perf_counter() - start
+    writer.close()
+    if not done:
+        raise RuntimeError("stream ended without [DONE]")
+    if usage is None and finish == "length":  # llama_cpp.server sends no usage: the budget was spent
+        usage = body["max_tokens"]
     return first, usage if usage is not None else chunks
 
 
 def concurrent_streams(
-    url: str, headers: dict[str, str], model: str, n: int, tokens: int
+    url: str, headers: dict[str, str], model: str, n: int, tokens: int, round_: int, banned: list[int]
 ) -> tuple[float, float]:
     bodies = [
         {
             "model": model,
-            "messages": [{"role": "user", "content": prompt(i)}],
+            "messages": [{"role": "user", "content": prompt(i, round_)}],
             "max_tokens": tokens,
             "temperature": 0,
+            "logit_bias": {str(t): -100 for t in banned},
             "stream": True,
             "stream_options": {"include_usage": True},
         }
         for i in range(n)
     ]
+
+    async def together() -> list[tuple[float, int]]:
+        return await asyncio.gather(*(stream_one(url, headers, body) for body in bodies))
+
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(n) as pool:
-        results = list(pool.map(lambda b: stream_one(url, headers, b), bodies))
+    results = asyncio.run(together())
     elapsed = time.perf_counter() - start
+    short = [r[1] for r in results if r[1] != tokens]
+    if short:
+        raise RuntimeError(f"{len(short)} streams stopped before {tokens} tokens: {short}")
     return sum(r[1] for r in results) / elapsed, statistics.median(r[0] for r in results)
 
 
-def llama_cpp_server(threads: int, streams: list[int], tokens: int) -> dict[int, tuple[float, float]]:
+Measure = Callable[[int, int], tuple[float, float]]  # (streams, round) -> (aggregate tok/s, median TTFT)
+
+
+@contextlib.contextmanager
+def llama_cpp_server(threads: int, tokens: int, banned: list[int]) -> Iterator[Measure]:
     port = free_port()
     cmd = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(default_weights_path()),
@@ -181,14 +250,15 @@ def llama_cpp_server(threads: int, streams: list[int], tokens: int) -> dict[int,
                     raise RuntimeError(f"llama_cpp.server did not start: {log.read()[-2000:]!r}")
                 time.sleep(0.3)
             chat = url + "/v1/chat/completions"
-            concurrent_streams(chat, {}, "x", 1, 8)  # warm-up
-            return {n: concurrent_streams(chat, {}, "x", n, tokens) for n in streams}
+            concurrent_streams(chat, {}, "x", 1, 8, -1, banned)  # warm-up
+            yield lambda n, round_: concurrent_streams(chat, {}, "x", n, tokens, round_, banned)
         finally:
             proc.terminate()
             proc.wait(30)
 
 
-def tokentill(threads: int, parallel: int, streams: list[int], tokens: int) -> dict[int, tuple[float, float]]:
+@contextlib.contextmanager
+def tokentill(threads: int, parallel: int, tokens: int, banned: list[int]) -> Iterator[Measure]:
     with tempfile.TemporaryDirectory() as tmp:
         catalogue = Path(tmp) / "models.toml"
         catalogue.write_text(
@@ -206,8 +276,8 @@ def tokentill(threads: int, parallel: int, streams: list[int], tokens: int) -> d
             key = server.new_key("bench", credits="100000")
             headers = {"Authorization": f"Bearer {key}"}
             chat = server.url + "/v1/chat/completions"
-            concurrent_streams(chat, headers, "plain", 1, 8)  # warm-up
-            return {n: concurrent_streams(chat, headers, "plain", n, tokens) for n in streams}
+            concurrent_streams(chat, headers, "plain", 1, 8, -1, banned)  # warm-up
+            yield lambda n, round_: concurrent_streams(chat, headers, "plain", n, tokens, round_, banned)
         finally:
             server.stop()
 
@@ -218,21 +288,44 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=8, help="tokentill's TOKENTILL_MAX_PARALLEL")
     parser.add_argument("--streams", default="1,4,8,16")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per figure; the median is printed")
     parser.add_argument("--skip-server", action="store_true", help="leave out llama_cpp.server (slow)")
     args = parser.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
+    banned = end_tokens()
 
     load_before = os.getloadavg()
-    results: dict[str, dict[int, tuple[float, float]]] = {}
-    results["(c) bare batched llama_decode"] = {n: bare(n, args.tokens, args.threads) for n in streams}
-    results["(a) tokentill HTTP SSE"] = tokentill(args.threads, args.parallel, streams, args.tokens)
-    if not args.skip_server:
-        results["(b) llama_cpp.server SSE"] = llama_cpp_server(args.threads, streams, args.tokens)
+    with contextlib.ExitStack() as stack:
+        # Both servers stay up (idle when not measured) so that rounds can alternate between the three:
+        # a machine that slows down for a while then costs every contender alike.
+        measures: dict[str, Measure] = {
+            "(c) bare batched llama_decode": lambda n, r: bare(n, args.tokens, args.threads, r, banned),
+            "(a) tokentill HTTP SSE": stack.enter_context(
+                tokentill(args.threads, args.parallel, args.tokens, banned)
+            ),
+        }
+        if not args.skip_server:
+            measures["(b) llama_cpp.server SSE"] = stack.enter_context(
+                llama_cpp_server(args.threads, args.tokens, banned)
+            )
+        runs: dict[str, dict[int, list[tuple[float, float]]]] = {name: {} for name in measures}
+        for n in streams:
+            for round_ in range(args.rounds):
+                for name, measure in measures.items():
+                    runs[name].setdefault(n, []).append(measure(n, round_))
     load_after = os.getloadavg()
+    results = {
+        name: {
+            n: (statistics.median(r[0] for r in figures), statistics.median(r[1] for r in figures))
+            for n, figures in by_n.items()
+        }
+        for name, by_n in runs.items()
+    }
 
     print(
         f"machine: {os.cpu_count()} cores, threads={args.threads}, tokentill max_parallel={args.parallel}, "
-        f"{args.tokens} tokens per stream, greedy, context {CONTEXT}/sequence; "
+        f"{args.tokens} tokens per stream, greedy, context {CONTEXT}/sequence, median of {args.rounds} "
+        "alternating rounds; "
         f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}"
     )
     header = "| streams | " + " | ".join(f"{name} tok/s | TTFT s" for name in results) + " |"
