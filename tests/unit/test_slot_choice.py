@@ -19,7 +19,8 @@ def _runner(busy: set[int], cached: dict[int, list[int]]) -> BatchedLlamaRunner:
 def _pick(busy: set[int], cached: dict[int, list[int]], prompt: list[int]) -> int:
     runner = _runner(busy, cached)
     free = [s for s in runner._slots if s.owner is None]
-    return runner._choose(free, prompt).seq_id
+    slot, _ = runner._choose(free, prompt)
+    return slot.seq_id
 
 
 def test_idle_engine_takes_the_longest_cached_prefix() -> None:

@@ -244,10 +244,10 @@ class BatchedLlamaRunner:
             key = tokenized.leading_tokens
         else:
             tokenized, key = None, seq.prompt
-        slot = self._choose(free, key)
+        slot, shared = self._choose(free, key)
         # at least the last prompt token is evaluated again: its logits start sampling
         limit = len(key) if tokenized is not None else len(key) - 1
-        reuse = self._truncate(slot, min(_common_prefix(slot.tokens, key), limit))
+        reuse = self._truncate(slot, min(shared, limit))
         slot.owner, slot.logits_index = seq, -1
         self._by_seq[seq] = slot
         try:
@@ -269,8 +269,9 @@ class BatchedLlamaRunner:
         seq.cached_tokens = reuse
         return slot
 
-    def _choose(self, free: list[_Slot], key: list[int]) -> _Slot:
-        """The free slot that best trades cached prefix against a compact range of busy slots.
+    def _choose(self, free: list[_Slot], key: list[int]) -> tuple[_Slot, int]:
+        """The free slot that best trades cached prefix against a compact range of busy slots, and the
+        length of the prefix its cache shares with `key`.
 
         llama.cpp evaluates a step over the contiguous range of sequence streams from the lowest to the
         highest busy slot, used or not: four sequences in slots 0, 2, 4, 6 cost a step about as much as
@@ -280,12 +281,16 @@ class BatchedLlamaRunner:
         for the requests that follow.
         """
         busy = [s.seq_id for s in self._slots if s.owner is not None]
-
-        def score(slot: _Slot) -> tuple[int, int]:
-            span = max(busy + [slot.seq_id]) - min(busy + [slot.seq_id]) + 1 if busy else 1
-            return _common_prefix(slot.tokens, key) - SPAN_COST * span, -slot.seq_id
-
-        return max(free, key=score)
+        low, high = (min(busy), max(busy)) if busy else (len(self._slots), -1)
+        best: tuple[int, int, _Slot, int] | None = None
+        for slot in free:
+            shared = _common_prefix(slot.tokens, key)
+            span = max(high, slot.seq_id) - min(low, slot.seq_id) + 1
+            score = shared - SPAN_COST * span
+            if best is None or (score, -slot.seq_id) > best[:2]:
+                best = (score, -slot.seq_id, slot, shared)
+        assert best is not None, "called with at least one free slot"
+        return best[2], best[3]
 
     def _truncate(self, slot: _Slot, reuse: int) -> int:
         """Keep the first `reuse` KV cells of `slot`, drop the rest; returns what was kept."""
