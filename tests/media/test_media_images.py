@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import random
+import threading
+import time
 
 import pytest
 from PIL import Image
@@ -14,6 +16,7 @@ from tokentill.engines.base import ImageInput
 from tokentill.errors import InvalidRequest
 from tokentill.media import ImageRef, MediaPolicy, MediaService
 from tokentill.media.images import prepare_image
+from tokentill.media.service import MAX_DATA_URI_HEADER, _DataURI
 
 
 async def _load(url: str, detail: str = "auto", policy: MediaPolicy | None = None) -> ImageInput:
@@ -117,6 +120,33 @@ def test_base64_with_whitespace_is_accepted() -> None:
     head, payload = uri.split(",", 1)
     wrapped = "\n".join(payload[i : i + 60] for i in range(0, len(payload), 60))
     assert load(f"{head},{wrapped}  ").width == 64
+
+
+def test_heavily_whitespaced_base64_is_accepted() -> None:
+    """Every ASCII whitespace between every character, plus megabytes of trailing blanks, still decodes."""
+    head, payload = data_uri(png_bytes()).split(",", 1)
+    blanks = " \t\r\n\x0b\x0c"
+    spread = "".join(char + blanks[index % len(blanks)] for index, char in enumerate(payload))
+    assert load(f"{head}, {spread}" + " \n" * 4_000_000).width == 64
+
+
+def test_non_ascii_whitespace_is_not_base64() -> None:
+    head, payload = data_uri(png_bytes()).split(",", 1)
+    error = refused(f"{head},{payload[:40]}\u00a0{payload[40:]}", "invalid_image_url")
+    assert "base64" in error.message
+
+
+def test_data_uri_payload_is_decoded_in_a_worker_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: list[int] = []
+    original = _DataURI.decode
+
+    def recording(self: _DataURI, param: str) -> bytes:
+        threads.append(threading.get_ident())
+        return original(self, param)
+
+    monkeypatch.setattr(_DataURI, "decode", recording)
+    assert load(data_uri(png_bytes())).width == 64
+    assert threads and threads[0] != threading.get_ident()
 
 
 def test_data_uri_scheme_and_type_are_case_insensitive() -> None:
@@ -249,6 +279,34 @@ def test_bad_base64_is_refused(url: str) -> None:
 @pytest.mark.parametrize("url", ["data:image/png,rawbytes", "data:,hello", "data:image/png;base64", "data:"])
 def test_malformed_data_uris_are_refused(url: str) -> None:
     refused(url, "invalid_image_url")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "data:image/png" + ";a" * 10_000_000,  # 20 MB of parameters and no comma
+        "data:image/png" + ";a" * 10_000_000 + ";base64,iVBORw0KGgo=",  # the comma 20 MB in
+        "data:" + "a" * 300 + "/png;base64,iVBORw0KGgo=",
+    ],
+    ids=["no-comma", "far-comma", "long-type"],
+)
+def test_a_huge_data_uri_header_is_refused_without_scanning_it(url: str) -> None:
+    """The header is capped at MAX_DATA_URI_HEADER characters; nothing past the cap is read by the regex.
+
+    Before the cap a 20 MB header took seconds of regex time on the event loop; the bound here is loose.
+    """
+    started = time.perf_counter()
+    error = refused(url, "invalid_image_url")
+    assert time.perf_counter() - started < 1.0
+    assert "data:image/png;base64," in error.message
+
+
+def test_a_header_at_the_cap_is_accepted() -> None:
+    head, payload = data_uri(png_bytes()).split(",", 1)
+    padded = head.replace(";base64", ";p=" + "x" * (MAX_DATA_URI_HEADER - len(head) - 3) + ";base64")
+    assert len(padded) == MAX_DATA_URI_HEADER  # the header before the comma, at the cap
+    assert load(f"{padded},{payload}").width == 64
+    refused(f"{padded.replace(';p=', ';pp=')},{payload}", "invalid_image_url")
 
 
 # --- robustness ----------------------------------------------------------------------------------------

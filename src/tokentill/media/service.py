@@ -32,14 +32,16 @@ from tokentill.errors import InvalidRequest
 from tokentill.media.fetch import FetchedImage, GuardedFetcher, Resolver, parse_allow_hosts
 from tokentill.media.images import DETAILS, MIME_FORMATS, prepare_image
 
-__all__ = ["DECODE_CONCURRENCY", "ImageRef", "MediaPolicy", "MediaService"]
+__all__ = ["DECODE_CONCURRENCY", "MAX_DATA_URI_HEADER", "ImageRef", "MediaPolicy", "MediaService"]
 
 logger = logging.getLogger(__name__)
 
 DECODE_CONCURRENCY = 2
+MAX_DATA_URI_HEADER = 256  # characters before the comma of a data URI; a longer header is refused
 
-# data:<type>[;param=value]*;base64,<payload> — only base64 payloads, only image types we decode.
-_DATA_URI = re.compile(r"data:(?P<mime>[a-z0-9.+-]+/[a-z0-9.+-]+)(?P<params>(?:;[^,;]*)*?);base64,", re.I)
+# data:<type>[;param=value]*;base64, — only base64 payloads; matched against the header alone.
+_DATA_URI_HEADER = re.compile(r"data:(?P<mime>[a-z0-9.+-]+/[a-z0-9.+-]+)(?:;[^,;]*)*?;base64,", re.I)
+_ASCII_WHITESPACE = b" \t\n\r\x0b\x0c"
 
 
 @dataclass(frozen=True)
@@ -172,18 +174,21 @@ class MediaService:
                 code="invalid_value",
                 param=_detail_param(param),
             )
-        declared: str | None
-        if url[:5].lower() == "data:":
-            data, declared = self._decode_data_uri(url, param)
-        else:
-            fetched = await self._fetch(url, param)
-            data, declared = fetched.data, fetched.content_type
         if self._limiter is None:
             raise RuntimeError("MediaService.start() was not awaited")
         p = self.policy
+        source: bytes | _DataURI
+        declared: str | None
+        if url[:5].lower() == "data:":
+            # Only the short header is parsed here; the payload is decoded in the worker thread below.
+            source = self._data_uri(url, param)
+            declared = source.mime
+        else:
+            fetched = await self._fetch(url, param)
+            source, declared = fetched.data, fetched.content_type
         work = partial(
-            prepare_image,
-            data,
+            _decode_and_prepare,
+            source,
             declared_mime=declared,
             detail=detail,
             max_pixels=p.max_pixels,
@@ -198,9 +203,11 @@ class MediaService:
             raise RuntimeError("MediaService.start() was not awaited")
         return await self._fetcher.fetch(url, param=param)
 
-    def _decode_data_uri(self, url: str, param: str) -> tuple[bytes, str]:
-        """(bytes, declared mime) of a base64 image data URI; the size is capped before decoding."""
-        match = _DATA_URI.match(url)
+    def _data_uri(self, url: str, param: str) -> _DataURI:
+        """Check a data URI's header and size without scanning or copying its payload (cheap, event loop)."""
+        # A bounded search: the regex only ever sees the short header, never megabytes of hostile text.
+        comma = url.find(",", 0, MAX_DATA_URI_HEADER + 1)
+        match = _DATA_URI_HEADER.fullmatch(url, 0, comma + 1) if comma > 0 else None
         if match is None:
             raise InvalidRequest(
                 "Image data URI must look like data:image/png;base64,<data>.",
@@ -215,32 +222,78 @@ class MediaService:
                 code="invalid_image",
                 param=param,
             )
-        payload = url[match.end() :]
-        limit_encoded = 4 * math.ceil(self.policy.max_bytes / 3)
-        # Cheap check first so an enormous string is not copied; whitespace can only make it shorter.
-        if len(payload) > 2 * limit_encoded:
-            raise self._too_large(param)
-        compact = "".join(payload.split())
-        if len(compact) > limit_encoded:
-            raise self._too_large(param)
-        if not compact:
+        # Whitespace can only make the payload longer than its base64, and base64 is 4/3 of the bytes;
+        # anything over twice that is refused without being copied.
+        if len(url) - (comma + 1) > 2 * _encoded_length(self.policy.max_bytes):
+            raise _too_large(self.policy.max_bytes, param)
+        return _DataURI(url, comma + 1, mime, self.policy.max_bytes)
+
+
+@dataclass(frozen=True)
+class _DataURI:
+    """A data URI whose header passed `MediaService._data_uri`; the payload starts at `start`."""
+
+    url: str
+    start: int
+    mime: str
+    max_bytes: int
+
+    def decode(self, param: str) -> bytes:
+        """The payload's bytes (ASCII whitespace ignored); runs in a worker thread."""
+        try:
+            # ASCII only: anything else is not base64. One copy to bytes, one without whitespace.
+            encoded = self.url[self.start :].encode("ascii").translate(None, _ASCII_WHITESPACE)
+        except UnicodeEncodeError:
+            raise _bad_base64(param) from None
+        if len(encoded) > _encoded_length(self.max_bytes):
+            raise _too_large(self.max_bytes, param)
+        if not encoded:
             raise InvalidRequest("Image data URI is empty.", code="invalid_image", param=param)
         try:
-            data = base64.b64decode(compact, validate=True)
+            data = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
-            raise InvalidRequest(
-                "Image data URI is not valid base64.", code="invalid_image_url", param=param
-            ) from None
-        if len(data) > self.policy.max_bytes:
-            raise self._too_large(param)
+            raise _bad_base64(param) from None
+        if len(data) > self.max_bytes:
+            raise _too_large(self.max_bytes, param)
         if not data:
             raise InvalidRequest("Image data URI is empty.", code="invalid_image", param=param)
-        return data, mime
+        return data
 
-    def _too_large(self, param: str) -> InvalidRequest:
-        return InvalidRequest(
-            f"Image is larger than the {self.policy.max_bytes} byte limit.", code="invalid_image", param=param
-        )
+
+def _decode_and_prepare(
+    source: bytes | _DataURI,
+    *,
+    declared_mime: str | None,
+    detail: str,
+    max_pixels: int,
+    low_side: int,
+    high_side: int,
+    param: str,
+) -> ImageInput:
+    """All the heavy work of one image, in a worker thread: base64 decoding, then `prepare_image`."""
+    data = source.decode(param) if isinstance(source, _DataURI) else source
+    return prepare_image(
+        data,
+        declared_mime=declared_mime,
+        detail=detail,
+        max_pixels=max_pixels,
+        low_side=low_side,
+        high_side=high_side,
+        param=param,
+    )
+
+
+def _encoded_length(max_bytes: int) -> int:
+    return 4 * math.ceil(max_bytes / 3)
+
+
+def _too_large(max_bytes: int, param: str) -> InvalidRequest:
+    message = f"Image is larger than the {max_bytes} byte limit."
+    return InvalidRequest(message, code="invalid_image", param=param)
+
+
+def _bad_base64(param: str) -> InvalidRequest:
+    return InvalidRequest("Image data URI is not valid base64.", code="invalid_image_url", param=param)
 
 
 def _first_api_error(group: BaseExceptionGroup[BaseException]) -> InvalidRequest | None:
