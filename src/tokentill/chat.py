@@ -66,6 +66,8 @@ class PreparedChat:
     started: float = field(default_factory=time.monotonic)
     include_reasoning: bool = False
     stream: bool = False  # tokens reach the client as they are made (decides what a failure costs)
+    run_started: bool = False  # `ChatService.run` has begun: its `finally` settles
+    settled: bool = False  # the hold and the lease have been settled or released (exactly once)
 
 
 class ChatService:
@@ -111,7 +113,7 @@ class ChatService:
                 code="unsupported_parameter",
                 param="reasoning_effort",
             )
-        messages = await self._messages(request, engine)
+        messages = await self._messages(request, engine, principal, spec)
         explicit = request.completion_limit()
         draft = EngineRequest(
             request_id=request_id,
@@ -131,6 +133,7 @@ class ChatService:
         room = self._check_context(spec, engine, prompt_tokens, explicit)
         budget = await self._budget(principal, spec, prompt_tokens, explicit, room)
         lease = await self._limiter.acquire(principal.key_id, _limits(principal), prompt_tokens + budget)
+        hold: Hold | None = None
         try:
             need = pricing.cost(prompt_tokens, budget, spec.price_input, spec.price_output)
             hold = await self._ledger.reserve(
@@ -141,11 +144,13 @@ class ChatService:
                 ttl_s=self._hold_ttl,
                 need_description=f"{prompt_tokens} prompt + {budget} completion tokens",
             )
+            balance = await self._ledger.balance(principal.account_id)
         except BaseException:
             with anyio.CancelScope(shield=True):
+                if hold is not None:
+                    await self._ledger.release(hold)
                 await lease.release()
             raise
-        balance = await self._ledger.balance(principal.account_id)
         engine_request = replace(draft, max_tokens=budget)
         return PreparedChat(
             request_id=request_id,
@@ -167,6 +172,7 @@ class ChatService:
         reasoning = 0
         finished: Finished | None = None
         status = 499  # until proven otherwise: the consumer stopped listening
+        chat.run_started = True
         try:
             async for event in chat.engine.generate(chat.engine_request):
                 if isinstance(event, TextDelta):
@@ -198,7 +204,10 @@ class ChatService:
             reasoning, cached, estimated = usage.reasoning_tokens, usage.cached_tokens, usage.estimated
             image_tokens = usage.image_tokens
         else:
-            prompt, completion, cached, estimated = chat.prompt_tokens, generated, 0, False
+            # No final usage from the engine: the prompt count is ours (an estimate for engines without
+            # an exact tokenizer) and the completion count is the tokens seen so far.
+            prompt, completion, cached = chat.prompt_tokens, generated, 0
+            estimated = not chat.engine.capabilities.exact_prompt_tokens
         record = UsageRecord(
             request_id=chat.request_id,
             key_id=chat.principal.key_id,
@@ -216,19 +225,36 @@ class ChatService:
         # it; an engine failure costs nothing unless those tokens were already streamed to the client.
         free = finished is None and (generated == 0 or (status != 499 and not chat.stream))
         cost = 0
+        chat.settled = True
         try:
             if free:
                 record = replace(record, completion_tokens=0, reasoning_tokens=0)
                 await self._ledger.release(chat.hold, usage=record)
-                await chat.lease.release()
             else:
                 cost = pricing.cost(prompt, completion, chat.spec.price_input, chat.spec.price_output)
                 await self._ledger.settle(chat.hold, cost=cost, usage=record)
-                await chat.lease.settle(prompt + completion)
             metrics.observe_request(record, cost, time.monotonic() - chat.started)
         except Exception:
             # The hold stays open and the sweeper releases it after hold_ttl_s: logged, never lost.
             log.exception("settling request %s failed; its hold is left to expire", chat.request_id)
+        finally:
+            # The rate-limit lease is returned whatever happened to the ledger: a database error must not
+            # keep the key's concurrency slot and reserved tokens until the lease expires.
+            try:
+                if free:
+                    await chat.lease.release()
+                else:
+                    await chat.lease.settle(prompt + completion)
+            except Exception:
+                log.exception("returning the rate-limit lease of request %s failed", chat.request_id)
+
+    async def abandon(self, chat: PreparedChat) -> None:
+        """Release a prepared request whose `run` never started (the client left first); a no-op once
+        `run` has begun, since its own `finally` settles. Safe to call in any `finally`."""
+        if chat.settled or chat.run_started:
+            return
+        with anyio.CancelScope(shield=True):
+            await self._settle(chat, None, 0, 0, 499)
 
     async def balance(self, account_id: int) -> int:
         return await self._ledger.balance(account_id)
@@ -251,7 +277,11 @@ class ChatService:
         if not engine.capabilities.exact_prompt_tokens:
             # An estimate must not refuse what the real tokenizer accepts: the engine's server judges the
             # context (its 400 context_length_exceeded passes through); the hold is priced on the estimate.
-            return max(1, explicit if explicit is not None else context - prompt_tokens)
+            if explicit is not None:
+                return explicit
+            # When the estimate leaves no room the real prompt may still fit: the budget falls back to the
+            # model's output cap (or a quarter of the context) rather than collapsing to one token.
+            return context - prompt_tokens if context > prompt_tokens else spec.max_output or context // 4
         room = context - prompt_tokens
         if room < 1 or (explicit is not None and explicit > room):
             asked = f" and {explicit} in the completion" if explicit is not None else ""
@@ -271,6 +301,16 @@ class ChatService:
         `max_output` and at what the balance affords."""
         if explicit is not None:
             return explicit
+        affordable = await self._check_affordable(principal, spec, prompt_tokens)
+        budget = min(room, affordable, spec.max_output or room)
+        if principal.tpm is not None and prompt_tokens < principal.tpm:
+            # A key limited to N tokens a minute could never be admitted with a default budget above
+            # what is left of N after the prompt: the budget it did not ask for shrinks instead.
+            budget = min(budget, principal.tpm - prompt_tokens)
+        return budget
+
+    async def _check_affordable(self, principal: Principal, spec: ModelSpec, prompt_tokens: int) -> int:
+        """How many completion tokens the balance affords after `prompt_tokens`; 402 if not even one."""
         balance = await self._ledger.balance(principal.account_id)
         affordable = pricing.affordable_completion_tokens(
             balance, prompt_tokens, spec.price_input, spec.price_output
@@ -282,9 +322,11 @@ class ChatService:
                 f"needs at least {format_credits(need)} ({prompt_tokens} prompt tokens and 1 completion "
                 "token). Add credits to continue."
             )
-        return min(room, affordable, spec.max_output or room)
+        return affordable
 
-    async def _messages(self, request: ChatCompletionRequest, engine: Engine) -> tuple[Message, ...]:
+    async def _messages(
+        self, request: ChatCompletionRequest, engine: Engine, principal: Principal, spec: ModelSpec
+    ) -> tuple[Message, ...]:
         """Engine messages with every image fetched and validated (concurrently), each where it was sent."""
         refs: list[ImageRef] = []
         for i, message in enumerate(request.messages):
@@ -301,6 +343,10 @@ class ChatService:
                     )
                 url = part.image_url
                 refs.append(ImageRef(url.url, url.detail, f"messages[{i}].content[{j}].image_url.url"))
+        if refs:
+            # Fetching and decoding images is the expensive part of admission: an account that cannot
+            # pay for a single token is refused before any of it happens.
+            await self._check_affordable(principal, spec, 1)
         loaded = iter(await self._media.load_many(refs) if refs else [])
         out: list[Message] = []
         for message in request.messages:
