@@ -111,7 +111,7 @@ def test_dns_answer_with_any_private_address_is_refused(server: LoopbackServer) 
     """Rebinding: a public-looking first answer does not excuse a loopback second one."""
     resolver = FakeResolver({"rebind.example": ["93.184.216.34", "127.0.0.1"]})
     error = refused(f"http://rebind.example:{server.port}/img.png", resolver=resolver)
-    assert "rebind.example resolves to 127.0.0.1 is a loopback address" in error.message
+    assert "rebind.example resolves to 127.0.0.1, and 127.0.0.1 is a loopback address" in error.message
     assert resolver.calls == [("rebind.example", server.port)]
     assert server.hits == []
 

@@ -211,7 +211,8 @@ class GuardedFetcher:
         for address in addresses:
             verdict = classify(address)
             if not verdict.is_global:
-                via = "" if target.literal is not None else f"{target.host[:253]} resolves to "
+                # "localhost resolves to 127.0.0.1, and 127.0.0.1 is a loopback address"
+                via = "" if target.literal is not None else f"{target.host[:253]} resolves to {address}, and "
                 logger.info("image URL refused: %s%s", via, verdict.describe())
                 raise _refuse(f"Image URL refused: {via}{verdict.describe()}. {ALLOW_HINT}", param)
         return addresses
