@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import ssl
 import struct
 import threading
@@ -122,3 +123,33 @@ class LoopbackServer:
     @property
     def allow(self) -> frozenset[str]:
         return frozenset({f"127.0.0.1:{self.port}"})
+
+
+class StalledListener:
+    """A listener on (host, port) whose accept queue is full, so a new connect never completes.
+
+    Linux keeps backlog + 1 connections queued; once that many are waiting and none is accepted, further
+    SYNs are dropped and the client's connect hangs until its own timeout. Loopback addresses only.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.listener.bind((host, port))
+        self.listener.listen(0)
+        self.port = int(self.listener.getsockname()[1])
+        self._waiting: list[socket.socket] = []
+        for _ in range(8):
+            client = socket.socket(self.listener.family)
+            client.settimeout(0.2)
+            try:
+                client.connect((host, self.port))
+            except TimeoutError:
+                client.close()
+                return
+            self._waiting.append(client)
+        raise RuntimeError("could not fill the accept queue")
+
+    def close(self) -> None:
+        for client in self._waiting:
+            client.close()
+        self.listener.close()

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import pytest
 from PIL import Image
 
-from tests.media.helpers import PARAM, LoopbackServer, Route, encode, png_bytes
+from tests.media.helpers import PARAM, LoopbackServer, Route, StalledListener, encode, png_bytes
 from tokentill.engines.base import ImageInput
 from tokentill.errors import InvalidRequest
 from tokentill.media import MediaPolicy, MediaService
@@ -245,6 +245,33 @@ def test_slow_server_times_out(server: LoopbackServer) -> None:
     error = refused(f"{server.origin}/slow", policy=allowed(server, read_timeout_s=0.3))
     assert "timed out" in error.message
     assert time.monotonic() - started < 1.4
+
+
+def test_connect_timeout() -> None:
+    """A listener whose accept queue is full never completes the handshake: connect_timeout_s ends it."""
+    stalled = StalledListener()
+    try:
+        policy = MediaPolicy(allow_hosts=frozenset({f"127.0.0.1:{stalled.port}"}), connect_timeout_s=0.2)
+        started = time.monotonic()
+        error = refused(f"http://127.0.0.1:{stalled.port}/img.png", policy=policy)
+        assert "timed out while connecting" in error.message
+        assert time.monotonic() - started < 2
+    finally:
+        stalled.close()
+
+
+def test_a_connect_timeout_moves_on_to_the_next_address(server: LoopbackServer) -> None:
+    """The first resolved address (127.0.0.2, stalled) times out; the second (127.0.0.1) serves."""
+    server.routes["/img.png"] = Route(headers={"Content-Type": "image/png"}, body=PNG)
+    stalled = StalledListener("127.0.0.2", server.port)
+    try:
+        resolver = FakeResolver({"img.example": ["127.0.0.2", "127.0.0.1"]})
+        policy = MediaPolicy(allow_hosts=frozenset({f"img.example:{server.port}"}), connect_timeout_s=0.2)
+        image = fetch(f"http://img.example:{server.port}/img.png", policy, resolver)
+        assert (image.width, image.height) == (30, 20)
+        assert [hit.path for hit in server.hits] == ["/img.png"]
+    finally:
+        stalled.close()
 
 
 def test_trickling_server_hits_the_total_deadline(server: LoopbackServer) -> None:

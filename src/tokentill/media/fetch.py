@@ -218,7 +218,7 @@ class GuardedFetcher:
         return addresses
 
     async def _send(self, target: _Target, addresses: list[IPAddress], param: str) -> httpx2.Response:
-        """Send the GET to the first checked address that accepts a connection."""
+        """Send the GET to the first checked address that accepts a connection within the connect timeout."""
         headers = {
             "Host": target.url.netloc.decode("ascii"),
             "Accept": _ACCEPT,
@@ -245,6 +245,13 @@ class GuardedFetcher:
                 raise _refuse(
                     f"Image URL host {target.host[:253]} could not be connected to.", param
                 ) from None
+            except httpx2.ConnectTimeout:
+                # Like a refused connection: the next checked address may answer (the total deadline
+                # still bounds the whole walk).
+                if index + 1 < len(addresses):
+                    continue
+                message = f"Image URL host {target.host[:253]} timed out while connecting."
+                raise _refuse(message, param) from None
             except httpx2.TimeoutException:
                 raise _refuse(f"Image URL host {target.host[:253]} timed out.", param) from None
             except (httpx2.HTTPError, httpx2.InvalidURL, httpx2.StreamError, OSError) as exc:
