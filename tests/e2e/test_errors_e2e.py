@@ -17,6 +17,7 @@ from tests.e2e.conftest import DEFAULT_MODEL, TokentillServer
 pytestmark = [pytest.mark.e2e, pytest.mark.llama]
 
 HELLO = {"messages": [{"role": "user", "content": "Hello"}], "max_completion_tokens": 4}
+HELLO_RAW = json.dumps(HELLO).encode()
 
 
 def post(
@@ -90,6 +91,33 @@ def key(sqlite_server: TokentillServer) -> str:
             "context_length_exceeded",
             "messages",
         ),
+        # Hostile values that once reached the engine or the database as 500s.
+        (HELLO_RAW[:-1] + b', "seed": ' + b"7" * 5000 + b"}", "invalid_json", None),  # past int()'s digit cap
+        ({**HELLO, "seed": 2**64}, "invalid_value", "seed"),
+        ({**HELLO, "max_completion_tokens": 2**40}, "invalid_value", "max_completion_tokens"),
+        ({**HELLO, "logit_bias": {"1" * 5000: 1}}, "invalid_value", "logit_bias"),
+        ({"messages": [{"role": "user", "content": "hi \ud800"}]}, "invalid_value", "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+            "invalid_value",
+            "messages[0].content[0].text",
+        ),
+        ({**HELLO, "stop": ["ok", "\ud800"]}, "invalid_value", "stop[1]"),
+        ({**HELLO, "user": "\ud800"}, "invalid_value", "user"),
+        ({**HELLO, "metadata": {"k": "\udc00"}}, "invalid_value", "metadata.k"),
+        ({**HELLO, "metadata": {"\ud800": "v"}}, "invalid_value", "metadata"),
+        ({**HELLO, "\ud800": 1}, "invalid_value", None),
+        # Neutral values of unimplemented parameters are type-strict: 0 is not false, 1 is not true.
+        ({**HELLO, "logprobs": 0}, "unsupported_parameter", "logprobs"),
+        ({**HELLO, "store": 0}, "unsupported_parameter", "store"),
+        ({**HELLO, "parallel_tool_calls": 1}, "unsupported_parameter", "parallel_tool_calls"),
+        # OpenAI's limits on `user` and `metadata`.
+        ({**HELLO, "user": "u" * 257}, "invalid_value", "user"),
+        ({**HELLO, "user": 7}, "invalid_type", "user"),
+        ({**HELLO, "metadata": {f"k{i}": "v" for i in range(17)}}, "invalid_value", "metadata"),
+        ({**HELLO, "metadata": {"k" * 65: "v"}}, "invalid_value", "metadata"),
+        ({**HELLO, "metadata": {"k": "v" * 513}}, "invalid_value", "metadata.k"),
+        ({**HELLO, "metadata": {"k": 1}}, "invalid_type", "metadata.k"),
     ],
 )
 def test_400s(sqlite_server: TokentillServer, key: str, body: Any, code: str, param: str | None) -> None:
@@ -157,6 +185,9 @@ def test_403_model_not_permitted(tmp_path: Path, sqlite_server: TokentillServer)
 
 def test_404s(sqlite_server: TokentillServer, key: str) -> None:
     envelope(post(sqlite_server, key, HELLO, path="/v1/no-such-model"), 404, "model_not_found", "model")
+    r = post(sqlite_server, key, HELLO, path="/v1/" + "m" * 5000)  # no id is this long: not found either
+    error = envelope(r, 404, "model_not_found", "model")
+    assert len(error["message"]) < 200 and r.headers["x-remaining-credits"]
     r = requests.get(sqlite_server.url + "/v2/whatever", timeout=10)
     envelope(r, 404, "unknown_url")
     r = requests.get(sqlite_server.url + "/v1/models/nope", headers={"x-api-key": key}, timeout=10)
@@ -229,3 +260,28 @@ def test_hostile_inputs_leave_server_healthy(sqlite_server: TokentillServer, key
     conn.close()
     assert requests.get(sqlite_server.url + "/healthz", timeout=5).status_code == 200
     assert post(sqlite_server, key, HELLO).status_code == 200
+
+
+def test_auth_money_and_model_errors_on_both_databases(server: TokentillServer) -> None:
+    """401, 402, 403 and 404 come from the key store and the ledger: check them on SQLite and PostgreSQL."""
+    envelope(post(server, None, HELLO), 401, "missing_api_key")
+    envelope(post(server, "tt-abcdefgh-" + "x" * 43, HELLO), 401, "invalid_api_key")
+    poor = server.new_key("errors-db-poor", credits="0.0015")
+    r = post(server, poor, {**HELLO, "max_completion_tokens": 1000})
+    error = envelope(r, 402, "insufficient_credits")
+    assert error["type"] == "insufficient_credits" and "0.0015" in error["message"]
+    assert r.headers["x-remaining-credits"] == "0.0015" == server.balance("errors-db-poor")
+    narrow = server.new_key("errors-db", credits="1", models="some-other-model")
+    r = post(server, narrow, HELLO)
+    assert envelope(r, 403, "model_not_permitted")["type"] == "permission_error"
+    assert r.headers["x-remaining-credits"] == "1"
+    key = server.new_key("errors-db")
+    r = post(server, key, HELLO, path="/v1/no-such-model")
+    envelope(r, 404, "model_not_found", "model")
+    assert r.headers["x-remaining-credits"] == "1"
+    envelope(
+        requests.get(server.url + "/v1/models/nope", headers={"x-api-key": key}, timeout=10),
+        404,
+        "model_not_found",
+    )
+    assert server.balance("errors-db") == "1"  # none of it cost anything

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request
+import anyio
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -13,8 +13,9 @@ from tokentill import errors
 from tokentill.api.completions import complete, limit_headers_on_errors
 from tokentill.api.state import services_of
 from tokentill.auth.service import Principal
+from tokentill.billing.money import format_credits
 from tokentill.protocol import responses
-from tokentill.protocol.chat import parse_chat_request
+from tokentill.protocol.chat import ChatCompletionRequest, decode_chat_body
 
 __all__ = ["router"]
 
@@ -41,22 +42,23 @@ async def authenticate(request: Request) -> Principal:
 Authenticated = Annotated[Principal, Depends(authenticate)]
 
 
-async def _json_body(request: Request) -> Any:
+# Bodies above this are decoded and validated in a worker thread: a 32 MiB body of a million tiny parts
+# takes seconds of CPU, which on the event loop would stall every other request and stream.
+THREAD_PARSE_BYTES = 1024 * 1024
+MAX_MODEL_ID_CHARS = 128
+
+
+async def _chat_body(request: Request) -> tuple[Any, ChatCompletionRequest]:
     raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise errors.InvalidRequest(
-            "We could not parse the JSON body of your request. The OpenAI API expects a JSON payload.",
-            code="invalid_json",
-        ) from exc
+    if len(raw) > THREAD_PARSE_BYTES:
+        return await anyio.to_thread.run_sync(decode_chat_body, raw)
+    return decode_chat_body(raw)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, principal: Authenticated) -> Response:
     async with limit_headers_on_errors(request, principal):
-        payload = await _json_body(request)
-        body = parse_chat_request(payload)
+        payload, body = await _chat_body(request)
         if body.model is None:
             raise errors.InvalidRequest(
                 "Missing required parameter: 'model'.", code="missing_required_parameter", param="model"
@@ -65,12 +67,15 @@ async def chat_completions(request: Request, principal: Authenticated) -> Respon
 
 
 @router.post("/v1/{model}")
-async def chat_by_path(
-    request: Request, principal: Authenticated, model: Annotated[str, Path(max_length=128)]
-) -> Response:
+async def chat_by_path(request: Request, principal: Authenticated, model: str) -> Response:
     async with limit_headers_on_errors(request, principal):
-        payload = await _json_body(request)
-        body = parse_chat_request(payload)
+        if len(model) > MAX_MODEL_ID_CHARS:  # no catalogue id is this long; don't echo it back whole
+            raise errors.NotFound(
+                f"The model '{model[:32]}…' does not exist or you do not have access to it.",
+                code="model_not_found",
+                param="model",
+            )
+        payload, body = await _chat_body(request)
         if body.model is not None and body.model != model:
             raise errors.InvalidRequest(
                 f"The body's model '{body.model}' does not match the model in the URL, '{model}'.",
@@ -80,8 +85,14 @@ async def chat_by_path(
         return await complete(request, principal, model, body, payload)
 
 
+def _with_balance(request: Request, content: dict[str, Any]) -> JSONResponse:
+    """Every authenticated response carries the balance `authenticate` read (Segmind's header)."""
+    balance = format_credits(request.state.remaining_credits)
+    return JSONResponse(content, headers={"x-remaining-credits": balance})
+
+
 @router.get("/v1/models")
-async def list_models(request: Request, principal: Authenticated) -> dict[str, Any]:
+async def list_models(request: Request, principal: Authenticated) -> JSONResponse:
     services = services_of(request)
     created = services.started
     data = [
@@ -89,16 +100,16 @@ async def list_models(request: Request, principal: Authenticated) -> dict[str, A
         for spec in services.catalog
         if principal.models is None or spec.id in principal.models
     ]
-    return {"object": "list", "data": data}
+    return _with_balance(request, {"object": "list", "data": data})
 
 
 @router.get("/v1/models/{model_id}")
-async def get_model(request: Request, principal: Authenticated, model_id: str) -> dict[str, Any]:
+async def get_model(request: Request, principal: Authenticated, model_id: str) -> JSONResponse:
     services = services_of(request)
     spec = services.chat.model(model_id)
     if principal.models is not None and spec.id not in principal.models:
         principal.check_model(spec.id)
-    return responses.model_object(spec.id, services.started, spec.owned_by)
+    return _with_balance(request, responses.model_object(spec.id, services.started, spec.owned_by))
 
 
 @router.get("/healthz")

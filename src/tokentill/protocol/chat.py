@@ -8,6 +8,8 @@ turns every problem into `InvalidRequest` with `param` as a JSON path (`messages
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
@@ -22,8 +24,17 @@ __all__ = [
     "ImageURL",
     "StreamOptions",
     "TextPart",
+    "decode_chat_body",
+    "find_invalid_unicode",
     "parse_chat_request",
 ]
+
+
+MAX_TOKENS = 2**31 - 1  # a budget beyond any context; keeps worst-case prices far inside BIGINT
+MAX_USER_CHARS = 256  # `user`: an end-user id for abuse monitoring, not free text
+MAX_METADATA_PAIRS = 16  # OpenAI's metadata limits
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
 
 
 class _Strict(BaseModel):
@@ -62,8 +73,8 @@ class StreamOptions(_Strict):
 class ChatCompletionRequest(_Strict):
     model: StrictStr | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
-    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    max_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_TOKENS)
     reasoning_effort: StrictStr | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
@@ -71,11 +82,11 @@ class ChatCompletionRequest(_Strict):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[StrictStr, float] | None = None
     stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     n: StrictInt | None = None
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
-    user: StrictStr | None = Field(default=None, max_length=256)
+    user: StrictStr | None = Field(default=None, max_length=MAX_USER_CHARS)
     metadata: dict[StrictStr, StrictStr] | None = None
     include_reasoning: StrictBool | None = None
 
@@ -111,6 +122,70 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "web_search_options": (None,),
 }
 _KNOWN = set(ChatCompletionRequest.model_fields)
+
+
+def _is_neutral(name: str, value: Any) -> bool:
+    # Compare types as well as values: in Python 0 == False and 1 == True, but `store: 0` is not a boolean.
+    return any(type(value) is type(neutral) and value == neutral for neutral in _NEUTRAL[name])
+
+
+# A JSON escape of a UTF-16 surrogate (\\ud800-\\udfff). Pairs of them are fine (emoji escaped by
+# `json.dumps`); only a lone one decodes to a string that cannot be encoded as UTF-8.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def find_invalid_unicode(body: Any) -> str | None:
+    """The JSON path of the first string (or object key) holding a lone UTF-16 surrogate, else None.
+
+    JSON escapes such as `\\ud800` decode to Python strings that cannot be encoded as UTF-8 (not for the
+    model, not for the database, not even for an error message quoting them), so they are refused up front.
+    The path of a bad key is that of its object ("" for the top level). One C-speed pass first; the walk
+    that names the path runs only when something is wrong. Iterative: nesting is as deep as JSON allowed.
+    """
+    if _encodable(json.dumps(body, ensure_ascii=False)):
+        return None
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not _encodable(value):
+                return path
+        elif isinstance(value, dict):
+            children = []
+            for key, item in value.items():
+                if not _encodable(key):
+                    return path
+                children.append((f"{path}.{key}" if path else key, item))
+            stack.extend(reversed(children))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+    return ""
+
+
+def decode_chat_body(raw: bytes) -> tuple[Any, ChatCompletionRequest]:
+    """Raw request bytes → (decoded JSON, validated request); every failure is an `InvalidRequest`.
+
+    Pure CPU work with no I/O, so the API runs it in a worker thread for large bodies.
+    """
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers malformed JSON, undecodable bytes and integers past Python's digit limit.
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. The OpenAI API expects a JSON payload.",
+            code="invalid_json",
+        ) from exc
+    # (UTF-16 and UTF-32 bodies, which json.loads also accepts, are always checked.)
+    suspect = json.detect_encoding(raw) != "utf-8" or _SURROGATE_ESCAPE.search(raw) is not None
+    return payload, parse_chat_request(payload, check_unicode=suspect)
 
 
 def _json_path(loc: tuple[int | str, ...]) -> str:
@@ -156,15 +231,27 @@ def _message_for(error: ErrorDetails, param: str) -> str:
     return f"Invalid value for '{param}': {error['msg']}."
 
 
-def parse_chat_request(body: Any) -> ChatCompletionRequest:
-    """Validate a decoded JSON body; every failure is an `InvalidRequest` naming the parameter."""
+def parse_chat_request(body: Any, *, check_unicode: bool = True) -> ChatCompletionRequest:
+    """Validate a decoded JSON body; every failure is an `InvalidRequest` naming the parameter.
+
+    `check_unicode=False` skips the lone-surrogate check, for callers that know the raw JSON has no
+    surrogate escape (`decode_chat_body`).
+    """
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_type")
+    bad = find_invalid_unicode(body) if check_unicode else None
+    if bad is not None:
+        raise InvalidRequest(
+            f"Invalid value for '{bad or 'body'}': the text contains a lone UTF-16 surrogate (such as "
+            "\\ud800), which is not valid Unicode.",
+            code="invalid_value",
+            param=bad or None,
+        )
     for name, value in body.items():
         if name in _KNOWN:
             continue
         if name in _NEUTRAL:
-            if value in _NEUTRAL[name]:
+            if _is_neutral(name, value):
                 continue
             raise InvalidRequest(
                 f"Unsupported parameter: '{name}' is not supported with this model.",
@@ -224,8 +311,7 @@ def _check_semantics(request: ChatCompletionRequest) -> None:
     stops = request.stop_sequences()
     if len(stops) > 4 or any(s == "" for s in stops):
         raise InvalidRequest("'stop' takes up to 4 non-empty sequences.", code="invalid_value", param="stop")
-    if request.metadata is not None and len(request.metadata) > 16:
-        raise InvalidRequest("'metadata' takes up to 16 pairs.", code="invalid_value", param="metadata")
+    _check_metadata(request.metadata)
     for i, message in enumerate(request.messages):
         if message.role == "tool":
             raise InvalidRequest(
@@ -249,7 +335,35 @@ def _check_semantics(request: ChatCompletionRequest) -> None:
                     )
 
 
+def _check_metadata(metadata: dict[str, str] | None) -> None:
+    """OpenAI's limits: up to 16 pairs, keys up to 64 characters, values up to 512."""
+    if not metadata:
+        return
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise InvalidRequest(
+            f"'metadata' takes up to {MAX_METADATA_PAIRS} pairs; {len(metadata)} were given.",
+            code="invalid_value",
+            param="metadata",
+        )
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY_CHARS:
+            raise InvalidRequest(
+                f"Invalid key in 'metadata': keys are at most {MAX_METADATA_KEY_CHARS} characters; one has "
+                f"{len(key)}.",
+                code="invalid_value",
+                param="metadata",
+            )
+        if len(value) > MAX_METADATA_VALUE_CHARS:
+            raise InvalidRequest(
+                f"Invalid value for 'metadata.{key}': values are at most {MAX_METADATA_VALUE_CHARS} "
+                f"characters; this one has {len(value)}.",
+                code="invalid_value",
+                param=f"metadata.{key}",
+            )
+
+
 MAX_LOGIT_BIAS = 1024  # entries; the engine checks each id against its own vocabulary
+MAX_TOKEN_ID_DIGITS = 9  # larger than any vocabulary; bounds int() on client text
 
 
 def _check_logit_bias(bias: dict[str, float] | None) -> None:
@@ -263,9 +377,9 @@ def _check_logit_bias(bias: dict[str, float] | None) -> None:
             param="logit_bias",
         )
     for key, value in bias.items():
-        if not (key.isascii() and key.isdigit()):
+        if not (key.isascii() and key.isdigit() and len(key) <= MAX_TOKEN_ID_DIGITS):
             raise InvalidRequest(
-                f"Invalid key in 'logit_bias': {key!r}. Keys are token ids, such as \"50256\".",
+                f"Invalid key in 'logit_bias': {key[:16]!r}. Keys are token ids, such as \"50256\".",
                 code="invalid_value",
                 param="logit_bias",
             )
