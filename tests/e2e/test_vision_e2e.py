@@ -8,8 +8,12 @@ The projector's weights are random: assertions are on status, usage, money and h
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
 from collections.abc import Iterator
 from decimal import Decimal
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +31,45 @@ MAX_BYTES = 200_000
 
 
 class CountingServer(LoopbackServer):
-    """A LoopbackServer that also counts accepted connections (a refused fetch must add none)."""
+    """A LoopbackServer that counts accepted connections (a refused fetch must add none).
+
+    It listens on 127.0.0.1 and on [::1] at the same port, so a connection over either loopback family
+    (IPv4-mapped IPv6 addresses reach the IPv4 listener) would be counted.
+    """
 
     def __init__(self) -> None:
-        super().__init__()
+        for _ in range(20):
+            super().__init__()
+            try:
+                handler = self.httpd.RequestHandlerClass
+                self.httpd6: ThreadingHTTPServer = _IPv6Server(("::1", self.port), handler)
+                break
+            except OSError:  # the port is taken on ::1; try another
+                self.httpd.server_close()
+        else:
+            raise RuntimeError("no port free on both 127.0.0.1 and ::1")
         self.connections = 0
-        accept = self.httpd.get_request
+        self.httpd6.daemon_threads = True
+        for httpd in (self.httpd, self.httpd6):
+            accept = httpd.get_request
 
-        def counting_accept() -> Any:
-            self.connections += 1
-            return accept()
+            def counting_accept(accept: Any = accept) -> Any:
+                self.connections += 1
+                return accept()
 
-        self.httpd.get_request = counting_accept  # type: ignore[method-assign]
+            httpd.get_request = counting_accept  # type: ignore[method-assign]
         self.thread.start()
+        self.thread6 = threading.Thread(target=self.httpd6.serve_forever, args=(0.05,), daemon=True)
+        self.thread6.start()
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        for httpd in (self.httpd, self.httpd6):
+            httpd.shutdown()
+            httpd.server_close()
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
 
 
 @pytest.fixture(scope="module")
@@ -179,15 +205,28 @@ def test_redirect_to_a_host_that_is_not_allowed_is_refused_unvisited(
 @pytest.mark.parametrize(
     "spelling",
     ["http://2130706433:{port}/cat.png", "http://0x7f000001:{port}/cat.png", "http://127.1:{port}/cat.png",
-     "http://[::1]:{port}/cat.png", "http://localhost:{port}/cat.png", "http://127.0.0.1:{port}/cat.png"],
+     "http://127.0.0.1.:{port}/cat.png", "http://127.0.0.1:{port}/cat.png", "http://0.0.0.0:{port}/cat.png",
+     "http://[::1]:{port}/cat.png", "http://[::ffff:127.0.0.1]:{port}/cat.png",
+     "http://[::ffff:7f00:1]:{port}/cat.png", "http://localhost:{port}/cat.png"],
 )  # fmt: skip
 def test_loopback_spellings_are_refused_without_a_connection(
     vision_server: TokentillServer, key: str, forbidden: CountingServer, spelling: str
 ) -> None:
+    """Refused by the address check itself (the message says so), and the target saw no connection."""
     before = forbidden.connections
     error = _refused(vision_server, key, spelling.format(port=forbidden.port))
     assert error["code"] == "invalid_image_url"
+    assert error["message"].startswith("Image URL refused:"), error["message"]
+    assert "loopback address" in error["message"] or "unspecified address" in error["message"]
     assert forbidden.connections == before
+
+
+def test_the_counting_server_counts_both_loopback_families(forbidden: CountingServer) -> None:
+    """The control for the test above: a connection over 127.0.0.1 or ::1 does add to the count."""
+    before = forbidden.connections
+    for host in ("127.0.0.1", "[::1]"):
+        assert requests.get(f"http://{host}:{forbidden.port}/cat.png", timeout=5).status_code == 200
+    assert forbidden.connections == before + 2
 
 
 @pytest.mark.parametrize(
@@ -220,4 +259,73 @@ def test_bad_images_are_400_and_the_server_stays_healthy(
     }
     url, _ = bodies[name]
     assert _refused(vision_server, key, url)["code"] == "invalid_image"
+    _healthy(vision_server, key)
+
+
+def test_the_text_only_default_refuses_images_through_the_sdk(sqlite_server: TokentillServer) -> None:
+    """The built-in catalogue's o1-preview has no projector: 400 image_input_unsupported, naming mmproj."""
+    client = _client(sqlite_server, sqlite_server.new_key("text-only", credits="1"))
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="o1-preview",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is in this image?"},
+                        {"type": "image_url", "image_url": {"url": data_uri(png_bytes())}},
+                    ],
+                }
+            ],
+            max_completion_tokens=8,
+        )
+    error = caught.value
+    assert error.status_code == 400
+    assert error.code == "image_input_unsupported"
+    assert error.param == "messages[0].content[1]"
+    assert "mmproj" in error.message and "docs/vision.md" in error.message
+    assert requests.get(sqlite_server.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_streamed_image_request_with_scratchpad_reasoning(vision_server: TokentillServer, key: str) -> None:
+    """An image through both scratchpad passes, streamed: [DONE] last, usage and the charge both ways."""
+    before = Decimal(vision_server.balance("viewer"))
+    body = {
+        "model": "o1-think",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Describe this image."},
+                    {"type": "image_url", "image_url": {"url": data_uri(png_bytes())}},
+                ],
+            }
+        ],
+        "max_completion_tokens": 96,
+        "reasoning_effort": "low",
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    headers = {"Authorization": f"Bearer {key}"}
+    with requests.post(
+        vision_server.url + "/v1/chat/completions", json=body, headers=headers, stream=True, timeout=120
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines(decode_unicode=True) if line]
+    lines = [line for line in lines if not line.startswith(":")]  # keep-alive comments
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert all("error" not in event for event in events), events[-1]
+    finals = [e for e in events if e["choices"] and e["choices"][0].get("finish_reason")]
+    assert len(finals) == 1 and finals[0]["choices"][0]["finish_reason"] in {"stop", "length"}
+    usage = events[-1]["usage"]
+    assert events[-1]["choices"] == []
+    assert usage["prompt_tokens_details"]["image_tokens"] == 16
+    assert usage["prompt_tokens"] > 16
+    assert usage["completion_tokens_details"]["reasoning_tokens"] > 0
+    assert usage["completion_tokens"] <= 96
+    charged = before - Decimal(vision_server.balance("viewer"))
+    assert charged == Decimal(usage["prompt_tokens"] * 15 + usage["completion_tokens"] * 60) / 1_000_000
     _healthy(vision_server, key)
