@@ -111,15 +111,23 @@ def test_stream_with_usage_and_rebuilt_payload(upstream: ScriptedUpstream) -> No
     }
 
 
-def test_images_go_as_data_uris(upstream: ScriptedUpstream) -> None:
-    image = ImageInput(data=b"\x89PNG\r\n", mime="image/png", width=1, height=1, detail="low")
-    request = _request(messages=(Message("user", "what is this?", images=(image,)),))
-    _complete(_spec(upstream.url + "/ok/v1", vision=True), request)
+def test_images_go_as_data_uris_in_their_place(upstream: ScriptedUpstream) -> None:
+    first = ImageInput(data=b"\x89PNG\r\n", mime="image/png", width=1, height=1, detail="low")
+    second = ImageInput(data=b"GIF89a", mime="image/gif", width=1, height=1)
+    # The client sent [image, "compare", image, "which is bigger?"]: the text offsets say where each sat.
+    message = Message("user", "comparewhich is bigger?", images=(first, second), image_offsets=(0, 7))
+    _complete(_spec(upstream.url + "/ok/v1", vision=True), _request(messages=(message,)))
     content = upstream.seen[-1]["body"]["messages"][0]["content"]
-    uri = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n").decode()
+
+    def part(image: ImageInput) -> dict[str, Any]:
+        uri = f"data:{image.mime};base64," + base64.b64encode(image.data).decode()
+        return {"type": "image_url", "image_url": {"url": uri, "detail": image.detail}}
+
     assert content == [
-        {"type": "text", "text": "what is this?"},
-        {"type": "image_url", "image_url": {"url": uri, "detail": "low"}},
+        part(first),
+        {"type": "text", "text": "compare"},
+        part(second),
+        {"type": "text", "text": "which is bigger?"},
     ]
 
 
@@ -144,6 +152,15 @@ def test_reasoning_fields_become_reasoning_deltas(upstream: ScriptedUpstream) ->
     assert finished.usage.reasoning_tokens == 3  # not reported: counted from the reasoning deltas
     assert (finished.usage.prompt_tokens, finished.usage.completion_tokens) == (5, 4)
     assert upstream.seen[-1]["body"]["reasoning_effort"] == "medium"
+
+
+def test_reasoning_effort_goes_only_to_native_reasoning_models(upstream: ScriptedUpstream) -> None:
+    # A scratchpad entry runs its own passes, often in front of a model that refuses the parameter.
+    for mode in ("scratchpad", "none"):
+        _complete(_spec(upstream.url + "/ok/v1", reasoning=mode), _request(reasoning_effort="high"))
+        assert "reasoning_effort" not in upstream.seen[-1]["body"], mode
+    _complete(_spec(upstream.url + "/ok/v1", reasoning="native"), _request(reasoning_effort="high"))
+    assert upstream.seen[-1]["body"]["reasoning_effort"] == "high"
 
 
 def test_think_tags_split_across_chunks(upstream: ScriptedUpstream) -> None:
@@ -179,6 +196,16 @@ def test_max_tokens_refused_then_dropped(upstream: ScriptedUpstream) -> None:
         ("garbage", errors.UpstreamError, "upstream_error", None),
         ("truncated", errors.UpstreamError, "upstream_error", None),
         ("nowhere", errors.UpstreamError, "upstream_error", None),  # 404: wrong base_url
+        ("usage-null", errors.UpstreamError, "upstream_error", None),
+        ("usage-negative", errors.UpstreamError, "upstream_error", None),
+        ("usage-float", errors.UpstreamError, "upstream_error", None),
+        ("badgzip", errors.UpstreamError, "upstream_error", None),
+        ("no-choices-midway", errors.UpstreamError, "upstream_error", None),
+        ("flood", errors.UpstreamError, "upstream_error", None),  # a line past 1 MiB
+        ("sglang400", errors.InvalidRequest, "context_length_exceeded", "messages"),
+        ("sglang400-other", errors.InvalidRequest, "invalid_value", None),
+        ("ollama400", errors.InvalidRequest, "invalid_value", None),
+        ("odd-code", errors.InvalidRequest, "invalid_value", "logprobs"),
     ],
 )
 def test_error_mapping(
@@ -199,7 +226,123 @@ def test_error_mapping(
         assert raised.value.message == "This model's maximum context length is 2048 tokens."
     if script == "busy":
         assert raised.value.headers["Retry-After"] == "7"
+    upstream_messages = {
+        "sglang400": "The input (3000 tokens) is longer than the model's context length (2048 tokens).",
+        "sglang400-other": "top_p must be in (0, 1], got 7.",
+        "ollama400": "invalid model name",
+        "odd-code": "Bad logprobs.",
+    }
+    if script in upstream_messages:
+        assert raised.value.message == upstream_messages[script]
+    logged = {"usage-": "usage field", "badgzip": "does not decode", "flood": "longer than 1 MiB"}
+    for prefix, words in logged.items():
+        if script.startswith(prefix):
+            assert words in caplog.text
     assert "sk-secret-value" not in caplog.text
+
+
+def test_line_separators_inside_json_and_every_sse_line_ending(upstream: ScriptedUpstream) -> None:
+    deltas, finished = _complete(_spec(upstream.url + "/unicode/v1"))
+    assert _text(deltas) == "a\u2028b\u2029c\u0085d\re"
+    assert finished.usage.prompt_tokens == 11 and not finished.usage.estimated
+
+
+def test_usage_chunk_without_choices_after_the_answer(upstream: ScriptedUpstream) -> None:
+    deltas, finished = _complete(_spec(upstream.url + "/usage-only-trailer/v1"))
+    assert _text(deltas) == "Hello"
+    assert finished.usage.completion_tokens == 7 and not finished.usage.estimated
+
+
+def test_gzip_encoded_stream(upstream: ScriptedUpstream) -> None:
+    deltas, _ = _complete(_spec(upstream.url + "/gzip/v1"))
+    assert _text(deltas) == "Hello world"
+
+
+def test_trickle_without_line_break_ends_at_the_deadline(upstream: ScriptedUpstream) -> None:
+    # A byte every 50 ms: the read timeout never fires and the line never ends.
+    started = time.monotonic()
+    with pytest.raises(errors.DeadlineExceeded):
+        _complete(_spec(upstream.url + "/trickle/v1"), _request(deadline=time.monotonic() + 2.0))
+    assert time.monotonic() - started < 2.0 + 1.0
+
+
+def test_upstream_ignoring_max_tokens_is_cut_at_the_budget(upstream: ScriptedUpstream) -> None:
+    upstream.closed.clear()
+    deltas, finished = _complete(_spec(upstream.url + "/endless/v1"), _request(max_tokens=5))
+    assert len(deltas) == 5 and _text(deltas) == "xxxxx"
+    assert finished.finish_reason == "length"
+    assert finished.usage.completion_tokens == 5 and finished.usage.estimated
+    assert upstream.closed.wait(5), "the upstream kept streaming past the budget"
+
+
+def test_reported_usage_is_capped_at_the_budget(upstream: ScriptedUpstream) -> None:
+    _, finished = _complete(_spec(upstream.url + "/json/v1"), _request(max_tokens=3))  # reports 7
+    assert finished.usage.completion_tokens == 3 and finished.usage.reasoning_tokens == 3
+
+
+def test_failover_when_a_replica_dies_after_start_up(
+    upstream: ScriptedUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    dying = ScriptedUpstream().start()
+    spec = _spec([dying.url + "/ok/v1", upstream.url + "/ok/v1"])
+
+    async def main() -> None:
+        engine = UpstreamEngine(spec, queue_size=4)
+        await engine.start()
+        try:
+            first, second = engine.pool.replicas
+            assert first.healthy and second.healthy  # both answered the start-up health round
+            await asyncio.to_thread(dying.stop)
+            before = len(upstream.seen)
+            deltas, _ = await _collect(engine, _request())
+            assert _text(deltas) == "Hello world"
+            assert len(upstream.seen) == before + 1  # the live replica took it
+            assert not first.healthy and second.healthy
+        finally:
+            await engine.aclose()
+
+    run(main())
+    assert "is down: ConnectError" in caplog.text
+
+
+def test_a_request_every_replica_fails_takes_none_down(upstream: ScriptedUpstream) -> None:
+    spec = _spec([upstream.url + "/broken/v1", upstream.url + "/broken/v1"])
+
+    async def main() -> None:
+        engine = UpstreamEngine(spec, queue_size=4)
+        await engine.start()
+        try:
+            with pytest.raises(errors.UpstreamError):
+                await _collect(engine, _request())
+            assert all(r.healthy for r in engine.pool.replicas)  # it may be the request's fault
+        finally:
+            await engine.aclose()
+
+    run(main())
+
+
+def test_a_hung_replica_is_marked_down(upstream: ScriptedUpstream) -> None:
+    silent = SilentServer()
+    spec = _spec([silent.url + "/v1", upstream.url + "/ok/v1"], timeout_s=1.0)
+
+    async def main() -> None:
+        engine = UpstreamEngine(spec, queue_size=4)
+        await engine.start()
+        try:
+            hung, ok = engine.pool.replicas
+            hung.healthy = True  # as if it hung after its last health check
+            with pytest.raises(errors.DeadlineExceeded):
+                await _collect(engine, _request())
+            assert not hung.healthy and ok.healthy
+            deltas, _ = await _collect(engine, _request())  # the next request goes elsewhere
+            assert _text(deltas) == "Hello world"
+        finally:
+            await engine.aclose()
+
+    try:
+        run(main())
+    finally:
+        silent.close()
 
 
 def test_failover_from_dead_port_and_500(upstream: ScriptedUpstream) -> None:
@@ -305,8 +448,49 @@ def test_api_key_from_environment(upstream: ScriptedUpstream, monkeypatch: pytes
         _complete(_spec(upstream.url + "/ok/v1", api_key="env:TT_TEST_UPSTREAM_KEY"))
 
 
+def test_api_key_whitespace_and_secrecy(upstream: ScriptedUpstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TT_TEST_UPSTREAM_KEY", "  sk-from-file\n")  # a key file's trailing newline
+    spec = _spec(upstream.url + "/ok/v1", api_key="env:TT_TEST_UPSTREAM_KEY")
+    _complete(spec)
+    assert upstream.seen[-1]["headers"]["authorization"] == "Bearer sk-from-file"
+
+    async def started_repr() -> str:
+        engine = UpstreamEngine(spec, queue_size=1)
+        await engine.start()
+        try:
+            return repr(engine) + repr(vars(engine))
+        finally:
+            await engine.aclose()
+
+    shown = run(started_repr())
+    assert "fronted" in shown
+    monkeypatch.setenv("TT_TEST_UPSTREAM_KEY", "sk-one\nX-Injected: yes")
+    with pytest.raises(CatalogError, match="cannot carry") as raised:
+        _complete(spec)
+    assert "sk-one" not in str(raised.value)
+
+
 def test_catalogue_errors() -> None:
     with pytest.raises(CatalogError, match="needs base_url"):
         UpstreamEngine(ModelSpec(id="fronted", engine="upstream"))
     with pytest.raises(CatalogError, match="not an http"):
         UpstreamEngine(_spec("ftp://127.0.0.1/v1"))
+    with pytest.raises(CatalogError, match="user:password") as raised:
+        UpstreamEngine(_spec("http://admin:hunter2@127.0.0.1/v1"))
+    assert "hunter2" not in str(raised.value)
+    with pytest.raises(CatalogError, match="not a valid URL") as raised:
+        UpstreamEngine(_spec("http://admin:hunter2@127.0.0.1:abc/v1"))
+    assert "hunter2" not in str(raised.value)
+    with pytest.raises(CatalogError, match="no valid port"):
+        UpstreamEngine(_spec("http://127.0.0.1:99999999/v1"))
+    bad_headers = [
+        ({"x-team": "a\r\nX-Injected: 1"}, "cannot carry"),
+        ({"x team": "a"}, "not a valid HTTP header name"),
+        ({"Host": "evil.example"}, "cannot be overridden"),
+        ({"Content-Length": "0"}, "cannot be overridden"),
+        ({"x-name": "caf\u00e9"}, "cannot carry"),
+    ]
+    for headers, words in bad_headers:
+        with pytest.raises(CatalogError, match=words) as raised:
+            UpstreamEngine(_spec("http://127.0.0.1/v1", headers=headers))
+        assert "X-Injected" not in str(raised.value) and "evil" not in str(raised.value)

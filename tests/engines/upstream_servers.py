@@ -3,13 +3,18 @@
 `ScriptedUpstream` is a Starlette app under uvicorn in a thread; the first path segment picks a script, so
 `base_url = f"{server.url}/ok/v1"` answers with the `ok` script. `SilentServer` accepts TCP connections
 and never answers (a hung upstream). Both listen on loopback only.
+
+`python -m tests.engines.upstream_servers PORT` runs a `ScriptedUpstream` in the foreground, for tests that
+need one they can kill (a replica that dies after the gateway saw it healthy).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -39,6 +44,8 @@ def free_port() -> int:
 
 
 def sse_chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> bytes:
+    """One `data:` event; `raw=True` writes non-ASCII unescaped, as pydantic does (vLLM, SGLang)."""
+    raw = extra.pop("raw", False)
     choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
     obj = {
         "id": "chatcmpl-x",
@@ -46,8 +53,13 @@ def sse_chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **
         "created": 1,
         "model": "m",
         "choices": choices,
+        **extra,
     }
-    return b"data: " + json.dumps({**obj, **extra}).encode() + b"\n\n"
+    obj = {k: v for k, v in obj.items() if v is not _OMIT}
+    return b"data: " + json.dumps(obj, ensure_ascii=not raw).encode() + b"\n\n"
+
+
+_OMIT = object()  # sse_chunk(..., choices=_OMIT) leaves the key out
 
 
 def _content_stream(*texts: str, usage: bool = True, sep: bytes = b"\n\n") -> list[bytes]:
@@ -140,6 +152,66 @@ class ScriptedUpstream:
             return _error(400, "Unsupported parameter: 'max_tokens'.", "unsupported_parameter", "max_tokens")
         if script == "legacy":
             return _content_stream("modern")
+        if script == "unicode":  # raw line separators inside JSON strings are not line breaks in SSE
+            return [
+                sse_chunk({"role": "assistant", "content": ""}, raw=True),
+                sse_chunk({"content": "a\u2028b"}, raw=True),
+                sse_chunk({"content": "\u2029c\u0085d"}, raw=True),
+                b"data: "
+                + json.dumps({"choices": [{"index": 0, "delta": {"content": "\re"}}]}).encode()
+                + b"\r",
+                b"\n\r",  # CR LF split across two reads, then an empty line given as a lone CR
+                sse_chunk({}, "stop", raw=True),
+                sse_chunk(None, usage=USAGE),
+                b"data: [DONE]\n\n",
+            ]
+        if script == "usage-only-trailer":  # the usage chunk leaves out `choices` after a complete answer
+            return _content_stream("Hello")[:-2] + [
+                sse_chunk(None, usage=USAGE, choices=_OMIT),
+                b"data: [DONE]\n\n",
+            ]
+        if script == "no-choices-midway":
+            return [sse_chunk({"content": "half"}), sse_chunk(None, usage=USAGE, choices=_OMIT)]
+        if script.startswith("usage-"):  # usage-null, usage-negative, usage-float: nonsense counts
+            value = {"usage-null": None, "usage-negative": -3, "usage-float": 2.5}[script]
+            return _content_stream("Hi")[:-2] + [
+                sse_chunk(None, usage={"prompt_tokens": value, "completion_tokens": 1}),
+                b"data: [DONE]\n\n",
+            ]
+        if script == "badgzip":  # a proxy that claims gzip and sends something else
+            headers = {"content-encoding": "gzip", "content-type": "text/event-stream"}
+            return Response(b"data: not gzip at all" * 10, headers=headers)
+        if script == "gzip":  # a proxy that compresses correctly: must work
+            body = b"".join(_content_stream("Hello", " world"))
+            headers = {"content-encoding": "gzip", "content-type": "text/event-stream"}
+            return Response(gzip.compress(body), headers=headers)
+        if script == "flood":  # bytes without a line break, as fast as possible
+            return StreamingResponse(_flood(), media_type="text/event-stream")
+        if script == "trickle":  # a byte every 50 ms, never a line break
+            return StreamingResponse(_trickle(), media_type="text/event-stream")
+        if script == "sglang400":  # SGLang / older vLLM: a top-level error object, numeric code
+            return JSONResponse(
+                {
+                    "object": "error",
+                    "message": "The input (3000 tokens) is longer than the model's context length "
+                    "(2048 tokens).",
+                    "type": "BadRequestError",
+                    "param": None,
+                    "code": 400,
+                },
+                status_code=400,
+            )
+        if script == "sglang400-other":
+            body = {
+                "object": "error",
+                "message": "top_p must be in (0, 1], got 7.",
+                "type": "BadRequestError",
+            }
+            return JSONResponse({**body, "param": None, "code": 400}, status_code=400)
+        if script == "ollama400":
+            return JSONResponse({"error": "invalid model name"}, status_code=400)
+        if script == "odd-code":  # an upstream code that is not one of ours
+            return _error(400, "Bad logprobs.", "weird_code_123", "logprobs")
         if script == "garbage":
             return [b"data: this is not json\n\n"]
         if script == "truncated":
@@ -162,6 +234,20 @@ class ScriptedUpstream:
         if script in ("broken", "down"):
             return Response("internal", status_code=500)
         return Response("no such script", status_code=404)
+
+
+async def _flood() -> AsyncIterator[bytes]:
+    yield b"data: "
+    while True:
+        yield b"x" * 65536
+        await asyncio.sleep(0)
+
+
+async def _trickle() -> AsyncIterator[bytes]:
+    yield b"data: "
+    while True:
+        yield b"x"
+        await asyncio.sleep(0.05)
 
 
 async def _paced(chunks: list[bytes] | None, closed: threading.Event) -> AsyncIterator[bytes]:
@@ -209,3 +295,8 @@ class SilentServer:
         for conn in self._held:
             conn.close()
         self._sock.close()
+
+
+if __name__ == "__main__":
+    server = ScriptedUpstream(int(sys.argv[1]))
+    server._server.run()

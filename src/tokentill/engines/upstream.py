@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 import httpx2
+from pydantic import SecretStr
 
 from tokentill import errors
 from tokentill.catalog import CatalogError, ModelSpec
@@ -61,22 +63,66 @@ STARTUP_CHECK_S = 2.0  # start() waits at most this long for the first health ro
 MAX_ERROR_BODY = 64 * 1024  # bytes of an upstream error answer we read (for its envelope)
 MAX_JSON_BODY = 8 * 1024 * 1024  # a non-streamed completion
 MAX_EVENT = 1024 * 1024  # one SSE event's data
+_INVALID = "Bad gateway: the upstream model sent an invalid answer."
 _UNAVAILABLE = "Bad gateway: the upstream model service is temporarily unavailable; please try again later."
 
 
-def resolve_api_key(spec: ModelSpec) -> str | None:
+# RFC 9110 field names; values: visible ASCII, spaces and tabs (no CR/LF: no header injection, and
+# httpx2 refuses anything else at send time, which would fail every request instead of the start-up).
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
+_RESERVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "content-type"})
+
+
+def resolve_api_key(spec: ModelSpec) -> SecretStr | None:
     """The upstream key: `api_key` itself, or for `env:NAME` the variable NAME (unset → CatalogError).
 
-    Read here rather than through `Settings` because the variable's name is catalogue data, one per
-    model, unknown when Settings is declared; it is read once, at start-up.
+    Surrounding whitespace is dropped (a key file's trailing newline); a key that still holds characters
+    no HTTP header may carry is a CatalogError. Read here rather than through `Settings` because the
+    variable's name is catalogue data, one per model, unknown when Settings is declared; it is read once,
+    at start-up.
     """
-    if spec.api_key is None or not spec.api_key.startswith("env:"):
-        return spec.api_key
-    name = spec.api_key.removeprefix("env:")
-    value = os.environ.get(name)
+    if spec.api_key is None:
+        return None
+    value: str | None = spec.api_key
+    where = "api_key"
+    if spec.api_key.startswith("env:"):
+        name = spec.api_key.removeprefix("env:")
+        value = os.environ.get(name)
+        where = f"the environment variable {name} (named by api_key)"
+        if not value or not value.strip():
+            raise CatalogError(
+                f"model {spec.id!r}: api_key names the environment variable {name}; it is unset"
+            )
+    value = (value or "").strip()
     if not value:
-        raise CatalogError(f"model {spec.id!r}: api_key names the environment variable {name}; it is unset")
-    return value
+        return None
+    if not _HEADER_VALUE.fullmatch(value):
+        raise CatalogError(f"model {spec.id!r}: {where} holds characters an HTTP header cannot carry")
+    return SecretStr(value)
+
+
+def _headers(spec: ModelSpec) -> dict[str, str]:
+    """The entry's extra `headers`, checked so that a bad one stops the start-up instead of every request."""
+    for name, value in spec.headers.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise CatalogError(f"model {spec.id!r}: {name!r} is not a valid HTTP header name")
+        if name.lower() in _RESERVED_HEADERS:
+            raise CatalogError(
+                f"model {spec.id!r}: header {name!r} is set by tokentill and cannot be overridden"
+            )
+        if not _HEADER_VALUE.fullmatch(value):
+            # The value is not shown: headers may carry secrets (Azure's api-key).
+            raise CatalogError(
+                f"model {spec.id!r}: the value of header {name!r} holds characters an HTTP header cannot "
+                "carry (line breaks, control or non-ASCII characters)"
+            )
+    return dict(spec.headers)
+
+
+def _shown(url: str) -> str:
+    """`url` fit for a message: any `user:password@` masked."""
+    return re.sub(r"//[^/@]*@", "//***@", url)
 
 
 def _urls(spec: ModelSpec) -> list[str]:
@@ -85,7 +131,23 @@ def _urls(spec: ModelSpec) -> list[str]:
         raise CatalogError(f"model {spec.id!r}: engine 'upstream' needs base_url")
     for url in urls:
         if not url.startswith(("http://", "https://")):
-            raise CatalogError(f"model {spec.id!r}: base_url {url!r} is not an http(s) URL")
+            raise CatalogError(f"model {spec.id!r}: base_url {_shown(url)!r} is not an http(s) URL")
+        try:
+            parsed = httpx2.URL(url)
+        except httpx2.InvalidURL:
+            raise CatalogError(f"model {spec.id!r}: base_url {_shown(url)!r} is not a valid URL") from None
+        if parsed.userinfo:
+            # Refused, not redacted: the URL is logged with every replica state change.
+            raise CatalogError(
+                f"model {spec.id!r}: a base_url must not carry user:password@; put the credential in "
+                "api_key or headers"
+            )
+        if parsed.port is not None and not 0 < parsed.port < 65536:
+            raise CatalogError(f"model {spec.id!r}: base_url {_shown(url)!r} has no valid port")
+        if not parsed.host or parsed.query or parsed.fragment:
+            raise CatalogError(
+                f"model {spec.id!r}: base_url {_shown(url)!r} needs a host and no query or fragment"
+            )
     return urls
 
 
@@ -103,6 +165,7 @@ class UpstreamEngine:
         self.spec = spec
         self.model = spec.upstream_model or spec.id
         self.pool = ReplicaPool(_urls(spec), model=spec.id, interval_s=health_interval_s)
+        self._extra_headers = _headers(spec)
         self.capabilities = Capabilities(
             context_length=spec.context,
             vision=spec.vision,
@@ -115,10 +178,13 @@ class UpstreamEngine:
         self._headers: dict[str, str] = {}
         self._client: httpx2.AsyncClient | None = None
 
+    def __repr__(self) -> str:  # never the headers: they carry the key
+        return f"UpstreamEngine({self.spec.id!r}, replicas={len(self.pool.replicas)})"
+
     async def start(self) -> None:
         key = resolve_api_key(self.spec)
-        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._headers.update(self.spec.headers)  # the catalogue may override (e.g. Azure's api-key)
+        self._headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
+        self._headers.update(self._extra_headers)  # the catalogue may override (e.g. Azure's api-key)
         timeout = self.spec.timeout_s
         self._client = httpx2.AsyncClient(
             timeout=httpx2.Timeout(
@@ -156,37 +222,60 @@ class UpstreamEngine:
             raise errors.Overloaded("The model is busy with other requests; retry shortly.")
         self._inflight += 1
         try:
-            state = StreamState(prompt_estimate=self.count_prompt_tokens(request))
+            state = StreamState(
+                prompt_estimate=self.count_prompt_tokens(request), max_tokens=request.max_tokens
+            )
             response, replica = await self._open(request)
+            where = f"{replica.base_url} (model {self.spec.id})"
             try:
                 async with aclosing(self._read(response, replica, request, state)) as deltas:
                     async for delta in deltas:
                         yield delta
             finally:
-                # Also reached when the consumer stops iterating (client gone): closing the response
-                # drops the connection, which is how vLLM/llama-server learn to stop generating.
+                # Also reached when the consumer stops iterating (client gone) and when the budget is
+                # spent: closing the response drops the connection, which is how vLLM/llama-server learn
+                # to stop generating.
                 replica.outstanding -= 1
                 await response.aclose()
-            if state.finish_reason is None and not state.done:
-                log.warning("upstream %s ended the stream without finishing", replica.base_url)
+            if state.cut:
+                log.warning(
+                    "upstream %s ignored max_tokens=%d; the answer was cut", where, request.max_tokens
+                )
+            elif state.finish_reason is None and not state.done:
+                log.warning("upstream %s ended the stream without finishing", where)
                 raise errors.UpstreamError("Bad gateway: the upstream model's answer ended early.")
-            yield Finished(state.finish_reason or "stop", state.final_usage())
+            try:
+                usage = state.final_usage()
+            except BadAnswer as exc:
+                log.warning("upstream %s answered nonsense: %s", where, exc)
+                raise errors.UpstreamError(_INVALID) from exc
+            yield Finished(state.finish_reason or "stop", usage)
         finally:
             self._inflight -= 1
 
-    def _timeout(self, request: EngineRequest) -> httpx2.Timeout:
+    def _timeout(self, request: EngineRequest) -> tuple[httpx2.Timeout, bool]:
+        """This try's timeouts, and whether they are the entry's `timeout_s` (not the request's deadline):
+        only then does running into them say something about the replica."""
         left = request.deadline - time.monotonic()
         if left <= 0:
             raise errors.DeadlineExceeded("The request timed out before the upstream model answered.")
         read = min(self.spec.timeout_s, left)
-        return httpx2.Timeout(connect=min(CONNECT_TIMEOUT_S, read), read=read, write=read, pool=read)
+        timeout = httpx2.Timeout(connect=min(CONNECT_TIMEOUT_S, read), read=read, write=read, pool=read)
+        return timeout, read >= self.spec.timeout_s
 
     async def _open(self, request: EngineRequest) -> tuple[httpx2.Response, Replica]:
-        """The first replica to answer 200, its `outstanding` count taken (the caller gives it back)."""
+        """The first replica to answer 200, its `outstanding` count taken (the caller gives it back).
+
+        Whose fault a failure is: a replica that cannot be connected to, or that sits on the request for
+        all of `timeout_s`, is marked down at once. A 5xx or a connection dropped before the headers may
+        be the request's doing (one that crashes every replica): it counts against a replica only when
+        another replica then answers the same request, so a poison request cannot take the pool down.
+        """
         client = self._client
         if client is None:
             raise errors.UpstreamError(_UNAVAILABLE)
         tried: set[int] = set()
+        suspects: list[tuple[Replica, str]] = []  # failed this request in a way that may be its fault
         while (index := self.pool.pick(tried)) is not None:
             tried.add(index)
             replica = self.pool.replicas[index]
@@ -197,13 +286,14 @@ class UpstreamEngine:
                 reasoning=self.spec.reasoning,
                 send_max_tokens=self._send_max_tokens,
             )
+            timeout, own_timeout = self._timeout(request)
             outgoing = client.build_request(
                 "POST",
                 replica.base_url + "/chat/completions",
                 json=payload,
                 # No x-request-id: llama-cpp-python's server answers 400 to one that is not a UUID.
                 headers=self._headers,
-                timeout=self._timeout(request),
+                timeout=timeout,
             )
             replica.outstanding += 1
             try:
@@ -218,23 +308,28 @@ class UpstreamEngine:
             except httpx2.TimeoutException as exc:  # connected, but no answer within timeout_s
                 replica.outstanding -= 1
                 log.warning("upstream %s sent no answer in time (timeout_s=%s)", where, self.spec.timeout_s)
+                if own_timeout:
+                    replica.mark(False, f"no answer within timeout_s={self.spec.timeout_s}", self.spec.id)
                 raise errors.DeadlineExceeded("The upstream model did not answer in time.") from exc
             except httpx2.TransportError as exc:  # dropped before the headers: nothing reached the client
                 replica.outstanding -= 1
-                replica.mark(False, type(exc).__name__, self.spec.id)
+                log.warning("upstream %s dropped the request: %s", where, type(exc).__name__)
+                suspects.append((replica, type(exc).__name__))
                 continue
             except BaseException:
                 replica.outstanding -= 1
                 raise
             if response.status_code == 200:
                 replica.mark(True, "", self.spec.id)
+                for suspect, why in suspects:  # this request works: the earlier failures were theirs
+                    suspect.mark(False, why, self.spec.id)
                 return response, replica
             body = await _read_capped(response, MAX_ERROR_BODY)
             replica.outstanding -= 1
             status = response.status_code
             if status >= 500:
-                replica.mark(False, f"HTTP {status}", self.spec.id)
                 log.warning("upstream %s answered HTTP %d: %s", where, status, body[:300])
+                suspects.append((replica, f"HTTP {status}"))
                 continue
             if self._send_max_tokens and rejects_max_tokens(status, body):
                 log.info("upstream %s refuses max_tokens; sending only max_completion_tokens", where)
@@ -248,7 +343,10 @@ class UpstreamEngine:
     async def _read(
         self, response: httpx2.Response, replica: Replica, request: EngineRequest, state: StreamState
     ) -> AsyncGenerator[TextDelta, None]:
-        """The answer's text deltas, the stream's protocol and transport errors mapped to ours."""
+        """The answer's text deltas, the stream's protocol and transport errors mapped to ours.
+
+        Stops early (without error) once `state.cut`: the upstream went past the completion budget.
+        """
         where = f"{replica.base_url} (model {self.spec.id})"
         content_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
         try:
@@ -271,13 +369,20 @@ class UpstreamEngine:
                         raise BadAnswer(f"an event is not a JSON object: {data[:200]!r}")
                     for delta in state.chunk(obj):
                         yield delta
+                    if state.cut:
+                        return
         except BadAnswer as exc:
             log.warning("upstream %s answered nonsense: %s", where, exc)
-            raise errors.UpstreamError("Bad gateway: the upstream model sent an invalid answer.") from exc
+            raise errors.UpstreamError(_INVALID) from exc
         except httpx2.TimeoutException as exc:
             log.warning("upstream %s went silent mid-answer", where)
+            if time.monotonic() < request.deadline:  # timeout_s fired, not the request's own deadline
+                replica.mark(False, f"silent for timeout_s={self.spec.timeout_s} mid-answer", self.spec.id)
             raise errors.DeadlineExceeded("The upstream model stopped answering in time.") from exc
-        except httpx2.TransportError as exc:
+        except httpx2.DecodingError as exc:  # e.g. a proxy's broken gzip
+            log.warning("upstream %s sent a body that does not decode: %s", where, exc)
+            raise errors.UpstreamError(_INVALID) from exc
+        except httpx2.HTTPError as exc:
             log.warning("upstream %s broke the answer off: %s", where, type(exc).__name__)
             raise errors.UpstreamError("Bad gateway: the upstream model's answer broke off.") from exc
 
@@ -299,27 +404,64 @@ async def _read_capped(response: httpx2.Response, limit: int) -> bytes:
     return b"".join(chunks)[:limit]
 
 
-async def _sse_data(response: httpx2.Response, deadline: float) -> AsyncGenerator[str, None]:
-    """The `data` of each server-sent event; comments (keep-alives) are skipped but the deadline is
-    checked on every line, so an upstream that only sends keep-alives cannot outlive the request."""
-    lines: list[str] = []
-    size = 0
-    async for line in response.aiter_lines():
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+async def _sse_lines(response: httpx2.Response, deadline: float) -> AsyncGenerator[bytes, None]:
+    """The body's lines, split as the SSE spec says: on CRLF, CR or LF only.
+
+    Not `aiter_lines`: it splits like `str.splitlines`, also on U+0085, U+2028 and U+2029, which vLLM
+    and SGLang write raw inside JSON strings, so an answer containing them would be cut mid-event. A
+    line is capped at MAX_EVENT bytes and the deadline is checked on every chunk read, so an upstream
+    that trickles bytes without a line break can outgrow neither memory nor the request's time.
+    """
+    buffer = bytearray()
+    after_cr = False  # the last chunk ended in CR: a leading LF in the next one belongs to it
+    async for chunk in response.aiter_bytes():
         if time.monotonic() > deadline:
             raise errors.DeadlineExceeded("The request timed out while the upstream model was answering.")
-        if not line:
-            if lines:
-                yield "\n".join(lines)
-            lines, size = [], 0
+        if not chunk:
             continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        if name == "data":
-            value = value[1:] if value.startswith(" ") else value
-            size += len(value)
-            if size > MAX_EVENT:
-                raise BadAnswer("an event is larger than 1 MiB")
-            lines.append(value)
+        if after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        after_cr = False
+        scan_from = len(buffer)
+        buffer += chunk
+        start = 0
+        for end in _LINE_END.finditer(buffer, scan_from):
+            yield bytes(buffer[start : end.start()])
+            start = end.end()
+            after_cr = end.group() == b"\r" and start == len(buffer)
+        del buffer[:start]
+        if len(buffer) > MAX_EVENT:
+            raise BadAnswer("a line of the event stream is longer than 1 MiB")
+    if buffer:
+        yield bytes(buffer)
+
+
+async def _sse_data(response: httpx2.Response, deadline: float) -> AsyncGenerator[str, None]:
+    """The `data` of each server-sent event; comments (keep-alives) are skipped, the deadline holds."""
+    lines: list[str] = []
+    size = 0
+    first = True
+    async with aclosing(_sse_lines(response, deadline)) as raw_lines:
+        async for raw in raw_lines:
+            line = raw.decode("utf-8", errors="replace")
+            if first:
+                line, first = line.removeprefix("\ufeff"), False
+            if not line:
+                if lines:
+                    yield "\n".join(lines)
+                lines, size = [], 0
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            if name == "data":
+                value = value[1:] if value.startswith(" ") else value
+                size += len(value)
+                if size > MAX_EVENT:
+                    raise BadAnswer("an event is larger than 1 MiB")
+                lines.append(value)
     if lines:
         yield "\n".join(lines)

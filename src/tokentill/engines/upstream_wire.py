@@ -17,6 +17,7 @@ import base64
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,14 +58,16 @@ def estimate_prompt_tokens(request: EngineRequest) -> int:
 
 
 def _content(message: Message) -> str | list[dict[str, Any]]:
+    """A string without images; else the parts in the order the client sent them (`Message.pieces`)."""
     if not message.images:
         return message.text
     parts: list[dict[str, Any]] = []
-    if message.text:
-        parts.append({"type": "text", "text": message.text})
-    for image in message.images:
-        uri = f"data:{image.mime};base64,{base64.b64encode(image.data).decode('ascii')}"
-        parts.append({"type": "image_url", "image_url": {"url": uri, "detail": image.detail}})
+    for piece in message.pieces():
+        if isinstance(piece, str):
+            parts.append({"type": "text", "text": piece})
+        else:
+            uri = f"data:{piece.mime};base64,{base64.b64encode(piece.data).decode('ascii')}"
+            parts.append({"type": "image_url", "image_url": {"url": uri, "detail": piece.detail}})
     return parts
 
 
@@ -76,7 +79,8 @@ def build_payload(
     The budget goes out as both `max_completion_tokens` (OpenAI's current name; o-series models accept
     only it) and `max_tokens` (the name llama-server, llama-cpp-python and older vLLM/Ollama read; servers
     built on pydantic ignore the name they do not know). `send_max_tokens=False` drops the old name, for
-    an upstream that rejected it. `reasoning_effort` is sent only to models configured as reasoning models.
+    an upstream that rejected it. `reasoning_effort` is sent only for `reasoning = "native"` (the upstream
+    model reasons itself); `scratchpad` runs its own passes in front of a model that may refuse it.
     """
     payload: dict[str, Any] = {
         "model": model,
@@ -99,7 +103,7 @@ def build_payload(
         payload["frequency_penalty"] = request.frequency_penalty
     if request.presence_penalty:
         payload["presence_penalty"] = request.presence_penalty
-    if reasoning != "none":
+    if reasoning == "native":
         payload["reasoning_effort"] = request.reasoning_effort
     return payload
 
@@ -129,18 +133,25 @@ class StreamState:
 
     `deltas` counts the non-empty text deltas received: with no upstream usage it becomes the completion
     token count (servers stream about one token per delta; it is an estimate and is marked as one).
+    `max_tokens` is the request's completion budget: a streamed delta past it is dropped and `cut` set
+    (an upstream that ignores the budget), and no usage we report exceeds it.
     """
 
     prompt_estimate: int
+    max_tokens: int
     deltas: int = 0
     reasoning_deltas: int = 0
     finish_reason: FinishReason | None = None
     usage: dict[str, Any] | None = None
     done: bool = False
+    cut: bool = False
     _seen_choice: bool = field(default=False, repr=False)
 
     def chunk(self, obj: dict[str, Any]) -> list[TextDelta]:
         """Fold one `chat.completion.chunk`; returns its text as deltas (reasoning ones flagged)."""
+        return self._fold(obj, streamed=True)
+
+    def _fold(self, obj: dict[str, Any], *, streamed: bool) -> list[TextDelta]:
         if "error" in obj:
             raise BadAnswer(f"error event in the stream: {str(obj['error'])[:300]}")
         usage = obj.get("usage")
@@ -148,6 +159,8 @@ class StreamState:
             self.usage = usage
         choices = obj.get("choices")
         if not isinstance(choices, list):
+            if self.finish_reason is not None:
+                return []  # after the answer: a usage-only chunk that omits `choices`, or a trailer
             raise BadAnswer("chunk without a choices list")
         out: list[TextDelta] = []
         for choice in choices:
@@ -157,7 +170,10 @@ class StreamState:
             delta = choice.get("delta") or {}
             if not isinstance(delta, dict):
                 raise BadAnswer("choice delta is not an object")
-            out.extend(self._texts(delta))
+            out.extend(self._texts(delta, streamed=streamed))
+            if self.cut:
+                self.finish_reason = "length"
+                return out
             reason = choice.get("finish_reason")
             if isinstance(reason, str):
                 self.finish_reason = _FINISH.get(reason, "stop")
@@ -173,36 +189,43 @@ class StreamState:
             raise BadAnswer("completion choice without a message")
         delta_like = {k: message.get(k) for k in ("content", "reasoning_content", "reasoning")}
         reason = choices[0].get("finish_reason")
-        out = self.chunk({"choices": [{"delta": delta_like, "finish_reason": reason}]})
+        # One delta per field, not per token: the budget is enforced on the reported usage instead.
+        out = self._fold({"choices": [{"delta": delta_like, "finish_reason": reason}]}, streamed=False)
         if isinstance(obj.get("usage"), dict):
             self.usage = obj["usage"]
         self.done = True
         return out
 
-    def _texts(self, delta: dict[str, Any]) -> list[TextDelta]:
+    def _texts(self, delta: dict[str, Any], *, streamed: bool) -> list[TextDelta]:
         out: list[TextDelta] = []
-        for key in ("reasoning_content", "reasoning"):
-            text = delta.get(key)
-            if isinstance(text, str) and text:
-                self.deltas += 1
-                self.reasoning_deltas += 1
-                out.append(TextDelta(text, reasoning=True))
-                break  # servers that send both send the same text twice
+        reasoning_text = next(
+            (t for k in ("reasoning_content", "reasoning") if isinstance(t := delta.get(k), str) and t), None
+        )  # servers that send both send the same text twice
         text = delta.get("content")
-        if isinstance(text, str) and text:
-            self.deltas += 1
-            out.append(TextDelta(text))
-        elif text is not None and not isinstance(text, str):
+        if text is not None and not isinstance(text, str):
             raise BadAnswer("delta content is not a string")
+        for piece, reasoning in ((reasoning_text, True), (text, False)):
+            if not piece:
+                continue
+            if streamed and self.deltas >= self.max_tokens:
+                self.cut = True  # every streamed delta is at least one token: the budget is spent
+                break
+            self.deltas += 1
+            self.reasoning_deltas += int(reasoning)
+            out.append(TextDelta(piece, reasoning=reasoning))
         return out
 
     def final_usage(self) -> Usage:
-        """The upstream's usage if it sent one, else our own count marked `estimated`."""
-        if self.usage is None:
+        """The upstream's usage if it sent one, else our own count marked `estimated`; never over budget.
+
+        Raises `BadAnswer` for a usage that is not made of non-negative integers.
+        """
+        if self.usage is None or self.cut:
+            completion = min(self.deltas, self.max_tokens)
             return Usage(
                 prompt_tokens=self.prompt_estimate,
-                completion_tokens=self.deltas,
-                reasoning_tokens=self.reasoning_deltas,
+                completion_tokens=completion,
+                reasoning_tokens=min(self.reasoning_deltas, completion),
                 estimated=True,
             )
         completion = _int(self.usage.get("completion_tokens", 0))
@@ -210,10 +233,18 @@ class StreamState:
         prompt_details = self.usage.get("prompt_tokens_details") or {}
         reported = _int(details.get("reasoning_tokens") or 0) if isinstance(details, dict) else 0
         cached = _int(prompt_details.get("cached_tokens") or 0) if isinstance(prompt_details, dict) else 0
+        prompt = _int(self.usage.get("prompt_tokens", 0))
+        if completion > self.max_tokens:
+            log.warning(
+                "upstream reported %d completion tokens for a budget of %d; billing the budget",
+                completion,
+                self.max_tokens,
+            )
+            completion = self.max_tokens
         return Usage(
-            prompt_tokens=_int(self.usage.get("prompt_tokens", 0)),
+            prompt_tokens=prompt,
             completion_tokens=completion,
-            cached_tokens=cached,
+            cached_tokens=min(cached, prompt),
             # vLLM/SGLang stream reasoning_content but may not report reasoning_tokens: count the deltas
             reasoning_tokens=min(completion, max(reported, self.reasoning_deltas)),
         )
@@ -223,32 +254,72 @@ class StreamState:
         return self._seen_choice
 
 
+# 400 codes of DESIGN §3 an upstream's own code may pass through as; any other code becomes invalid_value.
+_CLIENT_CODES = frozenset(
+    {
+        "invalid_value",
+        "invalid_type",
+        "missing_required_parameter",
+        "unknown_parameter",
+        "unsupported_parameter",
+        "unsupported_value",
+        "context_length_exceeded",
+        "invalid_image_url",
+        "invalid_image",
+        "image_input_unsupported",
+    }
+)
+# vLLM ("maximum context length is"), SGLang ("longer than the model's context length"), llama-server
+# ("exceeds the available context size"), Ollama and others say it in words, with a numeric or no code.
+_CONTEXT_WORDS = re.compile(r"context (length|size|window)|too many tokens|prompt is too long", re.I)
+
+
 def _envelope(body: bytes) -> dict[str, Any] | None:
+    """The error object of an upstream error answer: OpenAI's `{"error": {...}}`, the top-level
+    `{"object": "error", "message": ...}` of SGLang and older vLLM, or `{"error": "text"}` (Ollama)."""
     obj = parse_json(body)
-    error = obj.get("error") if obj else None
+    if obj is None:
+        return None
+    error = obj.get("error")
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         return error
+    if isinstance(error, str) and error:
+        return {"message": error}
+    if obj.get("object") == "error" and isinstance(obj.get("message"), str):
+        return obj
     return None
+
+
+def _client_error(envelope: dict[str, Any]) -> errors.InvalidRequest:
+    message: str = envelope["message"][:2000] or "The upstream model rejected the request as invalid."
+    code, param, kind = envelope.get("code"), envelope.get("param"), envelope.get("type")
+    if (
+        code == "context_length_exceeded"
+        or kind == "exceed_context_size_error"
+        or _CONTEXT_WORDS.search(message)
+    ):
+        return errors.InvalidRequest(message, code="context_length_exceeded", param="messages")
+    return errors.InvalidRequest(
+        message,
+        code=code if code in _CLIENT_CODES else "invalid_value",
+        param=param if isinstance(param, str) and param else None,
+    )
 
 
 def error_for_status(status: int, body: bytes, retry_after: str | None, *, where: str) -> errors.APIError:
     """The error our client sees for an upstream answer with HTTP `status` (>= 400) before any output.
 
     400/413/422 are the client's fault (context length, a value the upstream refuses): passed through as
-    400 with the upstream's message/code/param when it sent an OpenAI envelope. 429 becomes 503 overloaded
-    with Retry-After. 401/403/404 are the operator's configuration (upstream key, model name): logged
-    loudly, 502 with a generic message. Anything else is a 502. `where` names model and replica for logs.
+    400 with the upstream's message and param (see `_envelope` for the shapes understood); its code when it
+    is one of ours, `context_length_exceeded` when the message says so, else `invalid_value`. 429 becomes
+    503 overloaded with Retry-After. 401/403/404 are the operator's configuration (upstream key, model
+    name): logged loudly, 502 with a generic message. Anything else is a 502. `where` names model and
+    replica for logs.
     """
     envelope = _envelope(body)
     if status in (400, 413, 422):
         if envelope is not None:
-            code = envelope.get("code")
-            param = envelope.get("param")
-            return errors.InvalidRequest(
-                envelope["message"],
-                code=code if isinstance(code, str) and code else "invalid_value",
-                param=param if isinstance(param, str) else None,
-            )
+            return _client_error(envelope)
         return errors.InvalidRequest("The upstream model rejected the request as invalid.")
     if status == 429:
         try:
