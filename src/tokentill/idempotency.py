@@ -6,10 +6,12 @@ differently is the same request. One row in `idempotency_keys` per (account, key
 
     first request              claim() inserts the row 'in_progress' → `Claim`; the request runs
       answered (200, JSON)     complete(): the status, JSON body and selected headers are kept ttl_s
-      answered (streamed)      mark_streamed(): remembered as answered and charged, but not replayable
-      error / client went away release(): the row is deleted, nothing is stored, the client may retry
-    repeat, same fingerprint   stored response → `Replay` (no hold, no limiter, no charge);
-                               streamed → 409; still running → 409 with Retry-After
+      answered (streamed)      complete(streamed=True): the final `chat.completion` built from the
+                               stream is kept ttl_s (status 'streamed'), to be replayed as a stream
+      error / stream cut off   release(): the row is deleted, nothing is stored, the client may retry
+    repeat, same fingerprint   stored response → `Replay` (no hold, no limiter, no charge); the body
+                               fixes `stream`, so a streamed answer is replayed as a stream;
+                               still running → 409 with Retry-After
     repeat, other fingerprint  409, and `x-should-retry: false` (retrying cannot help)
 
 Atomicity: the claim is a plain INSERT on the primary key (account_id, key), which exactly one of any
@@ -55,7 +57,7 @@ IN_PROGRESS_RETRY_S = 1
 
 @dataclass(frozen=True)
 class Claim:
-    """This request owns the key until it calls exactly one of complete / mark_streamed / release."""
+    """This request owns the key until it calls exactly one of complete / release."""
 
     account_id: int
     key: str
@@ -64,11 +66,13 @@ class Claim:
 
 @dataclass(frozen=True)
 class Replay:
-    """The stored answer of the first request with this key."""
+    """The stored answer of the first request with this key; `streamed`: `body` is the `chat.completion`
+    that the first request's stream added up to, to be replayed as a stream."""
 
     status: int
     body: Any
     headers: dict[str, str]
+    streamed: bool = False
 
 
 def check_key(key: str) -> str:
@@ -98,7 +102,7 @@ def _conflict(message: str, *, retry: bool) -> errors.Conflict:
 class IdempotencyStore:
     """Claims and stored responses in one `Database`; see the module docstring for the contract.
 
-    `complete`, `mark_streamed` and `release` never raise (they run in `finally:` blocks): a failure is
+    `complete` and `release` never raise (they run in `finally:` blocks): a failure is
     logged and the row then simply stays 'in_progress' until `abandon_after_s` passes.
     """
 
@@ -161,19 +165,17 @@ class IdempotencyStore:
                     return Claim(account_id, key, token)
         raise errors.Overloaded("Could not claim the Idempotency-Key under contention; please retry.")
 
-    async def complete(self, claim: Claim, *, status: int, body: Any, headers: dict[str, str]) -> None:
-        """Store the answer for replay during `ttl_s`."""
+    async def complete(
+        self, claim: Claim, *, status: int, body: Any, headers: dict[str, str], streamed: bool = False
+    ) -> None:
+        """Store the answer for replay during `ttl_s` (`streamed`: replay it as a stream)."""
         await self._close(
             claim,
-            status="completed",
+            status="streamed" if streamed else "completed",
             response_status=status,
             response_body=json.dumps(body, separators=(",", ":")),
             response_headers=json.dumps(headers),
         )
-
-    async def mark_streamed(self, claim: Claim) -> None:
-        """Remember that the request was answered (and charged) as a stream, which cannot be replayed."""
-        await self._close(claim, status="streamed")
 
     async def release(self, claim: Claim) -> None:
         """Forget the claim: nothing is stored and the same key may be used again at once."""
@@ -232,7 +234,7 @@ class IdempotencyStore:
                 "receive its response.",
                 retry=True,
             )
-        if row.status == "streamed":
+        if row.response_body is None:  # a stream recorded by an earlier version, which kept no answer
             raise _conflict(
                 "The request with this Idempotency-Key was streamed; it was answered and charged once, "
                 "and a streamed response cannot be replayed. Use a new key for a new request.",
@@ -242,29 +244,40 @@ class IdempotencyStore:
             status=int(row.response_status),
             body=json.loads(row.response_body),
             headers=dict(json.loads(row.response_headers or "{}")),
+            streamed=row.status == "streamed",
         )
 
 
 async def track_stream(
-    events: AsyncGenerator[EngineEvent, None], store: IdempotencyStore, claim: Claim
+    events: AsyncGenerator[EngineEvent, None],
+    store: IdempotencyStore,
+    claim: Claim,
+    answer: Callable[[str, str, Finished], Any],
+    headers: dict[str, str],
 ) -> AsyncGenerator[EngineEvent, None]:
-    """Pass `events` through; at the end mark the claim streamed if it finished, else release it.
+    """Pass `events` through; at the end store the answer if the stream finished, else release the key.
 
-    "Finished" is exactly when `ChatService.run` charges the full answer, so the key is marked answered
-    if and only if the client was charged for an answer. The inner stream is closed first (it settles
-    the money under its own shield), then the claim is closed under a shield too: Starlette cancels the
-    body iterator when the client disconnects.
+    `answer(content, reasoning, finished)` builds the `chat.completion` object that the stream added up
+    to; it is stored with `headers` for replay. "Finished" is exactly when `ChatService.run` charges the
+    full answer, so the key keeps an answer if and only if the client was charged for one. The inner
+    stream is closed first (it settles the money under its own shield), then the claim is closed under a
+    shield too: Starlette cancels the body iterator when the client disconnects.
     """
-    finished = False
+    content: list[str] = []
+    reasoning: list[str] = []
+    finished: Finished | None = None
     try:
         async with aclosing(events):
             async for event in events:
                 if isinstance(event, Finished):
-                    finished = True
+                    finished = event
+                else:
+                    (reasoning if event.reasoning else content).append(event.text)
                 yield event
     finally:
         with anyio.CancelScope(shield=True):
-            if finished:
-                await store.mark_streamed(claim)
+            if finished is not None:
+                body = answer("".join(content), "".join(reasoning), finished)
+                await store.complete(claim, status=200, body=body, headers=headers, streamed=True)
             else:
                 await store.release(claim)

@@ -122,6 +122,7 @@ def test_request_larger_than_tpm_never_fits(make_limiter: MakeLimiter, key_id: s
         assert f"Request too large for key {key_id}" in err.message
         assert "needs 101 tokens but the limit is 100 tokens per minute" in err.message
         assert err.headers["Retry-After"] == "60"
+        assert err.headers["x-should-retry"] == "false"  # the openai SDK must not retry it
         lease = await limiter.acquire(key_id, limits, 100)  # nothing was taken by the refusal
         assert lease.headers["x-ratelimit-remaining-requests"] == "9"
 
@@ -211,6 +212,9 @@ def test_retry_after_is_sane(make_limiter: MakeLimiter, key_id: str) -> None:
         err = await refused(limiter, key_id + "t", tokens, 600)
         assert 1 <= int(err.headers["Retry-After"]) <= 60
         assert err.headers["x-ratelimit-remaining-tokens"] == "400"
+        # Whole seconds rounded up, never early: the ceiling of the exact wait.
+        exact_ms = int(err.headers["retry-after-ms"])
+        assert int(err.headers["Retry-After"]) == max(1, -(-exact_ms // 1000))
 
     run(make_limiter, body)
 

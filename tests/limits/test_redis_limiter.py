@@ -12,8 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from tokentill.errors import Overloaded, RateLimited
-from tokentill.limits import KeyLimits, Lease, MemoryRateLimiter, create_limiter
-from tokentill.limits.redis import RedisRateLimiter
+from tokentill.limits import KeyLimits, Lease, LimiterUnavailable, MemoryRateLimiter, create_limiter
+from tokentill.limits.redis import ACQUIRE_LUA, FINISH_LUA, RedisRateLimiter
 
 
 def closed_port_url() -> str:
@@ -126,16 +126,58 @@ def test_cancelled_acquire_leaks_no_slot(limits_redis_url: str, key_id: str) -> 
     asyncio.run(main())
 
 
+@pytest.mark.redis
+def test_timed_out_acquire_gives_back_the_slot_it_took(limits_redis_url: str, key_id: str) -> None:
+    """A reply that times out after the script ran: 503, and the slot it took is freed in the background.
+
+    The pooled connection's socket timeout drops to 1 µs once it is open: the command still reaches Redis
+    and runs there, while its reply comes too late for the client."""
+    limits = KeyLimits(max_concurrent=1, rpm=100)
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(limits_redis_url)
+        try:
+            for script in (ACQUIRE_LUA, FINISH_LUA):  # loaded: EVALSHA needs no second round trip
+                await client.script_load(script)
+            hasty = RedisRateLimiter(limits_redis_url)
+            await hasty._redis.ping()  # one open pooled connection
+            pool = hasty._redis.connection_pool
+
+            def socket_timeout(seconds: float) -> None:
+                pool.connection_kwargs["socket_timeout"] = seconds
+                for conn in pool._available_connections:
+                    conn.socket_timeout = seconds
+
+            socket_timeout(0.000001)
+            with pytest.raises(LimiterUnavailable):
+                await hasty.acquire(key_id, limits, 1)
+            socket_timeout(1.0)  # Redis "recovers" in time for the give-back
+            await hasty.aclose()  # waits for the background finish
+            assert await client.zcard(f"tt:rl:{{{key_id}}}:req") == 1  # the script did run
+            deadline = time.monotonic() + 5
+            while await client.zcard(f"tt:rl:{{{key_id}}}:conc") and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert await client.zcard(f"tt:rl:{{{key_id}}}:conc") == 0
+            # The one slot is free: a healthy replica is admitted at once.
+            healthy = RedisRateLimiter(limits_redis_url)
+            await (await healthy.acquire(key_id, limits, 1)).release()
+            await healthy.aclose()
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
 def test_unreachable_redis_fails_closed() -> None:
     async def main() -> None:
         limiter = RedisRateLimiter(closed_port_url())
         try:
             started = time.monotonic()
-            with pytest.raises(Overloaded) as info:
+            with pytest.raises(LimiterUnavailable) as info:
                 await limiter.acquire("k1", KeyLimits(rpm=5), 1)
             assert time.monotonic() - started < 5
             err = info.value
-            assert err.status == 503
+            assert isinstance(err, Overloaded) and err.status == 503
             assert err.code == "overloaded"
             assert err.headers["Retry-After"] == "1"
             assert "failing closed" in err.message

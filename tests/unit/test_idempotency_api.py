@@ -1,5 +1,6 @@
 """Idempotency-Key and x-ratelimit-* headers through the real ASGI app (TestClient, echo engine, SQLite):
-replay charges nothing, a different body is 409, errors release the key, streams are answered once."""
+replay charges nothing, a different body is 409, errors release the key, a stream is replayed as a stream,
+a replay needs the model permission, and the TPM reservation shows in the headers."""
 
 from __future__ import annotations
 
@@ -35,11 +36,12 @@ class App:
     def call(self, func: Any, *args: Any) -> Any:
         return self.client.portal.call(func, *args)  # type: ignore[union-attr]
 
-    def key(self, account: str, **limits: int) -> dict[str, str]:
+    def key(self, account: str, models: list[str] | None = None, **limits: int) -> dict[str, str]:
         async def make() -> str:
             if await self.services.ledger.get_account(account) is None:
                 await self.services.ledger.create_account(account, 1_000_000)
-            return (await self.services.keys.create_key(account, **limits)).key  # type: ignore[arg-type]
+            created = await self.services.keys.create_key(account, models=models, **limits)  # type: ignore[arg-type]
+            return created.key
 
         return {"Authorization": f"Bearer {self.call(make)}"}
 
@@ -58,7 +60,10 @@ class App:
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[App]:
     catalogue = tmp_path / "models.toml"
-    catalogue.write_text('[[models]]\nid = "echo"\nengine = "echo"\nprice_input = 15\nprice_output = 60\n')
+    catalogue.write_text(
+        '[[models]]\nid = "echo"\nengine = "echo"\nprice_input = 15\nprice_output = 60\n'
+        '[[models]]\nid = "echo2"\nengine = "echo"\nprice_input = 15\nprice_output = 60\n'
+    )
     settings = Settings(data_dir=tmp_path / "data", config=catalogue)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield App(client, client.app.state.services)  # type: ignore[attr-defined]
@@ -102,15 +107,61 @@ def test_errors_release_the_key(app: App) -> None:
     assert app.usage_rows("b") == 1
 
 
-def test_streamed_request_is_answered_once_and_not_replayed(app: App) -> None:
+def _events(response: Any) -> list[Any]:
+    lines = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_streamed_request_is_stored_and_replayed_as_a_stream(app: App) -> None:
     headers = {**app.key("c"), "Idempotency-Key": "stream-1"}
-    with app.client.stream("POST", "/v1/echo", json={**BODY, "stream": True}, headers=headers) as r:
+    body = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+    with app.client.stream("POST", "/v1/echo", json=body, headers=headers) as r:
         assert r.status_code == 200
-        assert [line for line in r.iter_lines() if line.startswith("data: ")][-1] == "data: [DONE]"
+        first = _events(r)
     charged = app.balance("c")
-    again = app.client.post("/v1/echo", json={**BODY, "stream": True}, headers=headers)
-    assert again.status_code == 409 and "cannot be replayed" in again.json()["error"]["message"]
+    with app.client.stream("POST", "/v1/echo", json=body, headers=headers) as again:
+        assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+        assert again.headers["content-type"].startswith("text/event-stream")
+        replayed = _events(again)
+
+    def text(events: list[Any]) -> str:
+        return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+
+    assert text(replayed) == text(first) and text(first)
+    assert {e["id"] for e in replayed} == {first[0]["id"]}
+    assert replayed[-1]["usage"] == first[-1]["usage"] and replayed[-1]["choices"] == []
+    assert replayed[-2]["choices"][0]["finish_reason"] == first[-2]["choices"][0]["finish_reason"]
     assert app.balance("c") == charged and app.usage_rows("c") == 1
+    # Same key, the same request without streaming: another body, so 409 (never a silent re-render).
+    other = app.client.post("/v1/echo", json=BODY, headers=headers)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+
+
+def test_replay_requires_the_model_permission(app: App) -> None:
+    everything = {**app.key("g"), "Idempotency-Key": "perm"}
+    assert app.client.post("/v1/echo", json=BODY, headers=everything).status_code == 200
+    narrow = {**app.key("g", models=["echo2"]), "Idempotency-Key": "perm"}
+    refused = app.client.post("/v1/echo", json=BODY, headers=narrow)
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error"]["code"] == "model_not_permitted"
+    assert "idempotent-replayed" not in refused.headers
+    assert app.usage_rows("g") == 1
+
+
+def test_tpm_reservation_then_correction_in_the_headers(app: App) -> None:
+    auth = app.key("h", tpm=1000)
+    ok = app.client.post("/v1/echo", json=BODY, headers=auth)
+    assert ok.status_code == 200
+    usage = ok.json()["usage"]
+    # Admitted with the worst case reserved: the prompt plus max_completion_tokens (10).
+    assert ok.headers["x-ratelimit-remaining-tokens"] == str(1000 - (usage["prompt_tokens"] + 10))
+    assert usage["completion_tokens"] < 10  # so that the correction below is visible
+    # Settled: the reservation was corrected to what the request really used.
+    peek = app.client.post("/v1/echo", json={**BODY, "n": 2}, headers=auth)
+    assert peek.status_code == 400
+    assert peek.headers["x-ratelimit-remaining-tokens"] == str(1000 - usage["total_tokens"])
+    assert peek.headers["x-ratelimit-limit-tokens"] == "1000"
 
 
 def test_invalid_key_header(app: App) -> None:

@@ -86,7 +86,7 @@ def test_claim_complete_replay_and_conflicts(database_url: str) -> None:
     run_with_db(database_url, body)
 
 
-def test_release_frees_the_key_and_streamed_cannot_replay(database_url: str) -> None:
+def test_release_frees_the_key_and_a_stored_stream_replays(database_url: str) -> None:
     async def body(db: Database) -> None:
         store = _store(db, Clock())
         account = await _account(db)
@@ -95,11 +95,12 @@ def test_release_frees_the_key_and_streamed_cannot_replay(database_url: str) -> 
         await store.release(first)
         second = await store.claim(account, "k", "fp2", "req_2")  # released: any body may use it now
         assert isinstance(second, Claim)
-        await store.mark_streamed(second)
-        streamed = await _conflict(store, account, "k", "fp2")
-        assert "cannot be replayed" in streamed.message
+        await store.complete(second, status=200, body={"id": "chatcmpl-1"}, headers={}, streamed=True)
+        replay = await store.claim(account, "k", "fp2", "req_3")
+        assert replay == Replay(status=200, body={"id": "chatcmpl-1"}, headers={}, streamed=True)
         await store.release(second)  # a late release after the answer changes nothing
-        assert "cannot be replayed" in (await _conflict(store, account, "k", "fp2")).message
+        assert isinstance(await store.claim(account, "k", "fp2", "req_4"), Replay)
+        assert "different request" in (await _conflict(store, account, "k", "fp3")).message
 
     run_with_db(database_url, body)
 

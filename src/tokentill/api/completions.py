@@ -2,7 +2,9 @@
 
 `complete` is what both chat routes call. It answers once per `Idempotency-Key` (replaying a stored answer
 or recording a new one), runs the chat service, and renders its events — collected into one JSON object,
-or as server-sent events. A client that hangs up cancels the generation in both renderings.
+or as server-sent events. A client that hangs up cancels the generation in both renderings, with one
+exception: a non-streamed request that carries an Idempotency-Key runs to the end and stores its answer,
+so that the client's retry (what an SDK does after a timeout) replays it and the account pays once.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from tokentill.api.state import services_of
 from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits
 from tokentill.chat import PreparedChat
-from tokentill.engines.base import EngineEvent, Finished, TextDelta
+from tokentill.engines.base import EngineEvent, Finished, TextDelta, Usage
 from tokentill.idempotency import Claim, Replay, check_key, fingerprint, track_stream
+from tokentill.limits import LimiterUnavailable
 from tokentill.protocol import responses
 from tokentill.protocol.chat import ChatCompletionRequest
 
@@ -37,7 +40,10 @@ async def limit_headers_on_errors(request: Request, principal: Principal) -> Asy
     try:
         yield
     except errors.APIError as exc:
-        if not any(name.startswith("x-ratelimit-") for name in exc.headers):
+        # The limiter's own 503 means its backend is unreachable: asking it again would only wait again.
+        if not isinstance(exc, LimiterUnavailable) and not any(
+            name.startswith("x-ratelimit-") for name in exc.headers
+        ):
             with anyio.CancelScope(shield=True):
                 exc.headers.update(await services_of(request).chat.limit_headers(principal))
         raise
@@ -52,6 +58,8 @@ async def complete(
     if key is None:
         return await _answer(request, principal, model, body, None)
     route = "chat.completions" if request.url.path == "/v1/chat/completions" else "model"
+    # A stored answer goes only to keys that may use its model, as a fresh request would.
+    principal.check_model(services.chat.model(model).id)
     outcome = await services.idempotency.claim(
         principal.account_id,
         check_key(key),
@@ -65,6 +73,12 @@ async def complete(
             "x-remaining-credits": format_credits(request.state.remaining_credits),
             "idempotent-replayed": "true",
         }
+        if outcome.streamed:
+            return StreamingResponse(
+                _replay_stream(outcome.body, body),
+                media_type="text/event-stream",
+                headers={**headers, **_STREAM_HEADERS},
+            )
         return JSONResponse(outcome.body, status_code=outcome.status, headers=headers)
     try:
         return await _answer(request, principal, model, body, outcome)
@@ -94,10 +108,12 @@ async def _answer(
 async def _collect(
     request: Request, chat: PreparedChat, completion_id: str, created: int, claim: Claim | None
 ) -> Response:
-    """Run the event stream to the end; a client that hangs up cancels the generation."""
+    """Run the event stream to the end; a client that hangs up cancels the generation, unless the
+    request holds an Idempotency-Key (then its answer is stored for the retry)."""
     content: list[str] = []
     reasoning: list[str] = []
     finished: Finished | None = None
+    gone = False
 
     async def consume() -> None:
         nonlocal finished
@@ -110,9 +126,13 @@ async def _collect(
         tg.cancel_scope.cancel()
 
     async def watch_disconnect() -> None:
+        nonlocal gone
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        tg.cancel_scope.cancel()
+        gone = True
+        if claim is None:
+            tg.cancel_scope.cancel()
+        # With a claim the generation goes on: the SDK's retry will replay its stored answer.
 
     try:
         async with anyio.create_task_group() as tg:
@@ -125,8 +145,6 @@ async def _collect(
             await services_of(request).idempotency.release(claim)
         return Response(status_code=499)
     services = services_of(request)
-    balance = await services.chat.balance(chat.principal.account_id)
-    request.state.remaining_credits = balance
     payload = responses.completion(
         completion_id=completion_id,
         created=created,
@@ -140,9 +158,16 @@ async def _collect(
         # Stored before the client sees it: a retry that arrives now finds the answer, not a 409.
         stored = {"x-original-request-id": chat.request_id}
         await services.idempotency.complete(claim, status=200, body=payload, headers=stored)
+    if gone:
+        return Response(status_code=499)
+    balance = await services.chat.balance(chat.principal.account_id)
+    request.state.remaining_credits = balance
     return JSONResponse(
         payload, headers={"x-remaining-credits": format_credits(balance), **chat.lease.headers}
     )
+
+
+_STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 async def _stream(
@@ -160,7 +185,20 @@ async def _stream(
     first = await anext(run)
     events: AsyncGenerator[EngineEvent, None] = _prepend(first, run)
     if claim is not None:
-        events = track_stream(events, services.idempotency, claim)
+
+        def answer(content: str, reasoning: str, finished: Finished) -> dict[str, Any]:
+            return responses.completion(
+                completion_id=completion_id,
+                created=created,
+                model=chat.spec.id,
+                content=content,
+                finish_reason=finished.finish_reason,
+                usage=finished.usage,
+                reasoning_content=reasoning if chat.include_reasoning else None,
+            )
+
+        stored = {"x-original-request-id": chat.request_id}
+        events = track_stream(events, services.idempotency, claim, answer, stored)
     stream = sse_stream(
         events,
         completion_id=completion_id,
@@ -171,11 +209,46 @@ async def _stream(
     )
     headers = {
         "x-remaining-credits": format_credits(chat.balance_after_hold),
-        "cache-control": "no-cache",
-        "x-accel-buffering": "no",
+        **_STREAM_HEADERS,
         **chat.lease.headers,
     }
     return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+
+
+def _replay_stream(stored: dict[str, Any], body: ChatCompletionRequest) -> AsyncIterator[bytes]:
+    """A stored `chat.completion` rendered again as the stream it came from: same id, text and usage
+    (the text arrives in one delta, the reasoning in another when it was asked for)."""
+    choice = stored["choices"][0]
+    usage = stored["usage"]
+    events: list[EngineEvent] = []
+    if choice["message"].get("reasoning_content"):
+        events.append(TextDelta(choice["message"]["reasoning_content"], reasoning=True))
+    events.append(TextDelta(choice["message"]["content"] or ""))
+    events.append(
+        Finished(
+            choice["finish_reason"],
+            Usage(
+                prompt_tokens=usage["prompt_tokens"],
+                completion_tokens=usage["completion_tokens"],
+                cached_tokens=usage["prompt_tokens_details"]["cached_tokens"],
+                reasoning_tokens=usage["completion_tokens_details"]["reasoning_tokens"],
+                image_tokens=usage["prompt_tokens_details"].get("image_tokens", 0),
+            ),
+        )
+    )
+
+    async def replayed() -> AsyncGenerator[EngineEvent, None]:
+        for event in events:
+            yield event
+
+    return sse_stream(
+        replayed(),
+        completion_id=stored["id"],
+        created=stored["created"],
+        model=stored["model"],
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        include_reasoning="reasoning_content" in choice["message"],
+    )
 
 
 async def _prepend(

@@ -16,10 +16,18 @@ Use::
 
 from __future__ import annotations
 
-from tokentill.limits.base import KeyLimits, Lease, RateLimiter, format_reset
+from tokentill.limits.base import KeyLimits, Lease, LimiterUnavailable, RateLimiter, format_reset
 from tokentill.limits.memory import MemoryRateLimiter
 
-__all__ = ["KeyLimits", "Lease", "MemoryRateLimiter", "RateLimiter", "create_limiter", "format_reset"]
+__all__ = [
+    "KeyLimits",
+    "Lease",
+    "LimiterUnavailable",
+    "MemoryRateLimiter",
+    "RateLimiter",
+    "create_limiter",
+    "format_reset",
+]
 
 
 def create_limiter(redis_url: str | None, *, lease_ttl_s: float = 900.0) -> RateLimiter:

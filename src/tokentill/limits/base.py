@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from tokentill.errors import RateLimited
+from tokentill.errors import Overloaded, RateLimited
 
 __all__ = [
     "WINDOW_S",
@@ -35,6 +35,7 @@ __all__ = [
     "Decision",
     "KeyLimits",
     "Lease",
+    "LimiterUnavailable",
     "RateLimiter",
     "format_reset",
     "headers_for",
@@ -50,6 +51,11 @@ CONCURRENCY_RETRY_S = 1.0
 
 # Decision.failed values, shared with the Redis Lua script (keep the numbers in sync).
 FAIL_NONE, FAIL_REQUESTS, FAIL_TOKENS, FAIL_CONCURRENCY = 0, 1, 2, 3
+
+
+class LimiterUnavailable(Overloaded):
+    """503 `overloaded`: the shared limiter's backend cannot be reached, so the request is refused
+    (fail closed). A distinct class so that callers do not ask the same dead backend again (for headers)."""
 
 
 @dataclass(frozen=True)
@@ -132,9 +138,9 @@ class RateLimiter(Protocol):
     async def acquire(self, key_id: str, limits: KeyLimits, tokens: int) -> Lease:
         """Admit one request reserving `tokens` (worst case: prompt + completion budget), or raise.
 
-        Raises `RateLimited` (429) when any limit is full; nothing is taken then. Raises `Overloaded`
-        (503) when a shared backend cannot be reached (fail closed). With no limits set it returns a lease
-        with empty headers and touches no backend.
+        Raises `RateLimited` (429) when any limit is full; nothing is taken then. Raises
+        `LimiterUnavailable` (503) when a shared backend cannot be reached (fail closed). With no
+        limits set it returns a lease with empty headers and touches no backend.
         """
         ...
 
@@ -199,6 +205,8 @@ def screen(key_id: str, limits: KeyLimits, tokens: int) -> bool:
             f"{limits.tpm} tokens per minute. Lower max_completion_tokens or shorten the prompt.",
             limit_type="tokens",
             retry_after_s=WINDOW_S,
+            # Waiting cannot help: the openai SDK honours this and does not retry.
+            headers={"x-should-retry": "false"},
         )
     return True
 
@@ -228,4 +236,5 @@ def rejection(key_id: str, limits: KeyLimits, tokens: int, decision: Decision) -
     headers = headers_for(limits, decision)
     # The official openai SDK prefers this to Retry-After (whole seconds) when it decides how long to wait.
     headers["retry-after-ms"] = str(max(1, math.ceil(retry_s * 1000)))
+    headers["Retry-After"] = str(max(1, math.ceil(retry_s)))  # whole seconds, never too early
     return RateLimited(message, limit_type=limit_type, retry_after_s=retry_s, headers=headers)

@@ -20,8 +20,10 @@ attempt may already have run, so the script is idempotent per lease id (a resend
 caller cancelled while the script is in flight leaves a tracked task that releases the lease if it was
 admitted.
 
-Failure: any Redis error or timeout on `acquire` raises `Overloaded` (503): we fail closed rather than
-serve unmetered. `settle`/`release` never raise; they log, and the reservation ages out.
+Failure: any Redis error or timeout on `acquire` raises `LimiterUnavailable` (503 `overloaded`): we fail
+closed rather than serve unmetered. A timeout can come *after* the script ran and took a slot, so a
+failed acquire also schedules a background FINISH with 0 tokens for its lease id (harmless when nothing
+was taken). `settle`/`release` never raise; they log, and the reservation ages out.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import asyncio
 import logging
 import math
 import uuid
+from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,13 +41,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from tokentill.errors import Overloaded
 from tokentill.limits.base import (
     CONCURRENCY_RETRY_S,
     WINDOW_S,
     Decision,
     KeyLimits,
     Lease,
+    LimiterUnavailable,
     headers_for,
     rejection,
     screen,
@@ -55,6 +58,7 @@ __all__ = ["ACQUIRE_LUA", "FINISH_LUA", "PEEK_LUA", "RedisRateLimiter"]
 logger = logging.getLogger(__name__)
 
 _REDIS_FAILURES = (RedisError, OSError)  # OSError covers socket errors and builtin TimeoutError
+_GIVE_BACK_DELAYS_S = (0.0, 0.5, 2.0)  # after a failed acquire, when to try freeing its slot
 
 # Shared by the scripts below: drop token reservations that left the window, return the tokens in it.
 _TRIM_TOKENS_LUA = """
@@ -258,7 +262,7 @@ class RedisRateLimiter:
         self._background: set[asyncio.Task[None]] = set()
 
     async def acquire(self, key_id: str, limits: KeyLimits, tokens: int) -> Lease:
-        """See `RateLimiter.acquire`. One EVALSHA; raises `Overloaded` if Redis fails."""
+        """See `RateLimiter.acquire`. One EVALSHA; raises `LimiterUnavailable` if Redis fails."""
         if not screen(key_id, limits, tokens):
             return Lease({}, None)
         lease_id = uuid.uuid4().hex
@@ -281,9 +285,11 @@ class RedisRateLimiter:
         try:
             decision = await asyncio.shield(call)
         except asyncio.CancelledError:
-            undo = asyncio.ensure_future(self._undo_if_admitted(call, key_id, lease_id))
-            self._background.add(undo)
-            undo.add_done_callback(self._background.discard)
+            self._in_background(self._undo_if_admitted(call, key_id, lease_id))
+            raise
+        except LimiterUnavailable:
+            # A reply that timed out may belong to a script that ran and took the slot: give it back.
+            self._in_background(self._give_back(key_id, lease_id))
             raise
         if not decision.admitted:
             raise rejection(key_id, limits, tokens, decision)
@@ -327,12 +333,17 @@ class RedisRateLimiter:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self._redis.aclose()
 
+    def _in_background(self, job: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(job)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _evalsha_acquire(self, keys: list[str], args: list[Any]) -> Decision:
         try:
             raw = await self._acquire_script(keys=keys, args=args)
         except _REDIS_FAILURES as exc:
             logger.warning("rate limiter: Redis at %s failed: %r; refusing the request", self._where, exc)
-            raise Overloaded(
+            raise LimiterUnavailable(
                 "Rate limiter unavailable: cannot reach Redis; failing closed. Please retry shortly.",
                 retry_after_s=1,
             ) from exc
@@ -350,10 +361,19 @@ class RedisRateLimiter:
             concurrent_used=conc_used,
         )
 
-    async def _finish(self, key_id: str, lease_id: str, actual_tokens: int) -> None:
+    async def _give_back(self, key_id: str, lease_id: str) -> None:
+        """Free whatever a failed acquire may have taken; Redis was just failing, so try a few times."""
+        for delay in _GIVE_BACK_DELAYS_S:
+            await asyncio.sleep(delay)
+            if await self._finish(key_id, lease_id, 0):
+                return
+
+    async def _finish(self, key_id: str, lease_id: str, actual_tokens: int) -> bool:
+        """Run FINISH_LUA; False (logged) when Redis failed."""
         _, _, tok_hash, conc = _keys(key_id)
         try:
             await self._finish_script(keys=[tok_hash, conc], args=[lease_id, actual_tokens])
+            return True
         except _REDIS_FAILURES as exc:
             # Never raise from settle/release (they run in `finally:`); the reservation ages out of the
             # window and the slot out of its lease TTL.
@@ -364,13 +384,14 @@ class RedisRateLimiter:
                 self._where,
                 exc,
             )
+            return False
 
     async def _undo_if_admitted(self, call: asyncio.Future[Decision], key_id: str, lease_id: str) -> None:
         try:
             decision = await call
-        except Exception:  # Overloaded: nothing was taken (or Redis cannot be told anyway)
-            return
-        if decision.admitted:
+        except Exception:  # LimiterUnavailable: a timed-out script may still have taken the slot
+            decision = None
+        if decision is None or decision.admitted:
             await self._finish(key_id, lease_id, 0)
 
 
