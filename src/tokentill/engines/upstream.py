@@ -16,10 +16,17 @@ Contract, beyond `engines/base.py`:
   proxy from the environment sees prompts or keys.
 - Failover: a connect error, or a 5xx / dropped connection before the response headers, moves the request
   to the next replica (at most one try per replica). Once the upstream has answered 200, nothing is
-  retried: output may already be with the client.
-- `start` never fails because an upstream is down (a warning; requests then get 502).
+  retried: output may already be with the client. Which failures mark a replica down: see `_open`.
+- `start` never fails because an upstream is down (a warning; requests then get 502). It does fail, with a
+  `CatalogError`, on a bad `base_url` (not http(s), `user:password@`, bad port), `headers` that HTTP
+  cannot carry or that tokentill sets itself, and an `api_key` that is unset or holds line breaks.
 - Errors: see `upstream_wire.error_for_status`; all replicas failing → 502, a silent upstream → 504 after
   `timeout_s`, the request's own deadline → 504, more than `queue_size` requests per replica in flight → 503.
+  An answer that breaks the protocol (bad JSON or usage, a body that does not decode, an SSE line over
+  1 MiB) → 502. SSE lines end at CR, LF or CRLF only, never at U+2028/U+2029/U+0085 inside JSON text.
+- Budget: the upstream is asked for `max_tokens`; one that streams past it is cut there (the response is
+  closed, `finish_reason` "length", usage = the budget, marked estimated), and no reported usage above the
+  budget is passed on.
 - Usage comes from the upstream; without it we count (`Usage.estimated`). Every non-empty text delta is
   `TextDelta(tokens=1)`: most servers stream one token per delta, which is what an interrupted stream is
   billed by. `<think>` tags in content are split by `reasoning.NativeThinking` (applied by the app for

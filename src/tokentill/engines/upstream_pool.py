@@ -4,10 +4,13 @@ Choice: among the replicas not yet tried for this request, the healthy ones with
 requests first (ties go to the one listed first); unhealthy replicas are tried only when no healthy,
 untried one is left, so a request is never refused just because the health check is behind.
 
-Health: a replica turns unhealthy when a request cannot connect to it or it answers 5xx before the first
-byte, and when the background check (`GET {base}/models` every `interval_s`, sent only to replicas with
-no request of ours in flight) fails; it turns healthy again when a check or a request succeeds. All state
-lives on one event loop: no locks are needed.
+Health: a replica turns unhealthy when a request cannot connect to it or waits `timeout_s` on it, when it
+answers 5xx (or drops the connection) before the first byte to a request that another replica then
+answers (a request every replica fails may be the request's fault), and when the background check
+(`GET {base}/models` every `interval_s`, sent only to replicas with no request of ours in flight) fails;
+it turns healthy again when a check or a request succeeds. The log line says which: "is down: ConnectError"
+for a request, "is down: health check: ConnectError" for the check. All state lives on one event loop: no
+locks are needed.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ class ReplicaPool:
                 replica.base_url + "/models", headers=dict(headers), timeout=httpx2.Timeout(timeout_s)
             )
         except httpx2.HTTPError as exc:
-            replica.mark(False, type(exc).__name__, self.model)
+            replica.mark(False, f"health check: {type(exc).__name__}", self.model)
             return
         if response.status_code >= 500:
             replica.mark(False, f"health check answered HTTP {response.status_code}", self.model)
