@@ -242,3 +242,66 @@ def test_count_prompt_tokens_while_decoding(engine: LlamaCppEngine) -> None:
         return counts
 
     assert asyncio.run(scenario()) == {expected}
+
+
+def test_every_token_reaches_the_consumer_on_a_delta(engine: LlamaCppEngine) -> None:
+    """Emoji and CJK (several tokens per character) with a stop prefix held back: the deltas' tokens add
+    up to the usage, so a stream cut anywhere is billed for what was generated."""
+
+    async def main() -> tuple[list[TextDelta], Finished]:
+        deltas: list[TextDelta] = []
+        request = _request("Repeat exactly: 猫猫猫 🙂🙂🙂 日本語 🙂🙂", max_tokens=40, stop=("🙂🙂🙂🙂",))
+        async for event in engine.generate(request):
+            if isinstance(event, Finished):
+                return deltas, event
+            deltas.append(event)
+        raise AssertionError("no Finished")
+
+    deltas, finished = asyncio.run(main())
+    assert sum(d.tokens for d in deltas) == finished.usage.completion_tokens > 0
+    assert all(d.tokens in (0, 1) for d in deltas)
+
+
+def test_think_tags_that_are_control_tokens_are_shown(engine: LlamaCppEngine) -> None:
+    """`shown_control_tokens` finds a tag that is one special token hidden by plain detokenizing (here the
+    real `<|im_end|>` of SmolLM2 stands in for a CONTROL `<think>`), and leaves ordinary text alone."""
+    from tokentill.engines.batch import shown_control_tokens
+
+    llm = engine._llm  # tokenizing only reads the vocabulary (see the engine's module docstring)
+    (end,) = llm.tokenize(b"<|im_end|>", add_bos=False, special=True)
+    assert llm.detokenize([end]) == b""  # what the decode loop used to emit for such a tag
+    assert shown_control_tokens(llm, ("<|im_end|>", "<think>", "hello")) == {end}
+
+
+def test_native_reasoning_starts_inside_a_prefilled_think() -> None:
+    """A DeepSeek-R1-style template ends the prompt with `<think>`: everything SmolLM2 writes (it never
+    closes the block) is reasoning, none of it content."""
+    from tokentill.engines.chat_template import ChatTemplate
+
+    _require_llama()
+    spec = ModelSpec(id="r1", engine="llamacpp", context=CONTEXT, n_threads=1, reasoning="native")
+    engine = create_engine(spec, queue_size=2, n_threads=None)
+    assert isinstance(engine, LlamaCppEngine)
+    asyncio.run(engine.start())
+    try:
+        r1 = (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+            "{% endfor %}<|im_start|>assistant\n<think>\n"
+        )
+        engine._template = ChatTemplate(  # the packaged GGUF's own template does not pre-fill
+            {"tokenizer.chat_template": r1}, bos_token="", eos_token="<|im_end|>"
+        )
+
+        async def main() -> list[EngineEvent]:
+            return [e async for e in engine.generate(_request("Say hi.", max_tokens=8))]
+
+        events = asyncio.run(main())
+    finally:
+        asyncio.run(engine.aclose())
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert deltas and all(d.reasoning for d in deltas)
+    assert "".join(d.text for d in deltas).strip()
+    finished = events[-1]
+    assert isinstance(finished, Finished) and finished.usage.completion_tokens == sum(
+        d.tokens for d in deltas
+    )

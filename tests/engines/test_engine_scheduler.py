@@ -26,6 +26,7 @@ class ScriptedRunner:
         self.gate.set()
         self.released: list[str] = []
         self.resets = 0
+        self.pieces: dict[int, bytes] = {}  # tokens with scripted bytes (a byte of a character, say)
 
     def prefill(self, seq: Sequence) -> None:
         self.position[seq] = 0
@@ -43,6 +44,8 @@ class ScriptedRunner:
         return token == END
 
     def piece(self, token: int) -> bytes:
+        if token in self.pieces:
+            return self.pieces[token]
         return b"\xc3" if token == 99 else b"\xa9" if token == 98 else f"<{token}>".encode()
 
     def decode(self, seq: Sequence, token: int) -> None:
@@ -197,3 +200,55 @@ def test_close_fails_waiting_and_active(runner: ScriptedRunner) -> None:
 
     asyncio.run(main())
     assert "active" in runner.released
+
+
+def _byte_tokens(runner: ScriptedRunner, text: str) -> list[int]:
+    """One token per UTF-8 byte of `text` (ids from 1000 on)."""
+    data = text.encode()
+    tokens = [1000 + i for i in range(len(data))]
+    runner.pieces.update({t: data[i : i + 1] for i, t in enumerate(tokens)})
+    return tokens
+
+
+def test_every_token_is_counted_as_it_is_generated(scheduler: Scheduler, runner: ScriptedRunner) -> None:
+    """Emoji and CJK one byte per token, and a stop prefix held back: the deltas carry every token."""
+    tokens = _byte_tokens(runner, "猫🙂 ab")
+
+    async def main() -> tuple[list[TextDelta], Finished]:
+        deltas: list[TextDelta] = []
+        async for event in stream(scheduler, _seq("bytes", tokens, stop=("abc",))):
+            if isinstance(event, Finished):
+                return deltas, event
+            deltas.append(event)
+        raise AssertionError("no Finished")
+
+    deltas, finished = asyncio.run(main())
+    assert "".join(d.text for d in deltas) == "猫🙂 ab"  # " ab" held back until the end, then released
+    assert sum(d.tokens for d in deltas) == finished.usage.completion_tokens == len(tokens)
+    assert scheduler.tokens_decoded("bytes") == len(tokens)
+    assert len([d for d in deltas if d.tokens]) == len(tokens)  # one delta per token, as it was sampled
+
+
+def test_withdrawal_mid_character_still_counts_the_tokens(
+    scheduler: Scheduler, runner: ScriptedRunner
+) -> None:
+    tokens = _byte_tokens(runner, "猫猫猫猫")
+
+    async def main() -> list[TextDelta]:
+        seen: list[TextDelta] = []
+        events = stream(scheduler, _seq("gone", tokens))
+        async for event in events:
+            assert isinstance(event, TextDelta)
+            seen.append(event)
+            if len(seen) == 2:  # two bytes of the first 猫: no text yet, two tokens generated
+                break
+        await events.aclose()
+        return seen
+
+    seen = asyncio.run(main())
+    assert [d.text for d in seen] == ["", ""] and sum(d.tokens for d in seen) == 2
+    deadline = time.monotonic() + 5
+    while scheduler.tokens_decoded("gone") is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    decoded = scheduler.tokens_decoded("gone")  # the loop may have run ahead of the consumer
+    assert decoded is not None and decoded >= 2

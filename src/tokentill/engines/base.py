@@ -21,9 +21,14 @@ __all__ = [
     "Finished",
     "ImageInput",
     "Message",
+    "THINK_CLOSE",
+    "THINK_OPEN",
     "TextDelta",
     "Usage",
 ]
+
+# The tags that `native` reasoning models write around their thinking.
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 FinishReason = Literal["stop", "length"]
 
@@ -104,7 +109,10 @@ class Usage:
 class TextDelta:
     text: str
     reasoning: bool = False  # hidden reasoning, not part of `content`
-    tokens: int = 1  # completion tokens this delta accounts for (billing of interrupted streams)
+    # Completion tokens this delta accounts for (billing of interrupted streams). Engines put every token
+    # on a delta as it is generated, so a delta may carry tokens and no text (half a character, a held-back
+    # stop prefix); renderers skip empty text.
+    tokens: int = 1
 
 
 @dataclass(frozen=True)

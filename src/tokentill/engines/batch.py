@@ -29,11 +29,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokentill.engines.base import THINK_CLOSE, THINK_OPEN
 from tokentill.engines.sequence import SamplingParams, Sequence
 from tokentill.engines.vision import VisionEncoder
 from tokentill.errors import UpstreamError
 
-__all__ = ["BatchedLlamaRunner"]
+__all__ = ["BatchedLlamaRunner", "shown_control_tokens"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,21 @@ N_BATCH = 512  # prompt tokens evaluated per step when nothing else runs
 PREFILL_CHUNK = 256  # prompt tokens per step (all new sequences together) while others are generating
 _IMAGE = -1  # a KV position holding an image embedding, in `_Slot.tokens`
 SPAN_COST = 128  # prompt tokens one more slot in the busy range is worth (see `_choose`)
+
+
+def shown_control_tokens(llm: Any, texts: tuple[str, ...]) -> frozenset[int]:
+    """Ids of the `texts` that are one special token which plain detokenizing would hide.
+
+    Some GGUFs mark `<think>` / `</think>` as CONTROL tokens; `detokenize(special=False)` renders those
+    as nothing, and the reasoning would then reach `content` with no tag to split it at.
+    """
+    shown: set[int] = set()
+    for text in texts:
+        tokens = list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+        if len(tokens) == 1 and bytes(llm.detokenize(tokens)) != text.encode("utf-8"):
+            if bytes(llm.detokenize(tokens, special=True)) == text.encode("utf-8"):
+                shown.add(tokens[0])
+    return frozenset(shown)
 
 
 class _Sampler:
@@ -129,6 +145,7 @@ class BatchedLlamaRunner:
         self._prefill_queued = 0  # prompt tokens queued in this step's batch
         self._slots = [_Slot(seq_id=i) for i in range(parallel)]
         self._by_seq: dict[Sequence, _Slot] = {}
+        self._shown = shown_control_tokens(llm, (THINK_OPEN, THINK_CLOSE))
 
     @property
     def ctx(self) -> Any:
@@ -168,7 +185,8 @@ class BatchedLlamaRunner:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
 
     def piece(self, token: int) -> bytes:
-        return bytes(self._llm.detokenize([token]))
+        # Control tokens detokenize to nothing unless `special`; the think tags must show as text.
+        return bytes(self._llm.detokenize([token], special=token in self._shown))
 
     def decode(self, seq: Sequence, token: int) -> None:
         self._queue(self._by_seq[seq], token, logits=True)

@@ -2,9 +2,14 @@
 
 Tokens are whitespace-separated words. The completion is the last user message's words, one `TextDelta`
 per word: the first word bare, every later one with its leading space (so the deltas join to
-`" ".join(words)`). Prompt tokens = all messages' words + 3 per message. `max_tokens`, stop strings,
-the deadline and the context length behave as in the llama.cpp engine; there is no queue (`queue_size` is
-accepted for the shared constructor and ignored), and words are produced without delay.
+`" ".join(words)`); a word held back (a possible stop prefix) still comes as an empty delta with its token.
+Prompt tokens = all messages' words + 3 per message. `max_tokens`, stop strings, the deadline and the
+context length behave as in the llama.cpp engine; there is no queue (`queue_size` is accepted for the
+shared constructor and ignored), and words are produced without delay.
+
+With `reasoning = "native"` in the catalogue, `<think>…</think>` in the words is split off as the llama.cpp
+engine does it, starting inside the block when the last message is an assistant turn that ends with
+`<think>` (the echo engine's stand-in for a chat template that pre-fills it).
 """
 
 from __future__ import annotations
@@ -15,12 +20,12 @@ from collections.abc import AsyncGenerator
 
 from tokentill.catalog import ModelSpec
 from tokentill.engines.base import (
+    THINK_OPEN,
     Capabilities,
     EngineEvent,
     EngineRequest,
     Finished,
     FinishReason,
-    TextDelta,
     Usage,
 )
 from tokentill.engines.text import TextAssembler
@@ -63,7 +68,8 @@ class EchoEngine:
         budget = max(1, min(request.max_tokens, context - prompt_tokens))
         user = [m for m in request.messages if m.role == "user"]
         words = user[-1].text.split() if user else []
-        text = TextAssembler(request.stop)
+        native = self.capabilities.reasoning == "native"
+        text = TextAssembler(request.stop, think_tags=native, thinking=native and _opens_thinking(request))
         generated = 0
         reason: FinishReason = "stop"
         for index, word in enumerate(words):
@@ -75,14 +81,19 @@ class EchoEngine:
                     f"The request timed out after {request.deadline - started:.1f} seconds."
                 )
             generated += 1
-            safe, stopped = text.feed_text(word if index == 0 else " " + word)
-            if safe:
-                yield TextDelta(safe)
-            if stopped:
+            for delta in text.feed_text(word if index == 0 else " " + word):
+                yield delta
+            if text.stopped:
                 break
             await asyncio.sleep(0)  # a scheduling point, so cancellation and other requests get a turn
-        tail = text.finish()
-        if tail:
-            yield TextDelta(tail)
+        for delta in text.finish():
+            yield delta
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=generated)
         yield Finished(finish_reason=reason, usage=usage)
+
+
+def _opens_thinking(request: EngineRequest) -> bool:
+    """The echo "prompt" ends inside `<think>` when the last message is an assistant turn ending with it
+    (a pre-filled answer, as a DeepSeek-R1 chat template writes)."""
+    last = request.messages[-1] if request.messages else None
+    return last is not None and last.role == "assistant" and last.text.rstrip().endswith(THINK_OPEN)

@@ -17,6 +17,13 @@ Usage accounting (the contract billing relies on):
   * `cached_tokens` counts prompt tokens whose KV entries were reused from an earlier request (the
     free slot whose cached tokens share the longest prefix with the prompt is chosen).
   * `image_tokens` counts the prompt tokens that stand for images (included in `prompt_tokens`).
+  * every sampled token reaches the consumer on a `TextDelta` as it is sampled (see `text.py`), so a
+    request cut short is billed for exactly the tokens generated.
+
+Native reasoning (`spec.reasoning == "native"`): the engine itself splits `<think>…</think>` off as
+`reasoning=True` deltas, applies stop strings to the answer only, and starts inside the block when the
+rendered prompt ends with `<think>` (templates that pre-fill it). Think tags that the GGUF marks as control
+tokens are still detokenized as text (see `batch.py`).
 
 Vision (`spec.mmproj`): `vision.VisionEncoder` loads the projector beside the weights. A request with
 images is rendered with a media marker per image and tokenized by libmtmd **on the decode thread**
@@ -39,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokentill.catalog import ModelSpec
-from tokentill.engines.base import Capabilities, EngineEvent, EngineRequest, ImageInput
+from tokentill.engines.base import THINK_OPEN, Capabilities, EngineEvent, EngineRequest, ImageInput
 from tokentill.engines.batch import BatchedLlamaRunner
 from tokentill.engines.chat_template import ChatTemplate
 from tokentill.engines.scheduler import SamplingParams, Scheduler, Sequence, new_channel, stream
@@ -174,10 +181,13 @@ class LlamaCppEngine:
         prompt: list[int] = []
         counts = PromptCounts(total=0, image=0)
         if media is None:
-            prompt = self._tokenize_prompt(request)
+            rendered, add_bos = self._render(request)
+            prompt = self._tokenize(rendered, add_bos)
             counts = PromptCounts(total=len(prompt), image=0)
         else:
+            rendered = media.text
             counts = await asyncio.wrap_future(self._count_media(media))
+        native = self.capabilities.reasoning == "native"
         n_ctx = self.capabilities.context_length
         n_prompt = counts.total
         if n_prompt >= n_ctx:
@@ -207,6 +217,9 @@ class LlamaCppEngine:
             media_prompt_tokens=counts.total,
             image_tokens=counts.image,
             continuation=request.continuation,
+            think_tags=native,
+            # A template that pre-fills `<think>` (DeepSeek-R1 distills, QwQ): the output starts inside it.
+            thinking=native and rendered.rstrip().endswith(THINK_OPEN),
         )
         # stream() withdraws the sequence when this generator is closed or cancelled (client disconnect).
         events = stream(scheduler, seq)
@@ -267,7 +280,9 @@ class LlamaCppEngine:
         return text, self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
 
     def _tokenize_prompt(self, request: EngineRequest) -> list[int]:
-        text, add_bos = self._render(request)
+        return self._tokenize(*self._render(request))
+
+    def _tokenize(self, text: str, add_bos: bool) -> list[int]:
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
     def _media_prompt(self, request: EngineRequest) -> _MediaPrompt | None:

@@ -30,7 +30,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from tokentill.engines.base import EngineEvent, Finished, FinishReason, TextDelta, Usage
+from tokentill.engines.base import EngineEvent, Finished, FinishReason, Usage
 from tokentill.engines.sequence import Outbox, SamplingParams, Sequence, deadline_error, new_channel
 from tokentill.errors import APIError, Overloaded, UpstreamError
 
@@ -309,10 +309,11 @@ class Scheduler:
             return self._finish(seq, "stop")
         seq.n_generated += 1
         self.total_tokens += 1
-        text, stopped = seq.text.feed_bytes(self._runner.piece(token))
-        if text:
-            seq.emit(TextDelta(text))
-        if stopped:
+        # Every token leaves on a delta now, with or without text, so a consumer that goes away has been
+        # told about (and pays for) every token generated for it.
+        for delta in seq.text.feed_bytes(self._runner.piece(token)):
+            seq.emit(delta)
+        if seq.text.stopped:
             return self._finish(seq, "stop")
         if seq.n_generated >= seq.max_new_tokens:
             return self._finish(seq, "length")
@@ -338,9 +339,8 @@ class Scheduler:
             logger.exception("resetting the model context failed")
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> bool:
-        tail = seq.text.finish()
-        if tail:
-            seq.emit(TextDelta(tail))
+        for delta in seq.text.finish():  # held-back text, no new tokens
+            seq.emit(delta)
         usage = Usage(
             prompt_tokens=seq.prompt_tokens,
             completion_tokens=seq.n_generated,

@@ -95,6 +95,10 @@ class Sequence:
     media: Any = None
     media_prompt_tokens: int = 0  # all prompt tokens, image tokens included (only with `media`)
     image_tokens: int = 0
+    # `native` reasoning: split `<think>…</think>` off (stops apply to the answer only); `thinking`: the
+    # prompt ends inside an open `<think>` the chat template wrote.
+    think_tags: bool = False
+    thinking: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
     # --- scheduler-thread state ---
     prefilled: bool = False  # batching runner: the whole prompt is queued, sampling starts next step
@@ -105,7 +109,7 @@ class Sequence:
     text: TextAssembler = field(init=False)
 
     def __post_init__(self) -> None:
-        self.text = TextAssembler(self.stop)
+        self.text = TextAssembler(self.stop, think_tags=self.think_tags, thinking=self.thinking)
 
     @property
     def prompt_tokens(self) -> int:
