@@ -5,6 +5,10 @@
 - `none`: the engine as it is.
 - `native`: the model writes `<think>…</think>` itself (DeepSeek-R1 distills, Qwen3, SmolLM3): the text
   inside the tags becomes hidden reasoning deltas, as it streams, even when a tag is split across deltas.
+  The embedded engines split it themselves (`engines/text.py`): they know when the chat template already
+  opened `<think>` at the end of the prompt, and they apply stop strings to the answer only. An upstream
+  server's `reasoning_content` arrives split; its plain text is split here. `reasoning_effort` does not
+  limit native thinking on the embedded engine (only `max_completion_tokens` does); upstreams receive it.
 - `scratchpad`: any instruct model. A hidden first pass reasons step by step under a budget set by
   `reasoning_effort` (low 64, medium 192, high 512 tokens, never more than the request's own budget); a
   second pass answers with those notes in view. Both passes count toward `max_completion_tokens`; if the
@@ -12,13 +16,17 @@
 
 Billing: `prompt_tokens` is the first pass's prompt (the client's messages plus the reasoning instruction,
 exactly what the hold was priced on); `completion_tokens` is reasoning + answer; `reasoning_tokens` the
-first pass's output. The second pass re-reads the notes internally; that is not billed again.
+first pass's output (plus any reasoning an upstream sends in the answer pass, which stays hidden). The
+second pass re-reads the notes internally; that is not billed again, and the notes are shortened if that
+prompt plus the rest of the budget would not fit the context.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import replace
+
+import anyio
 
 from tokentill.engines.base import (
     Capabilities,
@@ -30,6 +38,7 @@ from tokentill.engines.base import (
     TextDelta,
     Usage,
 )
+from tokentill.engines.text import ThinkSplitter
 
 __all__ = ["EFFORT_BUDGETS", "NativeThinking", "Scratchpad", "ThinkSplitter", "with_reasoning"]
 
@@ -108,23 +117,55 @@ class Scratchpad(_Wrapper):
         if left < 1:
             yield Finished("length", _usage(first, reasoning, 0, reasoning))
             return
-        written = "".join(notes).strip()
-        messages = request.messages
-        if written:
-            # The notes go into the (first) system message, the one place every template takes one.
-            context = _ANSWER_INSTRUCTION.format(notes=written)
-            if messages and messages[0].role == "system":
-                messages = (replace(messages[0], text=f"{messages[0].text}\n\n{context}"), *messages[1:])
-            else:
-                messages = (Message(role="system", text=context), *messages)
-        answer = replace(request, messages=messages, max_tokens=left, continuation=True)
+        answer = await self._answer_request(request, "".join(notes).strip(), left, reasoning)
+        hidden = 0  # an upstream that reasons on its own may send reasoning in the answer pass too
         async for event in self.inner.generate(answer):
             if isinstance(event, TextDelta):
-                yield replace(event, reasoning=False)
+                hidden += event.tokens if event.reasoning else 0
+                yield event
             else:
+                answer_reasoning = max(event.usage.reasoning_tokens, hidden)
                 yield Finished(
-                    event.finish_reason, _usage(first, reasoning, event.usage.completion_tokens, reasoning)
+                    event.finish_reason,
+                    _usage(first, reasoning, event.usage.completion_tokens, reasoning + answer_reasoning),
                 )
+
+    async def _answer_request(
+        self, request: EngineRequest, notes: str, left: int, notes_tokens: int
+    ) -> EngineRequest:
+        """The answer pass: the notes in the system message, and what is left of the budget.
+
+        The context check priced the first pass's prompt plus the whole budget. The answer prompt holds
+        the notes instead of the thinking instruction, which is normally no longer, but a template or a
+        retokenization can make it so: then the notes lose their end (or go) until prompt plus `left`
+        fits, so the engine never refuses the answer pass or cuts it short for lack of context.
+        """
+        answer = replace(request, messages=_with_notes(request.messages, notes), max_tokens=left)
+        answer = replace(answer, continuation=True)
+        if not self.inner.capabilities.exact_prompt_tokens:
+            return answer  # estimates: the upstream server judges its own context
+        context = self.inner.capabilities.context_length
+        for _ in range(3):
+            prompt = await anyio.to_thread.run_sync(self.inner.count_prompt_tokens, answer)
+            over = prompt + left - context
+            if over <= 0:
+                return answer
+            if not notes:
+                return replace(answer, max_tokens=max(1, context - prompt))
+            keep = len(notes) * max(0, notes_tokens - over - 16) // max(1, notes_tokens)
+            notes = notes[:keep].rstrip()
+            answer = replace(answer, messages=_with_notes(request.messages, notes))
+        return replace(answer, messages=request.messages)  # no notes at all: the prompt was checked
+
+
+def _with_notes(messages: tuple[Message, ...], notes: str) -> tuple[Message, ...]:
+    """The notes go into the (first) system message, the one place every template takes one."""
+    if not notes:
+        return messages
+    context = _ANSWER_INSTRUCTION.format(notes=notes)
+    if messages and messages[0].role == "system":
+        return (replace(messages[0], text=f"{messages[0].text}\n\n{context}"), *messages[1:])
+    return (Message(role="system", text=context), *messages)
 
 
 def _usage(first: Usage, reasoning: int, answer: int, reasoning_tokens: int) -> Usage:
@@ -138,55 +179,12 @@ def _usage(first: Usage, reasoning: int, answer: int, reasoning_tokens: int) -> 
     )
 
 
-class ThinkSplitter:
-    """Splits streamed text into (reasoning, visible) parts at `<think>` / `</think>` tags.
-
-    Text that might be the start of a tag is held back until the next delta decides it, so a tag split
-    across deltas ("<thi" + "nk>") never leaks into the answer.
-    """
-
-    OPEN, CLOSE = "<think>", "</think>"
-
-    def __init__(self) -> None:
-        self.inside = False
-        self._pending = ""
-
-    def feed(self, text: str) -> list[tuple[bool, str]]:
-        """Parts of `text` ready to emit, each as (is_reasoning, text)."""
-        data = self._pending + text
-        self._pending = ""
-        parts: list[tuple[bool, str]] = []
-        while data:
-            tag = self.CLOSE if self.inside else self.OPEN
-            index = data.find(tag)
-            if index >= 0:
-                if index:
-                    parts.append((self.inside, data[:index]))
-                data = data[index + len(tag) :]
-                self.inside = not self.inside
-                continue
-            keep = _partial_suffix(data, tag)
-            if len(data) > keep:
-                parts.append((self.inside, data[: len(data) - keep]))
-            self._pending = data[len(data) - keep :]
-            break
-        return parts
-
-    def flush(self) -> list[tuple[bool, str]]:
-        rest, self._pending = self._pending, ""
-        return [(self.inside, rest)] if rest else []
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
-    for size in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:size]):
-            return size
-    return 0
-
-
 class NativeThinking(_Wrapper):
-    """Moves the model's own `<think>…</think>` text out of the answer and counts it as reasoning."""
+    """Moves the model's own `<think>…</think>` text out of the answer and counts it as reasoning.
+
+    Deltas the engine already marked as reasoning pass through (the embedded engines split the tags
+    themselves, upstreams send `reasoning_content`); plain text is split here, starting outside a block.
+    """
 
     def __init__(self, inner: Engine) -> None:
         super().__init__(inner, "native")
@@ -204,13 +202,13 @@ class NativeThinking(_Wrapper):
                     yield event
                     continue
                 was_inside = splitter.inside
-                parts = [p for p in splitter.feed(event.text) if p[1]]
-                # A delta's tokens are billed to the side of the tag it started on.
-                reasoning += event.tokens if was_inside or (parts and parts[0][0]) else 0
+                parts = splitter.feed(event.text)
+                # A delta's tokens go with its first part; a delta that is only a tag is reasoning.
+                if not parts:
+                    parts = [(was_inside or splitter.inside, "")]
+                reasoning += event.tokens if parts[0][0] else 0
                 for index, (hidden, text) in enumerate(parts):
                     yield TextDelta(text, reasoning=hidden, tokens=event.tokens if index == 0 else 0)
-                if not parts:
-                    yield TextDelta("", reasoning=was_inside, tokens=event.tokens)
                 continue
             for hidden, text in splitter.flush():
                 yield TextDelta(text, reasoning=hidden, tokens=0)

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 
 from tests._services import run
 from tokentill.catalog import ModelSpec
-from tokentill.engines.base import EngineEvent, EngineRequest, Finished, Message, TextDelta
+from tokentill.engines.base import (
+    Capabilities,
+    EngineEvent,
+    EngineRequest,
+    Finished,
+    Message,
+    TextDelta,
+    Usage,
+)
 from tokentill.engines.echo import EchoEngine
 from tokentill.reasoning import EFFORT_BUDGETS, NativeThinking, Scratchpad, ThinkSplitter, with_reasoning
 
@@ -95,3 +105,112 @@ def test_native_thinking_over_echo() -> None:
 def test_with_reasoning_none_is_identity() -> None:
     echo = _echo()
     assert with_reasoning(echo, "none") is echo
+
+
+def _native_echo() -> NativeThinking:
+    return NativeThinking(EchoEngine(ModelSpec(id="r1", engine="echo", context=4096, reasoning="native")))
+
+
+def _split(events: list[EngineEvent]) -> tuple[str, str, Finished]:
+    hidden = "".join(e.text for e in events if isinstance(e, TextDelta) and e.reasoning)
+    shown = "".join(e.text for e in events if isinstance(e, TextDelta) and not e.reasoning)
+    finished = events[-1]
+    assert isinstance(finished, Finished)
+    return hidden, shown, finished
+
+
+def test_native_prefilled_think_does_not_leak() -> None:
+    """A template that pre-fills `<think>` (here: the echo engine's trailing assistant turn): the output
+    starts inside the block, so the reasoning and the bare `</think>` never reach the answer."""
+    request = replace(
+        _request("plan the reply </think> answer", 100),
+        messages=(Message("user", "plan the reply </think> answer"), Message("assistant", "<think>\n")),
+    )
+    hidden, shown, finished = _split(_collect(_native_echo(), request))
+    assert hidden == "plan the reply "
+    assert shown == " answer"
+    assert finished.usage.reasoning_tokens == 4  # plan, the, reply and the tag
+    assert finished.usage.completion_tokens == 5
+
+
+def test_native_stop_strings_apply_to_the_answer_only() -> None:
+    request = replace(_request("<think> stop here? </think> the answer stop there", 100), stop=("stop",))
+    hidden, shown, finished = _split(_collect(_native_echo(), request))
+    assert hidden == " stop here? "
+    assert shown == " the answer "
+    assert finished.finish_reason == "stop"
+    assert finished.usage.completion_tokens == 7  # every word up to the stop string
+
+
+class _Scripted:
+    """An inner engine that plays one scripted list of events per call and records the requests."""
+
+    def __init__(self, *passes: list[EngineEvent]) -> None:
+        self.capabilities = Capabilities(context_length=4096, exact_prompt_tokens=False)
+        self._passes = list(passes)
+        self.requests: list[EngineRequest] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    def count_prompt_tokens(self, request: EngineRequest) -> int:
+        return 10
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        self.requests.append(request)
+        for event in self._passes.pop(0):
+            yield event
+
+
+def test_scratchpad_keeps_an_upstreams_answer_pass_reasoning_hidden() -> None:
+    """Over an upstream that reasons by itself, its reasoning in the answer pass stays hidden and billed."""
+    inner = _Scripted(
+        [TextDelta("notes"), Finished("stop", Usage(prompt_tokens=10, completion_tokens=1))],
+        [
+            TextDelta("more thought", reasoning=True, tokens=2),
+            TextDelta("answer"),
+            Finished("stop", Usage(prompt_tokens=30, completion_tokens=3, reasoning_tokens=2)),
+        ],
+    )
+    events = _collect(Scratchpad(inner), _request("question", 100))
+    hidden, shown, finished = _split(events)
+    assert hidden == "notesmore thought" and shown == "answer"
+    assert finished.usage.completion_tokens == 4
+    assert finished.usage.reasoning_tokens == 3
+    assert finished.usage.prompt_tokens == 10  # the first pass's, what the hold was priced on
+
+
+class _WideSystemEcho(EchoEngine):
+    """An echo engine whose "template" adds 40 tokens to any system message (as real templates can),
+    so the answer pass's prompt with the notes is longer than the first pass's."""
+
+    def count_prompt_tokens(self, request: EngineRequest) -> int:
+        extra = sum(40 for m in request.messages if m.role == "system")
+        return super().count_prompt_tokens(request) + extra
+
+    seen: list[tuple[int, int]] = []
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        self.seen.append((self.count_prompt_tokens(request), request.max_tokens))
+        async for event in super().generate(request):
+            yield event
+
+
+def test_scratchpad_answer_pass_fits_the_context() -> None:
+    """The notes are shortened so the answer prompt plus what is left of the budget fits the context."""
+    context = 256
+    inner = _WideSystemEcho(ModelSpec(id="echo", engine="echo", context=context))
+    inner.seen = []
+    engine = Scratchpad(inner)
+    text = " ".join(f"w{i}" for i in range(30))
+    request = _request(text, 1)
+    budget = context - engine.count_prompt_tokens(request)  # what prepare allows: the whole room
+    events = _collect(engine, replace(request, max_tokens=budget, reasoning_effort="low"))
+    _, shown, finished = _split(events)
+    (_, _), (answer_prompt, answer_budget) = inner.seen
+    assert answer_prompt + answer_budget <= context
+    assert answer_budget == budget - finished.usage.reasoning_tokens  # the answer kept its whole budget
+    assert shown  # the answer pass ran
