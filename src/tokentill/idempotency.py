@@ -17,7 +17,9 @@ differently is the same request. One row in `idempotency_keys` per (account, key
 Atomicity: the claim is a plain INSERT on the primary key (account_id, key), which exactly one of any
 number of concurrent requests wins, on SQLite and PostgreSQL alike and across replicas. A row whose
 `expires_at` has passed may be taken over: a stored response after `ttl_s`, an in-progress claim after
-`abandon_after_s` (its process must have died: no request lives past its deadline). Take-over is an UPDATE
+`abandon_after_s` (its process must have died: no request lives past its deadline). Expiries are set and
+compared by the database's clock (`Database.now`), never a replica's own, so a replica whose clock runs
+ahead cannot take over a live claim. Take-over is an UPDATE
 fenced by the old `claim_token`, so two requests reclaiming the same row cannot both win, and a request
 that was presumed dead and comes back later cannot overwrite or delete its successor's row (every write
 names its own token).
@@ -41,11 +43,12 @@ from typing import Any
 import anyio
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokentill import errors
 from tokentill.engines.base import EngineEvent, Finished
 from tokentill.storage.db import Database
-from tokentill.storage.schema import idempotency_keys, utcnow
+from tokentill.storage.schema import idempotency_keys
 
 __all__ = ["Claim", "IdempotencyStore", "Replay", "check_key", "fingerprint", "track_stream"]
 
@@ -112,8 +115,9 @@ class IdempotencyStore:
         *,
         ttl_s: float,
         abandon_after_s: float,
-        clock: Callable[[], datetime] = utcnow,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
+        """`clock` replaces the database's clock (tests move time with it)."""
         self._db = db
         self._ttl = timedelta(seconds=ttl_s)
         self._abandon = timedelta(seconds=abandon_after_s)
@@ -126,9 +130,8 @@ class IdempotencyStore:
         (with Retry-After) or one that was streamed.
         """
         for _attempt in range(5):
-            now = self._clock()
             token = secrets.token_hex(16)
-            values = {
+            fresh = {
                 "fingerprint": fingerprint,
                 "status": "in_progress",
                 "claim_token": token,
@@ -136,18 +139,20 @@ class IdempotencyStore:
                 "response_status": None,
                 "response_body": None,
                 "response_headers": None,
-                "created_at": now,
-                "expires_at": now + self._abandon,
             }
             try:
                 async with self._db.begin() as conn:
+                    now = await self._now(conn)
                     await conn.execute(
-                        insert(idempotency_keys).values(account_id=account_id, key=key, **values)
+                        insert(idempotency_keys).values(
+                            account_id=account_id, key=key, **fresh, **self._times(now)
+                        )
                     )
                 return Claim(account_id, key, token)
             except IntegrityError:
                 pass  # the key exists: look at it (in a new transaction: PostgreSQL aborted this one)
             async with self._db.begin() as conn:
+                now = await self._now(conn)
                 row = (await conn.execute(select(idempotency_keys).where(*self._pk(account_id, key)))).first()
                 if row is None:
                     continue  # released between our INSERT and SELECT: try to insert again
@@ -158,7 +163,7 @@ class IdempotencyStore:
                 taken = await conn.execute(
                     update(idempotency_keys)
                     .where(*self._pk(account_id, key), idempotency_keys.c.claim_token == row.claim_token)
-                    .values(**values)
+                    .values(**fresh, **self._times(now))
                 )
                 if taken.rowcount == 1:
                     log.info("idempotency key of account %d reclaimed from status %s", account_id, row.status)
@@ -194,14 +199,14 @@ class IdempotencyStore:
     async def purge_expired(self) -> int:
         """Delete rows whose `expires_at` has passed; returns how many. Safe on any number of replicas."""
         async with self._db.begin() as conn:
-            result = await conn.execute(
-                delete(idempotency_keys).where(idempotency_keys.c.expires_at <= self._clock())
-            )
+            now = await self._now(conn)
+            result = await conn.execute(delete(idempotency_keys).where(idempotency_keys.c.expires_at <= now))
         return int(result.rowcount)
 
     async def _close(self, claim: Claim, **values: Any) -> None:
         try:
             async with self._db.begin() as conn:
+                now = await self._now(conn)
                 result = await conn.execute(
                     update(idempotency_keys)
                     .where(
@@ -209,12 +214,18 @@ class IdempotencyStore:
                         idempotency_keys.c.claim_token == claim.token,
                         idempotency_keys.c.status == "in_progress",
                     )
-                    .values(expires_at=self._clock() + self._ttl, **values)
+                    .values(expires_at=now + self._ttl, **values)
                 )
             if result.rowcount != 1:
                 log.warning("idempotency claim was taken over before it finished; its answer is not kept")
         except Exception:
             log.exception("could not store the answer of an idempotent request")
+
+    def _times(self, now: datetime) -> dict[str, datetime]:
+        return {"created_at": now, "expires_at": now + self._abandon}
+
+    async def _now(self, conn: AsyncConnection) -> datetime:
+        return self._clock() if self._clock is not None else await self._db.now(conn)
 
     @staticmethod
     def _pk(account_id: int, key: str) -> tuple[Any, Any]:

@@ -146,9 +146,10 @@ class Ledger:
         """
         if amount < 0:
             raise ValueError("a hold cannot be negative")
-        now = utcnow()
-        expires_at = now + timedelta(seconds=ttl_s)
         async with self._db.begin() as conn:
+            # The database's clock: the sweeper of another replica compares this expiry with it.
+            now = await self._db.now(conn)
+            expires_at = now + timedelta(seconds=ttl_s)
             row = (
                 await conn.execute(
                     update(accounts)
@@ -246,13 +247,14 @@ class Ledger:
             return balance
 
     async def release_expired(self, now: datetime | None = None) -> int:
-        """Release every open hold whose `expires_at` is before `now` (default: the current time).
+        """Release every open hold whose `expires_at` is before `now` (default: the database's clock,
+        which set the expiries, so a replica whose own clock runs ahead cannot expire live holds).
 
         Each hold is released in its own transaction behind a conditional status update, so concurrent
         sweepers in several processes release each hold once. Returns how many this call released.
         """
-        now = now or utcnow()
         async with self._db.read() as conn:
+            now = now or await self._db.now(conn)
             candidates = (
                 (
                     await conn.execute(

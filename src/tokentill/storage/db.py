@@ -26,6 +26,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
+
+from tokentill.storage.schema import utcnow
 
 __all__ = ["Database", "open_database"]
 
@@ -81,6 +84,21 @@ class Database:
         """A read-only transaction over one consistent snapshot; do not write in it."""
         async with self._read_engine.begin() as conn:
             yield conn
+
+    async def now(self, conn: AsyncConnection) -> datetime:
+        """The current time by the database's clock (UTC), for expiries that several replicas compare.
+
+        PostgreSQL: `now()`, the start of `conn`'s transaction, on the server every replica shares, so
+        a replica whose own clock is off cannot expire another's hold or take over its claim early.
+        SQLite: this process's clock, without a query: a SQLite file is shared only by processes on
+        one machine, which read one clock.
+        """
+        if self.dialect == "sqlite":
+            return utcnow()
+        value = (await conn.execute(text("SELECT now()"))).scalar_one()
+        if not isinstance(value, datetime):  # pragma: no cover - asyncpg returns an aware datetime
+            raise TypeError(f"unexpected now() value {value!r}")
+        return value.astimezone(UTC)
 
     async def ping(self) -> bool:
         """True when a query round trip works (readiness probe); never raises."""
