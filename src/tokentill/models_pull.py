@@ -2,14 +2,21 @@
 
 Contract of `pull(model, dest, base_url=...)`: both files end up in `dest` under their hub names, each
 verified against a SHA-256, or `PullError` is raised and no final file of a failed download exists.
+With `verify=False` (the CLI's `--no-verify`) a file for which no SHA-256 is known is downloaded
+unverified instead of refused; a known SHA-256 is still checked and a mismatch is still an error.
 Downloads go to `<name>.part` and are renamed only after the checksum matched, so an interrupted run
 leaves no half file under the final name; a `.part` left over is resumed with an HTTP Range request
 when the server supports it (and started over when it does not).
 
-Where the checksum comes from: the registry's pinned `sha256` when it has one; otherwise the hub's own
-published SHA-256 of the LFS object, which Hugging Face sends as the `X-Linked-Etag` header of the
-`/resolve/` answer (the same value as the `oid sha256:` line of the file's LFS pointer). A file for which
-neither is available is refused rather than trusted.
+Where the checksum comes from: the registry's pinned `sha256` when it has one (then no header is
+consulted); otherwise the SHA-256 of the LFS object that the download server publishes as the
+`X-Linked-Etag` header of the `/resolve/` answer (Hugging Face's value, the same as the `oid sha256:` line
+of the file's LFS pointer). A plain `ETag` is never used: it need not be a SHA-256 of the content. A
+file for which neither is available is refused unless `verify=False`.
+
+What that proves: a pinned hash proves the bytes are the ones the registry was written for. A published
+hash comes from the same server as the bytes, so it catches truncation and corruption in transit, not a
+changed upstream file or a dishonest mirror.
 
 No network access happens at import; one `httpx2.Client` with explicit timeouts is opened per `pull`.
 """
@@ -34,6 +41,7 @@ __all__ = [
     "KnownModel",
     "Progress",
     "PullError",
+    "Pulled",
     "RemoteFile",
     "catalog_entry",
     "pull",
@@ -60,7 +68,11 @@ class _AlreadyThere(Exception):
 class RemoteFile:
     repo: str  # "owner/name" on the hub
     filename: str
-    sha256: str | None = None  # pinned checksum; None = the hub's published one (X-Linked-Etag)
+    sha256: str | None = None  # pinned checksum; None = the server's published one (X-Linked-Etag)
+
+    def __post_init__(self) -> None:
+        if self.sha256 is not None and not _SHA256.match(self.sha256):
+            raise ValueError(f"{self.filename}: pinned sha256 must be 64 lowercase hex digits")
 
 
 @dataclass(frozen=True)
@@ -108,16 +120,33 @@ def file_url(base_url: str, remote: RemoteFile) -> str:
     return f"{base_url.rstrip('/')}/{remote.repo}/resolve/main/{remote.filename}"
 
 
+@dataclass(frozen=True)
+class Pulled:
+    """The files `pull` left in place; `unverified` names those downloaded with no SHA-256 to check."""
+
+    weights: Path
+    mmproj: Path
+    unverified: tuple[str, ...] = ()
+
+
 def pull(
-    model: KnownModel, dest: Path, *, base_url: str = DEFAULT_BASE_URL, progress: Progress | None = None
-) -> tuple[Path, Path]:
-    """Download (or find already verified) the weights and projector of `model`; (weights, mmproj)."""
+    model: KnownModel,
+    dest: Path,
+    *,
+    base_url: str = DEFAULT_BASE_URL,
+    progress: Progress | None = None,
+    verify: bool = True,
+) -> Pulled:
+    """Download (or find already verified) the weights and projector of `model`."""
     dest.mkdir(parents=True, exist_ok=True)
     sink = progress or Progress()
+    unverified: list[str] = []
     with _client(base_url) as client:
-        weights = _fetch(client, file_url(base_url, model.weights), dest, model.weights, sink)
-        mmproj = _fetch(client, file_url(base_url, model.mmproj), dest, model.mmproj, sink)
-    return weights, mmproj
+        found = [
+            _fetch(client, file_url(base_url, remote), dest, remote, sink, verify, unverified)
+            for remote in (model.weights, model.mmproj)
+        ]
+    return Pulled(found[0], found[1], tuple(unverified))
 
 
 def catalog_entry(model: KnownModel, weights: Path, mmproj: Path) -> str:
@@ -158,32 +187,41 @@ def _sha256_of(path: Path) -> hashlib._Hash:
 
 
 def _published_sha256(headers: httpx2.Headers) -> str | None:
-    for name in ("x-linked-etag", "etag"):
-        value = headers.get(name, "").strip()
-        value = value.removeprefix("W/").strip('"').lower()
-        if _SHA256.match(value):
-            return value
-    return None
+    """Hugging Face's SHA-256 of an LFS object (`X-Linked-Etag`); a plain ETag is not a content hash."""
+    value = headers.get("x-linked-etag", "").strip().removeprefix("W/").strip('"').lower()
+    return value if _SHA256.match(value) else None
 
 
-def _fetch(client: httpx2.Client, url: str, dest: Path, remote: RemoteFile, sink: Progress) -> Path:
+def _fetch(
+    client: httpx2.Client,
+    url: str,
+    dest: Path,
+    remote: RemoteFile,
+    sink: Progress,
+    verify: bool,
+    unverified: list[str],
+) -> Path:
     final = dest / remote.filename
     part = dest / f"{remote.filename}.part"
 
     def present(sha256: str) -> bool:
-        return final.is_file() and _sha256_of(final).hexdigest() == (remote.sha256 or sha256)
+        return final.is_file() and _sha256_of(final).hexdigest() == sha256
 
     if remote.sha256 and present(remote.sha256):
         return final
     try:
-        expected, digest = _download(client, url, part, remote, sink, present)
+        expected, digest = _download(client, url, part, remote, sink, present, verify)
     except _AlreadyThere:
         logger.info("%s is already present and verified", final)
         return final
-    if digest != expected:
+    if expected is None:
+        logger.warning("%s was downloaded without checksum verification (--no-verify)", final)
+        unverified.append(remote.filename)
+    elif digest != expected:
         part.unlink(missing_ok=True)
+        where = "pinned by the registry" if remote.sha256 else "published by the server (X-Linked-Etag)"
         raise PullError(
-            f"{remote.filename}: checksum mismatch (expected sha256 {expected}, got {digest}); "
+            f"{remote.filename}: checksum mismatch (expected sha256 {expected}, {where}; got {digest}); "
             "the download was deleted"
         )
     os.replace(part, final)
@@ -197,20 +235,22 @@ def _download(
     remote: RemoteFile,
     sink: Progress,
     present: Callable[[str], bool],
-) -> tuple[str, str]:
-    """Stream `url` into `part` (appending when the server resumes); (expected sha256, actual sha256)."""
+    verify: bool,
+) -> tuple[str | None, str]:
+    """Stream `url` into `part` (appending when the server resumes); (expected sha256, actual sha256).
+
+    The expected value is None only when nothing is known to check and `verify` is False.
+    """
     resume = part.stat().st_size if part.is_file() else 0
     headers = {"Range": f"bytes={resume}-"} if resume else {}
     with _open(client, url, headers, remote, present) as (response, published):
         expected = remote.sha256 or published
-        if expected is None:
+        if expected is None and verify:
             raise PullError(
-                f"{remote.filename}: the server published no SHA-256 (X-Linked-Etag) and the registry pins "
-                "none; refusing an unverified download"
+                f"{remote.filename}: the registry pins no SHA-256 and the server published none "
+                "(X-Linked-Etag); refusing an unverified download (--no-verify accepts it)"
             )
-        if remote.sha256 and published and published != remote.sha256:
-            raise PullError(f"{remote.filename}: the hub's checksum differs from the pinned one")
-        if present(expected):
+        if expected is not None and present(expected):
             raise _AlreadyThere
         resumed = response.status_code == 206
         digest = _sha256_of(part) if resumed else hashlib.sha256()
@@ -244,9 +284,9 @@ def _open(
 
     Redirects are followed here (not by httpx) because Hugging Face puts X-Linked-Etag on the `/resolve/`
     redirect, not on the CDN's final answer; when `present(sha256)` says the file is already there, the
-    CDN is never asked (raises `_AlreadyThere`).
+    CDN is never asked (raises `_AlreadyThere`). With a pinned hash the headers are not consulted.
     """
-    published: str | None = None
+    published: str | None = remote.sha256
     for _ in range(_MAX_REDIRECTS + 1):
         request = client.build_request("GET", url, headers=headers)
         try:

@@ -22,6 +22,8 @@ from tokentill.engines import create_engine
 from tokentill.engines.base import EngineRequest, Finished, ImageInput, Message
 from tokentill.engines.llamacpp import LlamaCppEngine
 from tokentill.errors import InvalidRequest, UpstreamError
+from tokentill.media import MediaPolicy
+from tokentill.media.images import prepare_image
 
 pytestmark = pytest.mark.llama
 
@@ -92,10 +94,26 @@ def test_two_images_count_twice(engine: LlamaCppEngine) -> None:
     assert two.prompt_tokens - one.prompt_tokens >= one.image_tokens
 
 
+def _prepared(size: tuple[int, int], detail: str) -> ImageInput:
+    """An image sized for `detail` by the media layer, the one place detail sizes are applied."""
+    out = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(out, format="PNG")
+    policy = MediaPolicy()
+    return prepare_image(
+        out.getvalue(),
+        declared_mime="image/png",
+        detail=detail,
+        max_pixels=policy.max_pixels,
+        low_side=policy.low_detail_side,
+        high_side=policy.high_detail_side,
+        param="p",
+    )
+
+
 def test_detail_changes_the_token_count(engine: LlamaCppEngine) -> None:
-    # The media layer fits `low` into 512 px; the engine applies the same cap as a backstop.
-    low = _request("Describe.", image((1024, 1024), detail="low"))
-    high = _request("Describe.", image((1024, 1024), detail="high"))
+    # The media layer fits `low` into 512 px and `high` into 2048: the engine encodes what it is given.
+    low = _request("Describe.", _prepared((1024, 1024), "low"))
+    high = _request("Describe.", _prepared((1024, 1024), "high"))
     n_low, n_high = engine.count_prompt_tokens(low), engine.count_prompt_tokens(high)
     assert n_high > n_low
     _, finished = _run(engine, high)

@@ -62,17 +62,24 @@ def list_models() -> None:
     hidden=True,
     help="Hub (or mirror) to download from.",
 )
-def pull_model(name: str, dest: Path | None, base_url: str) -> None:
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Accept a file for which no SHA-256 is known (none pinned, no X-Linked-Etag) unverified. "
+    "A known SHA-256 is still checked.",
+)
+def pull_model(name: str, dest: Path | None, base_url: str, no_verify: bool) -> None:
     """Download NAME's GGUF weights and vision projector, verify them, print the catalogue entry."""
     model = REGISTRY[name]
     folder = dest if dest is not None else Settings().data_dir / "models" / name
     try:
-        weights, mmproj = pull(model, folder, base_url=base_url, progress=_Bar())
+        pulled = pull(model, folder, base_url=base_url, progress=_Bar(), verify=not no_verify)
     except PullError as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:
         raise click.ClickException(f"cannot write to {folder}: {exc}") from exc
-    click.echo(
-        f"Downloaded and verified {name} into {folder}. Add this to your TOKENTILL_CONFIG file:\n", err=True
-    )
-    click.echo(catalog_entry(model, weights, mmproj))
+    for filename in pulled.unverified:
+        click.echo(f"Warning: {filename} was NOT verified (no SHA-256 known, --no-verify).", err=True)
+    verified = "downloaded" if pulled.unverified else "downloaded and verified"
+    click.echo(f"{name} {verified} into {folder}. Add this to your TOKENTILL_CONFIG file:\n", err=True)
+    click.echo(catalog_entry(model, pulled.weights, pulled.mmproj))

@@ -35,13 +35,11 @@ from PIL import Image
 
 from tokentill.engines.base import ImageInput
 
-__all__ = ["DETAIL_SIDES", "PromptCounts", "Tokenized", "VisionEncoder", "VisionError"]
+__all__ = ["PromptCounts", "Tokenized", "VisionEncoder", "VisionError"]
 
 logger = logging.getLogger(__name__)
 _native_log = logging.getLogger("tokentill.engines.libmtmd")
 
-# Longest image side the model sees per `detail` (the media layer already resized; this is the backstop).
-DETAIL_SIDES = {"low": 512, "high": 2048, "auto": 2048}
 _CACHE_SIZE = 4  # tokenized prompts kept between count_prompt_tokens and prefill
 _CHUNK_TEXT = 0  # MTMD_INPUT_CHUNK_TYPE_TEXT
 
@@ -300,13 +298,11 @@ class VisionEncoder:
 
 
 def _rgb(image: ImageInput) -> tuple[int, int, bytes]:
-    """Decode the validated PNG to RGB, scaled to fit the `detail` side (a backstop to the media layer)."""
+    """Decode the validated PNG to RGB pixels. The media layer already sized it for its `detail`
+    (`MediaPolicy.low_detail_side` / `high_detail_side`, the one place those sizes live)."""
     with Image.open(io.BytesIO(image.data)) as img:
         img.load()
         rgb = img.convert("RGB")
-    side = DETAIL_SIDES.get(image.detail, DETAIL_SIDES["auto"])
-    if max(rgb.size) > side:
-        rgb.thumbnail((side, side), Image.Resampling.LANCZOS)
     return rgb.width, rgb.height, rgb.tobytes()
 
 
