@@ -1,15 +1,18 @@
 """tokentill as a gateway in front of real OpenAI-compatible servers it did not start in-process.
 
-Upstreams: (a) a second `tokentill serve` (embedded SmolLM2), (b) llama-cpp-python's own
-`python -m llama_cpp.server` (a server nobody here wrote), (c) dead ports, a wrong upstream key and a
-socket that accepts and never answers. The gateway bills its own account at its own prices from the
-upstream's usage; failures charge nothing. Everything listens on 127.0.0.1.
+Upstreams: (a) a second `tokentill serve` (embedded SmolLM2), behind a replica that dies after the
+gateway saw it healthy, (b) llama-cpp-python's own `python -m llama_cpp.server` (a server nobody here
+wrote), (c) dead ports, a wrong upstream key and a socket that accepts and never answers, (d) a scripted
+server that streams forever (the gateway cuts it at the budget, and closes it when the client leaves).
+The gateway bills its own account at its own prices from the upstream's usage; failures charge nothing.
+Everything listens on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -25,11 +28,12 @@ import requests
 
 from tests._services import require
 from tests.e2e.conftest import TokentillServer, free_port, llama_available
-from tests.engines.upstream_servers import SilentServer
+from tests.engines.upstream_servers import ScriptedUpstream, SilentServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.llama]
 
 PRICE_IN, PRICE_OUT = 100, 200
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _toml_value(value: Any) -> str:
@@ -86,12 +90,44 @@ def _fronted(base_url: list[str] | str, **fields: Any) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def scripted_replica() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A `ScriptedUpstream` in its own process (so the test can kill it): its `ok` base_url and process."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tests.engines.upstream_servers", str(port)], cwd=REPO)
+    url = f"http://127.0.0.1:{port}/ok/v1"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "scripted replica did not start"
+            try:
+                if requests.get(url + "/models", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
 def test_second_tokentill_as_upstream(
     tokentill_a: TokentillServer, gateway_key_on_a: str, tmp_path: Path
 ) -> None:
-    dead = f"http://127.0.0.1:{free_port()}/v1"
+    with scripted_replica() as (dying_url, dying):
+        _second_tokentill_as_upstream(tokentill_a, gateway_key_on_a, tmp_path, dying_url, dying)
+
+
+def _second_tokentill_as_upstream(
+    tokentill_a: TokentillServer,
+    gateway_key_on_a: str,
+    tmp_path: Path,
+    dying_url: str,
+    dying: subprocess.Popen[bytes],
+) -> None:
     model = _fronted(
-        [dead, tokentill_a.url + "/v1"],
+        [dying_url, tokentill_a.url + "/v1"],
         api_key=gateway_key_on_a,
         upstream_model="o1-preview",
         reasoning="native",  # the upstream reasons itself; we forward reasoning_effort
@@ -101,6 +137,11 @@ def test_second_tokentill_as_upstream(
     try:
         key = gateway.new_key("client", credits="10")
         client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+        # The first replica passed the gateway's start-up health check; it dies now, so the first request
+        # meets a real connection error there and must move to the live replica.
+        assert "is down" not in gateway.log()
+        dying.kill()
+        dying.wait(timeout=10)
         messages: Any = [
             {"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Name a colour."},
@@ -143,7 +184,9 @@ def test_second_tokentill_as_upstream(
         assert sorted(r["prompt_tokens"] for r in upstream_rows[-2:]) == sorted(
             [usage.prompt_tokens, stream_usage.prompt_tokens]
         )
-        assert "is down" in gateway.log()  # the dead replica was found and skipped
+        # Marked down by the request itself ("is down: health check: …" would be the background check).
+        down = re.search(re.escape(dying_url) + r" for model fronted is down: (.*)", gateway.log())
+        assert down is not None and not down.group(1).startswith("health check"), gateway.log()
     finally:
         gateway.stop()
 
@@ -265,8 +308,73 @@ def test_failures_charge_nothing(tokentill_a: TokentillServer, tmp_path: Path) -
             if model == "silent":
                 assert time.monotonic() - started < 2 + 3  # bounded by timeout_s
         assert Decimal(gateway.balance("client")) == Decimal(10)
-        assert all(Decimal(r["cost"]) == 0 for r in _usage_rows(gateway, "client"))
+        rows = _usage_rows(gateway, "client")
+        assert sorted(r["status"] for r in rows) == [502, 502, 504]
+        assert [Decimal(r["cost"]) for r in rows] == [0, 0, 0]
         assert "refused our credentials" in gateway.log() and wrong_key not in gateway.log()
     finally:
         gateway.stop()
         silent.close()
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[ScriptedUpstream]:
+    server = ScriptedUpstream().start()
+    yield server
+    server.stop()
+
+
+def test_endless_upstream_is_cut_at_the_budget_and_closed_when_the_client_leaves(
+    scripted: ScriptedUpstream, tmp_path: Path
+) -> None:
+    gateway = start_gateway(tmp_path / "b", [_fronted(scripted.url + "/endless/v1", context=4096)])
+    try:
+        key = gateway.new_key("client", credits="10")
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+        messages: Any = [{"role": "user", "content": "Count forever."}]
+
+        # An upstream that ignores max_tokens: the gateway stops at the budget and bills exactly it.
+        scripted.closed.clear()
+        chunks = list(
+            client.chat.completions.create(
+                model="fronted",
+                messages=messages,
+                max_completion_tokens=6,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == "x" * 6
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        usage = chunks[-1].usage
+        assert usage is not None and usage.completion_tokens == 6
+        assert scripted.closed.wait(5), "the gateway kept reading the upstream past the budget"
+        rows = _usage_rows(gateway, "client")
+        assert len(rows) == 1 and rows[0]["status"] == 200 and rows[0]["completion_tokens"] == 6
+        assert Decimal(rows[0]["cost"]) == _cost(usage.prompt_tokens, 6)
+        assert _estimated(gateway) == [True]
+
+        # A client that leaves mid-stream: the gateway closes its upstream request promptly.
+        scripted.closed.clear()
+        with requests.post(
+            gateway.url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": "fronted", "messages": messages, "max_completion_tokens": 2000, "stream": True},
+            stream=True,
+            timeout=30,
+        ) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            seen = 0
+            while seen < 5:
+                seen += next(lines).startswith(b"data: ")
+        assert scripted.closed.wait(5), "the upstream kept streaming after the client left"
+        deadline = time.monotonic() + 10
+        while len(rows := _usage_rows(gateway, "client")) < 2:
+            assert time.monotonic() < deadline, "the abandoned request was never settled"
+            time.sleep(0.2)
+        left = next(r for r in rows if r["status"] != 200)
+        assert left["status"] == 499 and left["completion_tokens"] >= 4
+    finally:
+        gateway.stop()
