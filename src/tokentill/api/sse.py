@@ -2,9 +2,18 @@
 
 Order on the wire: a first chunk with `role: "assistant"`, content deltas (and `reasoning_content` deltas
 when the client asked to see the reasoning), a last choice chunk with `finish_reason`, the usage chunk
-(`choices: []`) when `stream_options.include_usage` is set, then `data: [DONE]`. While nothing visible is
-produced (queueing, hidden reasoning) an SSE comment goes out every `keepalive_s` so proxies keep the
-connection. An error after the first byte is one `data: {"error": ...}` event, then the stream ends.
+(`choices: []`) when `stream_options.include_usage` is set, then `data: [DONE]`. Deltas without text (a
+token that completes no character yet, or hidden reasoning) send nothing. Once the stream has begun, an SSE
+comment goes out whenever nothing was sent for `keepalive_s` (hidden reasoning, a slow upstream), so
+proxies keep the connection. Nothing at all is sent before the engine's first event (the queue wait and the
+prompt evaluation): the route waits for it so that an early failure is an ordinary HTTP error. An error
+after the first byte is one `data: {"error": ...}` event, then the stream ends.
+
+Structure (cancellation, STYLE rule 10): `EventStreamResponse` owns a task group for the whole response;
+its pump task drives the engine's events into a memory stream, and the body generator (`sse_frames`) only
+receives from it, each receive under a keep-alive deadline. No `yield` happens inside a task group or cancel
+scope, and the response closes the body itself, so nothing is left for a finalizer in another task. A client
+that hangs up cancels the task group: the pump's events are cancelled, and they settle under a shield.
 """
 
 from __future__ import annotations
@@ -12,93 +21,188 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import suppress
 from typing import Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from tokentill import errors
 from tokentill.engines.base import EngineEvent, Finished, TextDelta
 from tokentill.protocol import responses
 
-__all__ = ["KEEPALIVE", "first_error", "sse_stream"]
+__all__ = ["KEEPALIVE", "EventStreamResponse", "first_error", "sse_frames", "sse_stream"]
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
+KEEPALIVE_S = 10.0
+
+Item = EngineEvent | Exception  # what the pump hands the renderer: an event, or the error that ended them
 
 
 def _data(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _pump(events: AsyncIterator[EngineEvent], send: MemoryObjectSendStream[EngineEvent]) -> None:
+async def _pump(events: AsyncGenerator[EngineEvent, None], send: MemoryObjectSendStream[Item]) -> None:
+    """Move `events` into `send`; an error becomes the last item (cancellation propagates)."""
     async with send:
-        async for event in events:
-            await send.send(event)
+        try:
+            async for event in events:
+                await send.send(event)
+        except anyio.BrokenResourceError:
+            pass  # the renderer stopped reading: nobody wants the rest
+        except Exception as exc:
+            with suppress(anyio.BrokenResourceError):
+                await send.send(exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await events.aclose()
 
 
-async def sse_stream(
-    events: AsyncIterator[EngineEvent],
+async def sse_frames(
+    items: MemoryObjectReceiveStream[Item],
     *,
     completion_id: str,
     created: int,
     model: str,
     include_usage: bool,
     include_reasoning: bool,
-    keepalive_s: float = 10.0,
-) -> AsyncIterator[bytes]:
-    """Render `events` (already known to have started) as SSE bytes."""
+    keepalive_s: float = KEEPALIVE_S,
+) -> AsyncGenerator[bytes, None]:
+    """Render what the pump sends (events, possibly ending with an error) as SSE bytes."""
 
     def chunk(delta: dict[str, Any] | None, **kw: Any) -> bytes:
         return _data(
             responses.chunk(completion_id=completion_id, created=created, model=model, delta=delta, **kw)
         )
 
-    yield chunk({"role": "assistant", "content": "", "refusal": None})
-    send, receive = anyio.create_memory_object_stream[EngineEvent](math.inf)
-    failure: BaseException | None = None
-    try:
-        async with anyio.create_task_group() as tg, receive:
-            tg.start_soon(_pump, events, send)
-            last_sent = anyio.current_time()
-            while True:
-                event: EngineEvent | None = None
-                with anyio.move_on_after(keepalive_s):
-                    try:
-                        event = await receive.receive()
-                    except anyio.EndOfStream:
-                        break
-                out = b""
-                if isinstance(event, Finished):
-                    out = chunk({}, finish_reason=event.finish_reason)
-                    if include_usage:
-                        out += chunk(None, usage=event.usage)
-                elif isinstance(event, TextDelta) and not event.reasoning:
-                    out = chunk({"content": event.text}) if event.text else b""
-                elif isinstance(event, TextDelta) and include_reasoning:
-                    out = chunk({"reasoning_content": event.text}) if event.text else b""
-                elif anyio.current_time() - last_sent >= keepalive_s:
-                    out = KEEPALIVE  # nothing visible for a while: keep proxies from timing out
-                if out:
-                    last_sent = anyio.current_time()
-                    yield out
-    except Exception as exc:
-        failure = first_error(exc)
-    if failure is None:
-        yield DONE
-        return
+    async with items:
+        yield chunk({"role": "assistant", "content": "", "refusal": None})
+        last_sent = anyio.current_time()
+        while True:
+            item: Item | None = None
+            # Wait at most until the next keep-alive is due; the scope closes before any yield.
+            with anyio.move_on_after(last_sent + keepalive_s - anyio.current_time()):
+                try:
+                    item = await items.receive()
+                except anyio.EndOfStream:
+                    break
+            if isinstance(item, Exception):
+                yield _error(item, completion_id)
+                return
+            out = b""
+            if isinstance(item, Finished):
+                out = chunk({}, finish_reason=item.finish_reason)
+                if include_usage:
+                    out += chunk(None, usage=item.usage)
+            elif isinstance(item, TextDelta) and item.text:
+                if not item.reasoning:
+                    out = chunk({"content": item.text})
+                elif include_reasoning:
+                    out = chunk({"reasoning_content": item.text})
+            if not out and anyio.current_time() - last_sent >= keepalive_s:
+                out = KEEPALIVE  # nothing visible for a while: keep proxies from timing out
+            if out:
+                last_sent = anyio.current_time()
+                yield out
+    yield DONE
+
+
+def _error(exc: BaseException, completion_id: str) -> bytes:
+    failure = first_error(exc)
     if isinstance(failure, errors.APIError):
-        yield _data(failure.body())
-        return
+        return _data(failure.body())
     log.error("stream %s failed", completion_id, exc_info=failure)
-    yield _data(errors.InternalError("The server had an error while streaming the response.").body())
+    return _data(errors.InternalError("The server had an error while streaming the response.").body())
+
+
+class EventStreamResponse(StreamingResponse):
+    """`text/event-stream` of `events` (already known to have started), rendered by `sse_frames`.
+
+    The pump runs in a task group that spans the whole response, never a generator; on any exit (done,
+    client gone, send failed) the group is cancelled and the body generator closed, both in this task.
+    """
+
+    def __init__(
+        self,
+        events: AsyncGenerator[EngineEvent, None],
+        *,
+        completion_id: str,
+        created: int,
+        model: str,
+        include_usage: bool,
+        include_reasoning: bool,
+        headers: Mapping[str, str] | None = None,
+        keepalive_s: float = KEEPALIVE_S,
+    ) -> None:
+        self._events = events
+        self._send, receive = anyio.create_memory_object_stream[Item](math.inf)
+        self._frames = sse_frames(
+            receive,
+            completion_id=completion_id,
+            created=created,
+            model=model,
+            include_usage=include_usage,
+            include_reasoning=include_reasoning,
+            keepalive_s=keepalive_s,
+        )
+        super().__init__(self._frames, media_type="text/event-stream", headers=headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_pump, self._events, self._send)
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                tg.cancel_scope.cancel()  # a no-op when the pump already ended (the usual case)
+                with anyio.CancelScope(shield=True):
+                    await self._frames.aclose()
+
+
+async def sse_stream(
+    events: AsyncGenerator[EngineEvent, None],
+    *,
+    completion_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+    include_reasoning: bool,
+    keepalive_s: float = KEEPALIVE_S,
+) -> AsyncIterator[bytes]:
+    """The same bytes as `EventStreamResponse`, for a plain `StreamingResponse`.
+
+    Prefer `EventStreamResponse`: this generator must hold the pump's task group across its yields, and a
+    body iterator that Starlette abandons is finalized in another task.
+    """
+    send, receive = anyio.create_memory_object_stream[Item](math.inf)
+    frames = sse_frames(
+        receive,
+        completion_id=completion_id,
+        created=created,
+        model=model,
+        include_usage=include_usage,
+        include_reasoning=include_reasoning,
+        keepalive_s=keepalive_s,
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_pump, events, send)
+        try:
+            async for frame in frames:
+                yield frame
+        finally:
+            tg.cancel_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await frames.aclose()
 
 
 def first_error(exc: BaseException) -> BaseException:
-    """The first real error inside (nested) exception groups from the task group."""
+    """The first real error inside (nested) exception groups from a task group."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc

@@ -1,0 +1,136 @@
+"""`EventStreamResponse` driven as an ASGI app: keep-alives, hidden reasoning, errors and disconnects."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import anyio
+import pytest
+
+from tokentill import errors
+from tokentill.api.sse import KEEPALIVE, EventStreamResponse
+from tokentill.engines.base import EngineEvent, Finished, TextDelta, Usage
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def _silent_then_hidden(closed: list[bool]) -> AsyncGenerator[EngineEvent, None]:
+    """Silent for 0.2 s (the model thinking), then 0.2 s of hidden reasoning, then a short answer."""
+    try:
+        await anyio.sleep(0.2)
+        for i in range(20):
+            yield TextDelta(f"secret{i} ", reasoning=True)
+            await anyio.sleep(0.01)
+        yield TextDelta("", tokens=1)  # a token with no text yet: sends nothing
+        yield TextDelta("answer")
+        yield Finished("stop", Usage(prompt_tokens=3, completion_tokens=22, reasoning_tokens=20))
+    finally:
+        closed.append(True)
+
+
+async def _serve(
+    response: EventStreamResponse, *, disconnect_after: float | None = None
+) -> tuple[bytes, list[str]]:
+    """Run the response as Starlette would under uvicorn (ASGI 2.3) and return the body and lines."""
+    body = b""
+    hang_up = anyio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if disconnect_after is None:
+            await anyio.Event().wait()  # the client stays; only the response's own cancel ends this
+        else:
+            await anyio.sleep(disconnect_after)
+            hang_up.set()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal body
+        if message["type"] == "http.response.body":
+            body += message.get("body", b"")
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}}
+    await response(scope, receive, send)
+    return body, body.decode().split("\n\n")
+
+
+def _response(events: AsyncGenerator[EngineEvent, None], **kw: Any) -> EventStreamResponse:
+    return EventStreamResponse(
+        events,
+        completion_id="chatcmpl-test",
+        created=1,
+        model="o1-preview",
+        include_usage=kw.pop("include_usage", True),
+        include_reasoning=kw.pop("include_reasoning", False),
+        keepalive_s=kw.pop("keepalive_s", 0.05),
+    )
+
+
+async def test_keep_alives_while_silent_and_while_reasoning_is_hidden() -> None:
+    closed: list[bool] = []
+    body, frames = await _serve(_response(_silent_then_hidden(closed)))
+    keepalives = [f for f in frames if f == KEEPALIVE.decode().strip("\n")]
+    assert len(keepalives) >= 4  # ~4 during the silence, ~4 during the hidden reasoning
+    assert b"secret" not in body and b"reasoning_content" not in body
+    data = [json.loads(f[len("data: ") :]) for f in frames if f.startswith("data: {")]
+    contents = [c["choices"][0]["delta"].get("content") for c in data if c["choices"]]
+    assert contents[0] == "" and "answer" in contents
+    assert "" not in contents[1:]  # the empty delta sent nothing
+    assert data[-1]["choices"] == [] and data[-1]["usage"]["completion_tokens"] == 22
+    assert frames[-2] == "data: [DONE]" and frames[-1] == ""
+    assert closed == [True]
+
+
+async def test_reasoning_shown_when_asked() -> None:
+    closed: list[bool] = []
+    body, _ = await _serve(_response(_silent_then_hidden(closed), include_reasoning=True, keepalive_s=5))
+    assert body.count(b'"reasoning_content":"secret') == 20
+    assert KEEPALIVE not in body
+
+
+async def test_error_after_the_first_byte_is_one_event_then_the_end() -> None:
+    async def failing() -> AsyncGenerator[EngineEvent, None]:
+        yield TextDelta("partial")
+        raise errors.UpstreamError("The model failed to generate a response.")
+
+    body, frames = await _serve(_response(failing()))
+    assert b"[DONE]" not in body
+    last = json.loads(frames[-2][len("data: ") :])
+    assert last["error"]["code"] == "upstream_error"
+
+
+async def test_a_bug_is_a_generic_internal_error() -> None:
+    async def buggy() -> AsyncGenerator[EngineEvent, None]:
+        yield TextDelta("partial")
+        raise KeyError("internal detail")
+
+    body, frames = await _serve(_response(buggy()))
+    assert b"internal detail" not in body and b"[DONE]" not in body
+    assert json.loads(frames[-2][len("data: ") :])["error"]["code"] == "internal_error"
+
+
+async def test_disconnect_cancels_the_events_and_closes_them() -> None:
+    closed: list[bool] = []
+    cancelled: list[bool] = []
+
+    async def endless() -> AsyncGenerator[EngineEvent, None]:
+        try:
+            while True:
+                yield TextDelta("x", reasoning=True)
+                await anyio.sleep(0.01)
+        except anyio.get_cancelled_exc_class():
+            cancelled.append(True)
+            raise
+        finally:
+            closed.append(True)
+
+    with anyio.fail_after(5):
+        body, _ = await _serve(_response(endless()), disconnect_after=0.2)
+    assert closed == [True] and cancelled == [True]
+    assert b"[DONE]" not in body and KEEPALIVE in body
