@@ -4,15 +4,19 @@ directly, and through `tokentill serve` (auth, rate limits, credit hold + settle
     .venv/bin/python bench/gateway_overhead.py [--requests 300] [--concurrency 1 8]
 
 One run starts (all on 127.0.0.1, as subprocesses so the load generator does not share their GIL):
-  - the responder: a bare ASGI app under uvicorn answering every chat request with a fixed, non-streamed
-    completion with usage (no model: whatever latency it has is the HTTP stack's);
+  - the responder: a bare ASGI app under uvicorn (no model: whatever latency it has is the HTTP stack's).
+    A request with `"stream": true` gets a fixed answer as server-sent events, one chunk per token
+    (STREAM_TOKENS content chunks, a finish chunk, a usage chunk, `[DONE]`), each its own body write, as
+    vLLM streams; any other request gets the same answer as one non-streamed completion with usage;
   - tokentill with one catalogue entry `engine = "upstream"` pointing at the responder, SQLite in a
     temporary folder, and a key with plenty of credits and an rpm limit high enough never to refuse (so the
-    limiter runs on every request without shaping the figures).
-Then, per concurrency level, a warm-up and `--requests` timed requests to each; every answer must be 200.
-A third row, `tt+echo`, sends the same requests to a built-in `echo` model on the same tokentill: the
-gateway's cost without the upstream hop, so the two can be told apart.
-Prints requests/s, p50 and p95 latency, and the ratios gateway / direct.
+    limiter runs on every request without shaping the figures). tokentill always asks its upstream to
+    stream, so both modes below measure its SSE reader.
+Then, per mode (`json`: client stream false, `sse`: client stream true with include_usage) and concurrency
+level, a warm-up and `--requests` timed requests to each target; every answer must be 200 and complete
+(a streamed one must end with `[DONE]`). Latency is to the last byte. A third row, `tt+echo`, sends the
+same requests to a built-in `echo` model on the same tokentill: the gateway's cost without the upstream
+hop, so the two can be told apart. Prints requests/s, p50 and p95 latency, and the ratios gateway / direct.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from typing import Any
 
 import httpx2
 
+STREAM_TOKENS = 16  # the answer, " t0 t1 … t15", is the same in both shapes
+USAGE = {"prompt_tokens": 12, "completion_tokens": STREAM_TOKENS, "total_tokens": 12 + STREAM_TOKENS}
 ANSWER = json.dumps(
     {
         "id": "chatcmpl-bench",
@@ -39,11 +45,37 @@ ANSWER = json.dumps(
         "created": 0,
         "model": "responder",
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "Four."}, "finish_reason": "stop"}
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(f" t{i}" for i in range(STREAM_TOKENS))},
+                "finish_reason": "stop",
+            }
         ],
-        "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14},
+        "usage": USAGE,
     }
 ).encode()
+
+
+def _sse_chunks() -> list[bytes]:
+    """The streamed answer: a role chunk, one chunk per token, a finish chunk, a usage chunk, [DONE]."""
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        obj = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0, "model": "responder"}
+        return b"data: " + json.dumps({**obj, "choices": choices, **extra}).encode() + b"\n\n"
+
+    def choice(delta: dict[str, str], finish: str | None = None) -> list[dict[str, Any]]:
+        return [{"index": 0, "delta": delta, "finish_reason": finish}]
+
+    return [
+        event(choice({"role": "assistant", "content": ""})),
+        *(event(choice({"content": f" t{i}"})) for i in range(STREAM_TOKENS)),
+        event(choice({}, "stop")),
+        event([], usage=USAGE),
+        b"data: [DONE]\n\n",
+    ]
+
+
+SSE_CHUNKS = _sse_chunks()
 MODELS = json.dumps({"object": "list", "data": [{"id": "responder", "object": "model"}]}).encode()
 BODY = {"messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_completion_tokens": 16}
 
@@ -52,10 +84,18 @@ async def responder_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """The trivial upstream: GET …/models and POST …/chat/completions, fixed answers."""
     if scope["type"] != "http":
         return
-    more = True
-    while more:  # drain the request body
+    more, raw = True, b""
+    while more:  # read the request body
         message = await receive()
+        raw += message.get("body", b"")
         more = message.get("more_body", False)
+    if scope["method"] == "POST" and json.loads(raw).get("stream"):
+        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for chunk in SSE_CHUNKS:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
     body = MODELS if scope["method"] == "GET" else ANSWER
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -100,17 +140,22 @@ async def load(
     latencies: list[float] = []
     limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx2.AsyncClient(timeout=httpx2.Timeout(30.0), limits=limits, trust_env=False) as client:
+
+        def check(response: httpx2.Response) -> None:
+            complete = not body.get("stream") or response.content.rstrip().endswith(b"data: [DONE]")
+            if response.status_code != 200 or not complete:
+                raise SystemExit(f"{url}: HTTP {response.status_code}: {response.text[-300:]}")
+
         for _ in range(min(20, n)):  # warm-up: connections, caches, the key cache
-            (await client.post(url, json=body, headers=headers)).raise_for_status()
+            check(await client.post(url, json=body, headers=headers))
         queue = iter(range(n))
 
         async def worker() -> None:
             for _ in queue:
                 started = time.perf_counter()
-                response = await client.post(url, json=body, headers=headers)
+                response = await client.post(url, json=body, headers=headers)  # reads to the last byte
                 latencies.append((time.perf_counter() - started) * 1000)
-                if response.status_code != 200:
-                    raise SystemExit(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
+                check(response)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -188,27 +233,36 @@ def main() -> None:
 
 
 def run(n: int, levels: list[int], responder_url: str, gateway_url: str, key: str) -> None:
-    direct_body = {"model": "responder", **BODY}
-    gateway_body = {"model": "bench", **BODY}
-    echo_body = {"model": "bench-echo", **BODY}
     print(f"{n} requests per row, 127.0.0.1, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
-    print(f"{'target':<10} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8}")
+    print(f"{'mode':<5} {'target':<10} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8}")
     summary: list[str] = []
-    for concurrency in levels:
-        direct = asyncio.run(load(responder_url + "/v1/chat/completions", {}, direct_body, n, concurrency))
-        auth = {"Authorization": f"Bearer {key}"}
-        gateway = asyncio.run(load(gateway_url + "/v1/chat/completions", auth, gateway_body, n, concurrency))
-        echo = asyncio.run(load(gateway_url + "/v1/chat/completions", auth, echo_body, n, concurrency))
-        rows = (("direct", direct), ("tokentill", gateway), ("tt+echo", echo))
-        for name, figures in rows:
-            rps, p50, p95 = figures["rps"], figures["p50"], figures["p95"]
-            print(f"{name:<10} {concurrency:>4} {rps:>9.1f} {p50:>8.2f} {p95:>8.2f}")
-        summary.append(
-            f"concurrency {concurrency}: throughput x{gateway['rps'] / direct['rps']:.3f} of direct, "
-            f"p50 {gateway['p50'] - direct['p50']:+.2f} ms (x{gateway['p50'] / direct['p50']:.1f}), "
-            f"p95 {gateway['p95'] - direct['p95']:+.2f} ms; "
-            f"the upstream hop itself: p50 {gateway['p50'] - echo['p50']:+.2f} ms over the echo engine"
-        )
+    auth = {"Authorization": f"Bearer {key}"}
+    chat = "/v1/chat/completions"
+    modes: dict[str, dict[str, Any]] = {
+        "json": {},
+        "sse": {"stream": True, "stream_options": {"include_usage": True}},
+    }
+    for mode, extra in modes.items():
+        for concurrency in levels:
+            direct = asyncio.run(
+                load(responder_url + chat, {}, {"model": "responder", **BODY, **extra}, n, concurrency)
+            )
+            gateway = asyncio.run(
+                load(gateway_url + chat, auth, {"model": "bench", **BODY, **extra}, n, concurrency)
+            )
+            echo = asyncio.run(
+                load(gateway_url + chat, auth, {"model": "bench-echo", **BODY, **extra}, n, concurrency)
+            )
+            for name, figures in (("direct", direct), ("tokentill", gateway), ("tt+echo", echo)):
+                rps, p50, p95 = figures["rps"], figures["p50"], figures["p95"]
+                print(f"{mode:<5} {name:<10} {concurrency:>4} {rps:>9.1f} {p50:>8.2f} {p95:>8.2f}")
+            summary.append(
+                f"{mode} concurrency {concurrency}: throughput x{gateway['rps'] / direct['rps']:.3f} of "
+                f"direct, p50 {gateway['p50'] - direct['p50']:+.2f} ms "
+                f"(x{gateway['p50'] / direct['p50']:.1f}), "
+                f"p95 {gateway['p95'] - direct['p95']:+.2f} ms; "
+                f"the upstream hop itself: p50 {gateway['p50'] - echo['p50']:+.2f} ms over the echo engine"
+            )
     print("\n".join(summary))
 
 
