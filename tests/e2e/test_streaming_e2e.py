@@ -3,7 +3,9 @@ billed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -77,6 +79,7 @@ def test_sdk_stream_with_usage(sqlite_server: TokentillServer, key: str) -> None
 
 
 def test_raw_sse_with_requests(sqlite_server: TokentillServer, key: str) -> None:
+    """The chunk invariants, read by a parser nobody here wrote the other end of."""
     response = requests.post(
         sqlite_server.url + "/v1/o1-preview",
         headers={"Authorization": f"Bearer {key}"},
@@ -85,16 +88,37 @@ def test_raw_sse_with_requests(sqlite_server: TokentillServer, key: str) -> None
             "max_completion_tokens": 90,
             "reasoning_effort": "low",
             "stream": True,
+            "stream_options": {"include_usage": True},
         },
         stream=True,
         timeout=300,
     )
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
-    events, _ = _sse(response)
-    assert all(e["object"] == "chat.completion.chunk" and e["usage"] is None for e in events)
-    assert events[-1]["choices"][0]["finish_reason"] in {"stop", "length"}
-    assert not any("reasoning_content" in e["choices"][0]["delta"] for e in events)  # hidden by default
+    events, raw = _sse(response)  # asserts `[DONE]` is the last line
+    assert raw[-2].startswith("data: {")  # the usage chunk comes right before `[DONE]`
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert len({e["id"] for e in events}) == 1 and len({e["created"] for e in events}) == 1
+    assert events[0]["id"].startswith("chatcmpl-")
+    # The role comes once, in the first delta.
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert not any("role" in e["choices"][0]["delta"] for e in events[1:] if e["choices"])
+    # `usage` is null on every chunk but the last, which has no choices and the full usage.
+    *body, last = events
+    assert all(e["usage"] is None for e in body)
+    assert last["choices"] == []
+    usage = last["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    reasoning = usage["completion_tokens_details"]["reasoning_tokens"]
+    assert 0 < reasoning <= 64 and usage["completion_tokens"] <= 90
+    # The one finish_reason chunk comes right before the usage chunk, with an empty delta.
+    finals = [e for e in body if e["choices"][0]["finish_reason"] is not None]
+    assert finals == [body[-1]]
+    assert body[-1]["choices"][0]["finish_reason"] in {"stop", "length"}
+    assert body[-1]["choices"][0]["delta"] == {}
+    # Hidden by default: no reasoning on the wire, only the answer.
+    assert not any("reasoning_content" in e["choices"][0]["delta"] for e in body)
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in body).strip()
 
 
 def test_reasoning_hidden_by_default_shown_on_request(sqlite_server: TokentillServer, key: str) -> None:
@@ -152,7 +176,21 @@ def test_effort_sets_budget(sqlite_server: TokentillServer, key: str) -> None:
     assert low.usage.completion_tokens_details.reasoning_tokens <= 64
 
 
+def _hold_statuses(server: TokentillServer, account: str) -> list[str]:
+    """The status of each of the account's holds, read from the server's SQLite file."""
+    database = server.workdir / "data" / "tokentill.db"
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as conn:
+        rows = conn.execute(
+            "SELECT holds.status FROM holds JOIN accounts ON accounts.id = holds.account_id "
+            "WHERE accounts.name = ?",
+            (account,),
+        ).fetchall()
+    return [status for (status,) in rows]
+
+
 def test_disconnect_mid_stream_charges_generated_tokens(sqlite_server: TokentillServer) -> None:
+    """The client leaves during the answer: it pays for the notes and the answer so far, to the
+    micro-credit, the usage row says 499, no hold stays open, and the generation stopped."""
     key = sqlite_server.new_key("leaver", credits="1")
     response = requests.post(
         sqlite_server.url + "/v1/o1-preview",
@@ -168,13 +206,17 @@ def test_disconnect_mid_stream_charges_generated_tokens(sqlite_server: Tokentill
         timeout=300,
     )
     assert response.status_code == 200
-    seen = 0
+    reasoning_chunks = content_chunks = 0
     for line in response.iter_lines():
-        if line.startswith(b"data: "):
-            seen += 1
-        if seen >= 10:
+        if not line.startswith(b"data: {"):
+            continue
+        delta = json.loads(line[len(b"data: ") :])["choices"][0]["delta"]
+        reasoning_chunks += bool(delta.get("reasoning_content"))
+        content_chunks += bool(delta.get("content"))
+        if content_chunks >= 5:
             break
-    response.close()  # the client goes away mid-stream
+    response.close()  # the client goes away in the middle of the answer
+    assert reasoning_chunks > 0
     deadline = time.monotonic() + 30
     rows: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
@@ -185,10 +227,17 @@ def test_disconnect_mid_stream_charges_generated_tokens(sqlite_server: Tokentill
     assert len(rows) == 1, "the interrupted request was never settled"
     row = rows[0]
     assert row["status"] == 499
-    assert 0 < row["completion_tokens"] < 2000
+    # Every token generated is billed, reasoning included: at least one per chunk the client read.
+    assert 0 < row["reasoning_tokens"] <= 64
+    assert row["reasoning_tokens"] >= reasoning_chunks
+    assert row["completion_tokens"] >= row["reasoning_tokens"] + content_chunks
+    # It stopped at once: a few hundred tokens at most were in flight, nowhere near the 2000 asked.
+    assert row["completion_tokens"] < row["reasoning_tokens"] + content_chunks + 300
+    cost = Decimal(row["cost"])
+    assert cost == Decimal(row["prompt_tokens"] * 15 + row["completion_tokens"] * 60) / 10**6
+    assert _hold_statuses(sqlite_server, "leaver") == ["settled"]  # its one hold, closed
     balance = Decimal(sqlite_server.balance("leaver"))
-    assert balance == Decimal(1) - Decimal(row["cost"])  # charged what was generated, the rest released
-    assert Decimal(row["cost"]) == Decimal(row["prompt_tokens"] * 15 + row["completion_tokens"] * 60) / 10**6
+    assert balance == Decimal(1) - cost  # charged what was generated, the rest of the hold released
 
 
 def test_effort_orders_reasoning_tokens(sqlite_server: TokentillServer, key: str) -> None:
