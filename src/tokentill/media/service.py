@@ -186,9 +186,8 @@ class MediaService:
         else:
             fetched = await self._fetch(url, param)
             source, declared = fetched.data, fetched.content_type
-        work = partial(
-            _decode_and_prepare,
-            source,
+        prepare = partial(
+            prepare_image,
             declared_mime=declared,
             detail=detail,
             max_pixels=p.max_pixels,
@@ -196,6 +195,10 @@ class MediaService:
             high_side=p.high_detail_side,
             param=param,
         )
+
+        def work() -> ImageInput:  # the heavy part, in a worker thread: base64, then Pillow
+            return prepare(source.decode(param) if isinstance(source, _DataURI) else source)
+
         return await anyio.to_thread.run_sync(work, limiter=self._limiter)
 
     async def _fetch(self, url: str, param: str) -> FetchedImage:
@@ -258,29 +261,6 @@ class _DataURI:
         if not data:
             raise InvalidRequest("Image data URI is empty.", code="invalid_image", param=param)
         return data
-
-
-def _decode_and_prepare(
-    source: bytes | _DataURI,
-    *,
-    declared_mime: str | None,
-    detail: str,
-    max_pixels: int,
-    low_side: int,
-    high_side: int,
-    param: str,
-) -> ImageInput:
-    """All the heavy work of one image, in a worker thread: base64 decoding, then `prepare_image`."""
-    data = source.decode(param) if isinstance(source, _DataURI) else source
-    return prepare_image(
-        data,
-        declared_mime=declared_mime,
-        detail=detail,
-        max_pixels=max_pixels,
-        low_side=low_side,
-        high_side=high_side,
-        param=param,
-    )
 
 
 def _encoded_length(max_bytes: int) -> int:
