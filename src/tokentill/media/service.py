@@ -6,8 +6,9 @@ the url (code `invalid_image_url` for URL / fetch problems, `invalid_image` for 
 `invalid_value` on `...image_url.detail` for a bad detail). Nothing else escapes for bad input.
 
 Lifecycle: `await start()` in the app lifespan opens the one shared `httpx2.AsyncClient`, `await aclose()`
-closes it. Decoding runs in worker threads, at most `DECODE_CONCURRENCY` at a time, so hostile images
-cannot starve the event loop or multiply memory use.
+closes it. Decoding (base64 and Pillow) runs in worker threads, at most `DECODE_CONCURRENCY` at a time,
+so hostile images cannot starve the event loop or multiply memory use; on the loop a data URI costs only
+a bounded look at its header (`MAX_DATA_URI_HEADER`).
 """
 
 from __future__ import annotations
