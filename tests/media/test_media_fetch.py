@@ -338,6 +338,22 @@ def test_connection_refused_is_a_clean_error(server: LoopbackServer) -> None:
     assert "could not be connected to" in error.message
 
 
+def test_allow_hosts_entries_with_non_ascii_names_match_the_encoded_url_host() -> None:
+    """An IDN entry is stored in the ASCII form the URL's host is compared in (it would never match raw)."""
+    assert parse_allow_hosts(["Bücher.Internal:80"]) == {("xn--bcher-kva.internal", 80)}
+    with pytest.raises(ValueError, match="not a valid host name"):
+        parse_allow_hosts(["ｆｕｌｌ.example:80"])
+
+
+def test_an_allowed_idn_host_is_fetched(server: LoopbackServer) -> None:
+    server.routes["/img.png"] = Route(headers={"Content-Type": "image/png"}, body=PNG)
+    resolver = FakeResolver({"xn--bcher-kva.internal": ["127.0.0.1"]})
+    policy = MediaPolicy(allow_hosts=frozenset({f"bücher.internal:{server.port}"}))
+    image = fetch(f"http://bücher.internal:{server.port}/img.png", policy, resolver)
+    assert (image.width, image.height) == (30, 20)
+    assert resolver.calls == [("xn--bcher-kva.internal", server.port)]
+
+
 def test_parse_allow_hosts() -> None:
     assert parse_allow_hosts(["Images.Internal:80", "[::1]:8080", "10.0.0.5:443"]) == {
         ("images.internal", 80),

@@ -75,8 +75,17 @@ def parse_allow_hosts(entries: Iterable[str]) -> frozenset[tuple[str, int]]:
             host = host[1:-1]
         elif ":" in host:
             raise ValueError(f"media allow_hosts entry {raw!r}: write IPv6 addresses as [addr]:port")
+        elif not host.isascii():
+            host = _idna(host, raw)  # compared with the URL's ASCII host, as httpx2 encodes it
         parsed.add((host.rstrip("."), int(port_text)))
     return frozenset(parsed)
+
+
+def _idna(host: str, raw: str) -> str:
+    try:
+        return httpx2.URL(f"http://{host}/").raw_host.decode("ascii").lower()
+    except (httpx2.InvalidURL, UnicodeError) as exc:
+        raise ValueError(f"media allow_hosts entry {raw!r}: not a valid host name ({exc})") from None
 
 
 @dataclass(frozen=True)
