@@ -1,10 +1,15 @@
 """Rate limits on a real server, with the in-process limiter and with Redis: the x-ratelimit-* headers on
 every response to a limited key, 429 with Retry-After as the SDK sees it, a request too large for the
-tokens-per-minute limit, and `tokentill keys update` taking effect on the next request."""
+tokens-per-minute limit, `tokentill keys update` taking effect on the next request and the listings showing
+the limits, idempotency through the SDK (ConflictError, a streamed replay, a client that leaves), and the
+503 of a server whose Redis is unreachable."""
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +121,117 @@ def test_keys_update_applies_to_the_next_request(limited_server: TokentillServer
     assert both.returncode != 0 and "not both" in both.stderr
     missing = limited_server.cli("keys", "update", "zzzzzzzz", "--rpm", "2", check=False)
     assert missing.returncode != 0 and "no active key" in missing.stderr
+
+
+def test_keys_update_tpm_and_listings_show_the_limits(limited_server: TokentillServer) -> None:
+    limited_server.new_key("lim-list")  # creates the account
+    created = limited_server.cli_json(
+        "keys", "create", "--account", "lim-list", "--rpm", "7", "--tpm", "5000", "--max-concurrent", "3"
+    )
+    assert (created["rpm"], created["tpm"], created["max_concurrent"]) == (7, 5000, 3)
+    key, key_id = created["key"], created["id"]
+    assert limited_server.cli_json("keys", "update", key_id, "--tpm", "900") == {
+        "updated": key_id,
+        "tpm": 900,
+    }
+    ok = _post(limited_server, key)
+    assert ok.status_code == 200 and ok.headers["x-ratelimit-limit-tokens"] == "900"
+    too_large = _post(limited_server, key, {**SHORT, "max_completion_tokens": 1000})
+    assert too_large.status_code == 429 and too_large.headers["x-should-retry"] == "false"
+    text = limited_server.cli("keys", "list").stdout
+    line = next(row for row in text.splitlines() if row.startswith(key_id))
+    assert "rpm=7 tpm=900 concurrent=3" in line, line
+    limited_server.cli_json("keys", "update", key_id, "--no-tpm")
+    line = next(r for r in limited_server.cli("keys", "list").stdout.splitlines() if r.startswith(key_id))
+    assert "rpm=7 tpm=* concurrent=3" in line, line
+
+
+def test_sdk_conflict_error_and_streamed_replay(limited_server: TokentillServer) -> None:
+    key = limited_server.new_key("lim-idem", rpm="50")
+    client = openai.OpenAI(base_url=limited_server.url + "/v1", api_key=key, max_retries=0)
+    body = {**SHORT, "max_completion_tokens": 40, "reasoning_effort": "low"}
+    first = client.chat.completions.create(
+        model=DEFAULT_MODEL, **body, extra_headers={"Idempotency-Key": "sdk-1"}
+    )
+    with pytest.raises(openai.ConflictError) as info:  # same key, another body
+        client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            **{**body, "max_completion_tokens": 41},
+            extra_headers={"Idempotency-Key": "sdk-1"},
+        )
+    assert info.value.response.json()["error"]["code"] == "idempotency_key_reused"
+    assert info.value.response.headers["x-should-retry"] == "false"
+    assert first.id.startswith("chatcmpl-")
+
+    def streamed() -> tuple[str, str, Any]:
+        stream = client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            **body,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"Idempotency-Key": "sdk-stream"},
+        )
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return chunks[0].id, text, chunks[-1].usage
+
+    balance = limited_server.balance("lim-idem")
+    original = streamed()
+    charged = limited_server.balance("lim-idem")
+    assert charged != balance
+    replayed = streamed()
+    assert replayed == original and original[2] is not None
+    assert limited_server.balance("lim-idem") == charged  # the replay cost nothing
+    rows = limited_server.cli_json("usage", "--account", "lim-idem")["usage"]
+    assert len(rows) == 2  # sdk-1 and sdk-stream, once each
+
+
+def test_idempotent_request_survives_the_client_leaving(limited_server: TokentillServer) -> None:
+    """The SDK's retry after a read timeout replays the first attempt's answer: one charge, not two."""
+    key = limited_server.new_key("lim-leave")
+    long = {
+        "messages": [{"role": "user", "content": "Count from one to two hundred in words."}],
+        "max_completion_tokens": 300,
+        "reasoning_effort": "high",
+    }
+    headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "leave-1"}
+    with pytest.raises(requests.Timeout):  # the client gives up while the answer is being made
+        requests.post(  # the very request the SDK sends below (route and body make the fingerprint)
+            f"{limited_server.url}/v1/chat/completions",
+            json={**long, "model": DEFAULT_MODEL},
+            headers=headers,
+            timeout=(5, 0.3),
+        )
+    client = openai.OpenAI(base_url=limited_server.url + "/v1", api_key=key, max_retries=60)
+    raw = client.chat.completions.with_raw_response.create(
+        model=DEFAULT_MODEL, **long, extra_headers={"Idempotency-Key": "leave-1"}
+    )
+    assert raw.headers["idempotent-replayed"] == "true"  # waited (409 + Retry-After) for the stored answer
+    rows = limited_server.cli_json("usage", "--account", "lim-leave")["usage"]
+    assert len(rows) == 1 and rows[0]["status"] == 200, rows
+    assert Decimal(limited_server.balance("lim-leave")) == Decimal(10) - Decimal(rows[0]["cost"])
+
+
+@pytest.mark.redis
+def test_unreachable_redis_is_503_with_no_hold(module_dir: Path) -> None:
+    llama_available()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+    server = TokentillServer(module_dir / "limits-no-redis", None, TOKENTILL_REDIS_URL=closed).start()
+    try:
+        key = server.new_key("no-redis", rpm="5")
+        started = time.monotonic()
+        refused = _post(server, key)
+        assert time.monotonic() - started < 3
+        assert refused.status_code == 503, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "overloaded" and error["type"] == "server_error"
+        assert "Rate limiter unavailable" in error["message"] and "failing closed" in error["message"]
+        assert refused.headers["retry-after"] == "1"
+        assert server.balance("no-redis") == "10"  # no hold was taken, nothing charged
+        assert server.cli_json("usage", "--account", "no-redis")["usage"] == []
+        free = server.new_key("no-redis")  # a key without limits never needs Redis
+        assert _post(server, free).status_code == 200
+    finally:
+        server.stop()

@@ -52,10 +52,28 @@ def create(
         emit(
             as_json,
             f"{created.key}\n(key id {created.key_id}; store it now, it is not shown again)",
-            {"key": created.key, "id": created.key_id, "account": account, "models": allowed},
+            {
+                "key": created.key,
+                "id": created.key_id,
+                "account": account,
+                "models": allowed,
+                "name": name,
+                "rpm": rpm,
+                "tpm": tpm,
+                "max_concurrent": max_concurrent,
+            },
         )
 
     with_stores(run)
+
+
+def _limits_text(rpm: int | None, tpm: int | None, max_concurrent: int | None) -> str:
+    """`rpm=60 tpm=* concurrent=2`: `*` for no limit, as `models=*` is every model."""
+
+    def shown(value: int | None) -> str:
+        return "*" if value is None else str(value)
+
+    return f"rpm={shown(rpm)} tpm={shown(tpm)} concurrent={shown(max_concurrent)}"
 
 
 @keys.command("list")
@@ -81,7 +99,8 @@ def list_(account: str | None, as_json: bool) -> None:
         ]
         lines = [
             f"{k.key_id}  {k.account_name:<16} {'revoked' if k.revoked_at else 'active ':<8} "
-            f"models={','.join(k.models) if k.models else '*'} name={k.name or ''}"
+            f"models={','.join(k.models) if k.models else '*'} "
+            f"{_limits_text(k.rpm, k.tpm, k.max_concurrent)} name={k.name or ''}"
             for k in rows
         ]
         emit(as_json, "\n".join(lines) or "no keys", {"keys": items})
