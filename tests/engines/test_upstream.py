@@ -192,6 +192,7 @@ def test_max_tokens_refused_then_dropped(upstream: ScriptedUpstream) -> None:
         ("toolong", errors.InvalidRequest, "context_length_exceeded", "messages"),
         ("plain400", errors.InvalidRequest, "invalid_value", None),
         ("busy", errors.Overloaded, "overloaded", None),
+        ("busy-nan", errors.Overloaded, "overloaded", None),
         ("broken", errors.UpstreamError, "upstream_error", None),
         ("garbage", errors.UpstreamError, "upstream_error", None),
         ("truncated", errors.UpstreamError, "upstream_error", None),
@@ -206,6 +207,7 @@ def test_max_tokens_refused_then_dropped(upstream: ScriptedUpstream) -> None:
         ("sglang400-other", errors.InvalidRequest, "invalid_value", None),
         ("ollama400", errors.InvalidRequest, "invalid_value", None),
         ("odd-code", errors.InvalidRequest, "invalid_value", "logprobs"),
+        ("object-code", errors.InvalidRequest, "invalid_value", None),
     ],
 )
 def test_error_mapping(
@@ -224,8 +226,8 @@ def test_error_mapping(
         assert "Incorrect API key" not in raised.value.message
     if script == "toolong":
         assert raised.value.message == "This model's maximum context length is 2048 tokens."
-    if script == "busy":
-        assert raised.value.headers["Retry-After"] == "7"
+    if script.startswith("busy"):
+        assert raised.value.headers["Retry-After"] == ("7" if script == "busy" else "1")
     upstream_messages = {
         "sglang400": "The input (3000 tokens) is longer than the model's context length (2048 tokens).",
         "sglang400-other": "top_p must be in (0, 1], got 7.",

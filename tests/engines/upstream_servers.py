@@ -212,6 +212,9 @@ class ScriptedUpstream:
             return JSONResponse({"error": "invalid model name"}, status_code=400)
         if script == "odd-code":  # an upstream code that is not one of ours
             return _error(400, "Bad logprobs.", "weird_code_123", "logprobs")
+        if script == "object-code":  # nonsense in the envelope itself
+            body = {"error": {"message": "Bad.", "code": {"nested": 1}, "param": ["messages"]}}
+            return JSONResponse(body, status_code=400)
         if script == "garbage":
             return [b"data: this is not json\n\n"]
         if script == "truncated":
@@ -231,6 +234,8 @@ class ScriptedUpstream:
             return Response("bad", status_code=400)
         if script == "busy":
             return Response("slow down", status_code=429, headers={"Retry-After": "7"})
+        if script == "busy-nan":
+            return Response("slow down", status_code=429, headers={"Retry-After": "nan"})
         if script in ("broken", "down"):
             return Response("internal", status_code=500)
         return Response("no such script", status_code=404)

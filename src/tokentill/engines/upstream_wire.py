@@ -301,7 +301,7 @@ def _client_error(envelope: dict[str, Any]) -> errors.InvalidRequest:
         return errors.InvalidRequest(message, code="context_length_exceeded", param="messages")
     return errors.InvalidRequest(
         message,
-        code=code if code in _CLIENT_CODES else "invalid_value",
+        code=code if isinstance(code, str) and code in _CLIENT_CODES else "invalid_value",
         param=param if isinstance(param, str) and param else None,
     )
 
@@ -324,7 +324,9 @@ def error_for_status(status: int, body: bytes, retry_after: str | None, *, where
     if status == 429:
         try:
             seconds = float(retry_after) if retry_after else 1.0
-        except ValueError:
+        except ValueError:  # an HTTP-date, or nonsense
+            seconds = 1.0
+        if not math.isfinite(seconds):  # "nan" and "inf" parse as floats
             seconds = 1.0
         return errors.Overloaded(
             "The upstream model is over capacity; retry shortly.", retry_after_s=min(max(seconds, 1.0), 60.0)
