@@ -465,7 +465,7 @@ def test_api_key_whitespace_and_secrecy(upstream: ScriptedUpstream, monkeypatch:
             await engine.aclose()
 
     shown = run(started_repr())
-    assert "fronted" in shown
+    assert "fronted" in shown and "sk-from-file" not in shown
     monkeypatch.setenv("TT_TEST_UPSTREAM_KEY", "sk-one\nX-Injected: yes")
     with pytest.raises(CatalogError, match="cannot carry") as raised:
         _complete(spec)

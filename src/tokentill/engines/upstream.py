@@ -182,7 +182,7 @@ class UpstreamEngine:
         self._max_inflight = max(1, queue_size) * len(self.pool.replicas)
         self._inflight = 0
         self._send_max_tokens = True
-        self._headers: dict[str, str] = {}
+        self._headers = httpx2.Headers()
         self._client: httpx2.AsyncClient | None = None
 
     def __repr__(self) -> str:  # never the headers: they carry the key
@@ -190,7 +190,9 @@ class UpstreamEngine:
 
     async def start(self) -> None:
         key = resolve_api_key(self.spec)
-        self._headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
+        # httpx2.Headers: case-insensitive (a catalogue `authorization` replaces ours) and its repr masks
+        # the Authorization value.
+        self._headers = httpx2.Headers({"Authorization": f"Bearer {key.get_secret_value()}"} if key else {})
         self._headers.update(self._extra_headers)  # the catalogue may override (e.g. Azure's api-key)
         timeout = self.spec.timeout_s
         self._client = httpx2.AsyncClient(
