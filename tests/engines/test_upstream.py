@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx2
 import pytest
 
 from tests._services import run
@@ -16,7 +17,7 @@ from tokentill import errors
 from tokentill.catalog import CatalogError, ModelSpec
 from tokentill.engines import create_engine
 from tokentill.engines.base import Engine, EngineRequest, Finished, ImageInput, Message, TextDelta, Usage
-from tokentill.engines.upstream import UpstreamEngine
+from tokentill.engines.upstream import UpstreamEngine, _sse_lines
 from tokentill.reasoning import with_reasoning
 
 
@@ -247,6 +248,23 @@ def test_line_separators_inside_json_and_every_sse_line_ending(upstream: Scripte
     deltas, finished = _complete(_spec(upstream.url + "/unicode/v1"))
     assert _text(deltas) == "a\u2028b\u2029c\u0085d\re"
     assert finished.usage.prompt_tokens == 11 and not finished.usage.estimated
+
+
+def test_sse_lines_split_on_cr_lf_crlf_only_wherever_the_reads_break() -> None:
+    data = "a\r\nb\rc\n\u2028d\u0085\r\r\ne\r".encode()
+
+    async def lines(chunks: list[bytes]) -> list[bytes]:
+        async def body() -> AsyncIterator[bytes]:
+            for chunk in chunks:
+                yield chunk
+
+        response = httpx2.Response(200, content=body())
+        return [line async for line in _sse_lines(response, time.monotonic() + 10)]
+
+    expected = [b"a", b"b", b"c", "\u2028d\u0085".encode(), b"", b"e"]
+    for i in range(len(data) + 1):
+        for j in range(i, len(data) + 1):
+            assert run(lines([data[:i], data[i:j], data[j:]])) == expected, (i, j)
 
 
 def test_usage_chunk_without_choices_after_the_answer(upstream: ScriptedUpstream) -> None:
