@@ -3,8 +3,10 @@
 Both sides use the packaged SmolLM2-135M-Instruct GGUF, the same prompt, greedy decoding, the same thread
 count and context. tokentill runs as a real `tokentill serve` subprocess with auth, credits and the ledger
 on (catalogue entry with `reasoning = "none"`, so both sides do one pass); the client is plain `requests`.
-Then streaming: time to first visible token, for `reasoning = "none"` and for the default hidden
-scratchpad (`reasoning_effort=low`), against the non-streaming total time.
+Then streaming against non-streaming, alternating run by run: time to the first visible token (for a JSON
+answer that is its total time) and completion tokens/s, for `reasoning = "none"` (budget `--tokens`) and
+for the hidden scratchpad at `reasoning_effort=low` (budget `--tokens` + 64: the 64 notes tokens, then the
+answer), with the ratios streamed / not streamed.
 
     .venv/bin/python bench/http_vs_bare.py [--runs 5] [--tokens 128] [--threads 2]
 """
@@ -19,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -70,32 +73,67 @@ def through_http(server: TokentillServer, key: str, model: str, runs: int, token
     return rates
 
 
-def first_token(
-    server: TokentillServer, key: str, model: str, tokens: int, extra: dict[str, object]
-) -> tuple[float, float]:
-    """(seconds to the first visible content delta, seconds to [DONE]) for one streamed request."""
+def timed(
+    server: TokentillServer, key: str, model: str, budget: int, extra: dict[str, Any], *, stream: bool
+) -> tuple[float, float, int]:
+    """(seconds to the first visible content, seconds to the end, completion tokens) of one request.
+
+    Not streamed, the first visible token arrives with the whole answer: its time is the total time.
+    Streamed, the completion tokens come from the usage chunk (`stream_options.include_usage`).
+    """
+    body: dict[str, Any] = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_completion_tokens": budget,
+        "temperature": 0,
+        **extra,
+    }
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first = float("nan")
+    tokens = 0
     with requests.post(
         f"{server.url}/v1/{model}",
         headers={"Authorization": f"Bearer {key}"},
-        json={
-            "messages": [{"role": "user", "content": PROMPT}],
-            "max_completion_tokens": tokens,
-            "temperature": 0,
-            "stream": True,
-            **extra,
-        },
-        stream=True,
+        json=body,
+        stream=stream,
         timeout=600,
     ) as r:
+        r.raise_for_status()
+        if not stream:
+            tokens = r.json()["usage"]["completion_tokens"]
+            total = time.perf_counter() - start
+            return total, total, tokens
         for line in r.iter_lines():
             if not line.startswith(b"data: {"):
                 continue
-            delta = json.loads(line[6:])["choices"]
-            if first != first and delta and delta[0]["delta"].get("content"):
+            chunk = json.loads(line[6:])
+            choices = chunk["choices"]
+            if first != first and choices and choices[0]["delta"].get("content"):
                 first = time.perf_counter() - start
-    return first, time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return first, time.perf_counter() - start, tokens
+
+
+# (label, model, budget, extra body): the scratchpad budget is the answer's plus low effort's 64 notes.
+MODES: tuple[tuple[str, str, int, dict[str, Any]], ...] = (
+    ("reasoning none", "plain", 0, {}),
+    ("scratchpad, reasoning_effort=low", "o1-preview", 64, {"reasoning_effort": "low"}),
+)
+
+
+def stream_vs_collected(
+    server: TokentillServer, key: str, runs: int, tokens: int
+) -> dict[tuple[str, bool], list[tuple[float, float, int]]]:
+    """Each mode streamed and not, alternating run by run so both see the same machine load."""
+    results: dict[tuple[str, bool], list[tuple[float, float, int]]] = {}
+    for label, model, notes, extra in MODES:
+        for _ in range(runs):
+            for stream in (True, False):
+                row = timed(server, key, model, tokens + notes, extra, stream=stream)
+                results.setdefault((label, stream), []).append(row)
+    return results
 
 
 def main() -> None:
@@ -118,29 +156,40 @@ def main() -> None:
         try:
             key = server.new_key("bench", credits="1000")
             http_rates = through_http(server, key, "plain", args.runs, args.tokens)
-            ttft_plain = [first_token(server, key, "plain", args.tokens, {}) for _ in range(args.runs)]
-            ttft_reason = [
-                first_token(server, key, "o1-preview", args.tokens + 64, {"reasoning_effort": "low"})
-                for _ in range(args.runs)
-            ]
+            results = stream_vs_collected(server, key, args.runs, args.tokens)
         finally:
             server.stop()
 
     b, h = statistics.median(bare_rates), statistics.median(http_rates)
     print(
-        f"machine: {os.cpu_count()} cores, threads={args.threads}, {args.runs} runs, "
-        f"{args.tokens} tokens, greedy"
+        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}, threads={args.threads}, "
+        f"{args.runs} runs, {args.tokens} answer tokens, greedy"
     )
     print(f"{'path':<44}{'median tok/s':>14}")
     print(f"{'bare llama_cpp.Llama.create_chat_completion':<44}{b:>14.1f}")
     print(f"{'tokentill HTTP (auth + credits + ledger)':<44}{h:>14.1f}")
     print(f"ratio tokentill / bare: {h / b:.3f}")
     print()
-    print(f"{'streaming, first visible token':<44}{'median s':>14}{'total s':>10}")
-    for label, rows in (("reasoning none", ttft_plain), ("scratchpad, reasoning_effort=low", ttft_reason)):
+    print("first visible token (not streamed: the whole answer) and completion tokens/s, medians")
+    print(f"{'mode':<36}{'budget':>7}{'rendering':>12}{'first s':>9}{'total s':>9}{'tokens':>8}{'tok/s':>8}")
+    for label, _, notes, _ in MODES:
+        summary: dict[bool, tuple[float, float]] = {}
+        for stream in (True, False):
+            rows = results[(label, stream)]
+            first = statistics.median(r[0] for r in rows)
+            total = statistics.median(r[1] for r in rows)
+            tokens = statistics.median(r[2] for r in rows)
+            rate = statistics.median(r[2] / r[1] for r in rows)
+            summary[stream] = (first, rate)
+            rendering = "stream" if stream else "JSON"
+            print(
+                f"{label:<36}{args.tokens + notes:>7}{rendering:>12}{first:>9.3f}{total:>9.3f}"
+                f"{tokens:>8.0f}{rate:>8.1f}"
+            )
+        (s_first, s_rate), (j_first, j_rate) = summary[True], summary[False]
         print(
-            f"{label:<44}{statistics.median(r[0] for r in rows):>14.3f}"
-            f"{statistics.median(r[1] for r in rows):>10.3f}"
+            f"{'':<36}ratios stream / JSON: first visible token {s_first / j_first:.3f}, "
+            f"tok/s {s_rate / j_rate:.3f}"
         )
 
 
