@@ -6,6 +6,7 @@ killed with SIGKILL mid-load leaves no hold and no concurrency slot stranded."""
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -144,6 +145,22 @@ def test_revocation_on_one_is_refused_by_both_within_a_second(pair: Pair) -> Non
     assert time.monotonic() - revoked_at < 1.0 + 1.0  # both refused; the loop itself bounds the wait
 
 
+def test_limit_change_on_one_is_honoured_by_the_other_within_a_second(pair: Pair) -> None:
+    key = pair.a.new_key("rep-relimit")
+    assert _post(pair.b, key).status_code == 200  # no limit yet
+    pair.a.cli("keys", "update", key.split("-")[1], "--rpm", "1")
+    changed_at = time.monotonic()
+    # A 400 after authentication runs no model but carries the key's limits as B sees them now.
+    while "x-ratelimit-limit-requests" not in (seen := _post(pair.b, key, {**SHORT, "n": 2})).headers:
+        assert time.monotonic() - changed_at < 1.0, "B did not see the new limit within a second"
+    assert seen.headers["x-ratelimit-limit-requests"] == "1"
+    first = _post(pair.b, key)
+    assert first.status_code == 200 and first.headers["x-ratelimit-remaining-requests"] == "0"
+    second = _post(pair.b, key)
+    assert second.status_code == 429 and "Limit 1" in second.json()["error"]["message"]
+    assert _post(pair.a, key).status_code == 429  # one limit for both replicas
+
+
 def test_idempotent_replay_across_replicas_is_charged_once(pair: Pair) -> None:
     key = pair.a.new_key("rep-idem")
     first = _post(pair.a, key, **{"Idempotency-Key": "order-1"})
@@ -191,19 +208,32 @@ def test_sigkill_during_load_strands_nothing(pair: Pair) -> None:
     key = pair.a.new_key("rep-kill", credits=str(credits), max_concurrent="2")
     other = pair.b.new_key("rep-kill-other")
     long = {**SHORT, "max_completion_tokens": 400, "reasoning_effort": "high"}
+    on_b: list[int] = []  # statuses of a client that keeps sending to B while A dies
+    stop = threading.Event()
+
+    def keep_sending() -> None:
+        while not stop.is_set():
+            on_b.append(_post(pair.b, other).status_code)
+
     with ThreadPoolExecutor(max_workers=4) as pool:
+        steady = pool.submit(keep_sending)
         in_flight = [pool.submit(_post, pair.a, key, long) for _ in range(2)]
         deadline = time.monotonic() + 20
         while _open_holds(pair) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _open_holds(pair) >= 2, "the long requests never started"
+        sent_before_kill = len(on_b)
         pair.a.kill()
+        killed_at = time.monotonic()
         for future in in_flight:
             with pytest.raises(requests.ConnectionError):
                 future.result()
-    killed_at = time.monotonic()
-
-    assert _post(pair.b, other).status_code == 200  # B keeps serving
+        while len(on_b) < sent_before_kill + 3 and time.monotonic() - killed_at < 30:
+            time.sleep(0.1)
+        stop.set()
+        steady.result()  # no connection error from B at any time
+    assert len(on_b) >= sent_before_kill + 3, "B answered nothing after A died"
+    assert set(on_b) == {200}, on_b  # B kept serving, before, during and after the kill
     # The dead replica's two concurrency slots block the key until their lease TTL, not forever.
     first = _post(pair.b, key)
     assert first.status_code == 429 and "concurrent" in first.json()["error"]["message"]
