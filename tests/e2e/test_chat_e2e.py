@@ -169,3 +169,63 @@ def test_logit_bias_and_penalties_reach_the_model(server: TokentillServer, key: 
     )
     assert completion.choices[0].message.content == "7" * 8
     assert completion.choices[0].finish_reason == "length"
+
+
+def test_models_carry_the_balance(server: TokentillServer, key: str) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    listed = client.models.with_raw_response.list()
+    assert listed.headers["x-remaining-credits"] == server.balance("sdk-user")
+    assert DEFAULT_MODEL in [m.id for m in listed.parse().data]
+    one = client.models.with_raw_response.retrieve(DEFAULT_MODEL)
+    assert one.headers["x-remaining-credits"] == server.balance("sdk-user")
+    assert one.parse().id == DEFAULT_MODEL
+
+
+def test_user_and_metadata_are_accepted(server: TokentillServer, key: str) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    completion = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_completion_tokens=4,
+        user="end-user-42",
+        metadata={"k" * 64: "v" * 512, **{f"tag{i}": str(i) for i in range(15)}},  # OpenAI's limits, exactly
+    )
+    assert completion.usage is not None and completion.usage.completion_tokens <= 4
+
+
+def _answer(client: openai.OpenAI, **options: object) -> openai.types.chat.ChatCompletion:
+    return client.chat.completions.create(  # type: ignore[call-overload, no-any-return]
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": "Write two sentences about the sea."}],
+        max_completion_tokens=96,  # 64 hidden reasoning tokens, then up to 32 visible ones
+        reasoning_effort="low",
+        **options,
+    )
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="engine: a scratchpad request that reuses a cached prefix can decode differently from a fresh "
+    "one (reported to the engine owner); the sampler itself is seeded (tests/engines)",
+)
+def test_same_seed_same_text(server: TokentillServer, key: str) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    first = _answer(client, temperature=0.9, seed=1234)
+    second = _answer(client, temperature=0.9, seed=1234)
+    assert first.choices[0].message.content
+    assert first.choices[0].message.content == second.choices[0].message.content
+    assert first.usage == second.usage
+
+
+def test_stop_cuts_the_answer(server: TokentillServer, key: str) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    whole = _answer(client, temperature=0)
+    full = whole.choices[0].message.content or ""
+    words = full.split()
+    assert len(words) >= 3, full
+    stop = " " + words[2]
+    stopped = _answer(client, temperature=0, stop=[stop, "no such text"])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].message.content == full[: full.index(stop)]
+    assert stopped.usage is not None and whole.usage is not None
+    assert stopped.usage.completion_tokens < whole.usage.completion_tokens  # generation stopped there
