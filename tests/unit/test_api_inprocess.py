@@ -4,6 +4,7 @@ cannot be made to take on demand — a bug (500), an engine failure (502), a str
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -16,6 +17,7 @@ from starlette.testclient import TestClient
 from tokentill import errors
 from tokentill.app import create_app
 from tokentill.engines.base import Capabilities, EngineEvent, EngineRequest, TextDelta
+from tokentill.protocol.chat import decode_chat_body
 from tokentill.services import Services
 from tokentill.settings import Settings
 
@@ -171,3 +173,34 @@ def test_metrics_count_settled_requests(harness: Harness) -> None:
     assert 'tokentill_requests_total{model="echo",status="200"}' in text
     assert 'tokentill_tokens_total{kind="completion",model="echo"}' in text
     assert "tokentill_charged_microcredits_total" in text
+
+
+def test_large_bodies_are_bounded_and_parsed_off_the_loop(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tokentill.api import routes
+
+    threads: list[str] = []
+
+    def traced(raw: bytes) -> Any:
+        threads.append(threading.current_thread().name)
+        return decode_chat_body(raw)
+
+    monkeypatch.setattr(routes, "decode_chat_body", traced)
+    # A million tiny parts (31 MB) would hold the GIL for seconds in json.loads and pydantic: refused first.
+    parts = [{"type": "text", "text": "a"}] * 1_000_000
+    r = harness.client.post("/v1/echo", json={**BODY, "messages": [{"role": "user", "content": parts}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value", r.text
+    r = harness.client.post("/v1/echo", json={**BODY, "messages": [{"role": "user", "content": "x"}] * 3000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    parts = [{"type": "text", "text": "a"}] * 9000
+    r = harness.client.post("/v1/echo", json={**BODY, "messages": [{"role": "user", "content": parts}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content", r.text
+    # A large body within the bounds is decoded in a worker thread, a small one on the event loop.
+    loop_thread = threads[-1]
+    big = {**BODY, "messages": [{"role": "user", "content": "x" * (2 * 1024 * 1024)}]}
+    r = harness.client.post("/v1/echo", json=big)
+    assert r.status_code == 200, r.text
+    assert threads[-1] != loop_thread and threads.count(loop_thread) == 2  # the 31 MB body went off it too
+    assert harness.client.post("/v1/echo", json=BODY).status_code == 200
+    assert threads[-1] == loop_thread

@@ -35,6 +35,11 @@ MAX_USER_CHARS = 256  # `user`: an end-user id for abuse monitoring, not free te
 MAX_METADATA_PAIRS = 16  # OpenAI's metadata limits
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
+# Bounds on the work one body can cost before it is refused. json.loads and pydantic hold the GIL, so a
+# worker thread alone does not spare the event loop: a 32 MiB body of a million tiny parts took seconds.
+MAX_MESSAGES = 2048
+MAX_CONTENT_PARTS = 8192  # in all messages together
+MAX_JSON_COMMAS = 1_000_000  # every JSON value past the first of its container needs one
 
 
 class _Strict(BaseModel):
@@ -175,6 +180,11 @@ def decode_chat_body(raw: bytes) -> tuple[Any, ChatCompletionRequest]:
 
     Pure CPU work with no I/O, so the API runs it in a worker thread for large bodies.
     """
+    if raw.count(b",") > MAX_JSON_COMMAS:  # far more values than any request could use; parsing is costly
+        raise InvalidRequest(
+            f"The request body holds too many JSON values (over {MAX_JSON_COMMAS} commas).",
+            code="invalid_value",
+        )
     try:
         payload = json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -262,6 +272,7 @@ def parse_chat_request(body: Any, *, check_unicode: bool = True) -> ChatCompleti
             f"Unrecognized request argument supplied: {name}", code="unknown_parameter", param=name
         )
     known = {k: v for k, v in body.items() if k in _KNOWN}
+    _check_sizes(known)
     try:
         request = ChatCompletionRequest.model_validate(known)
     except ValidationError as exc:
@@ -274,6 +285,43 @@ def parse_chat_request(body: Any, *, check_unicode: bool = True) -> ChatCompleti
         raise InvalidRequest(_message_for(error, param), code=_code_for(error["type"]), param=param) from exc
     _check_semantics(request)
     return request
+
+
+def _too_long(param: str, limit: int, got: int) -> InvalidRequest:
+    return InvalidRequest(
+        f"Invalid '{param}': array too long. Expected an array with maximum length {limit}, but got an "
+        f"array with length {got} instead.",
+        code="invalid_value",
+        param=param,
+    )
+
+
+def _check_sizes(body: dict[str, Any]) -> None:
+    """Refuse oversized containers before validation, whose cost grows with them (pydantic holds the GIL)."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        if len(messages) > MAX_MESSAGES:
+            raise _too_long("messages", MAX_MESSAGES, len(messages))
+        parts = 0
+        for i, message in enumerate(messages):
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list):
+                parts += len(content)
+                if parts > MAX_CONTENT_PARTS:
+                    raise InvalidRequest(
+                        f"Invalid 'messages[{i}].content': a request takes at most {MAX_CONTENT_PARTS} "
+                        "content parts in all.",
+                        code="invalid_value",
+                        param=f"messages[{i}].content",
+                    )
+    for name, limit in (("stop", 4), ("logit_bias", MAX_LOGIT_BIAS), ("metadata", MAX_METADATA_PAIRS)):
+        value = body.get(name)
+        if isinstance(value, list | dict) and len(value) > limit:
+            raise InvalidRequest(
+                f"'{name}' takes at most {limit} entries; {len(value)} were given.",
+                code="invalid_value",
+                param=name,
+            )
 
 
 def _check_semantics(request: ChatCompletionRequest) -> None:
