@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 _REDIS_FAILURES = (RedisError, OSError)  # OSError covers socket errors and builtin TimeoutError
 _GIVE_BACK_DELAYS_S = (0.0, 0.5, 2.0)  # after a failed acquire, when to try freeing its slot
+_CLOSE_WAIT_S = 3.0  # how long `aclose` waits for those background calls
 
 # Shared by the scripts below: drop token reservations that left the window, return the tokens in it.
 _TRIM_TOKENS_LUA = """
@@ -328,9 +329,16 @@ class RedisRateLimiter:
         return headers_for(limits, decision)
 
     async def aclose(self) -> None:
-        """Wait for pending undo calls, then close the connection pool."""
-        while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        """Wait (briefly) for pending undo / give-back calls, then close the connection pool.
+
+        They are best effort: against a Redis that does not answer, shutdown must not wait out their
+        retries, and a slot they could not free expires with its lease TTL anyway.
+        """
+        if self._background:
+            _, pending = await asyncio.wait(set(self._background), timeout=_CLOSE_WAIT_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         await self._redis.aclose()
 
     def _in_background(self, job: Coroutine[Any, Any, None]) -> None:
