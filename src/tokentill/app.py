@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -29,7 +30,7 @@ from tokentill.services import Services
 from tokentill.settings import Settings
 from tokentill.storage.db import open_database
 
-__all__ = ["create_app", "create_app_from_env"]
+__all__ = ["create_app", "create_app_from_env", "log_config"]
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,32 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """`logging.config.dictConfig` for the server: one stderr handler whose lines carry the request id
+    (`[req_…]`, `[-]` outside a request), for tokentill's loggers and uvicorn's alike."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"request_id": {"()": "tokentill.api.middleware.RequestIdFilter"}},
+        "formatters": {
+            "default": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"}
+        },
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "formatter": "default",
+                "filters": ["request_id"],
+            }
+        },
+        "root": {"level": level.upper(), "handlers": ["stderr"]},
+        "loggers": {
+            name: {"level": level.upper(), "handlers": [], "propagate": True}
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+        },
+    }
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -32,6 +32,7 @@ __all__ = ["Catalog", "CatalogError", "ModelSpec", "default_weights_path", "load
 
 DEFAULT_MODEL_ID = "o1-preview"
 _PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MAX_PRICE = 10**9
 
 
 class CatalogError(Exception):
@@ -59,8 +60,9 @@ class ModelSpec(BaseModel):
     engine: Literal["llamacpp", "upstream", "echo"] = "llamacpp"
     weights: Path | None = None
     context: int = Field(default=8192, ge=256)
-    price_input: int = Field(default=15, ge=0)
-    price_output: int = Field(default=60, ge=0)
+    # At most 10**9 µcr a token: a worst-case hold (2**31 tokens at most) then stays inside BIGINT.
+    price_input: int = Field(default=15, ge=0, le=MAX_PRICE)
+    price_output: int = Field(default=60, ge=0, le=MAX_PRICE)
     reasoning: Literal["none", "native", "scratchpad"] = "none"
     # Most completion tokens (reasoning included) one request may ask for, and its budget when it asks
     # for none; None = the rest of the context.
@@ -148,8 +150,15 @@ def load_catalog(path: Path | None) -> Catalog:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise CatalogError(f"TOKENTILL_CONFIG: file not found: {path}") from exc
+    except OSError as exc:
+        raise CatalogError(f"TOKENTILL_CONFIG: cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise CatalogError(f"{path}: not valid TOML: the file is not UTF-8 text") from exc
     except tomllib.TOMLDecodeError as exc:
         raise CatalogError(f"{path}: not valid TOML: {exc}") from exc
+    unknown = sorted(set(raw) - {"models"})
+    if unknown:  # most likely a misspelt [[models]]; ignoring it would serve a different catalogue
+        raise CatalogError(f"{path}: unknown top-level key(s): {', '.join(unknown)} (expected [[models]])")
     entries = raw.get("models")
     if not isinstance(entries, list) or not entries:
         raise CatalogError(f"{path}: needs at least one [[models]] table")

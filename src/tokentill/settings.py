@@ -13,6 +13,8 @@ import platformdirs
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tokentill.billing.money import parse_credits
+
 if TYPE_CHECKING:
     from tokentill.media.service import MediaPolicy
 
@@ -59,7 +61,10 @@ class Settings(BaseSettings):
         default=600.0, gt=0, description="Deadline for one request, queueing included (504 after)."
     )
     hold_ttl_s: int = Field(
-        default=1800, ge=10, description="A credit hold older than this is released by recovery."
+        default=1800,
+        ge=10,
+        description="A credit hold older than this is released by recovery; must be more than "
+        "REQUEST_TIMEOUT_S so a live request never loses its hold.",
     )
     hold_sweep_interval_s: float = Field(
         default=60.0, gt=0, description="How often expired holds are looked for."
@@ -113,6 +118,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"{item!r}: each entry must be host:port, e.g. images.internal:80")
         return value
 
+    @field_validator("initial_credits")
+    @classmethod
+    def _credits(cls, value: str) -> str:
+        parse_credits(value)  # ValueError names what is wrong with it
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:
@@ -143,8 +154,15 @@ class Settings(BaseSettings):
         # max_concurrent allows: refuse the configuration instead of breaking the limit silently.
         if self.rate_limit_lease_ttl_s < self.request_timeout_s:
             raise ValueError(
-                f"rate_limit_lease_ttl_s ({self.rate_limit_lease_ttl_s}) must be at least "
-                f"request_timeout_s ({self.request_timeout_s})"
+                f"TOKENTILL_RATE_LIMIT_LEASE_TTL_S ({self.rate_limit_lease_ttl_s}) must be at least "
+                f"TOKENTILL_REQUEST_TIMEOUT_S ({self.request_timeout_s})"
+            )
+        # A hold released while its request still runs gives the money back before the request settles:
+        # the late settle can then charge no more than what is left, and the worst-case reserve is lost.
+        if self.hold_ttl_s <= self.request_timeout_s:
+            raise ValueError(
+                f"TOKENTILL_HOLD_TTL_S ({self.hold_ttl_s}) must be more than TOKENTILL_REQUEST_TIMEOUT_S "
+                f"({self.request_timeout_s})"
             )
         return self
 

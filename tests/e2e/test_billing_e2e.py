@@ -53,7 +53,10 @@ def test_crash_releases_hold(tmp_path: Path) -> None:
     from tests.e2e.conftest import llama_available
 
     llama_available()
-    server = TokentillServer(tmp_path, None, TOKENTILL_HOLD_TTL_S="10").start()
+    # Holds expire after 10 s; the deadline must be shorter (a live request never loses its hold).
+    server = TokentillServer(
+        tmp_path, None, TOKENTILL_HOLD_TTL_S="10", TOKENTILL_REQUEST_TIMEOUT_S="9"
+    ).start()
     try:
         key = server.new_key("crash", credits="1")
         body = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import logging
 import secrets
 
 from starlette.datastructures import Headers
@@ -16,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokentill.errors import RequestTooLarge
 
-__all__ = ["RequestContextMiddleware", "current_request_id", "new_request_id"]
+__all__ = ["RequestContextMiddleware", "RequestIdFilter", "current_request_id", "new_request_id"]
 
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("tokentill_request_id", default="-")
 
@@ -27,6 +28,16 @@ def new_request_id() -> str:
 
 def current_request_id() -> str:
     return _request_id.get()
+
+
+class RequestIdFilter(logging.Filter):
+    """Gives every log record `request_id`: the id of the request being handled where it was logged
+    (worker threads started with `anyio.to_thread` inherit it), else "-"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = current_request_id()
+        return True
 
 
 class RequestContextMiddleware:

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, Inexact, InvalidOperation, localcontext
 
 __all__ = ["MAX_UCR", "UCR_PER_CREDIT", "format_credits", "parse_credits"]
 
@@ -23,17 +23,30 @@ def parse_credits(text: str) -> int:
     try:
         value = Decimal(text.strip())
     except InvalidOperation:
-        raise ValueError(f"not a number of credits: {text!r}") from None
+        raise ValueError(f"not a number of credits: {_shown(text)}") from None
     if not value.is_finite():
-        raise ValueError(f"not a number of credits: {text!r}")
+        raise ValueError(f"not a number of credits: {_shown(text)}")
     if value < 0:
-        raise ValueError(f"credits cannot be negative: {text!r}")
-    ucr = value * UCR_PER_CREDIT
+        raise ValueError(f"credits cannot be negative: {_shown(text)}")
+    if value.adjusted() > 18:  # over 10**18 credits: past any BIGINT of µcr (also keeps 1e999999 cheap)
+        raise ValueError(f"too many credits: {_shown(text)}")
+    too_fine = ValueError(f"credits have at most 6 decimals (1 µcr = 0.000001): {_shown(text)}")
+    with localcontext() as ctx:
+        ctx.prec = 60  # room for every amount that passed the check above, with 6 decimals to spare
+        ctx.traps[Inexact] = True  # more significant digits than that can only be a too-fine fraction
+        try:
+            ucr = value * UCR_PER_CREDIT
+        except Inexact:
+            raise too_fine from None
     if ucr != ucr.to_integral_value():
-        raise ValueError(f"credits have at most 6 decimals (1 µcr = 0.000001): {text!r}")
+        raise too_fine
     if ucr > MAX_UCR:
-        raise ValueError(f"too many credits: {text!r}")
+        raise ValueError(f"too many credits: {_shown(text)}")
     return int(ucr)
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:40] + "…")
 
 
 def format_credits(ucr: int) -> str:

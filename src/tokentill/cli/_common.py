@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
+from pydantic import ValidationError
 
 from tokentill.auth.service import KeyStore
 from tokentill.billing.ledger import Ledger
@@ -36,11 +37,30 @@ async def stores(settings: Settings) -> AsyncIterator[Stores]:
         await db.aclose()
 
 
+def load_settings() -> Settings:
+    """Settings from the environment; a bad value is a one-line error naming its TOKENTILL_* variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            message = error["msg"].removeprefix("Value error, ")
+            if error["loc"]:
+                name = "TOKENTILL_" + "_".join(str(part) for part in error["loc"]).upper()
+                secret = name.endswith(("_URL", "_KEY"))  # may hold a password: never echoed
+                shown = "" if secret else f"={str(error.get('input'))[:40]!r}"
+                problems.append(f"{name}{shown}: {message}")
+            else:  # a check across fields
+                problems.append(message)
+        raise click.ClickException("invalid configuration: " + "; ".join(problems)) from None
+
+
 def with_stores(func: Callable[[Stores], Awaitable[T]]) -> T:
     """Run one async action against the database the environment selects."""
+    settings = load_settings()
 
     async def main() -> T:
-        async with stores(Settings()) as s:
+        async with stores(settings) as s:
             return await func(s)
 
     return asyncio.run(main())

@@ -9,11 +9,20 @@ from tokentill.billing.money import format_credits, parse_credits
 from tokentill.cli._common import Stores, emit, json_option, with_stores
 
 
-def _credits(value: str) -> int:
+def _credits(value: str, hint: str) -> int:
     try:
         return parse_credits(value)
     except ValueError as exc:
-        raise click.BadParameter(f"{value!r}: {exc}") from exc
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+
+
+def _account_name(name: str) -> str:
+    # The ledger's own rule, checked here so that a bad name is a usage error rather than a traceback.
+    if not name or len(name) > 64 or name != name.strip():
+        raise click.BadParameter(
+            "account names are 1-64 characters without surrounding spaces", param_hint="NAME"
+        )
+    return name
 
 
 @click.group()
@@ -27,7 +36,8 @@ def accounts() -> None:
 @json_option
 def create(name: str, credits_: str, as_json: bool) -> None:
     """Create account NAME."""
-    amount = _credits(credits_)
+    _account_name(name)
+    amount = _credits(credits_, "--credits")
 
     async def run(s: Stores) -> None:
         try:
@@ -68,7 +78,7 @@ def credits() -> None:
 @json_option
 def add(name: str, amount: str, as_json: bool) -> None:
     """Add AMOUNT credits (a decimal such as 0.25) to account NAME."""
-    value = _credits(amount)
+    value = _credits(amount, "AMOUNT")
     if value <= 0:
         raise click.BadParameter("must be more than 0", param_hint="AMOUNT")
 

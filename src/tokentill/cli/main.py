@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import logging
+import logging.config
 import os
 
 import click
 import uvicorn
 
+from tokentill.billing.ledger import AccountExists
 from tokentill.billing.money import format_credits, parse_credits
 from tokentill.catalog import CatalogError, load_catalog
-from tokentill.cli._common import stores
+from tokentill.cli._common import load_settings, stores
 from tokentill.cli.accounts import accounts, credits
 from tokentill.cli.keys import keys
 from tokentill.cli.models import models
@@ -29,12 +30,24 @@ def cli() -> None:
 
 
 async def _bootstrap(settings: Settings) -> None:
-    """On an empty database: account `default` with the starting credits and one key, printed once."""
+    """On an empty database: account `default` with the starting credits and one key, printed once.
+
+    Safe when replicas start together: the one whose account insert loses does nothing. The account and
+    its key are two transactions, so a start that finds `default` as the only account and keyless (its
+    bootstrap died in between) creates the key now.
+    """
     async with stores(settings) as s:
-        if await s.ledger.count_accounts() > 0:
-            return
         amount = parse_credits(settings.initial_credits)
-        await s.ledger.create_account("default", amount)
+        if await s.ledger.count_accounts() == 0:
+            try:
+                await s.ledger.create_account("default", amount)
+            except AccountExists:
+                return  # another replica is bootstrapping this database
+        else:
+            only = await s.ledger.list_accounts()
+            if [a.name for a in only] != ["default"] or await s.keys.list_keys("default"):
+                return
+            amount = only[0].balance
         created = await s.keys.create_key("default", name="bootstrap")
         click.echo(
             f"Created account 'default' with {format_credits(amount)} credits and its first API key:\n\n"
@@ -55,14 +68,20 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     for name, value in overrides.items():
         # Worker processes rebuild Settings from the environment, so options travel as variables.
         os.environ[f"TOKENTILL_{name.upper()}"] = str(value)
-    settings = Settings()
+    settings = load_settings()
+    if settings.workers > 1 and not settings.redis_url:
+        raise click.UsageError(
+            f"--workers {settings.workers} needs TOKENTILL_REDIS_URL: without Redis every worker process "
+            f"keeps its own rate limits, so each key would get {settings.workers}x its rpm, tpm and "
+            "concurrency. Set TOKENTILL_REDIS_URL=redis://host:6379/0, or run one worker."
+        )
     try:
         load_catalog(settings.config)
     except CatalogError as exc:
         raise click.ClickException(str(exc)) from exc
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from tokentill.app import log_config  # the web stack loads only for `serve`
+
+    logging.config.dictConfig(log_config(settings.log_level))
     asyncio.run(_bootstrap(settings))
     uvicorn.run(
         "tokentill.app:create_app_from_env",
@@ -71,6 +90,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
         port=settings.port,
         workers=settings.workers,
         log_level=settings.log_level,
+        log_config=log_config(settings.log_level),  # applied again in each worker process
         timeout_graceful_shutdown=10,
     )
 

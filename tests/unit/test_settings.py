@@ -1,0 +1,25 @@
+"""Settings refuse configurations that would break a promise silently."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from tokentill.settings import Settings
+
+
+def test_hold_must_outlive_the_request_deadline() -> None:
+    with pytest.raises(ValidationError, match="TOKENTILL_HOLD_TTL_S .* must be more than TOKENTILL_REQUEST"):
+        Settings(request_timeout_s=1800, hold_ttl_s=1800, rate_limit_lease_ttl_s=1800)
+    with pytest.raises(ValidationError, match="TOKENTILL_HOLD_TTL_S"):
+        Settings(request_timeout_s=3600, rate_limit_lease_ttl_s=3600)  # the default hold TTL is 1800
+    ok = Settings(request_timeout_s=9, hold_ttl_s=10)
+    assert ok.hold_ttl_s > ok.request_timeout_s
+
+
+def test_initial_credits_are_checked_up_front() -> None:
+    with pytest.raises(ValidationError, match="too many credits"):
+        Settings(initial_credits="1e999999")
+    with pytest.raises(ValidationError, match="not a number"):
+        Settings(initial_credits="ten")
+    assert Settings(initial_credits="0.25").initial_credits == "0.25"
