@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -58,5 +59,115 @@ def test_first_serve_bootstraps_default_account(tmp_path: Path) -> None:
     server.start()
     try:
         assert len(re.findall(r"tt-[a-z0-9]{8}-", server.log())) == 1
+    finally:
+        server.stop()
+
+
+KEY = re.compile(r"tt-[a-z0-9]{8}-[A-Za-z0-9_\-]{43}")
+
+
+def _echo_server(workdir: Path, database_url: str | None = None, **env: str) -> TokentillServer:
+    """A real `tokentill serve` on the echo engine: starts in a second, no model to load."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    catalogue = workdir / "models.toml"
+    catalogue.write_text('[[models]]\nid = "echo"\nengine = "echo"\n')
+    return TokentillServer(workdir, database_url, TOKENTILL_CONFIG=str(catalogue), **env)
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("credits", "add", "acme", "1e999999"), "too many credits"),
+        (("credits", "add", "acme", "abc"), "not a number"),
+        (("credits", "add", "acme", "--", "-1"), "cannot be negative"),
+        (("credits", "add", "acme", "0"), "must be more than 0"),
+        (("accounts", "create", ""), "1-64 characters"),
+        (("accounts", "create", "n" * 65), "1-64 characters"),
+        (("accounts", "create", "other", "--credits", "-2"), "cannot be negative"),
+    ],
+)
+def test_bad_operator_input_is_a_usage_error(tmp_path: Path, args: tuple[str, ...], said: str) -> None:
+    cli = TokentillServer(tmp_path, None)
+    cli.cli("accounts", "create", "acme", "--credits", "1")
+    result = cli.cli(*args, check=False)
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr and said in result.stderr, result.stderr
+    assert cli.cli_json("accounts", "list")["accounts"] == [{"name": "acme", "balance": "1"}]
+
+
+def test_bad_environment_names_the_variable(tmp_path: Path) -> None:
+    cli = TokentillServer(tmp_path, None, TOKENTILL_PORT="abc")
+    result = cli.cli("accounts", "list", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "TOKENTILL_PORT='abc'" in result.stderr, result.stderr
+    cli = _echo_server(tmp_path / "credits", TOKENTILL_INITIAL_CREDITS="lots")
+    result = cli.cli("serve", check=False)
+    assert result.returncode == 1 and "TOKENTILL_INITIAL_CREDITS='lots': not a number" in result.stderr
+    # A hold released while its request still runs would undercharge it: refused at start-up.
+    cli = _echo_server(tmp_path / "hold", TOKENTILL_HOLD_TTL_S="600")
+    result = cli.cli("serve", check=False)
+    assert result.returncode == 1, result
+    assert "TOKENTILL_HOLD_TTL_S (600) must be more than TOKENTILL_REQUEST_TIMEOUT_S" in result.stderr
+
+
+def test_workers_without_redis_are_refused(tmp_path: Path) -> None:
+    cli = _echo_server(tmp_path)
+    cli.env.pop("TOKENTILL_REDIS_URL", None)
+    result = cli.cli("serve", "--workers", "2", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "TOKENTILL_REDIS_URL" in result.stderr and "2x" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("entry", "said"),
+    [
+        ('id = "echo"\nengine = "echo"\nprice_input = "x"\n', "model 'echo': price_input"),
+        ('id = "echo"\nengine = "echo"\ncolour = "red"\n', "model 'echo': colour"),
+        ('id = "echo"\nweights = "/no/such.gguf"\n', "weights: Value error, file not found: /no/such.gguf"),
+        ('id = "echo"\nengine = "echo"\n[[models]]\nid = "echo"\nengine = "echo"\n', "duplicate model id"),
+        ('id = "echo"\nengine = echo\n', "not valid TOML"),
+    ],
+)
+def test_serve_refuses_a_bad_catalogue(tmp_path: Path, entry: str, said: str) -> None:
+    cli = _echo_server(tmp_path)
+    Path(cli.env["TOKENTILL_CONFIG"]).write_text("[[models]]\n" + entry)
+    result = cli.cli("serve", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert said in result.stderr, result.stderr
+
+
+@pytest.mark.postgres
+def test_replicas_bootstrap_an_empty_database_together(tmp_path: Path, pg_database_url: str) -> None:
+    replicas = [_echo_server(tmp_path / name, pg_database_url) for name in ("a", "b")]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(TokentillServer.start, replicas))  # both must come up: the loser does nothing
+    try:
+        keys = [k for r in replicas for k in KEY.findall(r.log())]
+        assert len(keys) == 1, [r.log() for r in replicas]
+        assert replicas[0].cli_json("accounts", "list")["accounts"] == [{"name": "default", "balance": "10"}]
+        assert len(replicas[0].cli_json("keys", "list", "--account", "default")["keys"]) == 1
+        for replica in replicas:
+            r = requests.get(replica.url + "/v1/models", headers={"x-api-key": keys[0]}, timeout=10)
+            assert r.status_code == 200 and r.headers["x-remaining-credits"] == "10"
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def test_serve_gives_a_keyless_default_its_key(tmp_path: Path) -> None:
+    """A bootstrap that died between the account and its key is finished by the next start."""
+    server = _echo_server(tmp_path)
+    server.cli("accounts", "create", "default", "--credits", "3")
+    server.start()
+    try:
+        (key,) = KEY.findall(server.log())
+        r = requests.get(server.url + "/v1/models", headers={"x-api-key": key}, timeout=10)
+        assert r.status_code == 200 and r.headers["x-remaining-credits"] == "3"
+        assert "with 3 credits" in server.log()
+    finally:
+        server.stop()
+    server.start()  # it has a key now: nothing more is created
+    try:
+        assert len(KEY.findall(server.log())) == 1
     finally:
         server.stop()
