@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -53,9 +57,9 @@ def test_crash_releases_hold(tmp_path: Path) -> None:
     from tests.e2e.conftest import llama_available
 
     llama_available()
-    # Holds expire after 10 s; the deadline must be shorter (a live request never loses its hold).
+    # Holds expire after 20 s; the deadline must be shorter (a live request never loses its hold).
     server = TokentillServer(
-        tmp_path, None, TOKENTILL_HOLD_TTL_S="10", TOKENTILL_REQUEST_TIMEOUT_S="9"
+        tmp_path, None, TOKENTILL_HOLD_TTL_S="20", TOKENTILL_REQUEST_TIMEOUT_S="19"
     ).start()
     try:
         key = server.new_key("crash", credits="1")
@@ -84,10 +88,62 @@ def test_crash_releases_hold(tmp_path: Path) -> None:
         server.kill()  # SIGKILL mid-generation: no settlement ran
         assert Decimal(server.balance("crash")) < 1
         server.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 45
         while Decimal(server.balance("crash")) != Decimal(1):
             assert time.monotonic() < deadline, "the stranded hold was never released"
             time.sleep(0.5)
         thread.join(timeout=10)
     finally:
         server.stop()
+
+
+def _hold_statuses(server: TokentillServer, account: str) -> list[str]:
+    """The status of each of the account's holds, read from the server's SQLite file."""
+    database = server.workdir / "data" / "tokentill.db"
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as conn:
+        rows = conn.execute(
+            "SELECT holds.status FROM holds JOIN accounts ON accounts.id = holds.account_id "
+            "WHERE accounts.name = ?",
+            (account,),
+        ).fetchall()
+    return [status for (status,) in rows]
+
+
+def test_client_leaving_a_json_request_pays_for_what_was_generated(sqlite_server: TokentillServer) -> None:
+    """A non-streamed request whose client hangs up mid-generation: the generation stops, the usage row
+    says 499, the tokens generated are charged to the micro-credit and the rest of the hold returns."""
+    key = sqlite_server.new_key("json-leaver", credits="1")
+    body = {
+        "messages": [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}],
+        "max_completion_tokens": 2000,
+        "reasoning_effort": "low",
+        "logit_bias": {"0": -100, "2": -100},  # no end token: it would decode its whole budget
+    }
+    conn = http.client.HTTPConnection("127.0.0.1", sqlite_server.port, timeout=30)
+    conn.request(
+        "POST",
+        "/v1/o1-preview",
+        body=json.dumps(body),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    deadline = time.monotonic() + 60
+    while Decimal(sqlite_server.balance("json-leaver")) == 1:  # the hold is taken: it is generating
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.1)
+    time.sleep(2)
+    conn.close()  # the client goes away before any byte of the answer
+    rows: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 60
+    while not rows:
+        assert time.monotonic() < deadline, "the abandoned request was never settled"
+        time.sleep(0.5)
+        rows = sqlite_server.cli_json("usage", "--account", "json-leaver")["usage"]
+    (row,) = rows
+    assert row["status"] == 499
+    assert 0 < row["completion_tokens"] < 2000  # it stopped long before its budget
+    cost = Decimal(row["cost"])
+    assert cost == Decimal(row["prompt_tokens"] * 15 + row["completion_tokens"] * 60) / 10**6
+    assert _hold_statuses(sqlite_server, "json-leaver") == ["settled"]  # no hold left open
+    assert Decimal(sqlite_server.balance("json-leaver")) == Decimal(1) - cost
+    time.sleep(1)  # and nothing more is generated or charged afterwards
+    assert sqlite_server.cli_json("usage", "--account", "json-leaver")["usage"] == rows
