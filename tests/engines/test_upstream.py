@@ -164,6 +164,13 @@ def test_reasoning_effort_goes_only_to_native_reasoning_models(upstream: Scripte
     assert upstream.seen[-1]["body"]["reasoning_effort"] == "high"
 
 
+def test_usage_missing_a_count_gets_ours_and_is_estimated(upstream: ScriptedUpstream) -> None:
+    request = _request()
+    _, finished = _complete(_spec(upstream.url + "/usage-partial/v1"), request)
+    expected_prompt = UpstreamEngine(_spec(upstream.url)).count_prompt_tokens(request)
+    assert finished.usage == Usage(prompt_tokens=expected_prompt, completion_tokens=1, estimated=True)
+
+
 def test_think_tags_split_across_chunks(upstream: ScriptedUpstream) -> None:
     deltas, finished = _complete(_spec(upstream.url + "/think/v1", reasoning="native"), mode="native")
     assert _text(deltas, reasoning=True) == "planning"

@@ -172,6 +172,11 @@ class ScriptedUpstream:
             ]
         if script == "no-choices-midway":
             return [sse_chunk({"content": "half"}), sse_chunk(None, usage=USAGE, choices=_OMIT)]
+        if script == "usage-partial":  # usage without prompt_tokens
+            return _content_stream("Hi")[:-2] + [
+                sse_chunk(None, usage={"completion_tokens": 1}),
+                b"data: [DONE]\n\n",
+            ]
         if script.startswith("usage-"):  # usage-null, usage-negative, usage-float: nonsense counts
             value = {"usage-null": None, "usage-negative": -3, "usage-float": 2.5}[script]
             return _content_stream("Hi")[:-2] + [

@@ -218,7 +218,8 @@ class StreamState:
     def final_usage(self) -> Usage:
         """The upstream's usage if it sent one, else our own count marked `estimated`; never over budget.
 
-        Raises `BadAnswer` for a usage that is not made of non-negative integers.
+        A usage object that leaves out `prompt_tokens` or `completion_tokens` gets our count for it (and
+        is `estimated`); one whose counts are not non-negative integers raises `BadAnswer`.
         """
         if self.usage is None or self.cut:
             completion = min(self.deltas, self.max_tokens)
@@ -228,12 +229,13 @@ class StreamState:
                 reasoning_tokens=min(self.reasoning_deltas, completion),
                 estimated=True,
             )
-        completion = _int(self.usage.get("completion_tokens", 0))
+        usage = self.usage
+        prompt = _int(usage["prompt_tokens"]) if "prompt_tokens" in usage else self.prompt_estimate
+        completion = _int(usage["completion_tokens"]) if "completion_tokens" in usage else self.deltas
         details = self.usage.get("completion_tokens_details") or {}
         prompt_details = self.usage.get("prompt_tokens_details") or {}
         reported = _int(details.get("reasoning_tokens") or 0) if isinstance(details, dict) else 0
         cached = _int(prompt_details.get("cached_tokens") or 0) if isinstance(prompt_details, dict) else 0
-        prompt = _int(self.usage.get("prompt_tokens", 0))
         if completion > self.max_tokens:
             log.warning(
                 "upstream reported %d completion tokens for a budget of %d; billing the budget",
@@ -247,6 +249,7 @@ class StreamState:
             cached_tokens=min(cached, prompt),
             # vLLM/SGLang stream reasoning_content but may not report reasoning_tokens: count the deltas
             reasoning_tokens=min(completion, max(reported, self.reasoning_deltas)),
+            estimated=not ("prompt_tokens" in usage and "completion_tokens" in usage),
         )
 
     @property
