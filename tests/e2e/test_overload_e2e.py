@@ -22,6 +22,17 @@ def _post(server: TokentillServer, key: str, body: dict[str, Any]) -> requests.R
     )
 
 
+def _envelope(response: requests.Response, status: int, code: str) -> None:
+    """The whole OpenAI error envelope, with the headers every authenticated response carries."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers["x-request-id"].startswith("req_")
+    assert Decimal(response.headers["x-remaining-credits"]) >= 0
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert (error["type"], error["code"], error["param"]) == ("server_error", code, None)
+
+
 def _charges(server: TokentillServer, account: str) -> Decimal:
     rows = server.cli_json("usage", "--account", account, "--limit", "1000")["usage"]
     return sum((Decimal(r["cost"]) for r in rows), Decimal(0))
@@ -44,8 +55,7 @@ def test_full_queue_is_503_and_costs_nothing(tmp_path: Path) -> None:
         assert 503 in statuses and 200 in statuses, statuses
         for r in responses:
             if r.status_code == 503:
-                assert r.json()["error"]["code"] == "overloaded"
-                assert r.json()["error"]["type"] == "server_error"
+                _envelope(r, 503, "overloaded")
                 assert int(r.headers["retry-after"]) >= 1
             else:
                 assert r.status_code == 200, r.text  # admitted requests finish, both passes included
@@ -73,8 +83,7 @@ def test_deadline_is_504_and_costs_nothing(tmp_path: Path) -> None:
                 "reasoning_effort": "high",
             },
         )
-        assert r.status_code == 504, r.text
-        assert r.json()["error"]["code"] == "timeout"
+        _envelope(r, 504, "timeout")
         assert r.headers["x-remaining-credits"] == "1"
         assert server.balance("slow") == "1"
         rows = server.cli_json("usage", "--account", "slow")["usage"]
