@@ -126,13 +126,14 @@ def _second_tokentill_as_upstream(
     dying_url: str,
     dying: subprocess.Popen[bytes],
 ) -> None:
+    # The same id as A's embedded model: clients of either cannot tell which engine answers.
     model = _fronted(
         [dying_url, tokentill_a.url + "/v1"],
         api_key=gateway_key_on_a,
         upstream_model="o1-preview",
         reasoning="native",  # the upstream reasons itself; we forward reasoning_effort
         context=8192,
-    )
+    ) | {"id": "o1-preview"}
     gateway = start_gateway(tmp_path / "b", [model])
     try:
         key = gateway.new_key("client", credits="10")
@@ -148,8 +149,8 @@ def _second_tokentill_as_upstream(
         ]
         options: Any = {"max_completion_tokens": 128, "reasoning_effort": "low", "temperature": 0}
 
-        plain = client.chat.completions.create(model="fronted", messages=messages, **options)
-        assert plain.model == "fronted"
+        plain = client.chat.completions.create(model="o1-preview", messages=messages, **options)
+        assert plain.model == "o1-preview"
         assert plain.choices[0].message.content
         usage = plain.usage
         assert usage is not None and usage.prompt_tokens > 0 and usage.completion_tokens > 0
@@ -158,7 +159,7 @@ def _second_tokentill_as_upstream(
 
         chunks = list(
             client.chat.completions.create(
-                model="fronted",
+                model="o1-preview",
                 messages=messages,
                 stream=True,
                 stream_options={"include_usage": True},
@@ -185,7 +186,7 @@ def _second_tokentill_as_upstream(
             [usage.prompt_tokens, stream_usage.prompt_tokens]
         )
         # Marked down by the request itself ("is down: health check: …" would be the background check).
-        down = re.search(re.escape(dying_url) + r" for model fronted is down: (.*)", gateway.log())
+        down = re.search(re.escape(dying_url) + r" for model o1-preview is down: (.*)", gateway.log())
         assert down is not None and not down.group(1).startswith("health check"), gateway.log()
     finally:
         gateway.stop()
