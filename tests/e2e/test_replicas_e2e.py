@@ -26,6 +26,7 @@ from tests.e2e.conftest import DEFAULT_MODEL, TokentillServer, llama_available
 pytestmark = [pytest.mark.e2e, pytest.mark.llama, pytest.mark.postgres, pytest.mark.redis]
 
 LEASE_TTL_S = 20  # concurrency slots of a dead replica free themselves after this
+HOLD_TTL_S = LEASE_TTL_S + 5  # holds of a dead replica: must outlive the request deadline (LEASE_TTL_S)
 SHORT: dict[str, Any] = {
     "messages": [{"role": "user", "content": "Say hi."}],
     "max_completion_tokens": 8,  # the hidden reasoning pass uses it all: empty answer, "length"; fine
@@ -50,7 +51,7 @@ def pair(module_dir: Path, pg_module_database_url: str, redis_url: str) -> Itera
     llama_available()
     env = {
         "TOKENTILL_REDIS_URL": redis_url,
-        "TOKENTILL_HOLD_TTL_S": "10",
+        "TOKENTILL_HOLD_TTL_S": str(HOLD_TTL_S),
         "TOKENTILL_HOLD_SWEEP_INTERVAL_S": "1",
         "TOKENTILL_REQUEST_TIMEOUT_S": str(LEASE_TTL_S),
         "TOKENTILL_RATE_LIMIT_LEASE_TTL_S": str(LEASE_TTL_S),
@@ -244,7 +245,7 @@ def test_sigkill_during_load_strands_nothing(pair: Pair) -> None:
 
     pair.a.start()  # restart on the same port
     assert _post(pair.a, key).status_code == 200
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + HOLD_TTL_S + 10
     while _open_holds(pair) and time.monotonic() < deadline:
         time.sleep(0.5)  # the killed requests' holds expire after TOKENTILL_HOLD_TTL_S
     assert _open_holds(pair) == 0
