@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -164,6 +165,12 @@ def test_serve_gives_a_keyless_default_its_key(tmp_path: Path) -> None:
         r = requests.get(server.url + "/v1/models", headers={"x-api-key": key}, timeout=10)
         assert r.status_code == 200 and r.headers["x-remaining-credits"] == "3"
         assert "with 3 credits" in server.log()
+        # Log lines about a request carry its id (here uvicorn's access line, written as it ends).
+        line = f"[{r.headers['x-request-id']}]: 127.0.0.1"
+        deadline = time.monotonic() + 10
+        while line not in server.log():
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
     finally:
         server.stop()
     server.start()  # it has a key now: nothing more is created

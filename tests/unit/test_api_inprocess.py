@@ -4,6 +4,7 @@ cannot be made to take on demand — a bug (500), an engine failure (502), a str
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from tokentill import errors
+from tokentill.api.middleware import RequestIdFilter
 from tokentill.app import create_app
 from tokentill.engines.base import Capabilities, EngineEvent, EngineRequest, TextDelta
 from tokentill.protocol.chat import decode_chat_body
@@ -55,6 +57,7 @@ class FailingEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         for i in range(self.before):
             yield TextDelta(f"t{i} ")
+        logging.getLogger("tests.failing_engine").info("failing now")
         raise self.error
 
 
@@ -90,14 +93,25 @@ def test_echo_completion_billed_exactly(harness: Harness) -> None:
     assert Decimal(r.headers["x-remaining-credits"]) == Decimal(harness.balance()) / 1_000_000
 
 
-def test_bug_is_a_generic_500(harness: Harness) -> None:
+def test_bug_is_a_generic_500(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
     harness.services.engines["echo"] = FailingEngine(RuntimeError("secret internal detail"))
-    r = harness.client.post("/v1/echo", json=BODY)
+    caplog.handler.addFilter(RequestIdFilter())  # what the server's log handler does (app.log_config)
+    with caplog.at_level(logging.INFO):
+        r = harness.client.post("/v1/echo", json=BODY)
     assert r.status_code == 500
     error = r.json()["error"]
+    request_id = r.headers["x-request-id"]
     assert error["code"] == "internal_error" and error["type"] == "server_error"
-    assert "secret" not in r.text and r.headers["x-request-id"] in error["message"]
+    assert "secret" not in r.text and request_id in error["message"]
     assert harness.balance() == 1_000_000
+    # The details go to the log, under the request id, with the traceback.
+    (bug,) = [rec for rec in caplog.records if rec.levelno == logging.ERROR]
+    assert request_id in bug.getMessage() and bug.exc_info is not None
+    assert bug.request_id == request_id  # type: ignore[attr-defined]
+    assert "secret internal detail" in caplog.text
+    # Any line logged while the request runs carries its id (here, one from the engine).
+    (during,) = [rec for rec in caplog.records if rec.name == "tests.failing_engine"]
+    assert during.request_id == request_id  # type: ignore[attr-defined]
 
 
 def test_engine_failure_is_502_and_free(harness: Harness) -> None:

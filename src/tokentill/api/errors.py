@@ -70,7 +70,8 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _bug(request: Request, exc: Exception) -> JSONResponse:
     request_id = getattr(request.state, "request_id", "-")
-    log.error("request %s: unhandled error", request_id, exc_info=exc)
+    # This runs after the request context has ended: the id is passed along for the log line's prefix.
+    log.error("request %s: unhandled error", request_id, exc_info=exc, extra={"request_id": request_id})
     response = error_response(
         request,
         errors.InternalError(
