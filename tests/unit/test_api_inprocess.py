@@ -159,6 +159,19 @@ def test_admin_routes_with_admin_key(tmp_path: Path) -> None:
         assert admin.post("/admin/accounts", json={"name": "team"}).status_code == 409
         r = admin.post("/admin/accounts", json={"credits": "1"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "name"
+        # Input the ledger or the database would refuse is a 400, never a 500.
+        for bad in (
+            {"name": " team"},
+            {"name": "n" * 65},
+            {"name": "te\ud800am"},
+            {"name": "t", "credits": "1e999999"},
+        ):
+            r = admin.post(
+                "/admin/accounts", content=json.dumps(bad), headers={"content-type": "application/json"}
+            )
+            assert r.status_code == 400, (bad, r.text)
+        r = admin.post("/admin/keys", json={"account": "team", "rpm": 2**40})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "rpm", r.text
         assert (
             admin.post("/admin/accounts/team/credits", json={"credits": "0.25"}).json()["balance"] == "1.75"
         )

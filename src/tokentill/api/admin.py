@@ -9,13 +9,14 @@ import hmac
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokentill import errors
 from tokentill.api.routes import presented_key
 from tokentill.api.state import services_of
 from tokentill.billing.ledger import AccountExists
 from tokentill.billing.money import format_credits, parse_credits
+from tokentill.protocol.chat import find_invalid_unicode
 
 __all__ = ["admin_router"]
 
@@ -35,9 +36,21 @@ admin_router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        bad = find_invalid_unicode(data)
+        if bad is not None:  # names and labels go to the database, which cannot store lone surrogates
+            raise ValueError(f"'{bad or 'body'}' holds a lone UTF-16 surrogate, which is not valid Unicode")
+        return data
+
+
+_LIMIT = Field(default=None, ge=1, le=2**31 - 1)
+
 
 class NewAccount(_Body):
-    name: str = Field(min_length=1, max_length=64)
+    # The ledger's rule: 1-64 characters without surrounding whitespace.
+    name: str = Field(min_length=1, max_length=64, pattern=r"^\S(.*\S)?$")
     credits: str = "0"
 
 
@@ -49,9 +62,9 @@ class NewKey(_Body):
     account: str
     models: list[str] | None = None
     name: str | None = None
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    max_concurrent: int | None = Field(default=None, ge=1)
+    rpm: int | None = _LIMIT
+    tpm: int | None = _LIMIT
+    max_concurrent: int | None = _LIMIT
 
 
 def _ucr(text: str) -> int:
