@@ -136,6 +136,13 @@ def test_stream_that_breaks_midway(harness: Harness) -> None:
     assert harness.balance() == 1_000_000 - 10 * 15 - 3 * 60
 
 
+def test_x_api_key_beside_another_authorization_scheme(harness: Harness) -> None:
+    headers = {"Authorization": "Basic dXNlcjpwYXNz", "x-api-key": harness.key}
+    assert harness.client.post("/v1/echo", json=BODY, headers=headers).status_code == 200
+    r = harness.client.post("/v1/echo", json=BODY, headers={"Authorization": "Basic dXNlcjpwYXNz"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+
+
 def test_unknown_route_and_method(harness: Harness) -> None:
     assert harness.client.get("/nope").json()["error"]["code"] == "unknown_url"
     r = harness.client.put("/v1/models")

@@ -23,12 +23,13 @@ router = APIRouter()
 
 
 def presented_key(request: Request) -> str | None:
+    """The Bearer token, else `x-api-key`; another Authorization scheme (a proxy's Basic) does not hide
+    the x-api-key header."""
     header = request.headers.get("authorization")
     if header:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-        return None
     return request.headers.get("x-api-key") or None
 
 
