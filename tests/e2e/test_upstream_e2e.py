@@ -3,7 +3,8 @@
 Upstreams: (a) a second `tokentill serve` (embedded SmolLM2), behind a replica that dies after the
 gateway saw it healthy, (b) llama-cpp-python's own `python -m llama_cpp.server` (a server nobody here
 wrote), (c) dead ports, a wrong upstream key and a socket that accepts and never answers, (d) a scripted
-server that streams forever (the gateway cuts it at the budget, and closes it when the client leaves).
+server that streams forever (the gateway cuts it at the budget, and closes it when the client leaves) or
+breaks off mid-stream (the delivered part is billed, marked estimated).
 The gateway bills its own account at its own prices from the upstream's usage; failures charge nothing.
 Everything listens on 127.0.0.1.
 """
@@ -377,5 +378,43 @@ def test_endless_upstream_is_cut_at_the_budget_and_closed_when_the_client_leaves
             time.sleep(0.2)
         left = next(r for r in rows if r["status"] != 200)
         assert left["status"] == 499 and left["completion_tokens"] >= 4
+    finally:
+        gateway.stop()
+
+
+def test_upstream_breaking_mid_stream_bills_what_was_delivered_as_estimated(
+    scripted: ScriptedUpstream, tmp_path: Path
+) -> None:
+    # `truncated`: one content delta ("half"), then the upstream closes without finishing.
+    gateway = start_gateway(tmp_path / "b", [_fronted(scripted.url + "/truncated/v1", context=4096)])
+    try:
+        key = gateway.new_key("client", credits="10")
+        with requests.post(
+            gateway.url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={
+                "model": "fronted",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_completion_tokens": 50,
+                "stream": True,
+            },
+            stream=True,
+            timeout=30,
+        ) as response:
+            assert response.status_code == 200  # the stream had started: the failure is an event
+            events = [
+                json.loads(line.removeprefix(b"data: "))
+                for line in response.iter_lines()
+                if line.startswith(b"data: ") and line != b"data: [DONE]"
+            ]
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+        assert text == "half"
+        assert events[-1]["error"]["code"] == "upstream_error"
+        rows = _usage_rows(gateway, "client")
+        assert len(rows) == 1 and rows[0]["status"] == 502 and rows[0]["completion_tokens"] == 1
+        # the client got one delta and pays for it; the prompt is our (high) estimate, so the row says so
+        assert Decimal(rows[0]["cost"]) == _cost(rows[0]["prompt_tokens"], 1)
+        assert _estimated(gateway) == [True]
+        assert Decimal(gateway.balance("client")) == Decimal(10) - _cost(rows[0]["prompt_tokens"], 1)
     finally:
         gateway.stop()
