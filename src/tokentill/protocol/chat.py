@@ -35,6 +35,8 @@ MAX_USER_CHARS = 256  # `user`: an end-user id for abuse monitoring, not free te
 MAX_METADATA_PAIRS = 16  # OpenAI's metadata limits
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
+MAX_LOGIT_BIAS = 1024  # entries; the engine checks each id against its own vocabulary
+MAX_TOKEN_ID_DIGITS = 9  # larger than any vocabulary; bounds int() on client text
 # Bounds on the work one body can cost before it is refused. json.loads and pydantic hold the GIL, so a
 # worker thread alone does not spare the event loop: a 32 MiB body of a million tiny parts took seconds.
 MAX_MESSAGES = 2048
@@ -384,16 +386,8 @@ def _check_semantics(request: ChatCompletionRequest) -> None:
 
 
 def _check_metadata(metadata: dict[str, str] | None) -> None:
-    """OpenAI's limits: up to 16 pairs, keys up to 64 characters, values up to 512."""
-    if not metadata:
-        return
-    if len(metadata) > MAX_METADATA_PAIRS:
-        raise InvalidRequest(
-            f"'metadata' takes up to {MAX_METADATA_PAIRS} pairs; {len(metadata)} were given.",
-            code="invalid_value",
-            param="metadata",
-        )
-    for key, value in metadata.items():
+    """OpenAI's limits: keys up to 64 characters, values up to 512 (and up to 16 pairs, `_check_sizes`)."""
+    for key, value in (metadata or {}).items():  # the number of pairs is checked before validation
         if len(key) > MAX_METADATA_KEY_CHARS:
             raise InvalidRequest(
                 f"Invalid key in 'metadata': keys are at most {MAX_METADATA_KEY_CHARS} characters; one has "
@@ -410,21 +404,9 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
             )
 
 
-MAX_LOGIT_BIAS = 1024  # entries; the engine checks each id against its own vocabulary
-MAX_TOKEN_ID_DIGITS = 9  # larger than any vocabulary; bounds int() on client text
-
-
 def _check_logit_bias(bias: dict[str, float] | None) -> None:
     """Keys are token ids written as decimal strings, values in [-100, 100] (OpenAI's rules)."""
-    if not bias:
-        return
-    if len(bias) > MAX_LOGIT_BIAS:
-        raise InvalidRequest(
-            f"'logit_bias' takes up to {MAX_LOGIT_BIAS} tokens; {len(bias)} were given.",
-            code="invalid_value",
-            param="logit_bias",
-        )
-    for key, value in bias.items():
+    for key, value in (bias or {}).items():  # the number of entries is checked before validation
         if not (key.isascii() and key.isdigit() and len(key) <= MAX_TOKEN_ID_DIGITS):
             raise InvalidRequest(
                 f"Invalid key in 'logit_bias': {key[:16]!r}. Keys are token ids, such as \"50256\".",
