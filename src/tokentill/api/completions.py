@@ -57,12 +57,13 @@ async def complete(
     key = request.headers.get("idempotency-key")
     if key is None:
         return await _answer(request, principal, model, body, None)
+    key = check_key(key)
     route = "chat.completions" if request.url.path == "/v1/chat/completions" else "model"
     # A stored answer goes only to keys that may use its model, as a fresh request would.
     principal.check_model(services.chat.model(model).id)
     outcome = await services.idempotency.claim(
         principal.account_id,
-        check_key(key),
+        key,
         fingerprint(route, model, payload),
         request.state.request_id,
     )
