@@ -158,6 +158,21 @@ def test_reasoning_can_use_the_whole_budget(sqlite_server: TokentillServer, key:
     assert reply.choices[0].message.content == ""
     assert reply.usage is not None and reply.usage.completion_tokens_details is not None
     assert reply.usage.completion_tokens == reply.usage.completion_tokens_details.reasoning_tokens == 12
+    # Streamed alike: no content at all, the finish chunk says "length", the usage is all reasoning.
+    stream = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": "Explain how rainbows form."}],
+        max_completion_tokens=12,
+        reasoning_effort="high",
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    *body, last = list(stream)
+    assert not "".join(c.choices[0].delta.content or "" for c in body)
+    assert body[-1].choices[0].finish_reason == "length"
+    assert last.usage is not None and last.usage.completion_tokens_details is not None
+    assert last.usage.completion_tokens == last.usage.completion_tokens_details.reasoning_tokens == 12
 
 
 def test_effort_sets_budget(sqlite_server: TokentillServer, key: str) -> None:
