@@ -4,18 +4,22 @@ a replay needs the model permission, and the TPM reservation shows in the header
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
+from sqlalchemy import func, select
 from starlette.testclient import TestClient
 
 from tokentill.app import create_app
 from tokentill.services import Services
 from tokentill.settings import Settings
+from tokentill.storage.schema import holds
 
 BODY: dict[str, Any] = {
     "messages": [{"role": "user", "content": "one two three"}],
@@ -190,3 +194,57 @@ def test_limited_key_gets_six_headers_on_every_response(app: App) -> None:
     assert limited.status_code == 429 and all(h in limited.headers for h in SIX)
     assert limited.headers["x-ratelimit-remaining-requests"] == "0"
     assert int(limited.headers["retry-after"]) >= 1
+
+
+def test_stream_that_is_never_sent_settles_and_frees_the_key(app: App) -> None:
+    """The client is gone before the first byte: Starlette never iterates the body, yet the hold is
+    settled and the Idempotency-Key released (not left 'in progress' until it is abandoned)."""
+    auth = {**app.key("s"), "Idempotency-Key": "never-sent"}
+    raw = json.dumps({**BODY, "stream": True}).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/echo",
+        "raw_path": b"/v1/echo",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(raw)).encode()),
+            *((name.lower().encode(), value.encode()) for name, value in auth.items()),
+        ],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 80),
+    }
+
+    async def call() -> None:
+        delivered = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": raw, "more_body": False}
+            await anyio.sleep_forever()
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                raise OSError("the client went away")
+
+        with contextlib.suppress(Exception):
+            await app.client.app(scope, receive, send)  # type: ignore[arg-type]
+
+    app.call(call)
+
+    async def open_holds() -> int:
+        async with app.services.db.read() as conn:
+            query = select(func.count()).select_from(holds).where(holds.c.status == "open")
+            return int((await conn.execute(query)).scalar_one())
+
+    assert app.call(open_holds) == 0
+    again = app.client.post("/v1/echo", json={**BODY, "stream": True}, headers=auth)
+    assert again.status_code == 200 and "idempotent-replayed" not in again.headers  # the key was free

@@ -9,15 +9,17 @@ so that the client's retry (what an SDK does after a timeout) replays it and the
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from tokentill import errors
 from tokentill.api.sse import first_error, sse_stream
@@ -97,13 +99,16 @@ async def _answer(
     request.state.remaining_credits = prepared.balance_after_hold
     completion_id = "chatcmpl-" + secrets.token_hex(12)
     created = int(time.time())
-    if body.stream:
-        return await _stream(request, prepared, body, completion_id, created, claim)
     try:
+        if body.stream:
+            return await _stream(request, prepared, body, completion_id, created, claim)
         return await _collect(request, prepared, completion_id, created, claim)
     finally:
         with anyio.CancelScope(shield=True):
-            request.state.remaining_credits = await services.chat.balance(principal.account_id)
+            # Cancelled before the chat ever ran (the client left at once): return its hold and lease.
+            await services.chat.abandon(prepared)
+            if not body.stream:
+                request.state.remaining_credits = await services.chat.balance(principal.account_id)
 
 
 async def _collect(
@@ -213,7 +218,35 @@ async def _stream(
         **_STREAM_HEADERS,
         **chat.lease.headers,
     }
-    return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+
+    async def close_unstreamed() -> None:
+        # Starlette never closes a body it did not finish, and one it never began (the client left
+        # before the first byte) is not even started: settle the chat and free the key here.
+        with contextlib.suppress(RuntimeError):  # "already running": its own `finally` settles
+            await run.aclose()
+        if claim is not None:
+            await services.idempotency.release(claim)  # a no-op once the answer is stored
+
+    return _ClosingStreamingResponse(
+        stream, close_unstreamed, media_type="text/event-stream", headers=headers
+    )
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that runs `close` (shielded) after sending, however the sending ended."""
+
+    def __init__(
+        self, content: AsyncIterator[bytes], close: Callable[[], Awaitable[None]], **kwargs: Any
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self._close = close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close()
 
 
 def _replay_stream(stored: dict[str, Any], body: ChatCompletionRequest) -> AsyncIterator[bytes]:
