@@ -78,7 +78,7 @@ class ModelSpec(BaseModel):
     api_key: str | None = Field(default=None, repr=False)  # the secret, or "env:NAME" (read at start-up)
     upstream_model: str | None = None
     timeout_s: float = Field(default=600.0, gt=0)
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict, repr=False)  # may carry a key (Azure's api-key)
 
     @field_validator("weights", "mmproj")
     @classmethod

@@ -112,10 +112,10 @@ class Settings(BaseSettings):
     @field_validator("media_allow_hosts")
     @classmethod
     def _host_ports(cls, value: str) -> str:
-        for item in (h.strip() for h in value.split(",")):
-            host, sep, port = item.rpartition(":")
-            if item and (not sep or not host or not port.isdigit()):
-                raise ValueError(f"{item!r}: each entry must be host:port, e.g. images.internal:80")
+        # The fetcher's own parser, so that what start-up accepts is exactly what the fetcher matches.
+        from tokentill.media.fetch import parse_allow_hosts
+
+        parse_allow_hosts(h for h in value.split(",") if h.strip())  # ValueError names the bad entry
         return value
 
     @field_validator("initial_credits")

@@ -127,6 +127,20 @@ def test_workers_without_redis_are_refused(tmp_path: Path) -> None:
         ('id = "echo"\nweights = "/no/such.gguf"\n', "weights: Value error, file not found: /no/such.gguf"),
         ('id = "echo"\nengine = "echo"\n[[models]]\nid = "echo"\nengine = "echo"\n', "duplicate model id"),
         ('id = "echo"\nengine = echo\n', "not valid TOML"),
+        # Upstream entries are checked before the server starts, not in its lifespan.
+        (
+            'id = "up"\nengine = "upstream"\nbase_url = "http://127.0.0.1:9/v1"\n'
+            'api_key = "env:TOKENTILL_TEST_NO_SUCH_VARIABLE"\n',
+            "api_key names the environment variable TOKENTILL_TEST_NO_SUCH_VARIABLE; it is unset",
+        ),
+        (
+            'id = "up"\nengine = "upstream"\nbase_url = "http://u:p@127.0.0.1:9/v1"\n',
+            "must not carry user:password@",
+        ),
+        (
+            'id = "up"\nengine = "upstream"\nbase_url = "http://127.0.0.1:9/v1"\nheaders = {"x a" = "1"}\n',
+            "'x a' is not a valid HTTP header name",
+        ),
     ],
 )
 def test_serve_refuses_a_bad_catalogue(tmp_path: Path, entry: str, said: str) -> None:

@@ -23,3 +23,14 @@ def test_initial_credits_are_checked_up_front() -> None:
     with pytest.raises(ValidationError, match="not a number"):
         Settings(initial_credits="ten")
     assert Settings(initial_credits="0.25").initial_credits == "0.25"
+
+
+@pytest.mark.parametrize("entry", ["::1:80", "images.internal", "images.internal:0", "images.internal:65536"])
+def test_media_allow_hosts_are_checked_as_the_fetcher_reads_them(entry: str) -> None:
+    with pytest.raises(ValidationError, match="host:port|\\[addr\\]:port"):
+        Settings(media_allow_hosts=entry)
+
+
+def test_media_allow_hosts_accepts_what_the_fetcher_matches() -> None:
+    value = "images.internal:80, [::1]:8080,127.0.0.1:9000"
+    assert Settings(media_allow_hosts=value).media_allow_hosts == value

@@ -76,7 +76,12 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
             "concurrency. Set TOKENTILL_REDIS_URL=redis://host:6379/0, or run one worker."
         )
     try:
-        load_catalog(settings.config)
+        catalog = load_catalog(settings.config)
+        for spec in catalog:
+            if spec.engine == "upstream":
+                from tokentill.engines.upstream import check_spec
+
+                check_spec(spec)
     except CatalogError as exc:
         raise click.ClickException(str(exc)) from exc
     from tokentill.app import log_config  # the web stack loads only for `serve`

@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
+from tokentill.cli._common import load_settings
 from tokentill.models_pull import DEFAULT_BASE_URL, REGISTRY, Progress, PullError, catalog_entry, pull
-from tokentill.settings import Settings
 
 
 class _Bar(Progress):
@@ -71,7 +71,7 @@ def list_models() -> None:
 def pull_model(name: str, dest: Path | None, base_url: str, no_verify: bool) -> None:
     """Download NAME's GGUF weights and vision projector, verify them, print the catalogue entry."""
     model = REGISTRY[name]
-    folder = dest if dest is not None else Settings().data_dir / "models" / name
+    folder = dest if dest is not None else load_settings().data_dir / "models" / name
     try:
         pulled = pull(model, folder, base_url=base_url, progress=_Bar(), verify=not no_verify)
     except PullError as exc:

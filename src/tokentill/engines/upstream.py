@@ -60,7 +60,7 @@ from tokentill.engines.upstream_wire import (
     rejects_max_tokens,
 )
 
-__all__ = ["UpstreamEngine", "resolve_api_key"]
+__all__ = ["UpstreamEngine", "check_spec", "resolve_api_key"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,14 @@ def resolve_api_key(spec: ModelSpec) -> SecretStr | None:
     if not _HEADER_VALUE.fullmatch(value):
         raise CatalogError(f"model {spec.id!r}: {where} holds characters an HTTP header cannot carry")
     return SecretStr(value)
+
+
+def check_spec(spec: ModelSpec) -> None:
+    """Every start-up check of an upstream entry (base_url, headers, api_key), for `tokentill serve` to run
+    before the server starts, so a bad entry is one clear error rather than a failed application start-up."""
+    _urls(spec)
+    _headers(spec)
+    resolve_api_key(spec)
 
 
 def _headers(spec: ModelSpec) -> dict[str, str]:
