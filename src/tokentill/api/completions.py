@@ -188,7 +188,12 @@ async def _stream(
     run = services.chat.run(chat)
     # Wait for the engine's first event before answering, so that a failure before any output (queue
     # full, upstream down, deadline) is an ordinary HTTP error rather than a 200 carrying an error event.
-    first = await anext(run)
+    # Meanwhile watch the client: one that leaves while the request is still queued pays nothing.
+    first = await _first_event(request, run)
+    if first is None:
+        if claim is not None:
+            await services.idempotency.release(claim)
+        return Response(status_code=499)
     events: AsyncGenerator[EngineEvent, None] = _prepend(first, run)
     if claim is not None:
 
@@ -283,6 +288,32 @@ def _replay_stream(stored: dict[str, Any], body: ChatCompletionRequest) -> Async
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         include_reasoning="reasoning_content" in choice["message"],
     )
+
+
+async def _first_event(request: Request, run: AsyncGenerator[EngineEvent, None]) -> EngineEvent | None:
+    """`run`'s first event, or None when the client hung up first (`run` is then closed: settled)."""
+    first: EngineEvent | None = None
+
+    async def take_first() -> None:
+        nonlocal first
+        first = await anext(run)
+        tg.cancel_scope.cancel()
+
+    async def watch_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        tg.cancel_scope.cancel()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take_first)
+            tg.start_soon(watch_disconnect)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+    if first is None:
+        with anyio.CancelScope(shield=True):
+            await run.aclose()
+    return first
 
 
 async def _prepend(
