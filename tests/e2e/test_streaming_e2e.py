@@ -257,11 +257,6 @@ def test_disconnect_mid_stream_charges_generated_tokens(sqlite_server: Tokentill
     assert balance == Decimal(1) - cost  # charged what was generated, the rest of the hold released
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="B7: api/completions.py awaits the first event without watching for a disconnect "
-    "(fix described to the lead: race the first anext against http.disconnect, as _collect does)",
-)
 def test_streaming_client_gone_before_the_first_token_pays_nothing(tmp_path: Path) -> None:
     """A streaming request still queued behind another when its client hangs up costs nothing."""
     catalogue = tmp_path / "models.toml"  # one pass per request: the slot is never free in between
