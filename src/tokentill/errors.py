@@ -21,6 +21,7 @@ becomes a 500 with a generic message (details go to the log with the request id)
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 __all__ = [
@@ -136,7 +137,7 @@ class RateLimited(APIError):
     def __init__(self, message: str, *, limit_type: str, retry_after_s: float, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.limit_type = limit_type
-        self.headers.setdefault("Retry-After", str(max(1, int(retry_after_s + 0.999))))
+        self.headers.setdefault("Retry-After", str(max(1, math.ceil(retry_after_s))))
 
     @property
     def error_type(self) -> str:
@@ -164,7 +165,7 @@ class Overloaded(APIError):
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
-        self.headers.setdefault("Retry-After", str(max(1, int(retry_after_s + 0.999))))
+        self.headers.setdefault("Retry-After", str(max(1, math.ceil(retry_after_s))))
 
 
 class DeadlineExceeded(APIError):
