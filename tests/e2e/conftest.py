@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -85,6 +87,21 @@ class TokentillServer:
     def balance(self, account: str) -> str:
         accounts = {a["name"]: a["balance"] for a in self.cli_json("accounts", "list")["accounts"]}
         return str(accounts[account])
+
+    def hold_statuses(self, account: str) -> list[str]:
+        """The status of each of the account's holds, read from the server's SQLite file (read-only)."""
+        if "TOKENTILL_DATABASE_URL" in self.env:
+            raise NotImplementedError(
+                "hold_statuses reads the SQLite file of a server without a database URL"
+            )
+        database = self.workdir / "data" / "tokentill.db"
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as conn:
+            rows = conn.execute(
+                "SELECT holds.status FROM holds JOIN accounts ON accounts.id = holds.account_id "
+                "WHERE accounts.name = ?",
+                (account,),
+            ).fetchall()
+        return [status for (status,) in rows]
 
     def start(self, timeout_s: float = 90) -> TokentillServer:
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor

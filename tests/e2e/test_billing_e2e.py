@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -97,18 +96,6 @@ def test_crash_releases_hold(tmp_path: Path) -> None:
         server.stop()
 
 
-def _hold_statuses(server: TokentillServer, account: str) -> list[str]:
-    """The status of each of the account's holds, read from the server's SQLite file."""
-    database = server.workdir / "data" / "tokentill.db"
-    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as conn:
-        rows = conn.execute(
-            "SELECT holds.status FROM holds JOIN accounts ON accounts.id = holds.account_id "
-            "WHERE accounts.name = ?",
-            (account,),
-        ).fetchall()
-    return [status for (status,) in rows]
-
-
 def test_client_leaving_a_json_request_pays_for_what_was_generated(sqlite_server: TokentillServer) -> None:
     """A non-streamed request whose client hangs up mid-generation: the generation stops, the usage row
     says 499, the tokens generated are charged to the micro-credit and the rest of the hold returns."""
@@ -143,7 +130,7 @@ def test_client_leaving_a_json_request_pays_for_what_was_generated(sqlite_server
     assert 0 < row["completion_tokens"] < 2000  # it stopped long before its budget
     cost = Decimal(row["cost"])
     assert cost == Decimal(row["prompt_tokens"] * 15 + row["completion_tokens"] * 60) / 10**6
-    assert _hold_statuses(sqlite_server, "json-leaver") == ["settled"]  # no hold left open
+    assert sqlite_server.hold_statuses("json-leaver") == ["settled"]  # no hold left open
     assert Decimal(sqlite_server.balance("json-leaver")) == Decimal(1) - cost
     time.sleep(1)  # and nothing more is generated or charged afterwards
     assert sqlite_server.cli_json("usage", "--account", "json-leaver")["usage"] == rows

@@ -3,10 +3,8 @@ billed."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
-import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -193,18 +191,6 @@ def test_effort_sets_budget(sqlite_server: TokentillServer, key: str) -> None:
     assert low.usage.completion_tokens_details.reasoning_tokens <= 64
 
 
-def _hold_statuses(server: TokentillServer, account: str) -> list[str]:
-    """The status of each of the account's holds, read from the server's SQLite file."""
-    database = server.workdir / "data" / "tokentill.db"
-    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as conn:
-        rows = conn.execute(
-            "SELECT holds.status FROM holds JOIN accounts ON accounts.id = holds.account_id "
-            "WHERE accounts.name = ?",
-            (account,),
-        ).fetchall()
-    return [status for (status,) in rows]
-
-
 def test_disconnect_mid_stream_charges_generated_tokens(sqlite_server: TokentillServer) -> None:
     """The client leaves during the answer: it pays for the notes and the answer so far, to the
     micro-credit, the usage row says 499, no hold stays open, and the generation stopped."""
@@ -252,7 +238,7 @@ def test_disconnect_mid_stream_charges_generated_tokens(sqlite_server: Tokentill
     assert row["completion_tokens"] < row["reasoning_tokens"] + content_chunks + 300
     cost = Decimal(row["cost"])
     assert cost == Decimal(row["prompt_tokens"] * 15 + row["completion_tokens"] * 60) / 10**6
-    assert _hold_statuses(sqlite_server, "leaver") == ["settled"]  # its one hold, closed
+    assert sqlite_server.hold_statuses("leaver") == ["settled"]  # its one hold, closed
     balance = Decimal(sqlite_server.balance("leaver"))
     assert balance == Decimal(1) - cost  # charged what was generated, the rest of the hold released
 
