@@ -12,17 +12,16 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import anyio
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from fastapi.responses import JSONResponse, Response
 
 from tokentill import errors
-from tokentill.api.sse import first_error, sse_stream
+from tokentill.api.sse import EventStreamResponse, first_error
 from tokentill.api.state import services_of
 from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits
@@ -77,11 +76,7 @@ async def complete(
             "idempotent-replayed": "true",
         }
         if outcome.streamed:
-            return StreamingResponse(
-                _replay_stream(outcome.body, body),
-                media_type="text/event-stream",
-                headers={**headers, **_STREAM_HEADERS},
-            )
+            return _replay_stream(outcome.body, body, {**headers, **_STREAM_HEADERS})
         return JSONResponse(outcome.body, status_code=outcome.status, headers=headers)
     try:
         return await _answer(request, principal, model, body, outcome)
@@ -210,14 +205,6 @@ async def _stream(
 
         stored = {"x-original-request-id": chat.request_id}
         events = track_stream(events, services.idempotency, claim, answer, stored)
-    stream = sse_stream(
-        events,
-        completion_id=completion_id,
-        created=created,
-        model=chat.spec.id,
-        include_usage=bool(body.stream_options and body.stream_options.include_usage),
-        include_reasoning=chat.include_reasoning,
-    )
     headers = {
         "x-remaining-credits": format_credits(chat.balance_after_hold),
         **_STREAM_HEADERS,
@@ -232,29 +219,21 @@ async def _stream(
         if claim is not None:
             await services.idempotency.release(claim)  # a no-op once the answer is stored
 
-    return _ClosingStreamingResponse(
-        stream, close_unstreamed, media_type="text/event-stream", headers=headers
+    return EventStreamResponse(
+        events,
+        completion_id=completion_id,
+        created=created,
+        model=chat.spec.id,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        include_reasoning=chat.include_reasoning,
+        headers=headers,
+        on_close=close_unstreamed,
     )
 
 
-class _ClosingStreamingResponse(StreamingResponse):
-    """A StreamingResponse that runs `close` (shielded) after sending, however the sending ended."""
-
-    def __init__(
-        self, content: AsyncIterator[bytes], close: Callable[[], Awaitable[None]], **kwargs: Any
-    ) -> None:
-        super().__init__(content, **kwargs)
-        self._close = close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._close()
-
-
-def _replay_stream(stored: dict[str, Any], body: ChatCompletionRequest) -> AsyncIterator[bytes]:
+def _replay_stream(
+    stored: dict[str, Any], body: ChatCompletionRequest, headers: Mapping[str, str]
+) -> EventStreamResponse:
     """A stored `chat.completion` rendered again as the stream it came from: same id, text and usage
     (the text arrives in one delta, the reasoning in another when it was asked for)."""
     choice = stored["choices"][0]
@@ -280,13 +259,14 @@ def _replay_stream(stored: dict[str, Any], body: ChatCompletionRequest) -> Async
         for event in events:
             yield event
 
-    return sse_stream(
+    return EventStreamResponse(
         replayed(),
         completion_id=stored["id"],
         created=stored["created"],
         model=stored["model"],
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         include_reasoning="reasoning_content" in choice["message"],
+        headers=headers,
     )
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import suppress
 from typing import Any
 
@@ -34,7 +34,7 @@ from tokentill import errors
 from tokentill.engines.base import EngineEvent, Finished, TextDelta
 from tokentill.protocol import responses
 
-__all__ = ["KEEPALIVE", "EventStreamResponse", "first_error", "sse_frames", "sse_stream"]
+__all__ = ["KEEPALIVE", "EventStreamResponse", "first_error", "sse_frames"]
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,10 @@ class EventStreamResponse(StreamingResponse):
         include_reasoning: bool,
         headers: Mapping[str, str] | None = None,
         keepalive_s: float = KEEPALIVE_S,
+        on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._events = events
+        self._on_close = on_close
         self._send, receive = anyio.create_memory_object_stream[Item](math.inf)
         self._frames = sse_frames(
             receive,
@@ -163,42 +165,8 @@ class EventStreamResponse(StreamingResponse):
                 tg.cancel_scope.cancel()  # a no-op when the pump already ended (the usual case)
                 with anyio.CancelScope(shield=True):
                     await self._frames.aclose()
-
-
-async def sse_stream(
-    events: AsyncGenerator[EngineEvent, None],
-    *,
-    completion_id: str,
-    created: int,
-    model: str,
-    include_usage: bool,
-    include_reasoning: bool,
-    keepalive_s: float = KEEPALIVE_S,
-) -> AsyncIterator[bytes]:
-    """The same bytes as `EventStreamResponse`, for a plain `StreamingResponse`.
-
-    Prefer `EventStreamResponse`: this generator must hold the pump's task group across its yields, and a
-    body iterator that Starlette abandons is finalized in another task.
-    """
-    send, receive = anyio.create_memory_object_stream[Item](math.inf)
-    frames = sse_frames(
-        receive,
-        completion_id=completion_id,
-        created=created,
-        model=model,
-        include_usage=include_usage,
-        include_reasoning=include_reasoning,
-        keepalive_s=keepalive_s,
-    )
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_pump, events, send)
-        try:
-            async for frame in frames:
-                yield frame
-        finally:
-            tg.cancel_scope.cancel()
-            with anyio.CancelScope(shield=True):
-                await frames.aclose()
+                    if self._on_close is not None:
+                        await self._on_close()
 
 
 def first_error(exc: BaseException) -> BaseException:
