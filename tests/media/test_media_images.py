@@ -171,8 +171,10 @@ def test_pixel_limit_from_policy() -> None:
     assert "10000 pixel limit" in error.message
 
 
-def test_bomb_header_is_refused_by_prepare_image_directly() -> None:
-    # Without MediaService.start() tightening Pillow's global: our header check alone must refuse it.
+def test_bomb_header_is_refused_by_prepare_image_directly(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Our header check alone must refuse it: Pillow's own guard is switched off here (another test's
+    # MediaService.start() may have tightened that process-wide setting before this one runs).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     with pytest.raises(InvalidRequest, match="9000x9000 pixels, more than the 50000000 pixel limit"):
         prepare_image(
             png_with_header(9000, 9000),
