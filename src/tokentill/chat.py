@@ -76,6 +76,7 @@ class PreparedChat:
     stream: bool = False  # tokens reach the client as they are made (decides what a failure costs)
     run_started: bool = False  # `ChatService.run` has begun: its `finally` settles
     settled: bool = False  # the hold and the lease have been settled or released (exactly once)
+    balance_after: int | None = None  # the balance the settlement left (None: not settled, or it failed)
 
 
 class ChatService:
@@ -152,7 +153,6 @@ class ChatService:
                 ttl_s=self._hold_ttl,
                 need_description=f"{prompt_tokens} prompt + {budget} completion tokens",
             )
-            balance = await self._ledger.balance(principal.account_id)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 if hold is not None:
@@ -169,7 +169,7 @@ class ChatService:
             prompt_tokens=prompt_tokens,
             hold=hold,
             lease=lease,
-            balance_after_hold=balance,
+            balance_after_hold=hold.balance_after,
             include_reasoning=bool(request.include_reasoning),
             stream=bool(request.stream),
         )
@@ -240,10 +240,10 @@ class ChatService:
         try:
             if free:
                 record = replace(record, completion_tokens=0, reasoning_tokens=0)
-                await self._ledger.release(chat.hold, usage=record)
+                chat.balance_after = await self._ledger.release(chat.hold, usage=record)
             else:
                 cost = pricing.cost(prompt, completion, chat.spec.price_input, chat.spec.price_output)
-                await self._ledger.settle(chat.hold, cost=cost, usage=record)
+                chat.balance_after = await self._ledger.settle(chat.hold, cost=cost, usage=record)
             metrics.observe_request(record, cost, time.monotonic() - chat.started)
         except Exception:
             # The hold stays open and the sweeper releases it after hold_ttl_s: logged, never lost.

@@ -36,6 +36,7 @@ def test_authenticate(database_url: str) -> None:
             rpm=60,
             tpm=None,
             max_concurrent=None,
+            balance=1_000,
         )
         principal.check_model("anything")
         assert (await store.authenticate(f"  {created.key} ")).key_id == created.key_id

@@ -103,7 +103,12 @@ async def _answer(
             # Cancelled before the chat ever ran (the client left at once): return its hold and lease.
             await services.chat.abandon(prepared)
             if not body.stream:
-                request.state.remaining_credits = await services.chat.balance(principal.account_id)
+                # The balance the settlement returned; read again only if it failed.
+                request.state.remaining_credits = (
+                    prepared.balance_after
+                    if prepared.balance_after is not None
+                    else await services.chat.balance(principal.account_id)
+                )
 
 
 async def _collect(
@@ -161,7 +166,10 @@ async def _collect(
         await services.idempotency.complete(claim, status=200, body=payload, headers=stored)
     if gone:
         return Response(status_code=499)
-    balance = await services.chat.balance(chat.principal.account_id)
+    # The run settled before its last event was consumed: its balance is the one to show.
+    balance = chat.balance_after
+    if balance is None:
+        balance = await services.chat.balance(chat.principal.account_id)
     request.state.remaining_credits = balance
     return JSONResponse(
         payload, headers={"x-remaining-credits": format_credits(balance), **chat.lease.headers}

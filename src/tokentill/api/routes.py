@@ -36,7 +36,7 @@ def presented_key(request: Request) -> str | None:
 async def authenticate(request: Request) -> Principal:
     services = services_of(request)
     principal = await services.keys.authenticate(presented_key(request))
-    request.state.remaining_credits = await services.ledger.balance(principal.account_id)
+    request.state.remaining_credits = principal.balance  # read with the key, no second query
     return principal
 
 

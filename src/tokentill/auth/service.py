@@ -56,6 +56,7 @@ class Principal:
     rpm: int | None
     tpm: int | None
     max_concurrent: int | None
+    balance: int  # the account's balance (µcr) when the key was checked, read in the same query
 
     def check_model(self, model_id: str) -> None:
         """Raise `PermissionDenied` (403 `model_not_permitted`) unless this key may use `model_id`."""
@@ -117,7 +118,11 @@ class KeyStore:
             async with self._db.read() as conn:
                 row = (
                     await conn.execute(
-                        select(api_keys, accounts.c.name.label("account_name"))
+                        select(
+                            api_keys,
+                            accounts.c.name.label("account_name"),
+                            accounts.c.balance.label("account_balance"),
+                        )
                         .join(accounts, accounts.c.id == api_keys.c.account_id)
                         .where(api_keys.c.id == parsed[0])
                     )
@@ -139,6 +144,7 @@ class KeyStore:
             rpm=row.rpm,
             tpm=row.tpm,
             max_concurrent=row.max_concurrent,
+            balance=int(row.account_balance),
         )
 
     async def create_key(

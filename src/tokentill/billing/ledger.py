@@ -178,7 +178,14 @@ class Ledger:
                 )
             )
             await append_ledger(conn, account_id, "hold", -amount, row.balance, ref=request_id, now=now)
-        return Hold(id=request_id, account_id=account_id, key_id=key_id, amount=amount, expires_at=expires_at)
+        return Hold(
+            id=request_id,
+            account_id=account_id,
+            key_id=key_id,
+            amount=amount,
+            expires_at=expires_at,
+            balance_after=int(row.balance),
+        )
 
     async def settle(self, hold: Hold, *, cost: int, usage: UsageRecord) -> int:
         """Charge `cost` µcr for the request behind `hold`, give back the rest, record `usage`.

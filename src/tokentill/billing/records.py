@@ -29,6 +29,7 @@ class Hold:
     key_id: str | None
     amount: int
     expires_at: datetime
+    balance_after: int = 0  # the account's balance right after this hold was placed
 
 
 @dataclass(frozen=True)
