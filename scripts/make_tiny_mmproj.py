@@ -105,7 +105,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     build(args.out, args.n_embd_text)
-    print(f"wrote {args.out} ({args.out.stat().st_size} bytes)")  # noqa: T201 - a script's output
+    print(f"wrote {args.out} ({args.out.stat().st_size} bytes)")
 
 
 if __name__ == "__main__":
