@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
@@ -45,13 +45,6 @@ __all__ = ["ChatService", "PreparedChat"]
 log = logging.getLogger(__name__)
 
 _ROLE_FOR_ENGINE = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-def _generator(events: AsyncIterator[EngineEvent]) -> AsyncGenerator[EngineEvent, None]:
-    """Engines are async generators; the protocol promises only an iterator, so check before closing."""
-    if not isinstance(events, AsyncGenerator):
-        raise TypeError(f"Engine.generate must be an async generator, not {type(events).__name__}")
-    return events
 
 
 def _limits(principal: Principal) -> KeyLimits:
@@ -184,7 +177,7 @@ class ChatService:
         try:
             # Closed as soon as this generator is: a client that leaves stops the engine (and closes an
             # upstream's response) at once, not when the garbage collector gets to it.
-            async with aclosing(_generator(chat.engine.generate(chat.engine_request))) as events:
+            async with aclosing(chat.engine.generate(chat.engine_request)) as events:
                 async for event in events:
                     if isinstance(event, TextDelta):
                         generated += event.tokens

@@ -23,7 +23,7 @@ prompt plus the rest of the budget would not fit the context.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import replace
 
 import anyio
@@ -101,7 +101,7 @@ class Scratchpad(_Wrapper):
     def count_prompt_tokens(self, request: EngineRequest) -> int:
         return self.inner.count_prompt_tokens(self._thinking_request(request))
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         thinking = self._thinking_request(request)
         notes: list[str] = []
         first: Usage | None = None
@@ -192,7 +192,7 @@ class NativeThinking(_Wrapper):
     def count_prompt_tokens(self, request: EngineRequest) -> int:
         return self.inner.count_prompt_tokens(request)
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         splitter = ThinkSplitter()
         reasoning = 0
         async for event in self.inner.generate(request):

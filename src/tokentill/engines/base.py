@@ -9,7 +9,7 @@ iterating (that is how a client disconnect reaches the decode loop).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -143,8 +143,8 @@ class Engine(Protocol):
     def count_prompt_tokens(self, request: EngineRequest) -> int:
         """Exact prompt tokens (chat template applied) — used to price the hold before generating."""
 
-    def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
-        """TextDelta events, then one Finished. Closing the iterator early cancels the generation."""
+    def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
+        """TextDelta events, then one Finished. Closing the generator early cancels the generation."""
 
     async def aclose(self) -> None:
         """Stop the decode loop / close connections; pending requests fail with Overloaded."""
