@@ -133,8 +133,7 @@ async def _collect(
 
     async def watch_disconnect() -> None:
         nonlocal gone
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
+        await _client_gone(request)
         gone = True
         if claim is None:
             tg.cancel_scope.cancel()
@@ -278,6 +277,12 @@ def _replay_stream(
     )
 
 
+async def _client_gone(request: Request) -> None:
+    """Return once the client has hung up (the request body is already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _first_event(request: Request, run: AsyncGenerator[EngineEvent, None]) -> EngineEvent | None:
     """`run`'s first event, or None when the client hung up first (`run` is then closed: settled)."""
     first: EngineEvent | None = None
@@ -288,8 +293,7 @@ async def _first_event(request: Request, run: AsyncGenerator[EngineEvent, None])
         tg.cancel_scope.cancel()
 
     async def watch_disconnect() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
+        await _client_gone(request)
         tg.cancel_scope.cancel()
 
     try:
