@@ -17,7 +17,9 @@ from fastapi import FastAPI
 
 from tokentill.api import build_api
 from tokentill.auth.service import KeyStore
+from tokentill.billing.codes import RedemptionCodes
 from tokentill.billing.ledger import Ledger
+from tokentill.billing.reports import UsageReports
 from tokentill.catalog import load_catalog
 from tokentill.chat import ChatService
 from tokentill.engines import create_engine
@@ -106,6 +108,8 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
                 media=media,
                 chat=chat,
                 idempotency=idempotency,
+                reports=UsageReports(db),
+                codes=RedemptionCodes(db, limiter, settings.redeem_attempts_per_minute),
                 started=int(time.time()),
                 ready=True,
             )

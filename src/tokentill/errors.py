@@ -6,8 +6,10 @@
     ├── InsufficientCredits       402 insufficient_credits    insufficient_credits
     ├── PermissionDenied          403 permission_error        model_not_permitted / admin_required
     ├── NotFound                  404 invalid_request_error   model_not_found / unknown_url
+    │   └── CodeNotFound          404 invalid_request_error   code_not_found
     ├── MethodNotAllowed          405 invalid_request_error   method_not_allowed
     ├── Conflict                  409 invalid_request_error   idempotency_key_reused
+    │   └── CodeAlreadyRedeemed   409 invalid_request_error   code_already_redeemed
     ├── RequestTooLarge           413 invalid_request_error   request_too_large
     ├── RateLimited               429 requests | tokens       rate_limit_exceeded  (+ Retry-After)
     ├── InternalError             500 server_error            internal_error (generic message only)
@@ -27,6 +29,8 @@ from typing import Any, ClassVar
 __all__ = [
     "APIError",
     "AuthenticationFailed",
+    "CodeAlreadyRedeemed",
+    "CodeNotFound",
     "Conflict",
     "DeadlineExceeded",
     "InsufficientCredits",
@@ -109,6 +113,12 @@ class NotFound(APIError):
     default_code = "model_not_found"
 
 
+class CodeNotFound(NotFound):
+    """A redemption code that does not exist, does not match, or has expired (indistinguishable)."""
+
+    default_code = "code_not_found"
+
+
 class MethodNotAllowed(APIError):
     status = 405
     type = "invalid_request_error"
@@ -119,6 +129,12 @@ class Conflict(APIError):
     status = 409
     type = "invalid_request_error"
     default_code = "idempotency_key_reused"
+
+
+class CodeAlreadyRedeemed(Conflict):
+    """A valid redemption code that was redeemed before (by anyone)."""
+
+    default_code = "code_already_redeemed"
 
 
 class RequestTooLarge(APIError):

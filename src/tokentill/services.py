@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokentill.auth.service import KeyStore
+from tokentill.billing.codes import RedemptionCodes
 from tokentill.billing.ledger import Ledger
+from tokentill.billing.reports import UsageReports
 from tokentill.catalog import Catalog
 from tokentill.chat import ChatService
 from tokentill.engines.base import Engine
@@ -30,5 +32,7 @@ class Services:
     media: MediaService
     chat: ChatService
     idempotency: IdempotencyStore
+    reports: UsageReports
+    codes: RedemptionCodes
     started: int  # unix time the service started; `created` of every model object
     ready: bool = False

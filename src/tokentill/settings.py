@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     initial_credits: str = Field(
         default="10", description="Credits given to the `default` account created on an empty database."
     )
+    redeem_attempts_per_minute: int = Field(
+        default=10,
+        ge=1,
+        description="Redemption-code attempts one API key may make per minute (429 past it), across replicas "
+        "when Redis is configured.",
+    )
     log_level: str = Field(default="info", description="Logging level.")
     media_allow_hosts: str = Field(
         default="",

@@ -18,7 +18,7 @@ from tests._services import run, run_with_db, subprocess_env
 from tokentill.storage import Database, open_database
 from tokentill.storage.schema import accounts, metadata
 
-HEAD_REVISION = "0002"  # the newest file in storage/migrations/versions
+HEAD_REVISION = "0003"  # the newest file in storage/migrations/versions
 
 
 def _schema_diff(connection: Connection) -> list[object]:

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from starlette.middleware import Middleware
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
+from tokentill.api.account import account_router
 from tokentill.api.admin import admin_router
 from tokentill.api.errors import install_error_handlers
 from tokentill.api.middleware import RequestContextMiddleware
@@ -33,5 +34,6 @@ def build_api(
     )
     install_error_handlers(app)
     app.include_router(admin_router)
+    app.include_router(account_router)  # before `router`, whose POST /v1/{model} takes any /v1/<name>
     app.include_router(router)
     return app

@@ -6,16 +6,20 @@ With no admin key configured every admin route answers 403: nothing is open by d
 from __future__ import annotations
 
 import hmac
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokentill import errors
+from tokentill.api.account import usage_json
 from tokentill.api.routes import presented_key
 from tokentill.api.state import services_of
+from tokentill.billing.codes import MAX_CODES_PER_BATCH
 from tokentill.billing.ledger import AccountExists
 from tokentill.billing.money import format_credits, parse_credits
+from tokentill.billing.reports import OPERATOR_GROUPS, parse_usage_query
 from tokentill.protocol.chat import find_invalid_unicode
 
 __all__ = ["admin_router"]
@@ -65,6 +69,12 @@ class NewKey(_Body):
     rpm: int | None = _LIMIT
     tpm: int | None = _LIMIT
     max_concurrent: int | None = _LIMIT
+
+
+class NewCodes(_Body):
+    credits: str
+    count: int = Field(default=1, ge=1, le=MAX_CODES_PER_BATCH)
+    expires_days: int | None = Field(default=None, ge=1, le=36500)
 
 
 def _ucr(text: str) -> int:
@@ -122,3 +132,36 @@ async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
     if not await services_of(request).keys.revoke(key_id):
         raise errors.NotFound(f"No active key with id {key_id!r}.", code="key_not_found")
     return {"id": key_id, "revoked": True}
+
+
+@admin_router.post("/codes", status_code=201)
+async def create_codes(request: Request, body: NewCodes) -> dict[str, Any]:
+    amount = _ucr(body.credits)
+    if amount <= 0:
+        raise errors.InvalidRequest("credits must be more than 0.", param="credits")
+    created = await services_of(request).codes.create_codes(amount, body.count, body.expires_days)
+    data = [
+        {
+            "id": c.id,
+            "code": c.code,
+            "credits": format_credits(c.credits),
+            "expires_at": c.expires_at.isoformat() if c.expires_at else None,
+        }
+        for c in created
+    ]
+    return {"object": "list", "data": data}
+
+
+@admin_router.get("/codes")
+async def list_codes(request: Request) -> dict[str, Any]:
+    codes = await services_of(request).codes.list_codes()
+    return {"object": "list", "data": [c.to_dict() for c in codes]}
+
+
+@admin_router.get("/usage")
+async def operator_usage(
+    request: Request, start: str | None = None, end: str | None = None, group_by: str | None = None
+) -> dict[str, Any]:
+    query = parse_usage_query(start, end, group_by, today=datetime.now(UTC).date(), allowed=OPERATOR_GROUPS)
+    buckets, total = await services_of(request).reports.operator_usage(query)
+    return usage_json(query, buckets, total)

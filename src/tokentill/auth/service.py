@@ -209,30 +209,28 @@ class KeyStore:
             query = query.where(accounts.c.name == account_name)
         async with self._db.read() as conn:
             rows = (await conn.execute(query)).all()
-        return [
-            KeyInfo(
-                key_id=r.id,
-                account_name=r.account_name,
-                name=r.name,
-                models=_load_models(r.models),
-                rpm=r.rpm,
-                tpm=r.tpm,
-                max_concurrent=r.max_concurrent,
-                created_at=r.created_at,
-                revoked_at=r.revoked_at,
-            )
-            for r in rows
-        ]
+        return [_key_info(r) for r in rows]
 
-    async def revoke(self, key_id: str) -> bool:
-        """Revoke the key; False if there is no such key or it was already revoked."""
+    async def get_key(self, key_id: str) -> KeyInfo | None:
+        """One key by id (revoked or not), or None."""
+        query = (
+            select(api_keys, accounts.c.name.label("account_name"))
+            .join(accounts, accounts.c.id == api_keys.c.account_id)
+            .where(api_keys.c.id == key_id)
+        )
+        async with self._db.read() as conn:
+            row = (await conn.execute(query)).first()
+        return _key_info(row) if row is not None else None
+
+    async def revoke(self, key_id: str, *, account_name: str | None = None) -> bool:
+        """Revoke the key; False if there is no such key, it was already revoked, or (with
+        `account_name`, as a customer revoking its own keys) it belongs to another account."""
+        statement = update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+        if account_name is not None:
+            owner = select(accounts.c.id).where(accounts.c.name == account_name).scalar_subquery()
+            statement = statement.where(api_keys.c.account_id == owner)
         async with self._db.begin() as conn:
-            result = await conn.execute(
-                update(api_keys)
-                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
-                .values(revoked_at=utcnow())
-                .returning(api_keys.c.id)
-            )
+            result = await conn.execute(statement.values(revoked_at=utcnow()).returning(api_keys.c.id))
             done = result.first() is not None
         if done:
             logger.info("revoked key %s", key_id)
@@ -263,6 +261,20 @@ class KeyStore:
             else:
                 statement = select(api_keys.c.id).where(*live)
             return (await conn.execute(statement)).first() is not None
+
+
+def _key_info(r: Any) -> KeyInfo:
+    return KeyInfo(
+        key_id=r.id,
+        account_name=r.account_name,
+        name=r.name,
+        models=_load_models(r.models),
+        rpm=r.rpm,
+        tpm=r.tpm,
+        max_concurrent=r.max_concurrent,
+        created_at=r.created_at,
+        revoked_at=r.revoked_at,
+    )
 
 
 def _check_limits(**limits: int | None) -> None:

@@ -33,6 +33,7 @@ from tokentill.billing.statements import (
     balance_of,
     close_hold,
     record_usage,
+    usage_row_from,
 )
 from tokentill.errors import InsufficientCredits
 from tokentill.storage.db import Database
@@ -300,25 +301,7 @@ class Ledger:
             query = query.where(accounts.c.name == account_name)
         async with self._db.read() as conn:
             rows = (await conn.execute(query)).all()
-        return [
-            UsageRow(
-                request_id=r.request_id,
-                account_name=r.account_name,
-                key_id=r.key_id,
-                model=r.model,
-                prompt_tokens=r.prompt_tokens,
-                completion_tokens=r.completion_tokens,
-                reasoning_tokens=r.reasoning_tokens,
-                cached_tokens=r.cached_tokens,
-                image_tokens=r.image_tokens,
-                cost=int(r.cost),
-                status=r.status,
-                latency_ms=r.latency_ms,
-                estimated=bool(r.estimated),
-                created_at=r.created_at,
-            )
-            for r in rows
-        ]
+        return [usage_row_from(r) for r in rows]
 
     async def audit(self, account_id: int) -> Audit:
         """The account's books from one consistent snapshot; `LookupError` if it does not exist."""

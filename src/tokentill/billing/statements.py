@@ -12,14 +12,42 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tokentill.billing.records import Account, UsageRecord
-from tokentill.storage.schema import accounts, holds, ledger, usage
+from tokentill.billing.records import Account, UsageRecord, UsageRow
+from tokentill.storage.schema import accounts, holds, ledger, usage, usage_hourly
 
-__all__ = ["account_from_row", "add_to_balance", "append_ledger", "balance_of", "close_hold", "record_usage"]
+__all__ = [
+    "account_from_row",
+    "usage_row_from",
+    "add_to_balance",
+    "append_ledger",
+    "balance_of",
+    "close_hold",
+    "record_usage",
+]
 
 
 def account_from_row(row: Any) -> Account:
     return Account(id=row.id, name=row.name, balance=int(row.balance), created_at=row.created_at)
+
+
+def usage_row_from(r: Any) -> UsageRow:
+    """A `usage` row joined with `accounts.name AS account_name`, as a `UsageRow`."""
+    return UsageRow(
+        request_id=r.request_id,
+        account_name=r.account_name,
+        key_id=r.key_id,
+        model=r.model,
+        prompt_tokens=r.prompt_tokens,
+        completion_tokens=r.completion_tokens,
+        reasoning_tokens=r.reasoning_tokens,
+        cached_tokens=r.cached_tokens,
+        image_tokens=r.image_tokens,
+        cost=int(r.cost),
+        status=r.status,
+        latency_ms=r.latency_ms,
+        estimated=bool(r.estimated),
+        created_at=r.created_at,
+    )
 
 
 async def balance_of(conn: AsyncConnection, account_id: int, *, for_update: bool = False) -> int:
@@ -89,6 +117,7 @@ async def close_hold(
 async def record_usage(
     conn: AsyncConnection, dialect: str, account_id: int, record: UsageRecord, cost: int, now: datetime
 ) -> None:
+    """Write the usage row and add it to its `usage_hourly` bucket (the UTC hour of `now`), once."""
     # ON CONFLICT DO NOTHING: a duplicate request id must not roll back the money movement with it.
     values: dict[str, Any] = {
         "request_id": record.request_id,
@@ -106,11 +135,37 @@ async def record_usage(
         "estimated": record.estimated,
         "created_at": now,
     }
-    if dialect == "postgresql":
+    dialect_insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    inserted = (
         await conn.execute(
-            postgresql.insert(usage).values(values).on_conflict_do_nothing(index_elements=["request_id"])
+            dialect_insert(usage)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=["request_id"])
+            .returning(usage.c.id)
         )
-    else:
-        await conn.execute(
-            sqlite.insert(usage).values(values).on_conflict_do_nothing(index_elements=["request_id"])
+    ).first()
+    if inserted is None:
+        return
+    # The hourly rollup moves in the same transaction as the row it sums, so the two always agree.
+    counts = {
+        "requests": 1,
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "reasoning_tokens": record.reasoning_tokens,
+        "cached_tokens": record.cached_tokens,
+        "image_tokens": record.image_tokens,
+        "cost": cost,
+    }
+    statement = dialect_insert(usage_hourly).values(
+        account_id=account_id,
+        hour=now.replace(minute=0, second=0, microsecond=0),
+        model=record.model,
+        key_id=record.key_id or "",
+        **counts,
+    )
+    await conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=["account_id", "hour", "model", "key_id"],
+            set_={name: usage_hourly.c[name] + statement.excluded[name] for name in counts},
         )
+    )

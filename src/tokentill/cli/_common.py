@@ -13,6 +13,7 @@ import click
 from pydantic import ValidationError
 
 from tokentill.auth.service import KeyStore
+from tokentill.billing.codes import RedemptionCodes
 from tokentill.billing.ledger import Ledger
 from tokentill.settings import Settings
 from tokentill.storage.db import open_database
@@ -26,13 +27,14 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 class Stores:
     ledger: Ledger
     keys: KeyStore
+    codes: RedemptionCodes
 
 
 @contextlib.asynccontextmanager
 async def stores(settings: Settings) -> AsyncIterator[Stores]:
     db = await open_database(settings.resolved_database_url)
     try:
-        yield Stores(ledger=Ledger(db), keys=KeyStore(db))
+        yield Stores(ledger=Ledger(db), keys=KeyStore(db), codes=RedemptionCodes(db))
     finally:
         await db.aclose()
 

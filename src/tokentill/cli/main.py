@@ -14,6 +14,7 @@ from tokentill.billing.money import format_credits, parse_credits
 from tokentill.catalog import CatalogError, load_catalog
 from tokentill.cli._common import load_settings, stores
 from tokentill.cli.accounts import accounts, credits
+from tokentill.cli.codes import codes
 from tokentill.cli.keys import keys
 from tokentill.cli.models import models
 from tokentill.cli.usage import usage
@@ -101,6 +102,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
 
 
 cli.add_command(accounts)
+cli.add_command(codes)
 cli.add_command(credits)
 cli.add_command(keys)
 cli.add_command(models)

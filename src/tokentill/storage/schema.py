@@ -11,9 +11,13 @@ Tables:
     holds      credit reserved for one in-flight request (id = request id), released or settled once
     usage      one row per finished request (tokens by kind, cost charged, HTTP status)
     idempotency_keys  one row per (account, Idempotency-Key): claimed, then the stored response
+    redemption_codes  prepaid credit codes `ttc-<id>-<secret>`: the id and sha256(secret), redeemed once
+    usage_hourly  the usage rows summed per (account, UTC hour, model, key), written in the same
+                  transaction as each usage row, so it always equals the raw rows summed
+    server_secrets  named random secrets shared by every replica (e.g. the console's cookie key)
 
-The Alembic revisions `0001_initial` and `0002_idempotency` create exactly these tables; change both
-together.
+The Alembic revisions `0001_initial`, `0002_idempotency` and `0003_console` create exactly these tables;
+change both together.
 """
 
 from __future__ import annotations
@@ -50,13 +54,27 @@ __all__ = [
     "idempotency_keys",
     "ledger",
     "metadata",
+    "redemption_codes",
+    "server_secrets",
     "usage",
+    "usage_hourly",
     "utcnow",
+    "USAGE_COUNTERS",
 ]
 
 LEDGER_KINDS = ("credit", "hold", "release", "charge", "adjust")
 HOLD_STATUSES = ("open", "settled", "released", "expired")
 IDEMPOTENCY_STATUSES = ("in_progress", "completed", "streamed")
+# The summed columns of `usage_hourly`; `requests` counts usage rows, the others sum the same-named column.
+USAGE_COUNTERS = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "cached_tokens",
+    "image_tokens",
+    "cost",
+)
 
 # BIGINT on PostgreSQL; on SQLite only `INTEGER PRIMARY KEY` autoincrements (it is 64-bit there anyway).
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -204,4 +222,42 @@ idempotency_keys = Table(
     Column("expires_at", UTCDateTime, nullable=False),
     CheckConstraint("status IN ('in_progress', 'completed', 'streamed')", name="status"),
     Index(None, "expires_at"),
+)
+
+# A code is `ttc-<id>-<secret>`; only the id and sha256(secret) are stored. Redeeming is one conditional
+# UPDATE ... WHERE redeemed_at IS NULL, so of two concurrent redeemers exactly one sees its row.
+redemption_codes = Table(
+    "redemption_codes",
+    metadata,
+    Column("id", String(8), primary_key=True),
+    Column("code_sha256", String(64), nullable=False),
+    Column("credits", BigInteger, nullable=False),  # µcr
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    Column("expires_at", UTCDateTime, nullable=True),  # NULL = never
+    Column("redeemed_at", UTCDateTime, nullable=True),
+    Column("redeemed_by", Integer, ForeignKey("accounts.id"), nullable=True),
+    Column("redeemed_key_id", String(8), nullable=True),
+    CheckConstraint("credits > 0", name="credits_positive"),
+    Index(None, "created_at"),
+)
+
+# `hour` is the UTC hour the usage rows were written in; `key_id` is '' for a row without a key (a
+# primary-key column cannot be NULL).
+usage_hourly = Table(
+    "usage_hourly",
+    metadata,
+    Column("account_id", Integer, ForeignKey("accounts.id"), primary_key=True),
+    Column("hour", UTCDateTime, primary_key=True),
+    Column("model", String(128), primary_key=True),
+    Column("key_id", String(8), primary_key=True),
+    *(Column(name, BigInteger, nullable=False, server_default="0") for name in USAGE_COUNTERS),
+    Index(None, "hour"),
+)
+
+server_secrets = Table(
+    "server_secrets",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
 )
