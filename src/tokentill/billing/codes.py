@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from tokentill.auth.keys import hash_secret
 from tokentill.billing.money import format_credits
 from tokentill.billing.statements import add_to_balance, append_ledger
-from tokentill.errors import CodeAlreadyRedeemed, CodeNotFound
+from tokentill.errors import CodeAlreadyRedeemed, CodeNotFound, RateLimited
 from tokentill.limits import KeyLimits, RateLimiter
 from tokentill.storage.db import Database
 from tokentill.storage.schema import accounts, redemption_codes
@@ -205,7 +205,16 @@ class RedemptionCodes:
         malformed, unknown, wrong or expired code, `CodeAlreadyRedeemed` (409) for a used one.
         """
         if self._limiter is not None:
-            lease = await self._limiter.acquire(f"redeem:{key_id}", self._attempts, 0)
+            try:
+                lease = await self._limiter.acquire(f"redeem:{key_id}", self._attempts, 0)
+            except RateLimited as exc:
+                wait = exc.headers.get("Retry-After", "60")
+                raise RateLimited(
+                    f"Too many redemption attempts with this key: {self._attempts.rpm} per minute are "
+                    f"allowed. Try again in {wait}s.",
+                    limit_type="requests",
+                    retry_after_s=float(wait),
+                ) from None
             await lease.release()  # only the attempt counts (rpm); nothing stays in flight
         parsed = parse_code(code)
         not_found = CodeNotFound("No such redemption code, or it has expired.", param="code")
