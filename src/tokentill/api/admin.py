@@ -140,16 +140,7 @@ async def create_codes(request: Request, body: NewCodes) -> dict[str, Any]:
     if amount <= 0:
         raise errors.InvalidRequest("credits must be more than 0.", param="credits")
     created = await services_of(request).codes.create_codes(amount, body.count, body.expires_days)
-    data = [
-        {
-            "id": c.id,
-            "code": c.code,
-            "credits": format_credits(c.credits),
-            "expires_at": c.expires_at.isoformat() if c.expires_at else None,
-        }
-        for c in created
-    ]
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [c.to_dict() for c in created]}
 
 
 @admin_router.get("/codes")

@@ -85,6 +85,15 @@ class CreatedCode:
     credits: int  # µcr
     expires_at: datetime | None
 
+    def to_dict(self) -> dict[str, Any]:
+        """As the admin API and `tokentill codes create --json` show it (the only time `code` is shown)."""
+        return {
+            "id": self.id,
+            "code": self.code,
+            "credits": format_credits(self.credits),
+            "expires_at": _iso(self.expires_at),
+        }
+
 
 @dataclass(frozen=True)
 class CodeInfo:

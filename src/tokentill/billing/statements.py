@@ -119,17 +119,20 @@ async def record_usage(
 ) -> None:
     """Write the usage row and add it to its `usage_hourly` bucket (the UTC hour of `now`), once."""
     # ON CONFLICT DO NOTHING: a duplicate request id must not roll back the money movement with it.
-    values: dict[str, Any] = {
-        "request_id": record.request_id,
-        "account_id": account_id,
-        "key_id": record.key_id,
-        "model": record.model,
+    counts = {
         "prompt_tokens": record.prompt_tokens,
         "completion_tokens": record.completion_tokens,
         "reasoning_tokens": record.reasoning_tokens,
         "cached_tokens": record.cached_tokens,
         "image_tokens": record.image_tokens,
         "cost": cost,
+    }
+    values: dict[str, Any] = {
+        "request_id": record.request_id,
+        "account_id": account_id,
+        "key_id": record.key_id,
+        "model": record.model,
+        **counts,
         "status": record.status,
         "latency_ms": record.latency_ms,
         "estimated": record.estimated,
@@ -147,15 +150,7 @@ async def record_usage(
     if inserted is None:
         return
     # The hourly rollup moves in the same transaction as the row it sums, so the two always agree.
-    counts = {
-        "requests": 1,
-        "prompt_tokens": record.prompt_tokens,
-        "completion_tokens": record.completion_tokens,
-        "reasoning_tokens": record.reasoning_tokens,
-        "cached_tokens": record.cached_tokens,
-        "image_tokens": record.image_tokens,
-        "cost": cost,
-    }
+    counts["requests"] = 1
     statement = dialect_insert(usage_hourly).values(
         account_id=account_id,
         hour=now.replace(minute=0, second=0, microsecond=0),

@@ -38,15 +38,7 @@ def create(credits_: str, count: int, expires: int | None, as_json: bool) -> Non
 
     async def run(s: Stores) -> None:
         created = await s.codes.create_codes(amount, count, expires)
-        items = [
-            {
-                "id": c.id,
-                "code": c.code,
-                "credits": format_credits(c.credits),
-                "expires_at": c.expires_at.isoformat() if c.expires_at else None,
-            }
-            for c in created
-        ]
+        items = [c.to_dict() for c in created]
         until = f", expiring {created[0].expires_at:%Y-%m-%d %H:%M} UTC" if created[0].expires_at else ""
         text = "\n".join(c.code for c in created)
         text += f"\n\n{count} code(s) of {format_credits(amount)} credits{until}. Store them now: "
