@@ -350,3 +350,9 @@ def test_admin_codes_and_operator_usage(harness: Harness) -> None:
     assert rows == [("a", "a", "echo", 1), ("b", "b", "echo-b", 1)]
     assert r.json()["total"]["requests"] == 2
     assert admin(harness, "GET", "/admin/usage", params={"start": "x"}).json()["error"]["param"] == "start"
+    log = admin(harness, "GET", "/admin/usage/requests", params={"limit": 1}).json()
+    assert [(row["account"], row["model"]) for row in log["data"]] == [("b", "echo-b")] and log["next"]
+    older = admin(harness, "GET", "/admin/usage/requests", params={"before": log["next"]}).json()
+    assert [row["account"] for row in older["data"]] == ["a"] and older["next"] is None
+    assert admin(harness, "GET", "/admin/usage/requests", params={"failed": "true"}).json()["data"] == []
+    assert admin(harness, "GET", "/admin/usage/requests", params={"limit": "x"}).status_code == 400

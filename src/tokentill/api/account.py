@@ -16,11 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from tokentill import errors
 from tokentill.api.routes import Authenticated, _with_balance
 from tokentill.api.state import services_of
+from tokentill.auth.service import KeyInfo, Principal
 from tokentill.billing.money import format_credits
 from tokentill.billing.records import UsageRow
 from tokentill.billing.reports import UsageBucket, UsageQuery, UsageTotals, parse_usage_query
 
-__all__ = ["account_router", "request_json", "usage_json"]
+__all__ = ["account_json", "account_router", "parse_limit", "request_json", "usage_json"]
 
 account_router = APIRouter()
 
@@ -75,7 +76,26 @@ def request_json(row: UsageRow) -> dict[str, Any]:
     }
 
 
-def _limit(text: str | None) -> int:
+def account_json(principal: Principal, key: KeyInfo) -> dict[str, Any]:
+    """`GET /v1/account`'s body: the principal's account and balance, and `key`'s settings."""
+    return {
+        "object": "account",
+        "account": principal.account_name,
+        "balance": format_credits(principal.balance),
+        "key": {
+            "id": key.key_id,
+            "name": key.name,
+            "models": key.models,
+            "rpm": key.rpm,
+            "tpm": key.tpm,
+            "max_concurrent": key.max_concurrent,
+            "created_at": int(key.created_at.timestamp()),
+        },
+    }
+
+
+def parse_limit(text: str | None) -> int:
+    """The `limit` query parameter: default 50; not digits → 400 (the service checks the range)."""
     if text is None:
         return 50
     if not text.isdigit() or len(text) > 6:
@@ -90,23 +110,7 @@ async def get_account(request: Request, principal: Authenticated) -> JSONRespons
     key = await services_of(request).keys.get_key(principal.key_id)
     if key is None:  # revoked and deleted between the two reads; keys are never deleted today
         raise errors.AuthenticationFailed("This API key no longer exists.", code="invalid_api_key")
-    return _with_balance(
-        request,
-        {
-            "object": "account",
-            "account": principal.account_name,
-            "balance": format_credits(principal.balance),
-            "key": {
-                "id": key.key_id,
-                "name": key.name,
-                "models": key.models,
-                "rpm": key.rpm,
-                "tpm": key.tpm,
-                "max_concurrent": key.max_concurrent,
-                "created_at": int(key.created_at.timestamp()),
-            },
-        },
-    )
+    return _with_balance(request, account_json(principal, key))
 
 
 @account_router.get("/v1/usage")
@@ -127,7 +131,7 @@ async def get_requests(
     request: Request, principal: Authenticated, limit: str | None = None, before: str | None = None
 ) -> JSONResponse:
     page = await services_of(request).reports.requests(
-        principal.account_id, limit=_limit(limit), before=before
+        principal.account_id, limit=parse_limit(limit), before=before
     )
     return _with_balance(
         request, {"object": "list", "data": [request_json(r) for r in page.rows], "next": page.next}

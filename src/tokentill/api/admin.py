@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokentill import errors
-from tokentill.api.account import usage_json
+from tokentill.api.account import parse_limit, request_json, usage_json
 from tokentill.api.routes import presented_key
 from tokentill.api.state import services_of
 from tokentill.billing.codes import MAX_CODES_PER_BATCH
@@ -156,3 +156,17 @@ async def operator_usage(
     query = parse_usage_query(start, end, group_by, today=datetime.now(UTC).date(), allowed=OPERATOR_GROUPS)
     buckets, total = await services_of(request).reports.operator_usage(query)
     return usage_json(query, buckets, total)
+
+
+@admin_router.get("/usage/requests")
+async def operator_requests(
+    request: Request, limit: str | None = None, before: str | None = None, failed: bool = False
+) -> dict[str, Any]:
+    page = await services_of(request).reports.operator_requests(
+        limit=parse_limit(limit), before=before, failed_only=failed
+    )
+    return {
+        "object": "list",
+        "data": [{**request_json(r), "account": r.account_name} for r in page.rows],
+        "next": page.next,
+    }

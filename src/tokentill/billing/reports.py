@@ -242,15 +242,26 @@ class UsageReports:
         `InvalidRequest` for a bad cursor; a cursor from another account only ever selects this account's
         rows (it is a position, not a permission).
         """
+        return await self._page(limit, before, usage.c.account_id == account_id)
+
+    async def operator_requests(
+        self, *, limit: int = 50, before: str | None = None, failed_only: bool = False
+    ) -> RequestPage:
+        """Every account's request log, newest first (`failed_only`: HTTP status >= 400, the operator's
+        "last errors"); paged like `requests`."""
+        return await self._page(limit, before, usage.c.status >= 400 if failed_only else None)
+
+    async def _page(self, limit: int, before: str | None, where: ColumnElement[bool] | None) -> RequestPage:
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidRequest(f"Invalid 'limit': give 1 to {MAX_PAGE}.", param="limit")
         statement = (
             select(usage, accounts.c.name.label("account_name"))
             .join(accounts, accounts.c.id == usage.c.account_id)
-            .where(usage.c.account_id == account_id)
             .order_by(usage.c.id.desc())
             .limit(limit + 1)
         )
+        if where is not None:
+            statement = statement.where(where)
         if before is not None:
             statement = statement.where(usage.c.id < decode_cursor(before))
         async with self._db.read() as conn:
