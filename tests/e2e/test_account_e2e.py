@@ -150,3 +150,23 @@ def test_concurrent_redeems_credit_each_code_once(server: TokentillServer, modul
     finally:
         if replica is not server:
             replica.stop()
+
+
+def test_codes_cli_refuses_bad_input(tmp_path: Path) -> None:
+    cli = TokentillServer(tmp_path, None)
+    for args in (
+        ["--credits", "0"],
+        ["--credits", "-1"],
+        ["--credits", "0.0000001"],
+        ["--credits", "ten"],
+        ["--credits", "1", "--count", "0"],
+        ["--credits", "1", "--count", "1001"],
+        ["--credits", "1", "--expires", "0"],
+    ):
+        result = cli.cli("codes", "create", *args, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr)
+    assert cli.cli_json("codes", "list") == {"codes": []}
+    made = cli.cli("codes", "create", "--credits", "0.5", "--count", "2").stdout
+    assert len([line for line in made.splitlines() if line.startswith("ttc-")]) == 2
+    listed = cli.cli_json("codes", "list")["codes"]
+    assert [(c["credits"], c["status"], c["expires_at"]) for c in listed] == [("0.5", "active", None)] * 2

@@ -281,8 +281,12 @@ def test_redeem_once_then_409_and_404s(harness: Harness) -> None:
         r = harness.post("/v1/account/redeem", {"code": bad}, "b1")
         assert r.status_code == 404, (bad, r.text)
         assert r.json()["error"]["code"] == "code_not_found" and r.json()["error"]["param"] == "code"
-    for body in ({}, {"code": ""}, {"code": 5}, {"code": first, "extra": 1}):
+    for body in ({}, {"code": ""}, {"code": 5}, {"code": first, "extra": 1}, [first]):
         assert harness.post("/v1/account/redeem", body).status_code == 400, body
+    auth = {"Authorization": f"Bearer {harness.keys['a1']}"}
+    r = harness.client.post("/v1/account/redeem", content=b"{not json", headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert harness.client.get("/v1/account/redeem", headers=auth).status_code == 405
     # One 'credit' ledger row per redemption, naming the code id and never the code.
     rows = harness.call(_ledger_rows(harness))
     redeemed = [row for row in rows if (row.ref or "").startswith("code:")]
