@@ -23,6 +23,7 @@ from tokentill.cli.keys import keys
 from tokentill.cli.models import models
 from tokentill.cli.usage import usage
 from tokentill.settings import Settings
+from tokentill.storage.db import DatabaseMissing, describe_url, open_database
 
 
 @click.group()
@@ -41,7 +42,7 @@ async def _bootstrap(settings: Settings) -> None:
     its key are two transactions, so a start that finds `default` as the only account and keyless (its
     bootstrap died in between) creates the key now.
     """
-    async with stores(settings) as s:
+    async with stores(settings, create=True) as s:
         amount = parse_credits(settings.initial_credits)
         if await s.ledger.count_accounts() == 0:
             try:
@@ -93,6 +94,27 @@ def _multiprocess_metrics(settings: Settings) -> Iterator[None]:
         yield
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@cli.command()
+def init() -> None:
+    """Create the database (tables at the newest revision) if it does not exist yet; safe to repeat.
+
+    `serve` does this on its first start; `init` is for managing accounts and keys before that.
+    """
+    url = load_settings().resolved_database_url
+
+    async def main() -> str:
+        try:
+            db = await open_database(url, create=False)
+            done = "is up to date"
+        except DatabaseMissing:
+            db = await open_database(url, create=True)
+            done = "created"
+        await db.aclose()
+        return done
+
+    click.echo(f"database {describe_url(url)}: {asyncio.run(main())}")
 
 
 @cli.command()
