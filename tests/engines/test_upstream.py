@@ -17,9 +17,9 @@ from tokentill import errors
 from tokentill.catalog import CatalogError, ModelSpec
 from tokentill.engines import create_engine
 from tokentill.engines.base import Engine, EngineRequest
+from tokentill.engines.reasoning import with_reasoning
 from tokentill.engines.upstream import UpstreamEngine
 from tokentill.engines.upstream_sse import sse_lines
-from tokentill.reasoning import with_reasoning
 from tokentill.types import Finished, ImageInput, Message, TextDelta, Usage
 
 
