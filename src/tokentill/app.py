@@ -26,7 +26,7 @@ from tokentill.engines import create_engine
 from tokentill.engines.base import Engine
 from tokentill.idempotency import IdempotencyStore
 from tokentill.limits import create_limiter
-from tokentill.media.service import MediaService
+from tokentill.media.service import MediaPolicy, MediaService
 from tokentill.reasoning import with_reasoning
 from tokentill.services import Services
 from tokentill.settings import Settings
@@ -82,7 +82,7 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
             engines[spec.id] = engine
         limiter = create_limiter(settings.redis_url, lease_ttl_s=settings.rate_limit_lease_ttl_s)
         stack.push_async_callback(limiter.aclose)
-        media = MediaService(settings.media_policy())
+        media = MediaService(MediaPolicy.from_settings(settings))
         await media.start()
         stack.push_async_callback(media.aclose)
         chat = ChatService(

@@ -28,17 +28,9 @@ from dataclasses import replace
 
 import anyio
 
-from tokentill.engines.base import (
-    Capabilities,
-    Engine,
-    EngineEvent,
-    EngineRequest,
-    Finished,
-    Message,
-    TextDelta,
-    Usage,
-)
+from tokentill.engines.base import Capabilities, Engine, EngineRequest
 from tokentill.engines.text import ThinkSplitter
+from tokentill.types import EngineEvent, Finished, Message, TextDelta, Usage
 
 __all__ = ["EFFORT_BUDGETS", "NativeThinking", "Scratchpad", "ThinkSplitter", "with_reasoning"]
 

@@ -16,9 +16,10 @@ from tests.engines.upstream_servers import ScriptedUpstream, SilentServer, free_
 from tokentill import errors
 from tokentill.catalog import CatalogError, ModelSpec
 from tokentill.engines import create_engine
-from tokentill.engines.base import Engine, EngineRequest, Finished, ImageInput, Message, TextDelta, Usage
+from tokentill.engines.base import Engine, EngineRequest
 from tokentill.engines.upstream import UpstreamEngine, _sse_lines
 from tokentill.reasoning import with_reasoning
+from tokentill.types import Finished, ImageInput, Message, TextDelta, Usage
 
 
 @pytest.fixture(scope="module")

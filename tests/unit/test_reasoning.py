@@ -10,17 +10,10 @@ import pytest
 
 from tests._services import run
 from tokentill.catalog import ModelSpec
-from tokentill.engines.base import (
-    Capabilities,
-    EngineEvent,
-    EngineRequest,
-    Finished,
-    Message,
-    TextDelta,
-    Usage,
-)
+from tokentill.engines.base import Capabilities, EngineRequest
 from tokentill.engines.echo import EchoEngine
 from tokentill.reasoning import EFFORT_BUDGETS, NativeThinking, Scratchpad, ThinkSplitter, with_reasoning
+from tokentill.types import EngineEvent, Finished, Message, TextDelta, Usage
 
 
 def _request(text: str, max_tokens: int, effort: str = "medium") -> EngineRequest:

@@ -48,7 +48,7 @@ from pydantic import SecretStr
 
 from tokentill import errors
 from tokentill.catalog import CatalogError, ModelSpec
-from tokentill.engines.base import Capabilities, EngineEvent, EngineRequest, Finished, TextDelta
+from tokentill.engines.base import Capabilities, EngineRequest
 from tokentill.engines.upstream_pool import Replica, ReplicaPool
 from tokentill.engines.upstream_wire import (
     BadAnswer,
@@ -59,6 +59,7 @@ from tokentill.engines.upstream_wire import (
     parse_json,
     rejects_max_tokens,
 )
+from tokentill.types import EngineEvent, Finished, TextDelta
 
 __all__ = ["UpstreamEngine", "check_spec", "resolve_api_key"]
 
