@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx2
 import platformdirs
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["MAX_UCR", "UCR_PER_CREDIT", "Settings", "parse_allow_hosts", "parse_credits"]
@@ -167,6 +167,29 @@ class Settings(BaseSettings):
         ge=1,
         description="Redemption-code attempts one API key may make per minute (429 past it), across replicas "
         "when Redis is configured.",
+    )
+    metrics_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer token GET /metrics requires (the admin key opens it too); unset = /metrics is "
+        "open to anyone who can reach the server.",
+    )
+    docs_enabled: bool = Field(
+        default=True, description="Serve the API docs: /docs and /openapi.json (false: both answer 404)."
+    )
+    metrics_multiproc_dir: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("metrics_multiproc_dir", "prometheus_multiproc_dir"),
+        description="prometheus-client's multiprocess folder (PROMETHEUS_MULTIPROC_DIR); `serve --workers N` "
+        "sets it to a fresh folder under DATA_DIR so /metrics sums every worker.",
+    )
+    console_session_ttl_s: int = Field(
+        default=12 * 3600, ge=60, description="How long a console sign-in lasts (seconds)."
+    )
+    console_login_attempts_per_minute: int = Field(
+        default=10,
+        ge=1,
+        description="Console sign-in attempts one client address may make per minute (429 past it), across "
+        "replicas when Redis is configured.",
     )
     log_level: str = Field(default="info", description="Logging level.")
     media_allow_hosts: str = Field(

@@ -22,6 +22,11 @@ are. The pool pings a connection before lending it, so the first request after a
 Migrations are Alembic revisions shipped inside the package (`storage/migrations`), run to head in one
 transaction on every open; a second open is a no-op. On PostgreSQL the run holds a transaction-scoped
 advisory lock, so replicas started together migrate one after the other.
+
+Only `tokentill serve` and `tokentill init` create a database (`create=True`). The other commands open
+with `create=False`, which raises `DatabaseMissing` for a database tokentill never set up (a SQLite file
+that does not exist, a PostgreSQL database without tokentill's tables) and creates nothing, so a command
+pointed at the wrong data folder says so instead of working on a new, empty database.
 """
 
 from __future__ import annotations
@@ -31,14 +36,14 @@ import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, closing, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, exc, text
+from sqlalchemy import event, exc, inspect, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -46,7 +51,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from tokentill.errors import ServiceUnavailable
 from tokentill.storage.schema import utcnow
 
-__all__ = ["RETRY_AFTER_S", "Database", "is_outage", "open_database"]
+__all__ = ["RETRY_AFTER_S", "Database", "DatabaseMissing", "describe_url", "is_outage", "open_database"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +59,7 @@ _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # Any fixed 64-bit number; only tokentill's migration runs take it.
 _MIGRATION_LOCK_KEY = 0x746F6B656E74696C  # "tokentil"
 _BEGIN_OPTION = "tokentill_sqlite_begin"
+_VERSION_TABLE = "alembic_version"  # Alembic's own table: present once tokentill has set a database up
 _SQLITE_PRAGMAS = (
     "PRAGMA busy_timeout = 10000",  # first, so that the WAL switch itself waits for other processes
     "PRAGMA journal_mode = WAL",
@@ -92,6 +98,22 @@ def is_outage(error: BaseException) -> bool:
             return True
         return False
     return isinstance(error, _asyncpg_outages())
+
+
+class DatabaseMissing(Exception):
+    """`open_database(url, create=False)` found no tokentill database at `url` (an operator error)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(f"no tokentill database at {describe_url(url)}")
+        self.url = url
+
+
+def describe_url(url: str) -> str:
+    """The database as an operator recognises it: a SQLite file's path, else the URL without password."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        return str(Path(parsed.database).resolve())
+    return parsed.render_as_string(hide_password=True)
 
 
 class Database:
@@ -252,7 +274,21 @@ def _upgrade(connection: Connection) -> None:
     command.upgrade(_alembic_config(connection), "head")
 
 
-def _make_engine(url: str, connect_timeout_s: float, pool_timeout_s: float) -> AsyncEngine:
+def _has_schema(connection: Connection) -> bool:
+    return inspect(connection).has_table(_VERSION_TABLE)
+
+
+def _sqlite_has_schema(path: str) -> bool:
+    """True when the SQLite file exists and holds tokentill's tables; opened read-only, creates nothing."""
+    file = Path(path).resolve()
+    if not file.is_file():
+        return False
+    with closing(sqlite3.connect(f"{file.as_uri()}?mode=ro", uri=True, timeout=10.0)) as conn:
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        return conn.execute(query, (_VERSION_TABLE,)).fetchone() is not None
+
+
+def _make_engine(url: str, *, create: bool, connect_timeout_s: float, pool_timeout_s: float) -> AsyncEngine:
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
@@ -260,7 +296,8 @@ def _make_engine(url: str, connect_timeout_s: float, pool_timeout_s: float) -> A
             raise ValueError(f"SQLite URLs must use the aiosqlite driver: {parsed.drivername}")
         if not parsed.database or parsed.database == ":memory:":
             raise ValueError("an in-memory SQLite database cannot be shared; give a file path")
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(parsed)
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
@@ -280,24 +317,30 @@ def _make_engine(url: str, connect_timeout_s: float, pool_timeout_s: float) -> A
 
 
 async def open_database(
-    url: str, *, connect_timeout_s: float = 5.0, pool_timeout_s: float = 10.0
+    url: str, *, create: bool = True, connect_timeout_s: float = 5.0, pool_timeout_s: float = 10.0
 ) -> Database:
     """Connect to `url`, migrate it to the newest revision, and return the `Database`.
 
-    PostgreSQL: a connection attempt gives up after `connect_timeout_s`, a wait for a free pooled
-    connection after `pool_timeout_s` (both then answer 503).
-
-    Raises `ValueError` for an unsupported URL; driver and migration errors propagate (after the engine
-    is disposed), since a server must not start on a database it cannot use.
+    `create=False`: raise `DatabaseMissing`, creating nothing, unless tokentill has set this database up
+    before (an older revision is still migrated). PostgreSQL: a connection attempt gives up after
+    `connect_timeout_s`, a wait for a free pooled connection after `pool_timeout_s` (both then answer
+    503). Raises `ValueError` for an unsupported URL; driver and migration errors propagate (after the
+    engine is disposed), since a server must not start on a database it cannot use.
     """
-    engine = _make_engine(url, connect_timeout_s, pool_timeout_s)
+    engine = _make_engine(
+        url, create=create, connect_timeout_s=connect_timeout_s, pool_timeout_s=pool_timeout_s
+    )
     try:
         if engine.dialect.name == "sqlite" and engine.url.database:
+            if not create and not await asyncio.to_thread(_sqlite_has_schema, engine.url.database):
+                raise DatabaseMissing(url)
             await asyncio.to_thread(_switch_to_wal, engine.url.database)
         async with engine.begin() as conn:
             if engine.dialect.name == "postgresql":
                 # Released at commit/rollback; a second process waits here, then finds nothing to do.
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+            if not create and not await conn.run_sync(_has_schema):
+                raise DatabaseMissing(url)
             await conn.run_sync(_upgrade)
     except BaseException:
         await engine.dispose()
