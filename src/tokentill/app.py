@@ -24,10 +24,10 @@ from tokentill.catalog import load_catalog
 from tokentill.chat import ChatService
 from tokentill.engines import create_engine
 from tokentill.engines.base import Engine
+from tokentill.engines.reasoning import with_reasoning
 from tokentill.idempotency import IdempotencyStore
 from tokentill.limits import create_limiter
 from tokentill.media.service import MediaPolicy, MediaService
-from tokentill.reasoning import with_reasoning
 from tokentill.services import Services
 from tokentill.settings import Settings
 from tokentill.storage.db import open_database
