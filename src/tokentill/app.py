@@ -59,7 +59,11 @@ async def _sweep_holds(ledger: Ledger, idempotency: IdempotencyStore, interval_s
 async def _services(settings: Settings) -> AsyncIterator[Services]:
     catalog = load_catalog(settings.config)
     async with contextlib.AsyncExitStack() as stack:
-        db = await open_database(settings.resolved_database_url)
+        db = await open_database(
+            settings.resolved_database_url,
+            connect_timeout_s=settings.database_connect_timeout_s,
+            pool_timeout_s=settings.database_pool_timeout_s,
+        )
         stack.push_async_callback(db.aclose)
         ledger = Ledger(db)
         engines: dict[str, Engine] = {}

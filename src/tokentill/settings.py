@@ -205,6 +205,17 @@ class Settings(BaseSettings):
     )
     media_max_images: int = Field(default=8, ge=1, description="Images allowed in one request.")
     media_timeout_s: float = Field(default=30.0, gt=0, description="Total time allowed to fetch one image.")
+    database_connect_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="PostgreSQL: how long one connection attempt may take before the request gets 503 "
+        "service_unavailable (a server that accepts TCP but never answers).",
+    )
+    database_pool_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="PostgreSQL: how long a request waits for a free pooled connection before 503.",
+    )
 
     @field_validator("media_allow_hosts")
     @classmethod
