@@ -27,18 +27,11 @@ from tokentill.billing import pricing
 from tokentill.billing.ledger import Hold, Ledger, UsageRecord
 from tokentill.billing.money import format_credits
 from tokentill.catalog import Catalog, ModelSpec
-from tokentill.engines.base import (
-    Engine,
-    EngineEvent,
-    EngineRequest,
-    Finished,
-    ImageInput,
-    Message,
-    TextDelta,
-)
+from tokentill.engines.base import Engine, EngineRequest
 from tokentill.limits import KeyLimits, Lease, RateLimiter
 from tokentill.media.service import ImageRef, MediaService
 from tokentill.protocol.chat import ChatCompletionRequest, ImagePart
+from tokentill.types import EngineEvent, Finished, ImageInput, Message, TextDelta
 
 __all__ = ["ChatService", "PreparedChat"]
 

@@ -46,9 +46,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokentill import errors
-from tokentill.engines.base import EngineEvent, Finished
 from tokentill.storage.db import Database
 from tokentill.storage.schema import idempotency_keys
+from tokentill.types import EngineEvent, Finished
 
 __all__ = ["Claim", "IdempotencyStore", "Replay", "check_key", "fingerprint", "track_stream"]
 

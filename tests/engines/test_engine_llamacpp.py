@@ -12,9 +12,10 @@ from tests._services import require
 from tests.engines._helpers import collect_text
 from tokentill.catalog import ModelSpec
 from tokentill.engines import create_engine
-from tokentill.engines.base import EngineEvent, EngineRequest, Finished, Message, TextDelta
+from tokentill.engines.base import EngineRequest
 from tokentill.engines.llamacpp import LlamaCppEngine
 from tokentill.errors import DeadlineExceeded, InvalidRequest, Overloaded
+from tokentill.types import EngineEvent, Finished, Message, TextDelta
 
 pytestmark = pytest.mark.llama
 
@@ -141,6 +142,14 @@ def test_generation_is_clamped_to_the_context(engine: LlamaCppEngine) -> None:
 def test_deadline_while_generating(engine: LlamaCppEngine) -> None:
     request = _request(LONG, request_id="slow", max_tokens=400, deadline=time.monotonic() + 0.3)
     with pytest.raises(DeadlineExceeded):
+        _run(engine, request)
+
+
+def test_deadline_message_counts_the_whole_request(engine: LlamaCppEngine) -> None:
+    """A later pass (the scratchpad's answer) reports the request's time, not its own share of it."""
+    now = time.monotonic()
+    request = _request(LONG, request_id="late", max_tokens=400, deadline=now + 0.2, started=now - 5)
+    with pytest.raises(DeadlineExceeded, match=r"^The request timed out after 5\.2 seconds\.$"):
         _run(engine, request)
 
 

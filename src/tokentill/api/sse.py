@@ -31,8 +31,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tokentill import errors
-from tokentill.engines.base import EngineEvent, Finished, TextDelta
 from tokentill.protocol import responses
+from tokentill.types import EngineEvent, Finished, TextDelta
 
 __all__ = ["KEEPALIVE", "EventStreamResponse", "first_error", "sse_frames"]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokentill.engines.base import Usage
+from tokentill.types import Usage
 
 __all__ = ["SYSTEM_FINGERPRINT", "chunk", "completion", "model_object", "usage_object"]
 
