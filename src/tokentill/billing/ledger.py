@@ -37,6 +37,7 @@ from tokentill.billing.statements import (
     usage_row_from,
 )
 from tokentill.errors import InsufficientCredits
+from tokentill.names import check_lookup, check_name
 from tokentill.storage.db import Database
 from tokentill.storage.schema import accounts, holds, ledger, utcnow
 from tokentill.storage.schema import usage as usage_table
@@ -57,11 +58,10 @@ class Ledger:
     async def create_account(self, name: str, credits: int = 0) -> Account:
         """Create account `name` holding `credits` µcr (a 'credit' ledger row when > 0).
 
-        Raises `AccountExists` if the name is taken, `ValueError` for an empty or over-long name or
-        negative credits.
+        Raises `AccountExists` if the name is taken, `InvalidRequest` for a name `names.check_name`
+        refuses, `ValueError` for negative credits.
         """
-        if not name or len(name) > 64 or name != name.strip():
-            raise ValueError(f"account names are 1-64 characters without surrounding spaces: {name!r}")
+        check_name(name)
         if credits < 0:
             raise ValueError("initial credits cannot be negative")
         now = utcnow()
@@ -83,6 +83,7 @@ class Ledger:
         return Account(id=row.id, name=name, balance=credits, created_at=now)
 
     async def get_account(self, name: str) -> Account | None:
+        check_lookup(name, param="name")
         async with self._db.read() as conn:
             row = (await conn.execute(select(accounts).where(accounts.c.name == name))).first()
         return account_from_row(row) if row is not None else None
@@ -109,10 +110,11 @@ class Ledger:
     async def add_credits(self, name: str, amount: int, note: str = "") -> int:
         """Add `amount` µcr (> 0, else `ValueError`) to account `name`; returns the new balance.
 
-        Raises `LookupError` for an unknown account.
+        Raises `LookupError` for an unknown account, `InvalidRequest` for a name that cannot exist.
         """
         if amount <= 0:
             raise ValueError("credits to add must be positive")
+        check_lookup(name, param="name")
         async with self._db.begin() as conn:
             row = (
                 await conn.execute(
