@@ -107,6 +107,11 @@ def _echo_server(workdir: Path, database_url: str | None = None, **env: str) -> 
         (("accounts", "create", ""), "1-64 characters"),
         (("accounts", "create", "n" * 65), "1-64 characters"),
         (("accounts", "create", "other", "--credits", "-2"), "cannot be negative"),
+        # tokentill.names, shared with the admin API (issue 15.5)
+        (("accounts", "create", "a\x1c"), "U+001C, which is not printable"),
+        (("keys", "create", "--account", "acme", "--name", "x\x1fy"), "U+001F, which is not printable"),
+        (("keys", "create", "--account", "acme", "--models", "ok,a\u2028b"), "'models[1]'"),
+        (("keys", "revoke", "ab\x1dcd"), "'key_id'"),
     ],
 )
 def test_bad_operator_input_is_a_usage_error(tmp_path: Path, args: tuple[str, ...], said: str) -> None:

@@ -21,6 +21,7 @@ from tokentill.billing.ledger import AccountExists, BalanceRefused
 from tokentill.billing.money import format_credits, parse_credits
 from tokentill.billing.records import MAX_NOTE
 from tokentill.billing.reports import OPERATOR_GROUPS, parse_usage_query
+from tokentill.names import MAX_LABEL_CHARS, MAX_MODELS_PER_KEY, MAX_NAME_CHARS
 from tokentill.protocol.chat import find_invalid_unicode
 
 __all__ = ["admin_router"]
@@ -53,9 +54,12 @@ class _Body(BaseModel):
 _LIMIT = Field(default=None, ge=1, le=2**31 - 1)
 
 
+_NAME_RULE = "printable characters without surrounding whitespace (tokentill.names)"
+
+
 class NewAccount(_Body):
-    # The ledger's rule: 1-64 characters without surrounding whitespace.
-    name: str = Field(min_length=1, max_length=64, pattern=r"^\S(.*\S)?$")
+    # The ledger checks the full rule (`names.check_name`); the schema states what JSON Schema can.
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS, description=f"1-{MAX_NAME_CHARS} {_NAME_RULE}")
     credits: str = "0"
 
 
@@ -69,9 +73,16 @@ class Adjustment(_Body):
 
 
 class NewKey(_Body):
-    account: str
-    models: list[str] | None = None
-    name: str | None = None
+    account: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    models: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_MODELS_PER_KEY,
+        description="Model ids the key may use; null or absent: every model.",
+    )
+    name: str | None = Field(
+        default=None, min_length=1, max_length=MAX_LABEL_CHARS, description=f"A label: {_NAME_RULE}."
+    )
     rpm: int | None = _LIMIT
     tpm: int | None = _LIMIT
     max_concurrent: int | None = _LIMIT
@@ -157,7 +168,7 @@ async def create_key(request: Request, body: NewKey) -> dict[str, Any]:
         )
     except LookupError as exc:
         raise errors.NotFound(f"No account named {body.account!r}.", code="account_not_found") from exc
-    return {"id": created.key_id, "key": created.key, "account": body.account, "models": body.models}
+    return {"id": created.key_id, "key": created.key, "account": body.account, "models": created.models}
 
 
 @admin_router.delete("/keys/{key_id}")

@@ -23,6 +23,7 @@ closers (a late settle and the sweeper, two sweepers in two processes) cannot bo
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, insert, select, update
@@ -49,6 +50,7 @@ from tokentill.billing.statements import (
     usage_row_from,
 )
 from tokentill.errors import InsufficientCredits
+from tokentill.names import check_lookup, check_name
 from tokentill.storage.db import Database
 from tokentill.storage.schema import accounts, holds, ledger, utcnow
 from tokentill.storage.schema import usage as usage_table
@@ -69,11 +71,10 @@ class Ledger:
     async def create_account(self, name: str, credits: int = 0) -> Account:
         """Create account `name` holding `credits` µcr (a 'credit' ledger row when > 0).
 
-        Raises `AccountExists` if the name is taken, `ValueError` for an empty or over-long name or
-        negative credits.
+        Raises `AccountExists` if the name is taken, `InvalidRequest` for a name `names.check_name`
+        refuses, `ValueError` for negative credits.
         """
-        if not name or len(name) > 64 or name != name.strip():
-            raise ValueError(f"account names are 1-64 characters without surrounding spaces: {name!r}")
+        check_name(name)
         if credits < 0:
             raise ValueError("initial credits cannot be negative")
         now = utcnow()
@@ -95,6 +96,7 @@ class Ledger:
         return Account(id=row.id, name=name, balance=credits, created_at=now)
 
     async def get_account(self, name: str) -> Account | None:
+        check_lookup(name, param="name")
         async with self._db.read() as conn:
             row = (await conn.execute(select(accounts).where(accounts.c.name == name))).first()
         return account_from_row(row) if row is not None else None
@@ -121,10 +123,11 @@ class Ledger:
     async def add_credits(self, name: str, amount: int, note: str = "") -> int:
         """Add `amount` µcr (> 0, else `ValueError`) to account `name`; returns the new balance.
 
-        Raises `LookupError` for an unknown account.
+        Raises `LookupError` for an unknown account, `InvalidRequest` for a name that cannot exist.
         """
         if amount <= 0:
             raise ValueError("credits to add must be positive")
+        check_lookup(name, param="name")
         async with self._db.begin() as conn:
             row = (
                 await conn.execute(
@@ -317,9 +320,10 @@ class Ledger:
                 await record_usage(conn, self._db.dialect, account_id, usage, 0, now)
             return balance
 
-    async def release_expired(self, now: datetime | None = None) -> int:
+    async def release_expired(self, now: datetime | None = None, *, skip: Collection[str] = ()) -> int:
         """Release every open hold whose `expires_at` is before `now` (default: the database's clock,
-        which set the expiries, so a replica whose own clock runs ahead cannot expire live holds).
+        which set the expiries, so a replica whose own clock runs ahead cannot expire live holds),
+        except the holds in `skip` (settlements this process still owes: `Settlements.pending`).
 
         Each hold is released in its own transaction behind a conditional status update, so concurrent
         sweepers in several processes release each hold once. Returns how many this call released.
@@ -337,6 +341,8 @@ class Ledger:
             )
         released = 0
         for hold_id in candidates:
+            if hold_id in skip:
+                continue  # an answer was delivered: its settlement is pending, the money is owed
             async with self._db.begin() as conn:
                 closed = await close_hold(conn, hold_id, "open", "expired", now)
                 if closed is None:

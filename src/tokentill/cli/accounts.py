@@ -8,6 +8,7 @@ from tokentill.billing.ledger import AccountExists, BalanceRefused
 from tokentill.billing.money import format_credits, parse_credits
 from tokentill.billing.records import MAX_NOTE
 from tokentill.cli._common import Stores, emit, json_option, with_stores
+from tokentill.names import MAX_NAME_CHARS, name_problem
 
 
 def _credits(value: str, hint: str, when_negative: str = "") -> int:
@@ -41,10 +42,13 @@ _note_option = click.option(
 
 
 def _account_name(name: str) -> str:
-    # The ledger's own rule, checked here so that a bad name is a usage error rather than a traceback.
-    if not name or len(name) > 64 or name != name.strip():
+    # The ledger's own rule (tokentill.names), checked before any database is opened.
+    problem = name_problem(name)
+    if problem is not None:
         raise click.BadParameter(
-            "account names are 1-64 characters without surrounding spaces", param_hint="NAME"
+            f"{problem}; account names are 1-{MAX_NAME_CHARS} characters, printable, without surrounding "
+            "whitespace",
+            param_hint="NAME",
         )
     return name
 
