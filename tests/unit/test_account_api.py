@@ -378,6 +378,7 @@ def test_admin_refunds_and_debits(harness: Harness) -> None:
         ({"credits": "1"}, "note"),
         ({"credits": "1", "note": "  "}, "note"),
         ({"credits": "1", "note": "n" * 501}, "note"),
+        ({"credits": "1", "note": "nul \u0000 byte"}, "note"),  # PostgreSQL cannot store it: a 400, not a 500
         ({"credits": "-1", "note": "x"}, "credits"),
         ({"credits": "0", "note": "x"}, "credits"),
         ({"credits": "1", "note": "x", "extra": 1}, "extra"),

@@ -69,7 +69,8 @@ class Credits(_Body):
 
 class Adjustment(_Body):
     credits: str
-    note: str = Field(min_length=1, max_length=MAX_NOTE, pattern=r"\S")  # why, kept on the ledger row
+    # Why, kept on the ledger row; the ledger checks the full rule (`names.check_name`).
+    note: str = Field(min_length=1, max_length=MAX_NOTE, description=f"1-{MAX_NOTE} {_NAME_RULE}")
 
 
 class NewKey(_Body):

@@ -146,7 +146,7 @@ class Ledger:
     async def refund(self, name: str, amount: int, *, note: str) -> int:
         """Give `amount` µcr (> 0) back to account `name` as an 'adjust' ledger row carrying `note`;
         returns the new balance. `LookupError` for an unknown account, `BalanceRefused` past the column's
-        limit, `ValueError` for an amount ≤ 0 or an empty note."""
+        limit, `InvalidRequest` for a note `names.check_name` refuses, `ValueError` for an amount ≤ 0."""
         return await self._adjust(name, amount, "refund", note)
 
     async def debit(self, name: str, amount: int, *, note: str) -> int:
@@ -158,8 +158,8 @@ class Ledger:
     async def _adjust(self, name: str, delta: int, ref: str, note: str) -> int:
         if delta == 0 or abs(delta) > MAX_UCR:
             raise ValueError(f"an adjustment is 1 to {MAX_UCR} µcr")
-        if not note.strip() or len(note) > MAX_NOTE:
-            raise ValueError(f"a {ref} needs a note of 1-{MAX_NOTE} characters")
+        check_lookup(name, param="name")
+        check_name(note, param="note", max_chars=MAX_NOTE)  # one line of printable text, as names are
         # One conditional UPDATE: a debit only while the balance covers it, a refund only while the sum
         # fits the BIGINT column (written as a subtraction so the check itself cannot overflow).
         fits = accounts.c.balance >= -delta if delta < 0 else accounts.c.balance <= MAX_UCR - delta

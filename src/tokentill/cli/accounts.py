@@ -27,8 +27,12 @@ def _amount(value: str, when_negative: str) -> int:
 
 
 def _note(note: str) -> str:
-    if not note.strip() or len(note) > MAX_NOTE:
-        raise click.BadParameter(f"give a reason of 1-{MAX_NOTE} characters", param_hint="--note")
+    problem = name_problem(note, max_chars=MAX_NOTE)  # the ledger's rule, checked before the database
+    if problem is not None:
+        raise click.BadParameter(
+            f"{problem}; a note is 1-{MAX_NOTE} printable characters without surrounding whitespace",
+            param_hint="--note",
+        )
     return note
 
 
