@@ -8,6 +8,7 @@ from tokentill.auth.service import KeyStore
 from tokentill.billing.codes import RedemptionCodes
 from tokentill.billing.ledger import Ledger
 from tokentill.billing.reports import UsageReports
+from tokentill.billing.settlement import Settlements
 from tokentill.catalog import Catalog
 from tokentill.chat import ChatService
 from tokentill.engines.base import Engine
@@ -26,6 +27,7 @@ class Services:
     settings: Settings
     db: Database
     ledger: Ledger
+    settlements: Settlements
     keys: KeyStore
     catalog: Catalog
     engines: dict[str, Engine]

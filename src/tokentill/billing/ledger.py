@@ -19,6 +19,7 @@ closers (a late settle and the sweeper, two sweepers in two processes) cannot bo
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, insert, select, update
@@ -256,9 +257,10 @@ class Ledger:
                 await record_usage(conn, self._db.dialect, account_id, usage, 0, now)
             return balance
 
-    async def release_expired(self, now: datetime | None = None) -> int:
+    async def release_expired(self, now: datetime | None = None, *, skip: Collection[str] = ()) -> int:
         """Release every open hold whose `expires_at` is before `now` (default: the database's clock,
-        which set the expiries, so a replica whose own clock runs ahead cannot expire live holds).
+        which set the expiries, so a replica whose own clock runs ahead cannot expire live holds),
+        except the holds in `skip` (settlements this process still owes: `Settlements.pending`).
 
         Each hold is released in its own transaction behind a conditional status update, so concurrent
         sweepers in several processes release each hold once. Returns how many this call released.
@@ -276,6 +278,8 @@ class Ledger:
             )
         released = 0
         for hold_id in candidates:
+            if hold_id in skip:
+                continue  # an answer was delivered: its settlement is pending, the money is owed
             async with self._db.begin() as conn:
                 closed = await close_hold(conn, hold_id, "open", "expired", now)
                 if closed is None:
