@@ -41,7 +41,7 @@ __all__ = ["create_app", "create_app_from_env", "log_config"]
 log = logging.getLogger(__name__)
 
 
-# An in-progress idempotency claim older than the request deadline plus this is presumed dead.
+# No request outlives its deadline plus this: an idempotency claim's heartbeat stops there.
 _IDEMPOTENCY_GRACE_S = 30.0
 
 
@@ -128,8 +128,10 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
         idempotency = IdempotencyStore(
             db,
             ttl_s=settings.idempotency_ttl_s,
-            abandon_after_s=settings.request_timeout_s + _IDEMPOTENCY_GRACE_S,
+            abandon_after_s=settings.idempotency_lease_s,
+            max_claim_s=settings.request_timeout_s + _IDEMPOTENCY_GRACE_S,
         )
+        stack.push_async_callback(idempotency.aclose)
         sweeper = asyncio.create_task(
             _sweep_holds(ledger, settlements, idempotency, settings.hold_sweep_interval_s)
         )
