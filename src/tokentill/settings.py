@@ -223,6 +223,12 @@ class Settings(BaseSettings):
         "process that delivered the answer; it is also kept in DATA_DIR/spool and replayed at start-up, "
         "so an answer delivered is billed once even past this.",
     )
+    idempotency_lease_s: float = Field(
+        default=10.0,
+        ge=1,
+        description="An Idempotency-Key claim lives this long unless its running request renews it (it does, "
+        "every third of it); a claim whose process died is taken over after it, not after the deadline.",
+    )
 
     @field_validator("media_allow_hosts")
     @classmethod
