@@ -140,7 +140,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
         catalog = load_catalog(settings.config)
         for spec in catalog:
             if spec.engine == "upstream":
-                from tokentill.engines.upstream import check_spec
+                from tokentill.engines.upstream_config import check_spec
 
                 check_spec(spec)
     except CatalogError as exc:

@@ -9,10 +9,12 @@ consumer stops iterating (that is how a client disconnect reaches the decode loo
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, cast, runtime_checkable
 
+from tokentill.errors import DeadlineExceeded
 from tokentill.types import EngineEvent, Message
 
 __all__ = [
@@ -47,6 +49,12 @@ class EngineRequest:
     # A later pass of a request that was already admitted (the scratchpad's answer pass): the engine takes
     # it ahead of waiting requests and past the queue limit, so an admitted request never fails halfway.
     continuation: bool = False
+    # When the request began (time.monotonic()); each pass is a `replace()` of the first and keeps it.
+    started: float = field(default_factory=time.monotonic)
+
+    def deadline_error(self) -> DeadlineExceeded:
+        """The 504 for this request: its time counts from `started`, so every pass is included."""
+        return DeadlineExceeded(f"The request timed out after {self.deadline - self.started:.1f} seconds.")
 
 
 @dataclass(frozen=True)
