@@ -21,7 +21,7 @@ from tokentill.billing.codes import RedemptionCodes
 from tokentill.billing.ledger import Ledger
 from tokentill.billing.reports import UsageReports
 from tokentill.billing.settlement import Settlements
-from tokentill.catalog import load_catalog
+from tokentill.catalog import Catalog, load_catalog
 from tokentill.chat import ChatService
 from tokentill.engines import create_engine
 from tokentill.engines.base import Engine
@@ -30,6 +30,7 @@ from tokentill.errors import ServiceUnavailable
 from tokentill.idempotency import IdempotencyStore
 from tokentill.limits import create_limiter
 from tokentill.media.service import MediaPolicy, MediaService
+from tokentill.redact import Redactor, redacted_logs, settings_secrets
 from tokentill.services import Services
 from tokentill.settings import Settings
 from tokentill.storage.db import open_database
@@ -63,6 +64,17 @@ async def _sweep_holds(
         await asyncio.sleep(interval_s)
 
 
+def _upstream_secrets(catalog: Catalog) -> list[str]:
+    """The API keys and header values of the catalogue's upstream entries (imported only when used)."""
+    found: list[str] = []
+    for spec in catalog:
+        if spec.engine == "upstream":
+            from tokentill.engines.upstream_config import secrets
+
+            found.extend(secrets(spec))
+    return found
+
+
 @contextlib.asynccontextmanager
 async def _services(settings: Settings) -> AsyncIterator[Services]:
     catalog = load_catalog(settings.config)
@@ -74,6 +86,8 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
         )
         stack.push_async_callback(db.aclose)
         ledger = Ledger(db)
+        redact = Redactor([*settings_secrets(settings), *_upstream_secrets(catalog)])
+        stack.enter_context(redacted_logs(redact))
         engines: dict[str, Engine] = {}
         for spec in catalog:
             engine = with_reasoning(
@@ -138,6 +152,7 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
                 codes=RedemptionCodes(db, limiter, settings.redeem_attempts_per_minute),
                 started=int(time.time()),
                 ready=True,
+                redact=redact,
             )
         finally:
             sweeper.cancel()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tokentill.auth.service import KeyStore
 from tokentill.billing.codes import RedemptionCodes
@@ -15,6 +15,7 @@ from tokentill.engines.base import Engine
 from tokentill.idempotency import IdempotencyStore
 from tokentill.limits import RateLimiter
 from tokentill.media.service import MediaService
+from tokentill.redact import Redactor
 from tokentill.settings import Settings
 from tokentill.storage.db import Database
 
@@ -38,3 +39,4 @@ class Services:
     codes: RedemptionCodes
     started: int  # unix time the service started; `created` of every model object
     ready: bool = False
+    redact: Redactor = field(default_factory=Redactor)  # every configured secret; see tokentill.redact
