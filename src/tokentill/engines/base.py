@@ -1,17 +1,18 @@
 """The engine interface: what the service hands an engine and what comes back.
 
-An engine turns an `EngineRequest` into a stream of `EngineEvent`s: zero or more `TextDelta`s, then exactly
-one `Finished` carrying the usage. Engines know nothing of keys, credits or storage; they raise the
-`tokentill.errors` server errors (`Overloaded` 503, `DeadlineExceeded` 504, `UpstreamError` 502,
-`InvalidRequest` with code `context_length_exceeded`) and stop work promptly when the consumer stops
-iterating (that is how a client disconnect reaches the decode loop).
-"""
+An engine turns an `EngineRequest` into a stream of `EngineEvent`s: zero or more `TextDelta`s and
+`ToolCallDelta`s, then exactly one `Finished` carrying the usage. Engines know nothing of keys, credits or
+storage; they raise the `tokentill.errors` server errors (`Overloaded` 503, `DeadlineExceeded` 504,
+`UpstreamError` 502, `InvalidRequest` with code `context_length_exceeded`) and stop work promptly when the
+consumer stops iterating (that is how a client disconnect reaches the decode loop)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
+
+from tokentill.types import Grammar, ResponseFormat, ToolCall, ToolCallDelta, ToolChoice, ToolDefinition
 
 __all__ = [
     "Capabilities",
@@ -24,13 +25,14 @@ __all__ = [
     "THINK_CLOSE",
     "THINK_OPEN",
     "TextDelta",
+    "ToolCallDelta",
     "Usage",
 ]
 
 # The tags that `native` reasoning models write around their thinking.
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,13 @@ class ImageInput:
 class Message:
     """One chat message with text already joined; `images` are in the order they appeared."""
 
-    role: str  # system | user | assistant  (developer is mapped to system before it gets here)
+    role: str  # system | user | assistant | tool  (developer is mapped to system before it gets here)
     text: str
     images: tuple[ImageInput, ...] = ()
     # Where each image sat: an offset into `text` per image, ascending. Empty = all images before the text.
     image_offsets: tuple[int, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     def pieces(self) -> list[str | ImageInput]:
         """Text and images in the order the client sent them (empty text pieces left out)."""
@@ -89,6 +93,13 @@ class EngineRequest:
     # A later pass of a request that was already admitted (the scratchpad's answer pass): the engine takes
     # it ahead of waiting requests and past the queue limit, so an admitted request never fails halfway.
     continuation: bool = False
+    # Structured output and tools, as the client asked for them (upstreams relay them as sent)...
+    response_format: ResponseFormat | None = None
+    tools: tuple[ToolDefinition, ...] = ()
+    tool_choice: ToolChoice = ToolChoice()
+    parallel_tool_calls: bool | None = None
+    # ...and, for engines with `Capabilities.grammar`, the grammar that enforces them (None: free text).
+    grammar: Grammar | None = None
 
 
 @dataclass(frozen=True)
@@ -121,7 +132,7 @@ class Finished:
     usage: Usage
 
 
-EngineEvent = TextDelta | Finished
+EngineEvent = TextDelta | ToolCallDelta | Finished
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,9 @@ class Capabilities:
     vision: bool = False
     reasoning: str = "none"  # none | native | scratchpad
     exact_prompt_tokens: bool = True  # False: count_prompt_tokens is an estimate (remote tokenizer)
+    # True: the engine samples under `EngineRequest.grammar` and writes tools into the prompt itself;
+    # False: it relays `response_format` and `tools` to a server that enforces them.
+    grammar: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
 
