@@ -24,10 +24,10 @@ from tokentill.catalog import load_catalog
 from tokentill.chat import ChatService
 from tokentill.engines import create_engine
 from tokentill.engines.base import Engine
+from tokentill.engines.reasoning import with_reasoning
 from tokentill.idempotency import IdempotencyStore
 from tokentill.limits import create_limiter
-from tokentill.media.service import MediaService
-from tokentill.reasoning import with_reasoning
+from tokentill.media.service import MediaPolicy, MediaService
 from tokentill.services import Services
 from tokentill.settings import Settings
 from tokentill.storage.db import open_database
@@ -59,7 +59,11 @@ async def _sweep_holds(ledger: Ledger, idempotency: IdempotencyStore, interval_s
 async def _services(settings: Settings) -> AsyncIterator[Services]:
     catalog = load_catalog(settings.config)
     async with contextlib.AsyncExitStack() as stack:
-        db = await open_database(settings.resolved_database_url)
+        db = await open_database(
+            settings.resolved_database_url,
+            connect_timeout_s=settings.database_connect_timeout_s,
+            pool_timeout_s=settings.database_pool_timeout_s,
+        )
         stack.push_async_callback(db.aclose)
         ledger = Ledger(db)
         engines: dict[str, Engine] = {}
@@ -78,7 +82,7 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
             engines[spec.id] = engine
         limiter = create_limiter(settings.redis_url, lease_ttl_s=settings.rate_limit_lease_ttl_s)
         stack.push_async_callback(limiter.aclose)
-        media = MediaService(settings.media_policy())
+        media = MediaService(MediaPolicy.from_settings(settings))
         await media.start()
         stack.push_async_callback(media.aclose)
         chat = ChatService(

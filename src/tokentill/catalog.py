@@ -28,6 +28,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from tokentill.gguf import check_mmproj
+
 __all__ = ["Catalog", "CatalogError", "ModelSpec", "default_weights_path", "load_catalog"]
 
 DEFAULT_MODEL_ID = "o1-preview"
@@ -95,8 +97,6 @@ class ModelSpec(BaseModel):
             return None
         if info.data.get("engine", "llamacpp") != "llamacpp":
             raise ValueError("a projector file is only used by engine 'llamacpp'")
-        from tokentill.engines.gguf_header import check_mmproj
-
         weights = info.data.get("weights")
         check_mmproj(value, weights if isinstance(weights, Path) else default_weights_path())
         return value

@@ -27,20 +27,12 @@ from tokentill.billing import pricing
 from tokentill.billing.ledger import Hold, Ledger, UsageRecord
 from tokentill.billing.money import format_credits
 from tokentill.catalog import Catalog, ModelSpec
-from tokentill.engines.base import (
-    Engine,
-    EngineEvent,
-    EngineRequest,
-    Finished,
-    ImageInput,
-    Message,
-    TextDelta,
-    ToolCallDelta,
-)
+from tokentill.engines.base import Engine, EngineRequest
 from tokentill.limits import KeyLimits, Lease, RateLimiter
 from tokentill.media.service import ImageRef, MediaService
 from tokentill.protocol.chat import ChatCompletionRequest, ImagePart
 from tokentill.structured.tools import constraint
+from tokentill.types import EngineEvent, Finished, ImageInput, Message, TextDelta, ToolCallDelta
 
 __all__ = ["ChatService", "PreparedChat"]
 
@@ -380,13 +372,12 @@ class ChatService:
         out: list[Message] = []
         for message in request.messages:
             role = _ROLE_FOR_ENGINE[message.role]
-            calls = message.domain_tool_calls()
             if not isinstance(message.content, list):
                 out.append(
                     Message(
                         role=role,
                         text=message.content or "",
-                        tool_calls=calls,
+                        tool_calls=message.domain_tool_calls(),
                         tool_call_id=message.tool_call_id,
                     )
                 )
@@ -406,7 +397,7 @@ class ChatService:
                     text=text,
                     images=tuple(images),
                     image_offsets=tuple(offsets),
-                    tool_calls=calls,
+                    tool_calls=message.domain_tool_calls(),
                     tool_call_id=message.tool_call_id,
                 )
             )

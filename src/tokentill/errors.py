@@ -15,6 +15,7 @@
     ├── InternalError             500 server_error            internal_error (generic message only)
     ├── UpstreamError             502 server_error            upstream_error
     ├── Overloaded                503 server_error            overloaded           (+ Retry-After)
+    ├── ServiceUnavailable        503 server_error            service_unavailable  (+ Retry-After)
     └── DeadlineExceeded          504 server_error            timeout
 
 Services raise these; they never return error objects. A builtin exception that escapes is a bug and
@@ -42,6 +43,7 @@ __all__ = [
     "PermissionDenied",
     "RateLimited",
     "RequestTooLarge",
+    "ServiceUnavailable",
     "UpstreamError",
 ]
 
@@ -178,6 +180,19 @@ class Overloaded(APIError):
     status = 503
     type = "server_error"
     default_code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("Retry-After", str(max(1, math.ceil(retry_after_s))))
+
+
+class ServiceUnavailable(APIError):
+    """503: a backing store (the database) cannot be reached; always carries Retry-After. Raised by
+    `storage.db` at the boundary for connection failures, so every route answers it the same way."""
+
+    status = 503
+    type = "server_error"
+    default_code = "service_unavailable"
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)

@@ -46,10 +46,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokentill import errors
-from tokentill.engines.base import EngineEvent
 from tokentill.protocol.responses import Answer
 from tokentill.storage.db import Database
 from tokentill.storage.schema import idempotency_keys
+from tokentill.types import EngineEvent
 
 __all__ = ["Claim", "IdempotencyStore", "Replay", "check_key", "fingerprint", "track_stream"]
 
@@ -269,11 +269,11 @@ async def track_stream(
 ) -> AsyncGenerator[EngineEvent, None]:
     """Pass `events` through; at the end store the answer if the stream finished, else release the key.
 
-    `answer(collected)` builds the `chat.completion` object that the stream added up to; it is stored
-    with `headers` for replay. "Finished" is exactly when `ChatService.run` charges the
-    full answer, so the key keeps an answer if and only if the client was charged for one. The inner
-    stream is closed first (it settles the money under its own shield), then the claim is closed under a
-    shield too: Starlette cancels the body iterator when the client disconnects.
+    `answer(collected)` builds the `chat.completion` object that the stream added up to; it is stored with
+    `headers` for replay. "Finished" is exactly when `ChatService.run` charges the full answer, so the key
+    keeps an answer if and only if the client was charged for one. The inner stream is closed first (it
+    settles the money under its own shield), then the claim is closed under a shield too: Starlette
+    cancels the body iterator when the client disconnects.
     """
     collected = Answer()
     try:

@@ -2,23 +2,91 @@
 
 Nothing else reads the environment. The CLI turns its options into overrides of these fields, so every
 `--flag` has a `TOKENTILL_FLAG` twin and the descriptions below are the help texts.
+
+This module is a leaf (it imports no tokentill module but `errors`), so every layer may import it. The two
+value formats an operator writes here and elsewhere are parsed here too, so start-up refuses exactly what
+their users would: `parse_credits` (decimal credits → µcr; `billing.money` re-exports it) and
+`parse_allow_hosts` (the image fetcher's `host:port` list; `media.fetch` re-exports it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from decimal import Decimal, Inexact, InvalidOperation, localcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import httpx2
 import platformdirs
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tokentill.billing.money import parse_credits
+__all__ = ["MAX_UCR", "UCR_PER_CREDIT", "Settings", "parse_allow_hosts", "parse_credits"]
 
-if TYPE_CHECKING:
-    from tokentill.media.service import MediaPolicy
+UCR_PER_CREDIT = 1_000_000
+MAX_UCR = 2**63 - 1  # the BIGINT column's limit
 
-__all__ = ["Settings"]
+
+def parse_credits(text: str) -> int:
+    """Decimal credits → µcr, exactly: "0.25" → 250000, "10" → 10000000.
+
+    Raises `ValueError` for text that is not a finite decimal number, a negative amount, more precision
+    than one µcr (trailing zeros are fine: "1.50000000" is exact), or more than a BIGINT holds.
+    """
+    try:
+        value = Decimal(text.strip())
+    except InvalidOperation:
+        raise ValueError(f"not a number of credits: {_shown(text)}") from None
+    if not value.is_finite():
+        raise ValueError(f"not a number of credits: {_shown(text)}")
+    if value < 0:
+        raise ValueError(f"credits cannot be negative: {_shown(text)}")
+    if value.adjusted() > 18:  # over 10**18 credits: past any BIGINT of µcr (also keeps 1e999999 cheap)
+        raise ValueError(f"too many credits: {_shown(text)}")
+    too_fine = ValueError(f"credits have at most 6 decimals (1 µcr = 0.000001): {_shown(text)}")
+    with localcontext() as ctx:
+        ctx.prec = 60  # room for every amount that passed the check above, with 6 decimals to spare
+        ctx.traps[Inexact] = True  # more significant digits than that can only be a too-fine fraction
+        try:
+            ucr = value * UCR_PER_CREDIT
+        except Inexact:
+            raise too_fine from None
+    if ucr != ucr.to_integral_value():
+        raise too_fine
+    if ucr > MAX_UCR:
+        raise ValueError(f"too many credits: {_shown(text)}")
+    return int(ucr)
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:40] + "…")
+
+
+def parse_allow_hosts(entries: Iterable[str]) -> frozenset[tuple[str, int]]:
+    """Parse "host:port" entries ("[::1]:8080" for IPv6) into (lowercased host, port) pairs.
+
+    Raises ValueError on an entry without a valid port: this is a configuration error, caught at start-up.
+    """
+    parsed: set[tuple[str, int]] = set()
+    for raw in entries:
+        entry = raw.strip().lower()
+        host, sep, port_text = entry.rpartition(":")
+        if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"media allow_hosts entry {raw!r} must be host:port, e.g. images.internal:80")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise ValueError(f"media allow_hosts entry {raw!r}: write IPv6 addresses as [addr]:port")
+        elif not host.isascii():
+            host = _idna(host, raw)  # compared with the URL's ASCII host, as httpx2 encodes it
+        parsed.add((host.rstrip("."), int(port_text)))
+    return frozenset(parsed)
+
+
+def _idna(host: str, raw: str) -> str:
+    try:
+        return httpx2.URL(f"http://{host}/").raw_host.decode("ascii").lower()
+    except (httpx2.InvalidURL, UnicodeError) as exc:
+        raise ValueError(f"media allow_hosts entry {raw!r}: not a valid host name ({exc})") from None
 
 
 def _default_data_dir() -> Path:
@@ -100,6 +168,29 @@ class Settings(BaseSettings):
         description="Redemption-code attempts one API key may make per minute (429 past it), across replicas "
         "when Redis is configured.",
     )
+    metrics_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer token GET /metrics requires (the admin key opens it too); unset = /metrics is "
+        "open to anyone who can reach the server.",
+    )
+    docs_enabled: bool = Field(
+        default=True, description="Serve the API docs: /docs and /openapi.json (false: both answer 404)."
+    )
+    metrics_multiproc_dir: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("metrics_multiproc_dir", "prometheus_multiproc_dir"),
+        description="prometheus-client's multiprocess folder (PROMETHEUS_MULTIPROC_DIR); `serve --workers N` "
+        "sets it to a fresh folder under DATA_DIR so /metrics sums every worker.",
+    )
+    console_session_ttl_s: int = Field(
+        default=12 * 3600, ge=60, description="How long a console sign-in lasts (seconds)."
+    )
+    console_login_attempts_per_minute: int = Field(
+        default=10,
+        ge=1,
+        description="Console sign-in attempts one client address may make per minute (429 past it), across "
+        "replicas when Redis is configured.",
+    )
     log_level: str = Field(default="info", description="Logging level.")
     media_allow_hosts: str = Field(
         default="",
@@ -114,13 +205,22 @@ class Settings(BaseSettings):
     )
     media_max_images: int = Field(default=8, ge=1, description="Images allowed in one request.")
     media_timeout_s: float = Field(default=30.0, gt=0, description="Total time allowed to fetch one image.")
+    database_connect_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="PostgreSQL: how long one connection attempt may take before the request gets 503 "
+        "service_unavailable (a server that accepts TCP but never answers).",
+    )
+    database_pool_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="PostgreSQL: how long a request waits for a free pooled connection before 503.",
+    )
 
     @field_validator("media_allow_hosts")
     @classmethod
     def _host_ports(cls, value: str) -> str:
         # The fetcher's own parser, so that what start-up accepts is exactly what the fetcher matches.
-        from tokentill.media.fetch import parse_allow_hosts
-
         parse_allow_hosts(h for h in value.split(",") if h.strip())  # ValueError names the bad entry
         return value
 
@@ -171,18 +271,6 @@ class Settings(BaseSettings):
                 f"({self.request_timeout_s})"
             )
         return self
-
-    def media_policy(self) -> MediaPolicy:
-        from tokentill.media.service import MediaPolicy
-
-        hosts = frozenset(h.strip().lower() for h in self.media_allow_hosts.split(",") if h.strip())
-        return MediaPolicy(
-            allow_hosts=hosts,
-            max_bytes=self.media_max_bytes,
-            max_pixels=self.media_max_pixels,
-            max_images=self.media_max_images,
-            total_timeout_s=self.media_timeout_s,
-        )
 
     @property
     def resolved_database_url(self) -> str:

@@ -17,6 +17,16 @@ pytestmark = [pytest.mark.e2e]
 
 def test_accounts_credits_keys(tmp_path: Path) -> None:
     cli = TokentillServer(tmp_path, None)
+    database = tmp_path / "data" / "tokentill.db"
+    # Before `init` (or a first `serve`) there is no database, and the CLI does not quietly make one.
+    refused = cli.cli("accounts", "list", check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"no tokentill database at {database}" in refused.stderr, refused.stderr
+    assert "tokentill init" in refused.stderr and not (tmp_path / "data").exists()
+    assert cli.cli("init").stdout.strip() == f"database {database}: created"
+    assert cli.cli("init").stdout.strip() == f"database {database}: is up to date"
+    listed = cli.cli("accounts", "list")
+    assert listed.stdout.strip() == "no accounts" and f"database: {database}" in listed.stderr
     assert cli.cli_json("accounts", "create", "acme", "--credits", "0.25") == {
         "account": "acme",
         "balance": "0.25",
@@ -89,6 +99,7 @@ def _echo_server(workdir: Path, database_url: str | None = None, **env: str) -> 
 )
 def test_bad_operator_input_is_a_usage_error(tmp_path: Path, args: tuple[str, ...], said: str) -> None:
     cli = TokentillServer(tmp_path, None)
+    cli.cli("init")
     cli.cli("accounts", "create", "acme", "--credits", "1")
     result = cli.cli(*args, check=False)
     assert result.returncode == 2, result
@@ -172,6 +183,7 @@ def test_replicas_bootstrap_an_empty_database_together(tmp_path: Path, pg_databa
 def test_serve_gives_a_keyless_default_its_key(tmp_path: Path) -> None:
     """A bootstrap that died between the account and its key is finished by the next start."""
     server = _echo_server(tmp_path)
+    server.cli("init")
     server.cli("accounts", "create", "default", "--credits", "3")
     server.start()
     try:

@@ -73,7 +73,11 @@ def key(sqlite_server: TokentillServer) -> str:
         ({**HELLO, "presence_penalty": 2.5}, "invalid_value", "presence_penalty"),
         ({**HELLO, "frequency_penalty": "high"}, "invalid_type", "frequency_penalty"),
         ({**HELLO, "model": "other"}, "invalid_value", "model"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "missing_required_parameter", "messages[0].tool_call_id"),
+        (
+            {"messages": [{"role": "tool", "content": "x"}]},
+            "missing_required_parameter",
+            "messages[0].tool_call_id",
+        ),
         (
             {
                 "messages": [

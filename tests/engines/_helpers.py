@@ -7,8 +7,9 @@ import asyncio
 from tests._services import require
 from tokentill.catalog import ModelSpec
 from tokentill.engines import create_engine
-from tokentill.engines.base import Engine, EngineRequest, Finished, TextDelta
+from tokentill.engines.base import Engine, EngineRequest
 from tokentill.engines.llamacpp import LlamaCppEngine
+from tokentill.types import Finished, TextDelta
 
 
 async def collect_text(engine: Engine, request: EngineRequest) -> tuple[str, Finished]:

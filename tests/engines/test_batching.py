@@ -17,9 +17,10 @@ from tests._services import require
 from tests.engines._helpers import collect_text, new_llama_engine
 from tokentill.catalog import ModelSpec
 from tokentill.engines import create_engine
-from tokentill.engines.base import EngineRequest, Finished, Message, TextDelta
+from tokentill.engines.base import EngineRequest
 from tokentill.engines.llamacpp import LlamaCppEngine
 from tokentill.errors import DeadlineExceeded, Overloaded
+from tokentill.types import Finished, Message, TextDelta
 
 pytestmark = pytest.mark.llama
 

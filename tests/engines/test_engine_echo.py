@@ -10,9 +10,10 @@ import pytest
 
 from tokentill.catalog import ModelSpec
 from tokentill.engines import create_engine
-from tokentill.engines.base import Engine, EngineRequest, Finished, Message, TextDelta
+from tokentill.engines.base import Engine, EngineRequest
 from tokentill.engines.echo import EchoEngine
 from tokentill.errors import DeadlineExceeded, InvalidRequest
+from tokentill.types import Finished, Message, TextDelta
 
 
 def _request(text: str, **kwargs: object) -> EngineRequest:

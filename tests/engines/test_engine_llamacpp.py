@@ -12,9 +12,10 @@ from tests._services import require
 from tests.engines._helpers import collect_text
 from tokentill.catalog import ModelSpec
 from tokentill.engines import create_engine
-from tokentill.engines.base import EngineEvent, EngineRequest, Finished, Message, TextDelta
+from tokentill.engines.base import EngineRequest
 from tokentill.engines.llamacpp import LlamaCppEngine
 from tokentill.errors import DeadlineExceeded, InvalidRequest, Overloaded
+from tokentill.types import EngineEvent, Finished, Message, TextDelta
 
 pytestmark = pytest.mark.llama
 

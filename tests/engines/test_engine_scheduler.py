@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tokentill.engines.base import Finished, TextDelta
 from tokentill.engines.scheduler import SamplingParams, Scheduler, Sequence, new_channel, stream
 from tokentill.errors import Overloaded, UpstreamError
+from tokentill.types import Finished, TextDelta
 
 END = 0
 

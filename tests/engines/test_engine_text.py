@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tokentill.engines.base import TextDelta
 from tokentill.engines.text import StopMatcher, TextAssembler
+from tokentill.types import TextDelta
 
 
 def _run(matcher: StopMatcher, pieces: list[str]) -> tuple[list[str], bool]:

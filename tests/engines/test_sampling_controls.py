@@ -15,9 +15,10 @@ import pytest
 
 from tests.engines._helpers import collect_text, new_llama_engine
 from tokentill.catalog import default_weights_path
-from tokentill.engines.base import EngineRequest, Finished, Message
+from tokentill.engines.base import EngineRequest
 from tokentill.engines.llamacpp import LlamaCppEngine
 from tokentill.errors import InvalidRequest
+from tokentill.types import Finished, Message
 
 pytestmark = pytest.mark.llama
 

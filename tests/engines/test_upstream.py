@@ -16,9 +16,11 @@ from tests.engines.upstream_servers import ScriptedUpstream, SilentServer, free_
 from tokentill import errors
 from tokentill.catalog import CatalogError, ModelSpec
 from tokentill.engines import create_engine
-from tokentill.engines.base import Engine, EngineRequest, Finished, ImageInput, Message, TextDelta, Usage
-from tokentill.engines.upstream import UpstreamEngine, _sse_lines
-from tokentill.reasoning import with_reasoning
+from tokentill.engines.base import Engine, EngineRequest
+from tokentill.engines.reasoning import with_reasoning
+from tokentill.engines.upstream import UpstreamEngine
+from tokentill.engines.upstream_sse import sse_lines
+from tokentill.types import Finished, ImageInput, Message, TextDelta, Usage
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +262,7 @@ def test_sse_lines_split_on_cr_lf_crlf_only_wherever_the_reads_break() -> None:
                 yield chunk
 
         response = httpx2.Response(200, content=body())
-        return [line async for line in _sse_lines(response, time.monotonic() + 10)]
+        return [line async for line in sse_lines(response, time.monotonic() + 10)]
 
     expected = [b"a", b"b", b"c", "\u2028d\u0085".encode(), b"", b"e"]
     for i in range(len(data) + 1):

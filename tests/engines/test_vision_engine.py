@@ -19,11 +19,12 @@ from tests._services import require
 from tests.engines._helpers import collect_text
 from tokentill.catalog import ModelSpec
 from tokentill.engines import create_engine
-from tokentill.engines.base import EngineRequest, Finished, ImageInput, Message
+from tokentill.engines.base import EngineRequest
 from tokentill.engines.llamacpp import LlamaCppEngine
 from tokentill.errors import InvalidRequest, UpstreamError
 from tokentill.media import MediaPolicy
 from tokentill.media.images import prepare_image
+from tokentill.types import Finished, ImageInput, Message
 
 pytestmark = pytest.mark.llama
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tokentill.catalog import CatalogError, load_catalog
-from tokentill.engines.gguf_header import check_mmproj, read_header
+from tokentill.gguf import check_mmproj, read_header
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-mmproj.gguf"
 

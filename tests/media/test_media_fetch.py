@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 from tests.media.helpers import PARAM, LoopbackServer, Route, StalledListener, encode, png_bytes
-from tokentill.engines.base import ImageInput
 from tokentill.errors import InvalidRequest
 from tokentill.media import MediaPolicy, MediaService
 from tokentill.media.fetch import parse_allow_hosts
+from tokentill.types import ImageInput
 
 PNG = png_bytes((30, 20))
 

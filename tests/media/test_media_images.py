@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from tests.media.helpers import PARAM, data_uri, encode, png_bytes, png_with_header
-from tokentill.engines.base import ImageInput
 from tokentill.errors import InvalidRequest
 from tokentill.media import ImageRef, MediaPolicy, MediaService
 from tokentill.media.images import prepare_image
 from tokentill.media.service import MAX_DATA_URI_HEADER, _DataURI
+from tokentill.types import ImageInput
 
 
 async def _load(url: str, detail: str = "auto", policy: MediaPolicy | None = None) -> ImageInput:

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests.media.helpers import PARAM, LoopbackServer, Route, png_bytes
-from tokentill.engines.base import ImageInput
 from tokentill.errors import InvalidRequest
 from tokentill.media import MediaPolicy, MediaService
+from tokentill.types import ImageInput
 
 
 async def _fake_resolver(host: str, port: int) -> list[str]:

@@ -18,10 +18,11 @@ from starlette.testclient import TestClient
 from tokentill import errors
 from tokentill.api.middleware import RequestIdFilter
 from tokentill.app import create_app
-from tokentill.engines.base import Capabilities, EngineEvent, EngineRequest, TextDelta
+from tokentill.engines.base import Capabilities, EngineRequest
 from tokentill.protocol.chat import decode_chat_body
 from tokentill.services import Services
 from tokentill.settings import Settings
+from tokentill.types import EngineEvent, TextDelta
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokentill.engines.base import ImageInput, Message
+from tokentill.types import ImageInput, Message
 
 IMG_A = ImageInput(data=b"a", mime="image/png", width=1, height=1)
 IMG_B = ImageInput(data=b"b", mime="image/png", width=1, height=1)

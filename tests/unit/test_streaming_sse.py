@@ -11,7 +11,7 @@ import pytest
 
 from tokentill import errors
 from tokentill.api.sse import KEEPALIVE, EventStreamResponse
-from tokentill.engines.base import EngineEvent, Finished, TextDelta, Usage
+from tokentill.types import EngineEvent, Finished, TextDelta, Usage
 
 pytestmark = pytest.mark.anyio
 

@@ -26,11 +26,11 @@ from tokentill.api.state import services_of
 from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits
 from tokentill.chat import PreparedChat
-from tokentill.engines.base import EngineEvent, Finished, TextDelta, ToolCallDelta, Usage
 from tokentill.idempotency import Claim, Replay, check_key, fingerprint, track_stream
 from tokentill.limits import LimiterUnavailable
 from tokentill.protocol import responses
 from tokentill.protocol.chat import ChatCompletionRequest
+from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta, Usage
 
 __all__ = ["complete", "limit_headers_on_errors"]
 

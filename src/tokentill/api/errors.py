@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def error_response(request: Request, error: errors.APIError) -> JSONResponse:
+    request.state.error_code = error.code  # for the response counter (api/middleware.py)
     headers = dict(error.headers)
     balance = getattr(request.state, "remaining_credits", None)
     if balance is not None:

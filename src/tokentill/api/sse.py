@@ -33,8 +33,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tokentill import errors
-from tokentill.engines.base import EngineEvent, Finished, TextDelta, ToolCallDelta
 from tokentill.protocol import responses
+from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta
 
 __all__ = ["KEEPALIVE", "EventStreamResponse", "first_error", "sse_frames"]
 

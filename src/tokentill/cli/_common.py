@@ -1,4 +1,9 @@
-"""Helpers shared by the command groups: settings from the environment, stores opened for one command."""
+"""Helpers shared by the command groups: settings from the environment, stores opened for one command.
+
+Every command names the database it opened on stderr. Only `serve` and `init` create one: the others
+refuse a database tokentill never set up, so a command pointed at the wrong TOKENTILL_DATA_DIR or
+TOKENTILL_DATABASE_URL fails with the place it looked instead of working on a new, empty database.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from tokentill.auth.service import KeyStore
 from tokentill.billing.codes import RedemptionCodes
 from tokentill.billing.ledger import Ledger
 from tokentill.settings import Settings
-from tokentill.storage.db import open_database
+from tokentill.storage.db import DatabaseMissing, describe_url, open_database
 
 T = TypeVar("T")
 
@@ -31,8 +36,21 @@ class Stores:
 
 
 @contextlib.asynccontextmanager
-async def stores(settings: Settings) -> AsyncIterator[Stores]:
-    db = await open_database(settings.resolved_database_url)
+async def stores(settings: Settings, *, create: bool = False) -> AsyncIterator[Stores]:
+    """The stores on the database `settings` select, named on stderr; `create`: set it up if it is new."""
+    url = settings.resolved_database_url
+    try:
+        db = await open_database(url, create=create)
+    except DatabaseMissing as exc:
+        where = f"TOKENTILL_DATA_DIR={settings.data_dir}"
+        if settings.database_url:
+            where = "TOKENTILL_DATABASE_URL"
+        raise click.ClickException(
+            f"{exc} (from {where}). Run `tokentill init` to create it there, or `tokentill serve`, which "
+            "creates it on its first start; or point TOKENTILL_DATA_DIR / TOKENTILL_DATABASE_URL at the "
+            "database your server uses."
+        ) from None
+    click.echo(f"database: {describe_url(url)}", err=True)
     try:
         yield Stores(ledger=Ledger(db), keys=KeyStore(db), codes=RedemptionCodes(db))
     finally:

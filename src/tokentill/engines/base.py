@@ -1,78 +1,23 @@
 """The engine interface: what the service hands an engine and what comes back.
 
-An engine turns an `EngineRequest` into a stream of `EngineEvent`s: zero or more `TextDelta`s and
-`ToolCallDelta`s, then exactly one `Finished` carrying the usage. Engines know nothing of keys, credits or
-storage; they raise the `tokentill.errors` server errors (`Overloaded` 503, `DeadlineExceeded` 504,
-`UpstreamError` 502, `InvalidRequest` with code `context_length_exceeded`) and stop work promptly when the
-consumer stops iterating (that is how a client disconnect reaches the decode loop)."""
+An engine turns an `EngineRequest` into a stream of `EngineEvent`s (`tokentill.types`): zero or more
+`TextDelta`s and `ToolCallDelta`s, then exactly one `Finished` carrying the usage. Engines know nothing of
+keys, credits or storage; they raise the `tokentill.errors` server errors (`Overloaded` 503,
+`DeadlineExceeded` 504, `UpstreamError` 502, `InvalidRequest` with code `context_length_exceeded`) and stop
+work promptly when the consumer stops iterating (that is how a client disconnect reaches the decode loop)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-from tokentill.types import Grammar, ResponseFormat, ToolCall, ToolCallDelta, ToolChoice, ToolDefinition
+from tokentill.types import EngineEvent, Grammar, Message, ResponseFormat, ToolChoice, ToolDefinition
 
-__all__ = [
-    "Capabilities",
-    "Engine",
-    "EngineEvent",
-    "EngineRequest",
-    "Finished",
-    "ImageInput",
-    "Message",
-    "THINK_CLOSE",
-    "THINK_OPEN",
-    "TextDelta",
-    "ToolCallDelta",
-    "Usage",
-]
+__all__ = ["THINK_CLOSE", "THINK_OPEN", "Capabilities", "Engine", "EngineRequest"]
 
 # The tags that `native` reasoning models write around their thinking.
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-FinishReason = Literal["stop", "length", "tool_calls"]
-
-
-@dataclass(frozen=True)
-class ImageInput:
-    """An image that the media layer already fetched and validated; engines never fetch anything."""
-
-    data: bytes
-    mime: str
-    width: int
-    height: int
-    detail: str = "auto"
-
-
-@dataclass(frozen=True)
-class Message:
-    """One chat message with text already joined; `images` are in the order they appeared."""
-
-    role: str  # system | user | assistant | tool  (developer is mapped to system before it gets here)
-    text: str
-    images: tuple[ImageInput, ...] = ()
-    # Where each image sat: an offset into `text` per image, ascending. Empty = all images before the text.
-    image_offsets: tuple[int, ...] = ()
-    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
-    tool_call_id: str | None = None  # a tool turn: the call it answers
-
-    def pieces(self) -> list[str | ImageInput]:
-        """Text and images in the order the client sent them (empty text pieces left out)."""
-        offsets = (
-            self.image_offsets if len(self.image_offsets) == len(self.images) else (0,) * len(self.images)
-        )
-        out: list[str | ImageInput] = []
-        start = 0
-        for offset, image in zip(offsets, self.images, strict=True):
-            if self.text[start:offset]:
-                out.append(self.text[start:offset])
-            out.append(image)
-            start = offset
-        if self.text[start:]:
-            out.append(self.text[start:])
-        return out
 
 
 @dataclass(frozen=True)
@@ -100,39 +45,6 @@ class EngineRequest:
     parallel_tool_calls: bool | None = None
     # ...and, for engines with `Capabilities.grammar`, the grammar that enforces them (None: free text).
     grammar: Grammar | None = None
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int  # reasoning tokens included
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
-    image_tokens: int = 0
-    estimated: bool = False
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    text: str
-    reasoning: bool = False  # hidden reasoning, not part of `content`
-    # Completion tokens this delta accounts for (billing of interrupted streams). Engines put every token
-    # on a delta as it is generated, so a delta may carry tokens and no text (half a character, a held-back
-    # stop prefix); renderers skip empty text.
-    tokens: int = 1
-
-
-@dataclass(frozen=True)
-class Finished:
-    finish_reason: FinishReason
-    usage: Usage
-
-
-EngineEvent = TextDelta | ToolCallDelta | Finished
 
 
 @dataclass(frozen=True)

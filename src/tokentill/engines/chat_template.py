@@ -17,7 +17,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from tokentill.engines.base import Message
+from tokentill.types import Message
 
 __all__ = ["CHATML", "ChatTemplate"]
 

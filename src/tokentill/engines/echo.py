@@ -19,17 +19,10 @@ import time
 from collections.abc import AsyncGenerator
 
 from tokentill.catalog import ModelSpec
-from tokentill.engines.base import (
-    THINK_OPEN,
-    Capabilities,
-    EngineEvent,
-    EngineRequest,
-    Finished,
-    FinishReason,
-    Usage,
-)
+from tokentill.engines.base import THINK_OPEN, Capabilities, EngineRequest
 from tokentill.engines.text import TextAssembler
 from tokentill.errors import DeadlineExceeded, InvalidRequest
+from tokentill.types import EngineEvent, Finished, FinishReason, Usage
 
 __all__ = ["EchoEngine"]
 

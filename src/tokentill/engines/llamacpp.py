@@ -46,14 +46,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokentill.catalog import ModelSpec
-from tokentill.engines.base import THINK_OPEN, Capabilities, EngineEvent, EngineRequest, ImageInput
+from tokentill.engines.base import THINK_OPEN, Capabilities, EngineRequest
 from tokentill.engines.batch import BatchedLlamaRunner
 from tokentill.engines.chat_template import ChatTemplate
 from tokentill.engines.scheduler import SamplingParams, Scheduler, Sequence, new_channel, stream
 from tokentill.engines.vision import PromptCounts, VisionEncoder, VisionError
 from tokentill.errors import APIError, DeadlineExceeded, InvalidRequest, UpstreamError
 from tokentill.structured.tools import parse_tool_calls, template_messages
-from tokentill.types import Grammar
+from tokentill.types import EngineEvent, Grammar, ImageInput
 
 __all__ = ["DEFAULT_PARALLEL", "LlamaCppEngine"]
 

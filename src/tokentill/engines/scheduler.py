@@ -30,9 +30,9 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from tokentill.engines.base import EngineEvent, Finished, FinishReason, Usage
 from tokentill.engines.sequence import Outbox, SamplingParams, Sequence, deadline_error, new_channel
 from tokentill.errors import APIError, Overloaded, UpstreamError
+from tokentill.types import EngineEvent, Finished, FinishReason, Usage
 
 __all__ = ["BatchRunner", "Runner", "SamplingParams", "Scheduler", "Sequence", "new_channel", "stream"]
 

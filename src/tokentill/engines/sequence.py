@@ -11,10 +11,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokentill.engines.base import EngineEvent
 from tokentill.engines.text import TextAssembler
 from tokentill.errors import APIError, DeadlineExceeded
-from tokentill.types import Grammar
+from tokentill.types import EngineEvent, Grammar
 
 __all__ = ["Channel", "Outbox", "SamplingParams", "Sequence", "deadline_error", "new_channel"]
 

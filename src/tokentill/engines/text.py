@@ -20,7 +20,8 @@ from __future__ import annotations
 import codecs
 from collections.abc import Iterable
 
-from tokentill.engines.base import THINK_CLOSE, THINK_OPEN, TextDelta
+from tokentill.engines.base import THINK_CLOSE, THINK_OPEN
+from tokentill.types import TextDelta
 
 __all__ = ["StopMatcher", "TextAssembler", "ThinkSplitter"]
 

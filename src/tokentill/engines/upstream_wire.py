@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokentill import errors
-from tokentill.engines.base import EngineRequest, FinishReason, Message, TextDelta, Usage
+from tokentill.engines.base import EngineRequest
+from tokentill.types import FinishReason, Message, TextDelta, Usage
 
 __all__ = [
     "IMAGE_TOKEN_ALLOWANCE",

@@ -33,7 +33,7 @@ from typing import Any
 
 from PIL import Image
 
-from tokentill.engines.base import ImageInput
+from tokentill.types import ImageInput
 
 __all__ = ["PromptCounts", "Tokenized", "VisionEncoder", "VisionError"]
 

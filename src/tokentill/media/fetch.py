@@ -27,7 +27,7 @@ import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,6 +36,7 @@ import httpx2
 
 from tokentill.errors import InvalidRequest
 from tokentill.media.addresses import HostLiteral, IPAddress, classify, parse_host_literal
+from tokentill.settings import parse_allow_hosts  # the one parser start-up validation also uses
 
 if TYPE_CHECKING:
     from tokentill.media.service import MediaPolicy
@@ -58,34 +59,6 @@ async def system_resolver(host: str, port: int) -> list[str]:
     """Resolve with the operating system (`getaddrinfo`, off the event loop)."""
     infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     return [str(info[4][0]) for info in infos]
-
-
-def parse_allow_hosts(entries: Iterable[str]) -> frozenset[tuple[str, int]]:
-    """Parse "host:port" entries ("[::1]:8080" for IPv6) into (lowercased host, port) pairs.
-
-    Raises ValueError on an entry without a valid port: this is a configuration error, caught at start-up.
-    """
-    parsed: set[tuple[str, int]] = set()
-    for raw in entries:
-        entry = raw.strip().lower()
-        host, sep, port_text = entry.rpartition(":")
-        if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-            raise ValueError(f"media allow_hosts entry {raw!r} must be host:port, e.g. images.internal:80")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        elif ":" in host:
-            raise ValueError(f"media allow_hosts entry {raw!r}: write IPv6 addresses as [addr]:port")
-        elif not host.isascii():
-            host = _idna(host, raw)  # compared with the URL's ASCII host, as httpx2 encodes it
-        parsed.add((host.rstrip("."), int(port_text)))
-    return frozenset(parsed)
-
-
-def _idna(host: str, raw: str) -> str:
-    try:
-        return httpx2.URL(f"http://{host}/").raw_host.decode("ascii").lower()
-    except (httpx2.InvalidURL, UnicodeError) as exc:
-        raise ValueError(f"media allow_hosts entry {raw!r}: not a valid host name ({exc})") from None
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from typing import Final
 
 from PIL import Image, ImageOps
 
-from tokentill.engines.base import ImageInput
 from tokentill.errors import InvalidRequest
+from tokentill.types import ImageInput
 
 __all__ = ["DETAILS", "MIME_FORMATS", "OPAQUE_TYPES", "prepare_image", "sniff_format"]
 

@@ -28,10 +28,11 @@ import anyio.to_thread
 import httpx2
 from PIL import Image
 
-from tokentill.engines.base import ImageInput
 from tokentill.errors import InvalidRequest
 from tokentill.media.fetch import FetchedImage, GuardedFetcher, Resolver, parse_allow_hosts
 from tokentill.media.images import DETAILS, MIME_FORMATS, prepare_image
+from tokentill.settings import Settings
+from tokentill.types import ImageInput
 
 __all__ = ["DECODE_CONCURRENCY", "MAX_DATA_URI_HEADER", "ImageRef", "MediaPolicy", "MediaService"]
 
@@ -47,7 +48,7 @@ _ASCII_WHITESPACE = b" \t\n\r\x0b\x0c"
 
 @dataclass(frozen=True)
 class MediaPolicy:
-    """Limits for image intake; built from Settings by the app factory."""
+    """Limits for image intake; `from_settings` builds it for the app factory."""
 
     allow_hosts: frozenset[str] = frozenset()  # "host:port" an operator allows even if private
     max_bytes: int = 20 * 1024 * 1024  # per image, encoded file size
@@ -70,6 +71,17 @@ class MediaPolicy:
         if self.max_redirects < 0:
             raise ValueError("MediaPolicy.max_redirects must not be negative")
         parse_allow_hosts(self.allow_hosts)  # raises ValueError on a malformed entry
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MediaPolicy:
+        hosts = frozenset(h.strip().lower() for h in settings.media_allow_hosts.split(",") if h.strip())
+        return cls(
+            allow_hosts=hosts,
+            max_bytes=settings.media_max_bytes,
+            max_pixels=settings.media_max_pixels,
+            max_images=settings.media_max_images,
+            total_timeout_s=settings.media_timeout_s,
+        )
 
 
 @dataclass(frozen=True)

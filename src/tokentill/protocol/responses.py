@@ -8,8 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokentill.engines.base import EngineEvent, Finished, TextDelta, Usage
-from tokentill.types import ToolCallDelta
+from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta, Usage
 
 __all__ = [
     "SYSTEM_FINGERPRINT",

@@ -19,9 +19,19 @@ import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import replace
 
-from tokentill.engines.base import EngineEvent, Finished, Message, TextDelta
 from tokentill.structured.grammar import GrammarBuilder, gbnf_literal, json_object_grammar
-from tokentill.types import Grammar, ResponseFormat, ToolCall, ToolCallDelta, ToolChoice, ToolDefinition
+from tokentill.types import (
+    EngineEvent,
+    Finished,
+    Grammar,
+    Message,
+    ResponseFormat,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    ToolDefinition,
+)
 
 __all__ = [
     "CALL_CLOSE",
