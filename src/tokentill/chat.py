@@ -143,7 +143,8 @@ class ChatService:
                     draft.response_format,
                     draft.tools,
                     draft.tool_choice,
-                    parallel=request.parallel_tool_calls is not False,
+                    # Only on request: a small model repeats its call until the budget is spent.
+                    parallel=request.parallel_tool_calls is True,
                 ),
             )
         prompt_tokens = await anyio.to_thread.run_sync(engine.count_prompt_tokens, draft)

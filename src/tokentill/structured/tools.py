@@ -89,7 +89,8 @@ def constraint(
 
     Tool calls take precedence when the model may call (`tool_choice` not none); a json_schema / json_object
     `response_format` then applies to a text answer only when `tool_choice` is none (with auto the text
-    before a call stays free, as OpenAI's own models may also answer in text).
+    before a call stays free, as OpenAI's own models may also answer in text). `parallel`: several calls
+    in one answer (up to MAX_PARALLEL_CALLS), else exactly one.
     """
     calling = bool(tools) and choice.mode != "none"
     if calling:
@@ -114,7 +115,7 @@ def _tools_grammar(tools: Sequence[ToolDefinition], choice: ToolChoice, parallel
         head = gbnf_literal(f"{CALL_OPEN}{_HEAD}{tool.name}{_MIDDLE}")
         alternatives.append(f"{head} {args} {gbnf_literal(_TAIL)}")
     call = builder.rule("call", " | ".join(f"( {a} )" for a in alternatives))
-    more = f' ( "\\n" {call} ){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else ""
+    more = f' ( "\\n" {call} ){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else ""  # see `constraint`
     lazy = choice.mode == "auto"
     return Grammar(builder.render(f"{call}{more}"), triggers=(CALL_OPEN,) if lazy else ())
 
@@ -147,8 +148,8 @@ class ToolCallParser:
         if not rest:
             return []
         if self._state == "text":
-            return [TextDelta(rest, tokens=0)]
-        if self._state == "args":
+            return [TextDelta(rest, tokens=0)] if rest.strip() else []
+        if self._state == "args" and not _TAIL.startswith(rest):  # cut short inside the arguments
             return [ToolCallDelta(self.calls - 1, arguments=rest, tokens=0)]
         return []
 
@@ -157,7 +158,8 @@ class ToolCallParser:
         if self._state == "text":
             at = buf.find(CALL_OPEN)
             if at < 0:
-                keep = _partial(buf, CALL_OPEN)
+                # Whitespace waits for what follows: between or after calls it is not an answer.
+                keep = len(buf) if not buf.strip() else _partial(buf, CALL_OPEN)
                 if len(buf) > keep:
                     out.append(TextDelta(buf[: len(buf) - keep], tokens=0))
                 self._buffer = buf[len(buf) - keep :]
