@@ -26,6 +26,7 @@ from tokentill.auth.service import Principal
 from tokentill.billing import pricing
 from tokentill.billing.ledger import Hold, Ledger, UsageRecord
 from tokentill.billing.money import format_credits
+from tokentill.billing.settlement import Settlements
 from tokentill.catalog import Catalog, ModelSpec
 from tokentill.engines.base import Engine, EngineRequest
 from tokentill.limits import KeyLimits, Lease, RateLimiter
@@ -83,8 +84,12 @@ class ChatService:
         media: MediaService,
         request_timeout_s: float,
         hold_ttl_s: float,
+        settlements: Settlements | None = None,
     ) -> None:
+        """`settlements` keeps what the database refuses and retries it (the server always gives one);
+        without it a refused settlement is logged and its hold left to the sweeper."""
         self._catalog = catalog
+        self._settlements = settlements
         self._engines = engines
         self._ledger = ledger
         self._limiter = limiter
@@ -251,10 +256,26 @@ class ChatService:
         try:
             if free:
                 record = replace(record, completion_tokens=0, reasoning_tokens=0)
-                chat.balance_after = await self._ledger.release(chat.hold, usage=record)
             else:
                 cost = pricing.cost(prompt, completion, chat.spec.price_input, chat.spec.price_output)
-                chat.balance_after = await self._ledger.settle(chat.hold, cost=cost, usage=record)
+            if self._settlements is None:
+                chat.balance_after = await (
+                    self._ledger.release(chat.hold, usage=record)
+                    if free
+                    else self._ledger.settle(chat.hold, cost=cost, usage=record)
+                )
+            else:
+                chat.balance_after = await (
+                    self._settlements.release(chat.hold, usage=record)
+                    if free
+                    else self._settlements.settle(chat.hold, cost=cost, usage=record)
+                )
+                if chat.balance_after is None:
+                    # Spooled while the database is out: the header shows what the settlement will
+                    # leave (the hold's balance plus what it gives back), not a 503 for a delivered answer.
+                    chat.balance_after = (
+                        chat.balance_after_hold + chat.hold.amount - min(cost, chat.hold.amount)
+                    )
             metrics.observe_request(record, cost, time.monotonic() - chat.started)
         except Exception:
             # The hold stays open and the sweeper releases it after hold_ttl_s: logged, never lost.

@@ -216,6 +216,19 @@ class Settings(BaseSettings):
         gt=0,
         description="PostgreSQL: how long a request waits for a free pooled connection before 503.",
     )
+    settlement_retry_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="How long a settlement the database refused (outage) is retried, with backoff, by the "
+        "process that delivered the answer; it is also kept in DATA_DIR/spool and replayed at start-up, "
+        "so an answer delivered is billed once even past this.",
+    )
+    idempotency_lease_s: float = Field(
+        default=10.0,
+        ge=1,
+        description="An Idempotency-Key claim lives this long unless its running request renews it (it does, "
+        "every third of it); a claim whose process died is taken over after it, not after the deadline.",
+    )
 
     @field_validator("media_allow_hosts")
     @classmethod

@@ -234,15 +234,16 @@ def test_required_tool_call_has_valid_arguments(client: openai.OpenAI) -> None:
 def _tool_loop(client: openai.OpenAI, *, model: str, stream: bool) -> tuple[str, str]:
     """Call → tool result → answer. Returns (the call's arguments, the final answer)."""
     messages: list[Any] = [{"role": "user", "content": "What is the weather in Rome? Use the tool."}]
+    effort: dict[str, Any] = {"reasoning_effort": "low"} if model == "o1-preview" else {}
     first = client.chat.completions.create(
         model=model,
         messages=messages,
         tools=[WEATHER],  # type: ignore[list-item]
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
         parallel_tool_calls=False,
-        reasoning_effort="low",
         max_completion_tokens=140,
         temperature=0,
+        **effort,
     )
     call = (first.choices[0].message.tool_calls or [])[0]
     assert first.choices[0].finish_reason == "tool_calls"
@@ -254,7 +255,7 @@ def _tool_loop(client: openai.OpenAI, *, model: str, stream: bool) -> tuple[str,
         "model": model,
         "messages": messages,
         "tools": [WEATHER],
-        "reasoning_effort": "low",
+        **effort,
         "max_completion_tokens": 120,
         "temperature": 0,
         "tool_choice": "none",

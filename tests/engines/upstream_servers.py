@@ -135,6 +135,8 @@ class ScriptedUpstream:
         script = request.path_params["script"]
         body = await request.json()
         self.seen.append({"script": script, "headers": dict(request.headers), "body": body})
+        if script.startswith("echo-"):
+            return _echo_headers(script, request)
         stream = self._script(script, body)
         if isinstance(stream, Response):
             return stream
@@ -264,6 +266,22 @@ class ScriptedUpstream:
         if script in ("broken", "down"):
             return Response("internal", status_code=500)
         return Response("no such script", status_code=404)
+
+
+def _echo_headers(script: str, request: Request) -> Response:
+    """An upstream that quotes the request's headers back (our Authorization and extra headers included):
+    in a 400's message, a 500's body, or an SSE event that is not JSON."""
+    auth = request.headers.get("authorization", "")
+    quoted = f"authorization={auth!r} x-gateway-token={request.headers.get('x-gateway-token', '')!r}"
+    if script == "echo-400":
+        return _error(400, f"Invalid header value: {quoted}", "invalid_value")
+    if script == "echo-500":
+        return Response(f"upstream crashed handling {json.dumps(dict(request.headers))}", status_code=500)
+    if script == "echo-json":  # the key JSON-escaped inside a JSON string
+        return _error(400, json.dumps({"headers": dict(request.headers)}), None)
+    if script == "echo-stream":
+        return StreamingResponse(iter([f"data: {quoted}\n\n".encode()]), media_type="text/event-stream")
+    return Response("no such echo script", status_code=404)
 
 
 async def _flood() -> AsyncIterator[bytes]:

@@ -23,7 +23,11 @@ def error_response(request: Request, error: errors.APIError) -> JSONResponse:
     balance = getattr(request.state, "remaining_credits", None)
     if balance is not None:
         headers["x-remaining-credits"] = format_credits(balance)
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    body = error.body()
+    services = getattr(request.app.state, "services", None)
+    if services is not None:  # a message may quote an upstream, which may quote our key
+        body["error"]["message"] = services.redact(body["error"]["message"])
+    return JSONResponse(body, status_code=error.status, headers=headers)
 
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:

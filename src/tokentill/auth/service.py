@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 
 from tokentill.auth.keys import generate_key, hash_secret, mask_key, parse_key
 from tokentill.errors import AuthenticationFailed, PermissionDenied
+from tokentill.names import check_label, check_lookup, check_models
 from tokentill.storage.db import Database
 from tokentill.storage.schema import accounts, api_keys, utcnow
 
@@ -159,13 +160,12 @@ class KeyStore:
     ) -> CreatedKey:
         """Create a key for `account_name`; `models` None allows every model.
 
-        Raises `LookupError` for an unknown account, `ValueError` for an empty `models` list or a limit
-        below 1.
+        Raises `LookupError` for an unknown account, `InvalidRequest` for an empty `models` list or a
+        label, model id or account name that `tokentill.names` refuses, `ValueError` for a limit below 1.
         """
-        if models is not None:
-            models = list(dict.fromkeys(models))
-            if not models:
-                raise ValueError("models must name at least one model, or be None for all models")
+        check_lookup(account_name, param="account")
+        name = check_label(name)
+        models = check_models(models)
         _check_limits(rpm=rpm, tpm=tpm, max_concurrent=max_concurrent)
         for _attempt in range(5):
             key_id, secret, full_key = generate_key()
@@ -224,7 +224,9 @@ class KeyStore:
 
     async def revoke(self, key_id: str, *, account_name: str | None = None) -> bool:
         """Revoke the key; False if there is no such key, it was already revoked, or (with
-        `account_name`, as a customer revoking its own keys) it belongs to another account."""
+        `account_name`, as a customer revoking its own keys) it belongs to another account.
+        `InvalidRequest` for an id that cannot exist (`names.check_lookup`)."""
+        check_lookup(key_id, param="key_id")
         statement = update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
         if account_name is not None:
             owner = select(accounts.c.id).where(accounts.c.name == account_name).scalar_subquery()
@@ -254,6 +256,7 @@ class KeyStore:
             if not isinstance(value, _Unset)
         }
         _check_limits(**changes)
+        check_lookup(key_id, param="key_id")
         async with self._db.begin() as conn:
             live = api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)
             if changes:

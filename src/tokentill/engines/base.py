@@ -8,10 +8,12 @@ work promptly when the consumer stops iterating (that is how a client disconnect
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from tokentill.errors import DeadlineExceeded
 from tokentill.types import EngineEvent, Grammar, Message, ResponseFormat, ToolChoice, ToolDefinition
 
 __all__ = ["THINK_CLOSE", "THINK_OPEN", "Capabilities", "Engine", "EngineRequest"]
@@ -45,6 +47,12 @@ class EngineRequest:
     parallel_tool_calls: bool | None = None
     # ...and, for engines with `Capabilities.grammar`, the grammar that enforces them (None: free text).
     grammar: Grammar | None = None
+    # When the request began (time.monotonic()); each pass is a `replace()` of the first and keeps it.
+    started: float = field(default_factory=time.monotonic)
+
+    def deadline_error(self) -> DeadlineExceeded:
+        """The 504 for this request: its time counts from `started`, so every pass is included."""
+        return DeadlineExceeded(f"The request timed out after {self.deadline - self.started:.1f} seconds.")
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from tokentill.engines.batch import BatchedLlamaRunner
 from tokentill.engines.chat_template import ChatTemplate
 from tokentill.engines.scheduler import SamplingParams, Scheduler, Sequence, new_channel, stream
 from tokentill.engines.vision import PromptCounts, VisionEncoder, VisionError
-from tokentill.errors import APIError, DeadlineExceeded, InvalidRequest, UpstreamError
+from tokentill.errors import APIError, InvalidRequest, UpstreamError
 from tokentill.structured.tools import parse_tool_calls, template_messages
 from tokentill.types import EngineEvent, Grammar, ImageInput
 
@@ -176,7 +176,7 @@ class LlamaCppEngine:
         try:
             return self._count_media(media).result(timeout=timeout).total
         except concurrent.futures.TimeoutError:
-            raise DeadlineExceeded(f"The request timed out after {timeout:.1f} seconds.") from None
+            raise request.deadline_error() from None
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         """TextDelta events, then one Finished; raises the `tokentill.errors` listed in `engines.base`."""
@@ -219,7 +219,7 @@ class LlamaCppEngine:
             ),
             stop=request.stop,
             deadline=request.deadline,
-            timeout_s=max(0.0, request.deadline - time.monotonic()),
+            timeout_s=request.deadline - request.started,
             channel=new_channel(),
             media=media,
             media_prompt_tokens=counts.total,

@@ -89,7 +89,7 @@ class Sequence:
     stop: tuple[str, ...]
     deadline: float  # time.monotonic()
     channel: Channel
-    timeout_s: float = 0.0  # for the DeadlineExceeded message only
+    timeout_s: float = 0.0  # the whole request's time, every pass included; for the 504 message only
     continuation: bool = False  # a later pass of an admitted request: next in line, never refused
     # A multimodal prompt the runner understands (`prompt` is then empty): its token counts are given here,
     # computed by the same tokenization the runner will use, so usage stays exact.

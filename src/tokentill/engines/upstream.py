@@ -50,7 +50,7 @@ import httpx2
 from tokentill import errors
 from tokentill.catalog import ModelSpec
 from tokentill.engines.base import Capabilities, EngineRequest
-from tokentill.engines.upstream_config import headers, resolve_api_key, urls
+from tokentill.engines.upstream_config import headers, resolve_api_key, secrets, urls
 from tokentill.engines.upstream_pool import Replica, ReplicaPool
 from tokentill.engines.upstream_sse import read_capped, sse_data
 from tokentill.engines.upstream_wire import (
@@ -62,6 +62,7 @@ from tokentill.engines.upstream_wire import (
     parse_json,
     rejects_max_tokens,
 )
+from tokentill.redact import Redactor
 from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta
 
 __all__ = ["UpstreamEngine"]
@@ -102,6 +103,9 @@ class UpstreamEngine:
         self._inflight = 0
         self._send_max_tokens = True
         self._headers = httpx2.Headers()
+        # Upstream text (error bodies, broken answers) passes through this before it is relayed or logged:
+        # an upstream that echoes our Authorization header must not leak the key.
+        self._redact = Redactor()
         self._client: httpx2.AsyncClient | None = None
 
     def __repr__(self) -> str:  # never the headers: they carry the key
@@ -113,6 +117,7 @@ class UpstreamEngine:
         # the Authorization value.
         self._headers = httpx2.Headers({"Authorization": f"Bearer {key.get_secret_value()}"} if key else {})
         self._headers.update(self._extra_headers)  # the catalogue may override (e.g. Azure's api-key)
+        self._redact = Redactor(secrets(self.spec))
         timeout = self.spec.timeout_s
         self._client = httpx2.AsyncClient(
             timeout=httpx2.Timeout(
@@ -175,7 +180,7 @@ class UpstreamEngine:
             try:
                 usage = state.final_usage()
             except BadAnswer as exc:
-                log.warning("upstream %s answered nonsense: %s", where, exc)
+                log.warning("upstream %s answered nonsense: %s", where, self._redact(str(exc)))
                 raise errors.UpstreamError(_INVALID) from exc
             yield Finished(state.finish_reason or "stop", usage)
         finally:
@@ -250,7 +255,7 @@ class UpstreamEngine:
                         suspect.mark(False, why, self.spec.id)
                     kept = True
                     return response, replica
-                body = await read_capped(response, MAX_ERROR_BODY)
+                body = self._redact.body(await read_capped(response, MAX_ERROR_BODY))
             finally:
                 if not kept:
                     replica.outstanding -= 1
@@ -300,7 +305,7 @@ class UpstreamEngine:
                     if state.cut:
                         return
         except BadAnswer as exc:
-            log.warning("upstream %s answered nonsense: %s", where, exc)
+            log.warning("upstream %s answered nonsense: %s", where, self._redact(str(exc)))
             raise errors.UpstreamError(_INVALID) from exc
         except httpx2.TimeoutException as exc:
             log.warning("upstream %s went silent mid-answer", where)

@@ -288,7 +288,9 @@ def _sqlite_has_schema(path: str) -> bool:
         return conn.execute(query, (_VERSION_TABLE,)).fetchone() is not None
 
 
-def _make_engine(url: str, *, create: bool, connect_timeout_s: float, pool_timeout_s: float) -> AsyncEngine:
+def _make_engine(
+    url: str, *, create: bool = True, connect_timeout_s: float = 5.0, pool_timeout_s: float = 10.0
+) -> AsyncEngine:
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
