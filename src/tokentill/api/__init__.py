@@ -13,6 +13,7 @@ from starlette.staticfiles import StaticFiles
 from tokentill.api.account import account_router
 from tokentill.api.admin import admin_router
 from tokentill.api.connections import BodyTimeoutMiddleware
+from tokentill.api.console import console_router
 from tokentill.api.docs import STATIC_DIR, docs_router
 from tokentill.api.errors import install_error_handlers
 from tokentill.api.middleware import RequestContextMiddleware, ResponseMetricsMiddleware
@@ -46,6 +47,7 @@ def build_api(
         app.include_router(docs_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(admin_router)
+    app.include_router(console_router)
     app.include_router(account_router)  # before `router`, whose POST /v1/{model} takes any /v1/<name>
     app.include_router(router)
     return app

@@ -17,8 +17,9 @@ from tokentill.api.account import parse_limit, request_json, usage_json
 from tokentill.api.routes import presented_key
 from tokentill.api.state import services_of
 from tokentill.billing.codes import MAX_CODES_PER_BATCH
-from tokentill.billing.ledger import AccountExists
+from tokentill.billing.ledger import AccountExists, BalanceRefused
 from tokentill.billing.money import format_credits, parse_credits
+from tokentill.billing.records import MAX_NOTE
 from tokentill.billing.reports import OPERATOR_GROUPS, parse_usage_query
 from tokentill.names import MAX_LABEL_CHARS, MAX_MODELS_PER_KEY, MAX_NAME_CHARS
 from tokentill.protocol.chat import find_invalid_unicode
@@ -64,6 +65,12 @@ class NewAccount(_Body):
 
 class Credits(_Body):
     credits: str
+
+
+class Adjustment(_Body):
+    credits: str
+    # Why, kept on the ledger row; the ledger checks the full rule (`names.check_name`).
+    note: str = Field(min_length=1, max_length=MAX_NOTE, description=f"1-{MAX_NOTE} {_NAME_RULE}")
 
 
 class NewKey(_Body):
@@ -120,6 +127,33 @@ async def add_credits(request: Request, name: str, body: Credits) -> dict[str, A
     except LookupError as exc:
         raise errors.NotFound(f"No account named {name!r}.", code="account_not_found") from exc
     return {"name": name, "balance": format_credits(balance)}
+
+
+@admin_router.post("/accounts/{name}/refunds")
+async def refund_credits(request: Request, name: str, body: Adjustment) -> dict[str, Any]:
+    return await _adjust(request, name, body, "refunded")
+
+
+@admin_router.post("/accounts/{name}/debits")
+async def debit_credits(request: Request, name: str, body: Adjustment) -> dict[str, Any]:
+    return await _adjust(request, name, body, "debited")
+
+
+async def _adjust(request: Request, name: str, body: Adjustment, done: str) -> dict[str, Any]:
+    amount = _ucr(body.credits)
+    if amount <= 0:
+        raise errors.InvalidRequest("credits must be more than 0.", param="credits")
+    ledger = services_of(request).ledger
+    try:
+        change = ledger.refund if done == "refunded" else ledger.debit
+        balance = await change(name, amount, note=body.note)
+    except LookupError as exc:
+        raise errors.NotFound(f"No account named {name!r}.", code="account_not_found") from exc
+    except BalanceRefused as exc:
+        if done == "debited":  # the account's state refuses it, not the request's form
+            raise errors.Conflict(f"{exc}.", code="insufficient_balance") from exc
+        raise errors.InvalidRequest(f"{exc}.", param="credits") from exc
+    return {"name": name, done: format_credits(amount), "balance": format_credits(balance), "note": body.note}
 
 
 @admin_router.post("/keys", status_code=201)
