@@ -9,14 +9,22 @@ work promptly when the consumer stops iterating (that is how a client disconnect
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 from tokentill.errors import DeadlineExceeded
 from tokentill.types import EngineEvent, Grammar, Message, ResponseFormat, ToolChoice, ToolDefinition
 
-__all__ = ["THINK_CLOSE", "THINK_OPEN", "Capabilities", "Engine", "EngineRequest"]
+__all__ = [
+    "THINK_CLOSE",
+    "THINK_OPEN",
+    "Capabilities",
+    "Engine",
+    "EngineHealth",
+    "EngineRequest",
+    "engine_health",
+]
 
 # The tags that `native` reasoning models write around their thinking.
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -82,3 +90,20 @@ class Engine(Protocol):
 
     async def aclose(self) -> None:
         """Stop the decode loop / close connections; pending requests fail with Overloaded."""
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    """What the operator console shows of an engine in this process: replicas that answer (1 of 1 for an
+    embedded model once loaded), requests waiting for a slot and requests being generated."""
+
+    replicas_up: int
+    replicas: int
+    queued: int
+    running: int
+
+
+def engine_health(engine: object) -> EngineHealth | None:
+    """`engine.health()` for engines that report it (an optional method, not part of `Engine`), else None."""
+    report = getattr(engine, "health", None)
+    return cast(Callable[[], EngineHealth], report)() if callable(report) else None

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokentill.catalog import ModelSpec
-from tokentill.engines.base import THINK_OPEN, Capabilities, EngineRequest
+from tokentill.engines.base import THINK_OPEN, Capabilities, EngineHealth, EngineRequest
 from tokentill.engines.batch import BatchedLlamaRunner
 from tokentill.engines.chat_template import ChatTemplate
 from tokentill.engines.scheduler import SamplingParams, Scheduler, Sequence, new_channel, stream
@@ -239,6 +239,12 @@ class LlamaCppEngine:
         finally:
             await events.aclose()
             await tokens.aclose()
+
+    def health(self) -> EngineHealth:
+        scheduler = self._scheduler
+        if scheduler is None:
+            return EngineHealth(replicas_up=0, replicas=1, queued=0, running=0)
+        return EngineHealth(replicas_up=1, replicas=1, queued=scheduler.queued, running=scheduler.running)
 
     def tokens_decoded(self, request_id: str) -> int | None:
         """Tokens sampled for a retired request (None if unknown); lets tests see that cancel stopped work."""

@@ -31,7 +31,7 @@ from dataclasses import replace
 
 import anyio
 
-from tokentill.engines.base import Capabilities, Engine, EngineRequest
+from tokentill.engines.base import Capabilities, Engine, EngineHealth, EngineRequest, engine_health
 from tokentill.engines.text import ThinkSplitter
 from tokentill.types import EngineEvent, Finished, Message, TextDelta, ToolCallDelta, ToolChoice, Usage
 
@@ -72,6 +72,9 @@ class _Wrapper:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+    def health(self) -> EngineHealth | None:
+        return engine_health(self.inner)
 
 
 class Scratchpad(_Wrapper):
