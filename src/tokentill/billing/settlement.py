@@ -91,7 +91,7 @@ class Settlements:
         # Durable before anything else: from here a crash of this process cannot lose the settlement.
         await asyncio.to_thread(self._spool.append, record)
         self.pending.add(str(record["id"]))
-        log.warning("database unavailable: settlement of %s spooled, retrying", record["id"])
+        log.warning("settlement of %s spooled while the database is out; retrying", record["id"])
         self._retry_later(record)
         return None
 

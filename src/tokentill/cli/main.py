@@ -145,7 +145,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
                 check_spec(spec)
     except CatalogError as exc:
         raise click.ClickException(str(exc)) from exc
-    from tokentill.app import log_config  # the web stack loads only for `serve`
+    from tokentill.app import http_protocol, log_config  # the web stack loads only for `serve`
 
     logging.config.dictConfig(log_config(settings.log_level))
     asyncio.run(_bootstrap(settings))
@@ -159,6 +159,8 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
             log_level=settings.log_level,
             log_config=log_config(settings.log_level),  # applied again in each worker process
             timeout_graceful_shutdown=10,
+            timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]  # a float works
+            http=http_protocol(settings),  # read timeouts and the connection cap (api/connections.py)
         )
 
 
