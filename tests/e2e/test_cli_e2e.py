@@ -24,7 +24,7 @@ def test_accounts_credits_keys(tmp_path: Path) -> None:
     assert f"no tokentill database at {database}" in refused.stderr, refused.stderr
     assert "tokentill init" in refused.stderr and not (tmp_path / "data").exists()
     assert cli.cli("init").stdout.strip() == f"database {database}: created"
-    assert cli.cli("init").stdout.strip() == f"database {database}: is up to date"
+    assert cli.cli_json("init") == {"database": str(database), "created": False}
     listed = cli.cli("accounts", "list")
     assert listed.stdout.strip() == "no accounts" and f"database: {database}" in listed.stderr
     assert cli.cli_json("accounts", "create", "acme", "--credits", "0.25") == {

@@ -148,6 +148,38 @@ class KeyStore:
             balance=int(row.account_balance),
         )
 
+    async def principal_for(self, key_id: str) -> Principal | None:
+        """The `Principal` of the live key `key_id`, or None if it does not exist or is revoked.
+
+        For sessions that proved the key's secret when they began (the console) and check the key again
+        on every request, so that revoking the key ends them.
+        """
+        async with self._db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(
+                        api_keys,
+                        accounts.c.name.label("account_name"),
+                        accounts.c.balance.label("account_balance"),
+                    )
+                    .join(accounts, accounts.c.id == api_keys.c.account_id)
+                    .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                )
+            ).first()
+        if row is None:
+            return None
+        models = _load_models(row.models)
+        return Principal(
+            account_id=row.account_id,
+            account_name=row.account_name,
+            key_id=row.id,
+            models=frozenset(models) if models is not None else None,
+            rpm=row.rpm,
+            tpm=row.tpm,
+            max_concurrent=row.max_concurrent,
+            balance=int(row.account_balance),
+        )
+
     async def create_key(
         self,
         account_name: str,

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncGenerator
 
 from tokentill.catalog import ModelSpec
-from tokentill.engines.base import THINK_OPEN, Capabilities, EngineRequest
+from tokentill.engines.base import THINK_OPEN, Capabilities, EngineHealth, EngineRequest
 from tokentill.engines.text import TextAssembler
 from tokentill.errors import InvalidRequest
 from tokentill.types import EngineEvent, Finished, FinishReason, Usage
@@ -43,6 +43,9 @@ class EchoEngine:
 
     async def aclose(self) -> None:
         return None
+
+    def health(self) -> EngineHealth:
+        return EngineHealth(replicas_up=1, replicas=1, queued=0, running=0)
 
     def count_prompt_tokens(self, request: EngineRequest) -> int:
         return sum(len(m.text.split()) + _TOKENS_PER_MESSAGE for m in request.messages)

@@ -49,7 +49,7 @@ import httpx2
 
 from tokentill import errors
 from tokentill.catalog import ModelSpec
-from tokentill.engines.base import Capabilities, EngineRequest
+from tokentill.engines.base import Capabilities, EngineHealth, EngineRequest
 from tokentill.engines.upstream_config import headers, resolve_api_key, secrets, urls
 from tokentill.engines.upstream_pool import Replica, ReplicaPool
 from tokentill.engines.upstream_sse import read_capped, sse_data
@@ -63,7 +63,7 @@ from tokentill.engines.upstream_wire import (
     rejects_max_tokens,
 )
 from tokentill.redact import Redactor
-from tokentill.types import EngineEvent, Finished, TextDelta
+from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta
 
 __all__ = ["UpstreamEngine"]
 
@@ -139,6 +139,15 @@ class UpstreamEngine:
                 ", ".join(r.base_url for r in self.pool.replicas),
             )
         self.pool.start(self._client, self._headers)
+
+    def health(self) -> EngineHealth:
+        replicas = self.pool.replicas
+        return EngineHealth(
+            replicas_up=sum(r.healthy for r in replicas),
+            replicas=len(replicas),
+            queued=0,  # requests wait in the replicas' own queues, which we cannot see
+            running=sum(r.outstanding for r in replicas),
+        )
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -275,7 +284,7 @@ class UpstreamEngine:
 
     async def _read(
         self, response: httpx2.Response, replica: Replica, request: EngineRequest, state: StreamState
-    ) -> AsyncGenerator[TextDelta, None]:
+    ) -> AsyncGenerator[TextDelta | ToolCallDelta, None]:
         """The answer's text deltas, the stream's protocol and transport errors mapped to ours.
 
         Stops early (without error) once `state.cut`: the upstream went past the completion budget.
