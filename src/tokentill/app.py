@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI
 
 from tokentill.api import build_api
+from tokentill.api.connections import GuardedHttpProtocol
 from tokentill.auth.service import KeyStore
 from tokentill.billing.codes import RedemptionCodes
 from tokentill.billing.ledger import Ledger
@@ -36,7 +38,7 @@ from tokentill.settings import Settings
 from tokentill.storage.db import open_database
 from tokentill.storage.spool import Spool
 
-__all__ = ["create_app", "create_app_from_env", "log_config"]
+__all__ = ["create_app", "create_app_from_env", "http_protocol", "log_config"]
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +186,19 @@ def log_config(level: str) -> dict[str, Any]:
             for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
         },
     }
+
+
+def http_protocol(settings: Settings) -> type[asyncio.Protocol]:
+    """uvicorn's `http` option: its httptools protocol with our read timeouts and connection cap.
+
+    uvicorn builds each connection's protocol by calling this with its config; a partial carries the
+    limits, and it pickles, so worker processes get them too. (Typed as the class uvicorn's signature
+    names; any callable that returns a protocol is what it really needs.)
+    """
+    protocol = functools.partial(
+        GuardedHttpProtocol, read_timeout_s=settings.read_timeout_s, max_connections=settings.max_connections
+    )
+    return cast("type[asyncio.Protocol]", protocol)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -8,6 +8,7 @@
     ├── NotFound                  404 invalid_request_error   model_not_found / unknown_url
     │   └── CodeNotFound          404 invalid_request_error   code_not_found
     ├── MethodNotAllowed          405 invalid_request_error   method_not_allowed
+    ├── RequestTimeout            408 invalid_request_error   request_timeout      (+ Connection: close)
     ├── Conflict                  409 invalid_request_error   idempotency_key_reused
     │   └── CodeAlreadyRedeemed   409 invalid_request_error   code_already_redeemed
     ├── RequestTooLarge           413 invalid_request_error   request_too_large
@@ -42,6 +43,7 @@ __all__ = [
     "Overloaded",
     "PermissionDenied",
     "RateLimited",
+    "RequestTimeout",
     "RequestTooLarge",
     "ServiceUnavailable",
     "UpstreamError",
@@ -125,6 +127,19 @@ class MethodNotAllowed(APIError):
     status = 405
     type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+class RequestTimeout(APIError):
+    """The client took longer than TOKENTILL_READ_TIMEOUT_S to send its request; the connection closes
+    (the rest of a trickled body is not worth waiting for)."""
+
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("Connection", "close")
 
 
 class Conflict(APIError):

@@ -229,6 +229,27 @@ class Settings(BaseSettings):
         description="An Idempotency-Key claim lives this long unless its running request renews it (it does, "
         "every third of it); a claim whose process died is taken over after it, not after the deadline.",
     )
+    read_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="A client must send a request's headers within this many seconds of its first byte, "
+        "and its body within this many seconds of the headers; else 408 request_timeout and the "
+        "connection is closed (slow or stalled clients cannot hold a connection open).",
+    )
+    keepalive_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="An open connection with no request in progress (a new one that sends nothing, or "
+        "one kept alive after a response) is closed after this many idle seconds.",
+    )
+    max_connections: int = Field(
+        default=512,
+        ge=1,
+        description="Open client connections per worker process; one more is answered 503 overloaded and "
+        "closed. Keep it well under the process's open-file limit (ulimit -n).",
+    )
 
     @field_validator("media_allow_hosts")
     @classmethod

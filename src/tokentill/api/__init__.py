@@ -12,6 +12,7 @@ from starlette.staticfiles import StaticFiles
 
 from tokentill.api.account import account_router
 from tokentill.api.admin import admin_router
+from tokentill.api.connections import BodyTimeoutMiddleware
 from tokentill.api.console import console_router
 from tokentill.api.docs import STATIC_DIR, docs_router
 from tokentill.api.errors import install_error_handlers
@@ -38,6 +39,7 @@ def build_api(
             Middleware(ResponseMetricsMiddleware),
             Middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes),
             Middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes),
+            Middleware(BodyTimeoutMiddleware, read_timeout_s=settings.read_timeout_s),
         ],
     )
     install_error_handlers(app)

@@ -40,7 +40,11 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     error: errors.APIError
-    if exc.status_code == 404:
+    if isinstance(exc.__cause__, errors.APIError):
+        # FastAPI turns whatever fails while it reads a body into "400 error parsing the body": ours (the
+        # body read timeout's 408) keeps its own status.
+        error = exc.__cause__
+    elif exc.status_code == 404:
         error = errors.NotFound(
             f"Unknown request URL: {request.method} {request.url.path}. Please check the URL for typos.",
             code="unknown_url",
