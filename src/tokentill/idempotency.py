@@ -251,6 +251,8 @@ class IdempotencyStore:
                         idempotency_keys.c.status == "in_progress",
                     )
                 )
+        except errors.ServiceUnavailable:
+            log.warning("could not release an idempotency key (database unavailable); its lease runs out")
         except Exception:
             log.exception("could not release an idempotency key; it frees itself when abandoned")
 
@@ -277,6 +279,8 @@ class IdempotencyStore:
                 )
             if result.rowcount != 1:
                 log.warning("idempotency claim was taken over before it finished; its answer is not kept")
+        except errors.ServiceUnavailable:
+            log.warning("could not store the answer of an idempotent request (database unavailable)")
         except Exception:
             log.exception("could not store the answer of an idempotent request")
 
