@@ -18,6 +18,7 @@ from tokentill.media.service import MediaService
 from tokentill.redact import Redactor
 from tokentill.settings import Settings
 from tokentill.storage.db import Database
+from tokentill.stored_responses import ResponseStore
 
 __all__ = ["Services"]
 
@@ -37,6 +38,7 @@ class Services:
     idempotency: IdempotencyStore
     reports: UsageReports
     codes: RedemptionCodes
+    responses: ResponseStore
     started: int  # unix time the service started; `created` of every model object
     ready: bool = False
     redact: Redactor = field(default_factory=Redactor)  # every configured secret; see tokentill.redact
