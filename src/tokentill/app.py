@@ -26,6 +26,7 @@ from tokentill.engines import create_engine
 from tokentill.engines.base import Engine
 from tokentill.engines.reasoning import with_reasoning
 from tokentill.idempotency import IdempotencyStore
+from tokentill.lifecycle import Lifecycle
 from tokentill.limits import create_limiter
 from tokentill.media.service import MediaPolicy, MediaService
 from tokentill.services import Services
@@ -110,6 +111,7 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
                 idempotency=idempotency,
                 reports=UsageReports(db),
                 codes=RedemptionCodes(db, limiter, settings.redeem_attempts_per_minute),
+                lifecycle=Lifecycle(chat, idempotency),
                 started=int(time.time()),
                 ready=True,
             )

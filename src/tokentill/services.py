@@ -12,6 +12,7 @@ from tokentill.catalog import Catalog
 from tokentill.chat import ChatService
 from tokentill.engines.base import Engine
 from tokentill.idempotency import IdempotencyStore
+from tokentill.lifecycle import Lifecycle
 from tokentill.limits import RateLimiter
 from tokentill.media.service import MediaService
 from tokentill.settings import Settings
@@ -34,5 +35,6 @@ class Services:
     idempotency: IdempotencyStore
     reports: UsageReports
     codes: RedemptionCodes
+    lifecycle: Lifecycle  # admits, runs, settles and releases billable requests
     started: int  # unix time the service started; `created` of every model object
     ready: bool = False
