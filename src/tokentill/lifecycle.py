@@ -41,7 +41,8 @@ from tokentill.auth.service import Principal
 from tokentill.chat import ChatService, PreparedChat
 from tokentill.idempotency import Claim, IdempotencyStore, Replay, check_key, fingerprint
 from tokentill.protocol.chat import ChatCompletionRequest
-from tokentill.types import EngineEvent, Finished, TextDelta
+from tokentill.protocol.responses import Answer
+from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta
 
 __all__ = ["Answer", "Client", "Collected", "Lifecycle", "Replayed", "Run", "first_error"]
 
@@ -56,17 +57,9 @@ class Client(Protocol):
         """The account balance this request's response (or error) reports, in µcr."""
 
 
-@dataclass(frozen=True)
-class Answer:
-    """What a finished run said: the visible text, the hidden reasoning, and how it ended."""
-
-    content: str
-    reasoning: str
-    finished: Finished
-
-
 Render = Callable[[Answer], Any]
-"""The answer as the route's API shape writes it (stored for an Idempotency-Key's replay)."""
+"""A finished answer (text, hidden reasoning, tool calls, how it ended: `protocol.responses.Answer`) as
+the route's API shape writes it; stored for an Idempotency-Key's replay."""
 
 
 @dataclass(frozen=True)
@@ -239,6 +232,8 @@ class Run:
                         generated += event.tokens
                         if event.reasoning:
                             reasoning += event.tokens
+                    elif isinstance(event, ToolCallDelta):
+                        generated += event.tokens
                     else:
                         finished = event
                         status = 200
@@ -258,15 +253,13 @@ class Run:
         """Pass `events` through, adding up the answer; when they end, the claim keeps the answer if the
         run finished (exactly when the full answer is charged), else it is released. The inner events
         are closed first (they settle under their own shield), then the claim, shielded too."""
-        content: list[str] = []
-        reasoning: list[str] = []
+        answer = Answer()
         try:
             async with aclosing(events):
                 async for event in events:
-                    if isinstance(event, Finished):
-                        self._answer = Answer("".join(content), "".join(reasoning), event)
-                    else:
-                        (reasoning if event.reasoning else content).append(event.text)
+                    answer.add(event)
+                    if answer.finished is not None:
+                        self._answer = answer
                     yield event
         finally:
             with anyio.CancelScope(shield=True):

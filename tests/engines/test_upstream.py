@@ -499,6 +499,30 @@ def test_api_key_whitespace_and_secrecy(upstream: ScriptedUpstream, monkeypatch:
     assert "sk-one" not in str(raised.value)
 
 
+UPSTREAM_KEY = "sk-test-upstream-key-0123456789abcdef"
+GATEWAY_TOKEN = "gw-token-secret-4242"
+
+
+@pytest.mark.parametrize("script", ["echo-400", "echo-json", "echo-500", "echo-stream"])
+def test_an_upstream_echoing_our_key_leaks_it_nowhere(
+    upstream: ScriptedUpstream, caplog: pytest.LogCaptureFixture, script: str
+) -> None:
+    """Issue 15.7: what the upstream quotes back (its 400 message relayed to the client, a 5xx body or a
+    broken event logged) has our key and extra header values replaced."""
+    spec = _spec(
+        upstream.url + f"/{script}/v1", api_key=UPSTREAM_KEY, headers={"x-gateway-token": GATEWAY_TOKEN}
+    )
+    with caplog.at_level("DEBUG"), pytest.raises(errors.APIError) as raised:
+        _complete(spec)
+    assert upstream.seen[-1]["headers"]["authorization"] == f"Bearer {UPSTREAM_KEY}"  # it did echo them
+    expected = errors.InvalidRequest if script in ("echo-400", "echo-json") else errors.UpstreamError
+    assert type(raised.value) is expected
+    shown = raised.value.message + caplog.text
+    assert "[redacted]" in shown, shown
+    for secret in (UPSTREAM_KEY, GATEWAY_TOKEN, UPSTREAM_KEY[:12], GATEWAY_TOKEN[:12]):
+        assert secret not in shown, shown
+
+
 def test_catalogue_errors() -> None:
     with pytest.raises(CatalogError, match="needs base_url"):
         UpstreamEngine(ModelSpec(id="fronted", engine="upstream"))

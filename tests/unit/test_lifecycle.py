@@ -96,7 +96,8 @@ class Harness:
 
 
 def _render(answer: Answer) -> dict[str, Any]:
-    return {"content": answer.content, "finish_reason": answer.finished.finish_reason}
+    assert answer.finished is not None
+    return {"content": "".join(answer.content), "finish_reason": answer.finished.finish_reason}
 
 
 @pytest.fixture

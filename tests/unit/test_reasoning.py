@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 
 import pytest
@@ -19,6 +20,7 @@ from tokentill.engines.reasoning import (
     ThinkSplitter,
     with_reasoning,
 )
+from tokentill.errors import DeadlineExceeded
 from tokentill.types import EngineEvent, Finished, Message, TextDelta, Usage
 
 
@@ -213,6 +215,24 @@ def test_scratchpad_answer_pass_fits_the_context() -> None:
     assert answer_prompt + answer_budget <= context
     assert answer_budget == budget - finished.usage.reasoning_tokens  # the answer kept its whole budget
     assert shown  # the answer pass ran
+
+
+class _FirstPassOutlivesTheDeadline(EchoEngine):
+    """Echo whose reasoning pass ends only after the request's deadline, so the answer pass times out."""
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
+        async for event in super().generate(request):
+            if isinstance(event, Finished) and not request.continuation:
+                await asyncio.sleep(max(0.0, request.deadline - time.monotonic()) + 0.01)
+            yield event
+
+
+def test_scratchpad_deadline_message_counts_both_passes() -> None:
+    engine = Scratchpad(_FirstPassOutlivesTheDeadline(ModelSpec(id="echo", engine="echo", context=4096)))
+    now = time.monotonic()
+    request = replace(_request("alpha beta", max_tokens=500), started=now, deadline=now + 0.3)
+    with pytest.raises(DeadlineExceeded, match=r"^The request timed out after 0\.3 seconds\.$"):
+        _collect(engine, request)
 
 
 class _Endless:

@@ -12,6 +12,8 @@ from starlette.staticfiles import StaticFiles
 
 from tokentill.api.account import account_router
 from tokentill.api.admin import admin_router
+from tokentill.api.connections import BodyTimeoutMiddleware
+from tokentill.api.console import console_router
 from tokentill.api.docs import STATIC_DIR, docs_router
 from tokentill.api.errors import install_error_handlers
 from tokentill.api.middleware import RequestContextMiddleware, ResponseMetricsMiddleware
@@ -37,6 +39,7 @@ def build_api(
             Middleware(ResponseMetricsMiddleware),
             Middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes),
             Middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes),
+            Middleware(BodyTimeoutMiddleware, read_timeout_s=settings.read_timeout_s),
         ],
     )
     install_error_handlers(app)
@@ -44,6 +47,7 @@ def build_api(
         app.include_router(docs_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(admin_router)
+    app.include_router(console_router)
     app.include_router(account_router)  # before `router`, whose POST /v1/{model} takes any /v1/<name>
     app.include_router(router)
     return app

@@ -24,9 +24,8 @@ from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits
 from tokentill.lifecycle import Answer, Replayed
 from tokentill.limits import LimiterUnavailable
-from tokentill.protocol import responses
 from tokentill.protocol.chat import ChatCompletionRequest
-from tokentill.types import EngineEvent, Finished, TextDelta, Usage
+from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta, Usage
 
 __all__ = ["complete", "limit_headers_on_errors"]
 
@@ -73,14 +72,11 @@ async def complete(
     created = int(time.time())
 
     def render(answer: Answer) -> dict[str, Any]:
-        return responses.completion(
+        return answer.completion(
             completion_id=completion_id,
             created=created,
             model=model,
-            content=answer.content,
-            finish_reason=answer.finished.finish_reason,
-            usage=answer.finished.usage,
-            reasoning_content=answer.reasoning if body.include_reasoning else None,
+            include_reasoning=bool(body.include_reasoning),
         )
 
     admitted = await services_of(request).lifecycle.admit(
@@ -146,6 +142,9 @@ def _replay_stream(
     if choice["message"].get("reasoning_content"):
         events.append(TextDelta(choice["message"]["reasoning_content"], reasoning=True))
     events.append(TextDelta(choice["message"]["content"] or ""))
+    for index, call in enumerate(choice["message"].get("tool_calls") or ()):
+        function = call["function"]
+        events.append(ToolCallDelta(index, call["id"], function["name"], function["arguments"]))
     events.append(
         Finished(
             choice["finish_reason"],

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from tokentill.auth.service import KeyStore
 from tokentill.billing.codes import RedemptionCodes
 from tokentill.billing.ledger import Ledger
+from tokentill.errors import InvalidRequest
 from tokentill.settings import Settings
 from tokentill.storage.db import DatabaseMissing, describe_url, open_database
 
@@ -76,14 +77,21 @@ def load_settings() -> Settings:
 
 
 def with_stores(func: Callable[[Stores], Awaitable[T]]) -> T:
-    """Run one async action against the database the environment selects."""
+    """Run one async action against the database the environment selects.
+
+    Input a service refuses (`InvalidRequest`: a name, label or model id that `tokentill.names`
+    refuses) is a one-line usage error, as over HTTP it is a 400.
+    """
     settings = load_settings()
 
     async def main() -> T:
         async with stores(settings) as s:
             return await func(s)
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except InvalidRequest as exc:
+        raise click.UsageError(exc.message) from None
 
 
 def emit(as_json: bool, text: str, obj: dict[str, Any] | list[Any]) -> None:

@@ -49,8 +49,8 @@ import httpx2
 
 from tokentill import errors
 from tokentill.catalog import ModelSpec
-from tokentill.engines.base import Capabilities, EngineRequest
-from tokentill.engines.upstream_config import headers, resolve_api_key, urls
+from tokentill.engines.base import Capabilities, EngineHealth, EngineRequest
+from tokentill.engines.upstream_config import headers, resolve_api_key, secrets, urls
 from tokentill.engines.upstream_pool import Replica, ReplicaPool
 from tokentill.engines.upstream_sse import read_capped, sse_data
 from tokentill.engines.upstream_wire import (
@@ -62,7 +62,8 @@ from tokentill.engines.upstream_wire import (
     parse_json,
     rejects_max_tokens,
 )
-from tokentill.types import EngineEvent, Finished, TextDelta
+from tokentill.redact import Redactor
+from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta
 
 __all__ = ["UpstreamEngine"]
 
@@ -102,6 +103,9 @@ class UpstreamEngine:
         self._inflight = 0
         self._send_max_tokens = True
         self._headers = httpx2.Headers()
+        # Upstream text (error bodies, broken answers) passes through this before it is relayed or logged:
+        # an upstream that echoes our Authorization header must not leak the key.
+        self._redact = Redactor()
         self._client: httpx2.AsyncClient | None = None
 
     def __repr__(self) -> str:  # never the headers: they carry the key
@@ -113,6 +117,7 @@ class UpstreamEngine:
         # the Authorization value.
         self._headers = httpx2.Headers({"Authorization": f"Bearer {key.get_secret_value()}"} if key else {})
         self._headers.update(self._extra_headers)  # the catalogue may override (e.g. Azure's api-key)
+        self._redact = Redactor(secrets(self.spec))
         timeout = self.spec.timeout_s
         self._client = httpx2.AsyncClient(
             timeout=httpx2.Timeout(
@@ -134,6 +139,15 @@ class UpstreamEngine:
                 ", ".join(r.base_url for r in self.pool.replicas),
             )
         self.pool.start(self._client, self._headers)
+
+    def health(self) -> EngineHealth:
+        replicas = self.pool.replicas
+        return EngineHealth(
+            replicas_up=sum(r.healthy for r in replicas),
+            replicas=len(replicas),
+            queued=0,  # requests wait in the replicas' own queues, which we cannot see
+            running=sum(r.outstanding for r in replicas),
+        )
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -175,7 +189,7 @@ class UpstreamEngine:
             try:
                 usage = state.final_usage()
             except BadAnswer as exc:
-                log.warning("upstream %s answered nonsense: %s", where, exc)
+                log.warning("upstream %s answered nonsense: %s", where, self._redact(str(exc)))
                 raise errors.UpstreamError(_INVALID) from exc
             yield Finished(state.finish_reason or "stop", usage)
         finally:
@@ -250,7 +264,7 @@ class UpstreamEngine:
                         suspect.mark(False, why, self.spec.id)
                     kept = True
                     return response, replica
-                body = await read_capped(response, MAX_ERROR_BODY)
+                body = self._redact.body(await read_capped(response, MAX_ERROR_BODY))
             finally:
                 if not kept:
                     replica.outstanding -= 1
@@ -270,7 +284,7 @@ class UpstreamEngine:
 
     async def _read(
         self, response: httpx2.Response, replica: Replica, request: EngineRequest, state: StreamState
-    ) -> AsyncGenerator[TextDelta, None]:
+    ) -> AsyncGenerator[TextDelta | ToolCallDelta, None]:
         """The answer's text deltas, the stream's protocol and transport errors mapped to ours.
 
         Stops early (without error) once `state.cut`: the upstream went past the completion budget.
@@ -300,7 +314,7 @@ class UpstreamEngine:
                     if state.cut:
                         return
         except BadAnswer as exc:
-            log.warning("upstream %s answered nonsense: %s", where, exc)
+            log.warning("upstream %s answered nonsense: %s", where, self._redact(str(exc)))
             raise errors.UpstreamError(_INVALID) from exc
         except httpx2.TimeoutException as exc:
             log.warning("upstream %s went silent mid-answer", where)

@@ -17,7 +17,7 @@ from pydantic import SecretStr
 
 from tokentill.catalog import CatalogError, ModelSpec
 
-__all__ = ["check_spec", "headers", "resolve_api_key", "urls"]
+__all__ = ["check_spec", "headers", "resolve_api_key", "secrets", "urls"]
 
 # RFC 9110 field names; values: visible ASCII, spaces and tabs (no CR/LF: no header injection, and
 # httpx2 refuses anything else at send time, which would fail every request instead of the start-up).
@@ -78,6 +78,13 @@ def headers(spec: ModelSpec) -> dict[str, str]:
                 "carry (line breaks, control or non-ASCII characters)"
             )
     return dict(spec.headers)
+
+
+def secrets(spec: ModelSpec) -> list[str]:
+    """What of the entry must never be relayed or logged (`tokentill.redact`): the API key and the extra
+    header values (Azure's `api-key`, a gateway's token)."""
+    key = resolve_api_key(spec)
+    return [*([key.get_secret_value()] if key else []), *headers(spec).values()]
 
 
 def _shown(url: str) -> str:

@@ -13,6 +13,12 @@
   PostgreSQL re-checks after waiting on the row lock, so it needs no stronger isolation. `read()` is
   REPEATABLE READ so a report (an audit) sees one snapshot.
 
+An outage is an answer, not a bug: a connection that cannot be made or is lost (refused, reset, timed out,
+the pool exhausted, the server shutting down) inside `begin()` or `read()` is raised as
+`errors.ServiceUnavailable` (503 `service_unavailable`, Retry-After), chained to the driver's exception, and
+logged here once as one line. Other driver errors (constraint violations, SQL bugs) pass through as they
+are. The pool pings a connection before lending it, so the first request after a restore reconnects.
+
 Migrations are Alembic revisions shipped inside the package (`storage/migrations`), run to head in one
 transaction on every open; a second open is a no-op. On PostgreSQL the run holds a transaction-scoped
 advisory lock, so replicas started together migrate one after the other.
@@ -29,22 +35,23 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, closing
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, closing, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, inspect, text
+from sqlalchemy import event, exc, inspect, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from tokentill.errors import ServiceUnavailable
 from tokentill.storage.schema import utcnow
 
-__all__ = ["Database", "DatabaseMissing", "describe_url", "open_database"]
+__all__ = ["RETRY_AFTER_S", "Database", "DatabaseMissing", "describe_url", "is_outage", "open_database"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +66,38 @@ _SQLITE_PRAGMAS = (
     "PRAGMA foreign_keys = ON",
     "PRAGMA synchronous = NORMAL",
 )
+RETRY_AFTER_S = 2  # what a 503 tells the client to wait: a restarting server is back in seconds
+# SQLite errors that mean "the file cannot be used now", not "the statement is wrong".
+_SQLITE_OUTAGES = ("database is locked", "unable to open database", "disk i/o error", "database is full")
+
+
+def _asyncpg_outages() -> tuple[type[BaseException], ...]:
+    import asyncpg
+
+    return (
+        asyncpg.exceptions.PostgresConnectionError,  # includes ConnectionDoesNotExistError
+        asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, cannot connect now
+        asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+    )
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether `error` says the database cannot be reached (retrying later may succeed), rather than
+    that a statement is wrong. Already-translated `ServiceUnavailable` counts too."""
+    if isinstance(error, ServiceUnavailable | OSError | TimeoutError | exc.TimeoutError):
+        return True  # exc.TimeoutError: no pooled connection came free within the pool timeout
+    if isinstance(error, exc.DBAPIError):
+        if error.connection_invalidated or isinstance(error, exc.InterfaceError):
+            return True
+        cause = error.orig.__cause__ if error.orig is not None else None
+        if cause is not None and is_outage(cause):
+            return True
+        if isinstance(error, exc.OperationalError):
+            if isinstance(error.orig, sqlite3.OperationalError):
+                return str(error.orig).lower().startswith(_SQLITE_OUTAGES)
+            return True
+        return False
+    return isinstance(error, _asyncpg_outages())
 
 
 class DatabaseMissing(Exception):
@@ -87,6 +126,7 @@ class Database:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.dialect: str = engine.dialect.name
+        self._down = False  # the last transaction failed for an outage (logged once until it recovers)
         self._write_lock: asyncio.Lock | None = None  # SQLite: this process's writers, one at a time
         self._write_lock_loop: asyncio.AbstractEventLoop | None = None
         # Reads see one snapshot: a deferred BEGIN in WAL mode on SQLite, REPEATABLE READ on PostgreSQL
@@ -106,13 +146,36 @@ class Database:
         sleeps in steps of up to 100 ms (under 8 concurrent requests that gave a p95 near one second).
         Other processes sharing the file (`--workers`) still meet at the busy timeout.
         """
-        if self.dialect != "sqlite":
-            async with self.engine.begin() as conn:
-                yield conn
-            return
-        async with self._sqlite_write_lock():
-            async with self.engine.begin() as conn:
-                yield conn
+        with self._outage_is_503():
+            if self.dialect != "sqlite":
+                async with self.engine.begin() as conn:
+                    yield conn
+                return
+            async with self._sqlite_write_lock():
+                async with self.engine.begin() as conn:
+                    yield conn
+
+    @contextmanager
+    def _outage_is_503(self) -> Iterator[None]:
+        """Translate an outage into `ServiceUnavailable`; log the first of a series and the recovery."""
+        try:
+            yield
+        except ServiceUnavailable:
+            raise
+        except Exception as error:
+            if not is_outage(error):
+                raise
+            if not self._down:
+                self._down = True
+                detail = (str(error).splitlines() or [""])[0]
+                logger.error("database unavailable (%s: %s); answering 503", type(error).__name__, detail)
+            raise ServiceUnavailable(
+                "The service is temporarily unavailable (its database cannot be reached). Please retry.",
+                retry_after_s=RETRY_AFTER_S,
+            ) from error
+        if self._down:
+            self._down = False
+            logger.warning("database reachable again")
 
     def _sqlite_write_lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
@@ -123,8 +186,9 @@ class Database:
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         """A read-only transaction over one consistent snapshot; do not write in it."""
-        async with self._read_engine.begin() as conn:
-            yield conn
+        with self._outage_is_503():
+            async with self._read_engine.begin() as conn:
+                yield conn
 
     async def now(self, conn: AsyncConnection) -> datetime:
         """The current time by the database's clock (UTC), for expiries that several replicas compare.
@@ -224,7 +288,9 @@ def _sqlite_has_schema(path: str) -> bool:
         return conn.execute(query, (_VERSION_TABLE,)).fetchone() is not None
 
 
-def _make_engine(url: str, *, create: bool) -> AsyncEngine:
+def _make_engine(
+    url: str, *, create: bool = True, connect_timeout_s: float = 5.0, pool_timeout_s: float = 10.0
+) -> AsyncEngine:
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
@@ -241,19 +307,31 @@ def _make_engine(url: str, *, create: bool) -> AsyncEngine:
     if backend == "postgresql":
         if parsed.drivername != "postgresql+asyncpg":
             raise ValueError(f"PostgreSQL URLs must use the asyncpg driver: {parsed.drivername}")
-        return create_async_engine(parsed, pool_pre_ping=True)
+        # A server that accepts TCP but never answers (a partition) fails the connect after
+        # `connect_timeout_s`, and a request waiting for a pooled connection after `pool_timeout_s`.
+        return create_async_engine(
+            parsed,
+            pool_pre_ping=True,
+            pool_timeout=pool_timeout_s,
+            connect_args={"timeout": connect_timeout_s},
+        )
     raise ValueError(f"unsupported database URL scheme: {parsed.drivername}")
 
 
-async def open_database(url: str, *, create: bool = True) -> Database:
+async def open_database(
+    url: str, *, create: bool = True, connect_timeout_s: float = 5.0, pool_timeout_s: float = 10.0
+) -> Database:
     """Connect to `url`, migrate it to the newest revision, and return the `Database`.
 
     `create=False`: raise `DatabaseMissing`, creating nothing, unless tokentill has set this database up
-    before (an older revision is still migrated). Raises `ValueError` for an unsupported URL; driver and
-    migration errors propagate (after the engine is disposed), since a server must not start on a
-    database it cannot use.
+    before (an older revision is still migrated). PostgreSQL: a connection attempt gives up after
+    `connect_timeout_s`, a wait for a free pooled connection after `pool_timeout_s` (both then answer
+    503). Raises `ValueError` for an unsupported URL; driver and migration errors propagate (after the
+    engine is disposed), since a server must not start on a database it cannot use.
     """
-    engine = _make_engine(url, create=create)
+    engine = _make_engine(
+        url, create=create, connect_timeout_s=connect_timeout_s, pool_timeout_s=pool_timeout_s
+    )
     try:
         if engine.dialect.name == "sqlite" and engine.url.database:
             if not create and not await asyncio.to_thread(_sqlite_has_schema, engine.url.database):
