@@ -32,13 +32,20 @@ from tokentill.engines.base import Engine, EngineRequest
 from tokentill.limits import KeyLimits, Lease, RateLimiter
 from tokentill.media.service import ImageRef, MediaService
 from tokentill.protocol.chat import ChatCompletionRequest, ImagePart
-from tokentill.types import EngineEvent, Finished, ImageInput, Message, TextDelta
+from tokentill.structured.tools import constraint
+from tokentill.types import EngineEvent, Finished, ImageInput, Message, TextDelta, ToolCallDelta
 
 __all__ = ["ChatService", "PreparedChat"]
 
 log = logging.getLogger(__name__)
 
-_ROLE_FOR_ENGINE = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLE_FOR_ENGINE = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 
 
 def _limits(principal: Principal) -> KeyLimits:
@@ -128,7 +135,23 @@ class ChatService:
             frequency_penalty=request.frequency_penalty or 0.0,
             presence_penalty=request.presence_penalty or 0.0,
             reasoning_effort=request.reasoning_effort or "medium",
+            response_format=request.response_format_spec(),
+            tools=request.tool_definitions(),
+            tool_choice=request.tool_choice_spec(),
+            parallel_tool_calls=request.parallel_tool_calls,
         )
+        if engine.capabilities.grammar:
+            # Compiled before anything is reserved: a schema the grammar cannot enforce is a plain 400.
+            draft = replace(
+                draft,
+                grammar=constraint(
+                    draft.response_format,
+                    draft.tools,
+                    draft.tool_choice,
+                    # Only on request: a small model repeats its call until the budget is spent.
+                    parallel=request.parallel_tool_calls is True,
+                ),
+            )
         prompt_tokens = await anyio.to_thread.run_sync(engine.count_prompt_tokens, draft)
         room = self._check_context(spec, engine, prompt_tokens, explicit)
         budget = await self._budget(principal, spec, prompt_tokens, explicit, room)
@@ -181,6 +204,8 @@ class ChatService:
                         generated += event.tokens
                         if event.reasoning:
                             reasoning += event.tokens
+                    elif isinstance(event, ToolCallDelta):
+                        generated += event.tokens
                     else:
                         finished = event
                         status = 200
@@ -370,7 +395,14 @@ class ChatService:
         for message in request.messages:
             role = _ROLE_FOR_ENGINE[message.role]
             if not isinstance(message.content, list):
-                out.append(Message(role=role, text=message.content or ""))
+                out.append(
+                    Message(
+                        role=role,
+                        text=message.content or "",
+                        tool_calls=message.domain_tool_calls(),
+                        tool_call_id=message.tool_call_id,
+                    )
+                )
                 continue
             text = ""
             images: list[ImageInput] = []
@@ -381,5 +413,14 @@ class ChatService:
                     offsets.append(len(text))
                 else:
                     text += ("\n" if text else "") + part.text
-            out.append(Message(role=role, text=text, images=tuple(images), image_offsets=tuple(offsets)))
+            out.append(
+                Message(
+                    role=role,
+                    text=text,
+                    images=tuple(images),
+                    image_offsets=tuple(offsets),
+                    tool_calls=message.domain_tool_calls(),
+                    tool_call_id=message.tool_call_id,
+                )
+            )
         return tuple(out)

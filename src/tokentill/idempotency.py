@@ -51,9 +51,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokentill import errors
+from tokentill.protocol.responses import Answer
 from tokentill.storage.db import Database
 from tokentill.storage.schema import idempotency_keys
-from tokentill.types import EngineEvent, Finished
+from tokentill.types import EngineEvent
 
 __all__ = ["Claim", "IdempotencyStore", "Replay", "check_key", "fingerprint", "track_stream"]
 
@@ -250,6 +251,8 @@ class IdempotencyStore:
                         idempotency_keys.c.status == "in_progress",
                     )
                 )
+        except errors.ServiceUnavailable:
+            log.warning("could not release an idempotency key (database unavailable); its lease runs out")
         except Exception:
             log.exception("could not release an idempotency key; it frees itself when abandoned")
 
@@ -276,6 +279,8 @@ class IdempotencyStore:
                 )
             if result.rowcount != 1:
                 log.warning("idempotency claim was taken over before it finished; its answer is not kept")
+        except errors.ServiceUnavailable:
+            log.warning("could not store the answer of an idempotent request (database unavailable)")
         except Exception:
             log.exception("could not store the answer of an idempotent request")
 
@@ -321,32 +326,27 @@ async def track_stream(
     events: AsyncGenerator[EngineEvent, None],
     store: IdempotencyStore,
     claim: Claim,
-    answer: Callable[[str, str, Finished], Any],
+    answer: Callable[[Answer], Any],
     headers: dict[str, str],
 ) -> AsyncGenerator[EngineEvent, None]:
     """Pass `events` through; at the end store the answer if the stream finished, else release the key.
 
-    `answer(content, reasoning, finished)` builds the `chat.completion` object that the stream added up
-    to; it is stored with `headers` for replay. "Finished" is exactly when `ChatService.run` charges the
-    full answer, so the key keeps an answer if and only if the client was charged for one. The inner
-    stream is closed first (it settles the money under its own shield), then the claim is closed under a
-    shield too: Starlette cancels the body iterator when the client disconnects.
+    `answer(collected)` builds the `chat.completion` object that the stream added up to; it is stored with
+    `headers` for replay. "Finished" is exactly when `ChatService.run` charges the full answer, so the key
+    keeps an answer if and only if the client was charged for one. The inner stream is closed first (it
+    settles the money under its own shield), then the claim is closed under a shield too: Starlette
+    cancels the body iterator when the client disconnects.
     """
-    content: list[str] = []
-    reasoning: list[str] = []
-    finished: Finished | None = None
+    collected = Answer()
     try:
         async with aclosing(events):
             async for event in events:
-                if isinstance(event, Finished):
-                    finished = event
-                else:
-                    (reasoning if event.reasoning else content).append(event.text)
+                collected.add(event)
                 yield event
     finally:
         with anyio.CancelScope(shield=True):
-            if finished is not None:
-                body = answer("".join(content), "".join(reasoning), finished)
+            if collected.finished is not None:
+                body = answer(collected)
                 await store.complete(claim, status=200, body=body, headers=headers, streamed=True)
             else:
                 await store.release(claim)

@@ -61,6 +61,22 @@ def sse_chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **
 
 _OMIT = object()  # sse_chunk(..., choices=_OMIT) leaves the key out
 
+# Two parallel calls: each first delta carries index, id, type and name; then argument fragments.
+TOOL_CALL_DELTAS: list[dict[str, Any]] = [
+    {"index": 0, "id": "call_up1", "type": "function", "function": {"name": "get_weather", "arguments": ""}},
+    {"index": 0, "function": {"arguments": '{"city": '}},
+    {"index": 0, "function": {"arguments": '"Paris"}'}},
+    {"index": 1, "id": "call_up2", "type": "function", "function": {"name": "get_time", "arguments": ""}},
+    {"index": 1, "function": {"arguments": "{}"}},
+]
+TOOL_CALL_STREAM = [
+    sse_chunk({"role": "assistant", "content": None}),
+    *(sse_chunk({"tool_calls": [d]}) for d in TOOL_CALL_DELTAS),
+    sse_chunk({}, "tool_calls"),
+    sse_chunk(None, usage=USAGE),
+    b"data: [DONE]\n\n",
+]
+
 
 def _content_stream(*texts: str, usage: bool = True, sep: bytes = b"\n\n") -> list[bytes]:
     out = [sse_chunk({"role": "assistant", "content": ""})]
@@ -129,6 +145,10 @@ class ScriptedUpstream:
     def _script(self, script: str, body: dict[str, Any]) -> Response | list[bytes] | None:
         if script == "ok":
             return _content_stream("Hello", " world")
+        if script == "tools":  # a tool call streamed as OpenAI streams it (needs tools in the request)
+            if not body.get("tools"):
+                return _error(400, "this script answers only requests with tools", "invalid_value")
+            return TOOL_CALL_STREAM
         if script == "crlf":  # sse-starlette (llama-cpp-python's server) separates with CRLF
             return _content_stream("Hello", " world", sep=b"\r\n\r\n")
         if script == "nousage":

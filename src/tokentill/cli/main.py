@@ -16,7 +16,7 @@ import uvicorn
 from tokentill.billing.ledger import AccountExists
 from tokentill.billing.money import format_credits, parse_credits
 from tokentill.catalog import CatalogError, load_catalog
-from tokentill.cli._common import load_settings, stores
+from tokentill.cli._common import emit, json_option, load_settings, stores
 from tokentill.cli.accounts import accounts, credits
 from tokentill.cli.codes import codes
 from tokentill.cli.keys import keys
@@ -97,24 +97,28 @@ def _multiprocess_metrics(settings: Settings) -> Iterator[None]:
 
 
 @cli.command()
-def init() -> None:
+@json_option
+def init(as_json: bool) -> None:
     """Create the database (tables at the newest revision) if it does not exist yet; safe to repeat.
 
     `serve` does this on its first start; `init` is for managing accounts and keys before that.
     """
     url = load_settings().resolved_database_url
 
-    async def main() -> str:
+    async def main() -> bool:
         try:
             db = await open_database(url, create=False)
-            done = "is up to date"
+            created = False
         except DatabaseMissing:
             db = await open_database(url, create=True)
-            done = "created"
+            created = True
         await db.aclose()
-        return done
+        return created
 
-    click.echo(f"database {describe_url(url)}: {asyncio.run(main())}")
+    created = asyncio.run(main())
+    where = describe_url(url)
+    text = f"database {where}: {'created' if created else 'is up to date'}"
+    emit(as_json, text, {"database": where, "created": created})
 
 
 @cli.command()

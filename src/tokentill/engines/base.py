@@ -1,11 +1,10 @@
 """The engine interface: what the service hands an engine and what comes back.
 
 An engine turns an `EngineRequest` into a stream of `EngineEvent`s (`tokentill.types`): zero or more
-`TextDelta`s, then exactly one `Finished` carrying the usage. Engines know nothing of keys, credits or
-storage; they raise the `tokentill.errors` server errors (`Overloaded` 503, `DeadlineExceeded` 504,
-`UpstreamError` 502, `InvalidRequest` with code `context_length_exceeded`) and stop work promptly when the
-consumer stops iterating (that is how a client disconnect reaches the decode loop).
-"""
+`TextDelta`s and `ToolCallDelta`s, then exactly one `Finished` carrying the usage. Engines know nothing of
+keys, credits or storage; they raise the `tokentill.errors` server errors (`Overloaded` 503,
+`DeadlineExceeded` 504, `UpstreamError` 502, `InvalidRequest` with code `context_length_exceeded`) and stop
+work promptly when the consumer stops iterating (that is how a client disconnect reaches the decode loop)."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, cast, runtime_checkable
 
 from tokentill.errors import DeadlineExceeded
-from tokentill.types import EngineEvent, Message
+from tokentill.types import EngineEvent, Grammar, Message, ResponseFormat, ToolChoice, ToolDefinition
 
 __all__ = [
     "THINK_CLOSE",
@@ -49,6 +48,13 @@ class EngineRequest:
     # A later pass of a request that was already admitted (the scratchpad's answer pass): the engine takes
     # it ahead of waiting requests and past the queue limit, so an admitted request never fails halfway.
     continuation: bool = False
+    # Structured output and tools, as the client asked for them (upstreams relay them as sent)...
+    response_format: ResponseFormat | None = None
+    tools: tuple[ToolDefinition, ...] = ()
+    tool_choice: ToolChoice = ToolChoice()
+    parallel_tool_calls: bool | None = None
+    # ...and, for engines with `Capabilities.grammar`, the grammar that enforces them (None: free text).
+    grammar: Grammar | None = None
     # When the request began (time.monotonic()); each pass is a `replace()` of the first and keeps it.
     started: float = field(default_factory=time.monotonic)
 
@@ -63,6 +69,9 @@ class Capabilities:
     vision: bool = False
     reasoning: str = "none"  # none | native | scratchpad
     exact_prompt_tokens: bool = True  # False: count_prompt_tokens is an estimate (remote tokenizer)
+    # True: the engine samples under `EngineRequest.grammar` and writes tools into the prompt itself;
+    # False: it relays `response_format` and `tools` to a server that enforces them.
+    grammar: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
 

@@ -33,7 +33,7 @@ import anyio
 
 from tokentill.engines.base import Capabilities, Engine, EngineHealth, EngineRequest, engine_health
 from tokentill.engines.text import ThinkSplitter
-from tokentill.types import EngineEvent, Finished, Message, TextDelta, Usage
+from tokentill.types import EngineEvent, Finished, Message, TextDelta, ToolCallDelta, ToolChoice, Usage
 
 __all__ = ["EFFORT_BUDGETS", "NativeThinking", "Scratchpad", "ThinkSplitter", "with_reasoning"]
 
@@ -64,6 +64,7 @@ class _Wrapper:
             vision=inner.capabilities.vision,
             reasoning=mode,
             exact_prompt_tokens=inner.capabilities.exact_prompt_tokens,
+            grammar=inner.capabilities.grammar,
         )
 
     async def start(self) -> None:
@@ -94,7 +95,17 @@ class Scratchpad(_Wrapper):
             messages = (*messages[:-1], replace(last, text=f"{last.text}\n\n{_THINK_INSTRUCTION}"))
         else:
             messages = (*messages, Message(role="user", text=_THINK_INSTRUCTION))
-        return replace(request, messages=messages, max_tokens=budget, stop=())
+        # The notes are free text: no grammar, no tool calls (the answer pass makes those).
+        return replace(
+            request,
+            messages=messages,
+            max_tokens=budget,
+            stop=(),
+            grammar=None,
+            response_format=None,
+            tool_choice=ToolChoice("none"),
+            parallel_tool_calls=None,
+        )
 
     def count_prompt_tokens(self, request: EngineRequest) -> int:
         return self.inner.count_prompt_tokens(self._thinking_request(request))
@@ -108,7 +119,7 @@ class Scratchpad(_Wrapper):
                 if isinstance(event, TextDelta):
                     notes.append(event.text)
                     yield replace(event, reasoning=True)
-                else:
+                elif isinstance(event, Finished):
                     first = event.usage
         assert first is not None, "an engine ends every generation with Finished"
         left = request.max_tokens - first.completion_tokens
@@ -122,6 +133,8 @@ class Scratchpad(_Wrapper):
             async for event in events:
                 if isinstance(event, TextDelta):
                     hidden += event.tokens if event.reasoning else 0
+                    yield event
+                elif isinstance(event, ToolCallDelta):
                     yield event
                 else:
                     answer_reasoning = max(event.usage.reasoning_tokens, hidden)
@@ -210,6 +223,9 @@ class NativeThinking(_Wrapper):
                     reasoning += event.tokens if parts[0][0] else 0
                     for index, (hidden, text) in enumerate(parts):
                         yield TextDelta(text, reasoning=hidden, tokens=event.tokens if index == 0 else 0)
+                    continue
+                if isinstance(event, ToolCallDelta):
+                    yield event
                     continue
                 for hidden, text in splitter.flush():
                     yield TextDelta(text, reasoning=hidden, tokens=0)

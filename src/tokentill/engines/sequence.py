@@ -13,7 +13,7 @@ from typing import Any
 
 from tokentill.engines.text import TextAssembler
 from tokentill.errors import APIError, DeadlineExceeded
-from tokentill.types import EngineEvent
+from tokentill.types import EngineEvent, Grammar
 
 __all__ = ["Channel", "Outbox", "SamplingParams", "Sequence", "deadline_error", "new_channel"]
 
@@ -26,6 +26,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     frequency_penalty: float = 0.0  # OpenAI's penalties, over the tokens this sequence generated
     presence_penalty: float = 0.0
+    grammar: Grammar | None = None  # structured output: only tokens the grammar allows are sampled
 
 
 class Channel:

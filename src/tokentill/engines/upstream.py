@@ -63,7 +63,7 @@ from tokentill.engines.upstream_wire import (
     rejects_max_tokens,
 )
 from tokentill.redact import Redactor
-from tokentill.types import EngineEvent, Finished, TextDelta
+from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta
 
 __all__ = ["UpstreamEngine"]
 
@@ -284,7 +284,7 @@ class UpstreamEngine:
 
     async def _read(
         self, response: httpx2.Response, replica: Replica, request: EngineRequest, state: StreamState
-    ) -> AsyncGenerator[TextDelta, None]:
+    ) -> AsyncGenerator[TextDelta | ToolCallDelta, None]:
         """The answer's text deltas, the stream's protocol and transport errors mapped to ours.
 
         Stops early (without error) once `state.cut`: the upstream went past the completion budget.
