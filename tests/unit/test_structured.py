@@ -27,6 +27,9 @@ from tokentill.types import TextDelta, ToolCall, ToolCallDelta
         ({"$defs": {"A": {"$ref": "#/$defs/A"}}, "$ref": "#/$defs/A"}, "s.$defs.A.$ref"),  # left recursion
         ({"anyOf": [{"$ref": "#"}, {"type": "null"}]}, "s.anyOf[0].$ref"),
         ({"type": "array", "items": {"type": "array", "items": {"minItems": -1}}}, "s.items.items.minItems"),
+        ({"type": [{"x": 1}]}, "s.type[0]"),  # unhashable values are refused, not a crash
+        ({"type": "string", "format": ["date"]}, "s.format"),
+        ({"enum": [1, float("nan")]}, "s.enum"),
     ],
 )
 def test_unsupported_features_are_refused_by_json_path(schema: dict[str, Any], param: str) -> None:

@@ -91,8 +91,11 @@ def gbnf_literal(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def _json_text(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+def _json_text(value: Any, param: str = "") -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # NaN / Infinity, which json.loads accepts but JSON does not have
+        raise _refuse(param, "NaN and Infinity are not JSON values.") from None
 
 
 def _refuse(param: str, what: str) -> InvalidRequest:
@@ -164,12 +167,12 @@ class GrammarBuilder:
                 raise _refuse(f"{param}.{others[0]}", "'$ref' cannot be combined with other keywords.")
             return self._ref(schema["$ref"], f"{param}.$ref", doc, doc_param)
         if "const" in schema:
-            return self.rule(self.fresh(hint), gbnf_literal(_json_text(schema["const"])))
+            return self.rule(self.fresh(hint), gbnf_literal(_json_text(schema["const"], f"{param}.const")))
         if "enum" in schema:
             values = schema["enum"]
             if not isinstance(values, list) or not values:
                 raise _refuse(f"{param}.enum", "'enum' must be a non-empty array.")
-            body = " | ".join(gbnf_literal(_json_text(v)) for v in values)
+            body = " | ".join(gbnf_literal(_json_text(v, f"{param}.enum")) for v in values)
             return self.rule(self.fresh(hint), body)
         if "anyOf" in schema or "allOf" in schema:
             key = "anyOf" if "anyOf" in schema else "allOf"
@@ -204,7 +207,7 @@ class GrammarBuilder:
             return []
         kinds = kind if isinstance(kind, list) else [kind]
         for i, k in enumerate(kinds):
-            if k not in _TYPE_KEYWORDS:
+            if not isinstance(k, str) or k not in _TYPE_KEYWORDS:
                 where = f"{param}.type" if not isinstance(kind, list) else f"{param}.type[{i}]"
                 raise _refuse(where, f"unknown type {k!r}.")
         return list(dict.fromkeys(kinds))
@@ -313,7 +316,7 @@ class GrammarBuilder:
     def _string(self, schema: dict[str, Any], param: str, hint: str) -> str:
         if "format" in schema:
             fmt = schema["format"]
-            if fmt not in _FORMATS:
+            if not isinstance(fmt, str) or fmt not in _FORMATS:
                 raise _refuse(f"{param}.format", f"the format {fmt!r} is not supported.")
             if "minLength" in schema or "maxLength" in schema:
                 raise _refuse(f"{param}.format", "'format' cannot be combined with lengths.")
