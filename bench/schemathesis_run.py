@@ -14,7 +14,7 @@ too small: 400 / 402, as DESIGN §3 says). Case counts, responses by status clas
 printed per run; the exit status is 1 when any check failed or any response was a 5xx.
 
     .venv/bin/python bench/schemathesis_run.py [--databases sqlite,postgres] [--max-examples 25]
-        [--seed 1] [--pg-url postgresql://postgres@127.0.0.1:5432/postgres]
+        [--seed 1] [--pg-url postgresql://postgres@127.0.0.1:5432/postgres] [--all-checks] [--keep]
 """
 
 from __future__ import annotations
@@ -108,8 +108,7 @@ def fuzz(url: str, key: str, admin: bool, args: argparse.Namespace, work: Path, 
         "^/admin/",
         "--checks",
         "all",
-        "--exclude-checks",
-        CHECKS_EXCLUDED,
+        *([] if args.all_checks else ["--exclude-checks", CHECKS_EXCLUDED]),
         "--max-examples",
         str(args.max_examples),
         "--seed",
@@ -195,6 +194,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=int, default=1200, help="seconds for one schemathesis run")
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument(
+        "--all-checks", action="store_true", help=f"also {CHECKS_EXCLUDED} (expected to list 400s and 402s)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (reports, server logs)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tokentill-schemathesis-"))
@@ -204,7 +206,7 @@ def main() -> int:
         outcomes += run_database(database.strip(), args, work)
     print(
         f"schemathesis: --max-examples {args.max_examples} --seed {args.seed}, "
-        f"checks: all but {CHECKS_EXCLUDED}"
+        f"checks: all{'' if args.all_checks else f' but {CHECKS_EXCLUDED}'}"
     )
     print(f"{'run':<18} {'cases':>6} {'2xx':>6} {'4xx':>6} {'5xx':>5}  failures")
     for o in outcomes:
