@@ -173,10 +173,9 @@ def test_idempotent_request_on_a_killed_replica_is_taken_over_after_the_lease(cl
     cluster.upstream.gate.set()
     outcomes = Outcomes()
     conflicts = 0
+    url = f"{cluster.b.url}/v1/chat/completions"
     while True:  # what the SDK does: retry a 409 after its Retry-After
-        response = requests.post(
-            f"{cluster.b.url}/v1/chat/completions", json=body, headers=headers, timeout=30
-        )
+        response = requests.post(url, json=body, headers=headers, timeout=30)
         if response.status_code != 409:
             break
         assert response.headers["x-should-retry"] == "true", response.text
