@@ -122,7 +122,8 @@ def fuzz(url: str, key: str, admin: bool, args: argparse.Namespace, work: Path, 
         "--report-ndjson-path",
         str(report),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    # In the work folder: schemathesis keeps a cache (.schemathesis/) in its working directory.
+    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, cwd=work)
     (work / f"{label.replace(' ', '-')}.txt").write_text(done.stdout + done.stderr)
     return read_report(report, label)
 
