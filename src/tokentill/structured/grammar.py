@@ -14,7 +14,8 @@ integers with `minimum` 0 or 1; annotations (`title`, `description`, `default`, 
 
 Layout of the text: compact JSON, one optional space after `:` and `,`, nothing else: a grammar that
 admits unbounded whitespace lets a small model loop on newlines until its budget runs out. Numbers have
-bounded digits for the same reason. Objects list required properties first (in schema order), then the
+bounded digits, and the keys of free-form objects (json_object, untyped values) at most 64 characters,
+for the same reason. Objects list required properties first (in schema order), then the
 optional ones in schema order, each optional.
 """
 
@@ -54,7 +55,8 @@ _BASE_RULES = {
     "boolean": '"true" | "false"',
     "null": '"null"',
     "value": "object | array | string | number | boolean | null",
-    "object": '"{" ( string ":" sp value ( "," sp string ":" sp value )* )? "}"',
+    "key": r'"\"" char{0,64} "\""',
+    "object": '"{" ( key ":" sp value ( "," sp key ":" sp value )* )? "}"',
     "array": '"[" ( value ( "," sp value )* )? "]"',
 }
 _FORMATS = {
@@ -118,7 +120,7 @@ class GrammarBuilder:
     def fresh(self, hint: str) -> str:
         base = "".join(c if c.isalnum() else "-" for c in hint).strip("-").lower() or "r"
         name, n = base, 1
-        while name in self._rules or name in _BASE_RULES or name in {"time-body", "date-body"}:
+        while name in self._rules or name in _BASE_RULES or name in {"time-body", "date-body", "key"}:
             n += 1
             name = f"{base}-{n}"
         self._rules[name] = ""  # reserved (recursive references may name it before its body exists)
