@@ -22,6 +22,7 @@ from tests.faults.harness import (
     CLIENT_STATUSES,
     Outcomes,
     check_books,
+    deferred_settlements,
     json_load,
     stream,
     wait_billed,
@@ -76,10 +77,15 @@ def test_database_cut_during_streaming_and_json_load(cluster: Cluster) -> None:
     assert len(streamed) == STREAMS  # every stream reached [DONE] although the database was cut
     wait_swept(cluster.direct_url, timeout_s=HOLD_TTL_S + 10)
     books = check_books(cluster.direct_url, outcomes, PRICE_IN, PRICE_OUT)
+    deferred = [deferred_settlements(s) for s in (cluster.a, cluster.b)]
+    spooled = sum(d.get("spooled", 0) for d in deferred)
+    assert spooled >= STREAMS  # at least the streams' settlements waited for the database
+    assert spooled == sum(d.get("committed", 0) for d in deferred)  # and all of them committed
     print(
         f"\n[faults] database cut {OUTAGE_S:.0f} s under streaming + JSON load on 2 replicas: "
         f"statuses {dict(outcomes.statuses)}, delivered {len(outcomes.delivered)} "
-        f"(streams {len(streamed)}), billed exactly once {books.billed}, every delivered answer's usage "
+        f"(streams {len(streamed)}), settlements spooled {spooled:.0f}, billed exactly once {books.billed}, "
+        "every delivered answer's usage "
         f"row written {closed_s:.1f} s after the restore"
     )
 
