@@ -86,6 +86,7 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
             settings.resolved_database_url,
             connect_timeout_s=settings.database_connect_timeout_s,
             pool_timeout_s=settings.database_pool_timeout_s,
+            statement_timeout_s=settings.database_statement_timeout_s,
         )
         stack.push_async_callback(db.aclose)
         ledger = Ledger(db)

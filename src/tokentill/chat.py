@@ -225,7 +225,18 @@ class ChatService:
             if free:
                 record = replace(record, completion_tokens=0, reasoning_tokens=0)
             else:
-                cost = pricing.cost(prompt, completion, chat.spec.price_input, chat.spec.price_output)
+                # Cached prompt tokens are billed at the cached price; the row keeps what that saved.
+                cached = min(cached, prompt)
+                saving = pricing.cached_saving(prompt, cached, chat.spec.price_input, chat.spec.cached_price)
+                cost = pricing.cost(
+                    prompt,
+                    completion,
+                    chat.spec.price_input,
+                    chat.spec.price_output,
+                    cached_tokens=cached,
+                    price_cached_input=chat.spec.cached_price,
+                )
+                record = replace(record, cached_saving=saving)
             if self._settlements is None:
                 balance = await (
                     self._ledger.release(chat.hold, usage=record)

@@ -216,6 +216,12 @@ class Settings(BaseSettings):
         gt=0,
         description="PostgreSQL: how long a request waits for a free pooled connection before 503.",
     )
+    database_statement_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="PostgreSQL: longest a statement may take (the pool's liveness ping included) before "
+        "503; a connection cut off without a reset (a partition) would otherwise hang its request forever.",
+    )
     settlement_retry_s: float = Field(
         default=3600.0,
         gt=0,

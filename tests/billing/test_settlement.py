@@ -155,3 +155,57 @@ def test_sweeper_skips_only_pending_holds(pg_database_url: str) -> None:
         await _assert_books(book, acct)
 
     run_with_db(pg_database_url, body)
+
+
+def test_spool_compacts_to_the_pending_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tokentill.storage.spool.COMPACT_BYTES", 2000)
+    spool = _spool(tmp_path)
+    spool.append({"id": "keep", "pad": "x" * 100})
+    for i in range(40):
+        spool.append({"id": f"r{i}", "pad": "x" * 100})
+        spool.done(f"r{i}")
+    path = spool.path
+    assert path is not None and path.stat().st_size < 2000  # rewritten, the same path
+    spool.close()
+    assert len(path.read_text().splitlines()) < 10  # not 81 lines: the finished ones were dropped
+    again = _spool(tmp_path)
+    assert again.adopt() == [{"id": "keep", "pad": "x" * 100}]
+    again.close()
+
+
+@pytest.mark.postgres
+def test_settlement_is_spooled_before_its_first_attempt(
+    pg_database_url: str, pg_proxy: TcpProxy, tmp_path: Path
+) -> None:
+    """A process killed while the first attempt waits on a partitioned database loses nothing: the
+    settlement was written before the attempt, and the next start replays it (billed once)."""
+
+    async def body() -> None:
+        url = through(pg_database_url, pg_proxy)
+        db = await open_database(url, connect_timeout_s=30, pool_timeout_s=30, statement_timeout_s=30)
+        try:
+            book = Ledger(db)
+            acct = await book.create_account("killed", 10_000)
+            hold = await _reserve(book, acct, "req_killed", 3_000)
+            spool = _spool(tmp_path)
+            settlements = Settlements(book, spool, retry_s=60)
+            pg_proxy.hang()
+            attempt = asyncio.create_task(settlements.settle(hold, cost=1_000, usage=_usage(hold.id)))
+            await _until(lambda: bool(spool.path and spool.path.read_text()), timeout_s=10)
+            attempt.cancel()  # the process dies mid-attempt
+            with pytest.raises(asyncio.CancelledError):
+                await attempt
+            spool.close()  # what the kernel keeps of a killed process's file
+            pg_proxy.restore()
+            await db.engine.dispose()
+            successor = Settlements(book, _spool(tmp_path), retry_s=60)
+            assert await successor.replay() == 1
+            assert successor.pending == set()
+            assert await book.balance(acct.id) == 10_000 - 1_000
+            assert await _count(db, usage) == 1
+            await _assert_books(book, acct)
+            await successor.aclose()
+        finally:
+            await db.aclose()
+
+    run(body())

@@ -56,6 +56,21 @@ def test_accounts_credits_keys(tmp_path: Path) -> None:
     assert cli.cli_json("usage")["usage"] == []
 
 
+@pytest.mark.postgres
+def test_cli_refuses_an_empty_or_missing_postgres_database(tmp_path: Path, pg_database_url: str) -> None:
+    cli = TokentillServer(tmp_path, pg_database_url)  # the database exists and holds no table
+    refused = cli.cli("keys", "list", check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "no tokentill database at postgresql+asyncpg://" in refused.stderr
+    assert "(from TOKENTILL_DATABASE_URL)" in refused.stderr and "tokentill init" in refused.stderr
+    assert cli.cli_json("init")["created"] is True
+    assert cli.cli_json("keys", "list") == {"keys": []}
+    missing = pg_database_url.rsplit("/", 1)[0] + "/tokentill_no_such_database"
+    gone = TokentillServer(tmp_path / "gone", missing).cli("accounts", "list", check=False)
+    assert gone.returncode == 1 and "Traceback" not in gone.stderr, gone.stderr
+    assert 'database "tokentill_no_such_database" does not exist' in gone.stderr
+
+
 @pytest.mark.llama
 def test_first_serve_bootstraps_default_account(tmp_path: Path) -> None:
     llama_available()

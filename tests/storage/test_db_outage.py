@@ -3,6 +3,8 @@ storage boundary, and the pool recovers by itself when the server is back (issue
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import time
 
 import pytest
@@ -103,3 +105,49 @@ def test_statement_errors_are_not_outages(database_url: str) -> None:
                 )
 
     run_with_db(database_url, body)
+
+
+@pytest.mark.postgres
+def test_partition_of_a_pooled_connection_fails_after_the_statement_timeout(
+    pg_database_url: str, pg_proxy: TcpProxy
+) -> None:
+    """A pooled connection whose packets are dropped (no reset) is given up after `statement_timeout_s`
+    (the pool's liveness ping included), not held forever."""
+
+    async def body() -> None:
+        db = await open_database(
+            through(pg_database_url, pg_proxy), connect_timeout_s=1, pool_timeout_s=1, statement_timeout_s=1
+        )
+        try:
+            assert await _one(db) == 1  # one pooled connection, alive
+            pg_proxy.hang()
+            with pytest.raises(ServiceUnavailable):
+                await asyncio.wait_for(_one(db), timeout=30)  # without the timeout: forever
+            pg_proxy.restore()
+            assert await _one(db) == 1
+        finally:
+            await db.aclose()
+
+    run(body())
+
+
+def test_sqlite_file_locked_past_the_busy_timeout_is_503(sqlite_database_url: str) -> None:
+    """SQLite's outage: another process holds the write lock longer than the 10 s busy timeout."""
+
+    async def body(db: Database) -> None:
+        path = db.engine.url.database
+        assert path is not None
+        holder = sqlite3.connect(path, isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            with pytest.raises(ServiceUnavailable) as caught:
+                async with db.begin() as conn:
+                    await conn.execute(text("UPDATE accounts SET balance = balance"))
+            assert caught.value.headers["Retry-After"] == "2"
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        async with db.begin() as conn:  # the lock is gone: writes work again
+            await conn.execute(text("UPDATE accounts SET balance = balance"))
+
+    run_with_db(sqlite_database_url, body)

@@ -90,6 +90,18 @@ def test_every_response_counts_by_status_and_code(make_client: Client) -> None:
     assert grown == len(expected) + 1, (grown, after)
 
 
+def test_refusals_written_below_the_app_count_too(make_client: Client) -> None:
+    from tokentill.api.connections import _raw_response
+    from tokentill.errors import Overloaded
+
+    client, _ = make_client()
+    before = response_counts(client.get("/metrics").text)
+    raw = _raw_response(Overloaded("Too many open connections.", retry_after_s=1))
+    assert raw.startswith(b"HTTP/1.1 503 ")
+    after = response_counts(client.get("/metrics").text)
+    assert after["503", "overloaded"] - before.get(("503", "overloaded"), 0) == 1
+
+
 def test_metrics_key_locks_metrics(make_client: Client) -> None:
     open_client, _ = make_client()
     assert open_client.get("/metrics").status_code == 200  # unset = open

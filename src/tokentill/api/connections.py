@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tokentill.errors import APIError, Overloaded, RequestTimeout
+from tokentill.metrics import observe_response
 
 __all__ = ["BodyTimeoutMiddleware", "GuardedHttpProtocol"]
 
@@ -44,7 +45,9 @@ _TIMEOUT_MESSAGE = "The client did not send the request in time (TOKENTILL_READ_
 
 
 def _raw_response(error: APIError) -> bytes:
-    """A complete HTTP/1.1 response carrying `error`'s envelope, for a connection the app never saw."""
+    """A complete HTTP/1.1 response carrying `error`'s envelope, for a connection the app never saw
+    (counted in /metrics like the app's own refusals)."""
+    observe_response(error.status, error.code)
     body = json.dumps(error.body()).encode()
     head = [f"HTTP/1.1 {error.status} {_REASONS[error.status]}"]
     head += [f"{name}: {value}" for name, value in error.headers.items() if name.lower() != "connection"]

@@ -59,6 +59,7 @@ class UsageRecord:
     reasoning_tokens: int = 0
     cached_tokens: int = 0
     image_tokens: int = 0
+    cached_saving: int = 0  # µcr not charged: cached prompt tokens at the cached price
     status: int = 200
     latency_ms: int = 0
     estimated: bool = False
@@ -82,6 +83,7 @@ class UsageRow:
     latency_ms: int
     estimated: bool
     created_at: datetime
+    cached_saving: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
 """Settlements that survive a database outage: an answer delivered is billed exactly once.
 
-`Settlements.settle` / `release` first try the ledger at once (the normal case: one transaction, the
-balance after it returned). When the database is unreachable (`ServiceUnavailable`), the settlement is
+`Settlements.settle` / `release` write the settlement to the local spool (`storage.spool`,
+DATA_DIR/spool: a plain write, which survives a SIGKILL) and mark it pending (`pending`: the hold ids
+this process still owes a settlement), then try the ledger at once (the normal case: one transaction, the
+balance after it returned; the spool line is then marked done). When the database is unreachable
+(`ServiceUnavailable`), the settlement is
 
-    1. written to the local spool (`storage.spool`, DATA_DIR/spool, fsynced) before returning,
-    2. marked pending (`pending`: the hold ids this process still owes a settlement),
-    3. retried in the background with exponential backoff (0.2 s doubling to 5 s) for `retry_s`;
+    1. fsynced in the spool before returning (it now survives a power cut too),
+    2. retried in the background with exponential backoff (0.2 s doubling to 5 s) for `retry_s`;
        when it commits, it is marked done in the spool and leaves `pending`.
 
 A process that dies with settlements still spooled replays them at its next start (`replay`, before the
@@ -28,6 +30,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
+from tokentill import metrics
 from tokentill.billing.ledger import Ledger
 from tokentill.billing.records import Hold, UsageRecord
 from tokentill.errors import ServiceUnavailable
@@ -62,7 +65,7 @@ class Settlements:
     async def replay(self) -> int:
         """Settle what dead processes (this one before a restart) left in the spool; returns how many
         records were adopted. Those that still fail are retried in the background."""
-        records = self._spool.adopt()
+        records = await asyncio.to_thread(self._spool.adopt)
         for record in records:
             self.pending.add(str(record["id"]))
         for record in records:
@@ -84,16 +87,30 @@ class Settlements:
         self._tasks.clear()
 
     async def _apply(self, record: dict[str, Any]) -> int | None:
+        hold_id = str(record["id"])
+        # Written before the first attempt: a process killed while that attempt waits on the database
+        # (up to the connect timeout) leaves the settlement for the next start to replay.
+        self._spool.append(record)
+        self.pending.add(hold_id)
         try:
-            return await self._run(record)
+            balance = await self._run(record)
         except ServiceUnavailable:
-            pass
-        # Durable before anything else: from here a crash of this process cannot lose the settlement.
-        await asyncio.to_thread(self._spool.append, record)
-        self.pending.add(str(record["id"]))
-        log.warning("settlement of %s spooled while the database is out; retrying", record["id"])
-        self._retry_later(record)
-        return None
+            await asyncio.to_thread(self._spool.sync)
+            log.warning("settlement of %s spooled while the database is out; retrying", hold_id)
+            metrics.observe_deferred_settlement("spooled")
+            self._retry_later(record)
+            return None
+        except Exception:
+            # Not an outage (a bug): retrying cannot help; the caller logs it, the hold expires. (A
+            # cancellation leaves it pending in the spool: the next start replays it.)
+            self._finished(hold_id)
+            raise
+        self._finished(hold_id)
+        return balance
+
+    def _finished(self, hold_id: str) -> None:
+        self.pending.discard(hold_id)
+        self._spool.done(hold_id)
 
     def _retry_later(self, record: dict[str, Any]) -> None:
         hold_id = str(record["id"])
@@ -125,8 +142,8 @@ class Settlements:
 
     async def _commit(self, record: dict[str, Any]) -> None:
         await self._run(record)
-        self.pending.discard(str(record["id"]))
-        await asyncio.to_thread(self._spool.done, str(record["id"]))
+        self._finished(str(record["id"]))
+        metrics.observe_deferred_settlement("committed")
 
     async def _run(self, record: dict[str, Any]) -> int:
         hold = Hold(

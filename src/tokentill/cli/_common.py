@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import click
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 
 from tokentill.auth.service import KeyStore
 from tokentill.billing.codes import RedemptionCodes
@@ -50,6 +51,11 @@ async def stores(settings: Settings, *, create: bool = False) -> AsyncIterator[S
             f"{exc} (from {where}). Run `tokentill init` to create it there, or `tokentill serve`, which "
             "creates it on its first start; or point TOKENTILL_DATA_DIR / TOKENTILL_DATABASE_URL at the "
             "database your server uses."
+        ) from None
+    except (DBAPIError, OSError, TimeoutError) as exc:  # unreachable, no such database, refused login
+        reason = str(exc.orig if isinstance(exc, DBAPIError) else exc).strip().splitlines()
+        raise click.ClickException(
+            f"cannot open the database {describe_url(url)}: {reason[0] if reason else type(exc).__name__}"
         ) from None
     click.echo(f"database: {describe_url(url)}", err=True)
     try:

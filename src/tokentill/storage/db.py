@@ -289,7 +289,12 @@ def _sqlite_has_schema(path: str) -> bool:
 
 
 def _make_engine(
-    url: str, *, create: bool = True, connect_timeout_s: float = 5.0, pool_timeout_s: float = 10.0
+    url: str,
+    *,
+    create: bool = True,
+    connect_timeout_s: float = 5.0,
+    pool_timeout_s: float = 10.0,
+    statement_timeout_s: float = 30.0,
 ) -> AsyncEngine:
     parsed = make_url(url)
     backend = parsed.get_backend_name()
@@ -308,29 +313,41 @@ def _make_engine(
         if parsed.drivername != "postgresql+asyncpg":
             raise ValueError(f"PostgreSQL URLs must use the asyncpg driver: {parsed.drivername}")
         # A server that accepts TCP but never answers (a partition) fails the connect after
-        # `connect_timeout_s`, and a request waiting for a pooled connection after `pool_timeout_s`.
+        # `connect_timeout_s`, a statement on a pooled connection cut off without a reset (the pool's
+        # pre-ping included) after `statement_timeout_s`, and a wait for a pooled connection after
+        # `pool_timeout_s`.
         return create_async_engine(
             parsed,
             pool_pre_ping=True,
             pool_timeout=pool_timeout_s,
-            connect_args={"timeout": connect_timeout_s},
+            connect_args={"timeout": connect_timeout_s, "command_timeout": statement_timeout_s},
         )
     raise ValueError(f"unsupported database URL scheme: {parsed.drivername}")
 
 
 async def open_database(
-    url: str, *, create: bool = True, connect_timeout_s: float = 5.0, pool_timeout_s: float = 10.0
+    url: str,
+    *,
+    create: bool = True,
+    connect_timeout_s: float = 5.0,
+    pool_timeout_s: float = 10.0,
+    statement_timeout_s: float = 30.0,
 ) -> Database:
     """Connect to `url`, migrate it to the newest revision, and return the `Database`.
 
     `create=False`: raise `DatabaseMissing`, creating nothing, unless tokentill has set this database up
     before (an older revision is still migrated). PostgreSQL: a connection attempt gives up after
-    `connect_timeout_s`, a wait for a free pooled connection after `pool_timeout_s` (both then answer
-    503). Raises `ValueError` for an unsupported URL; driver and migration errors propagate (after the
-    engine is disposed), since a server must not start on a database it cannot use.
+    `connect_timeout_s`, a statement (the pool's liveness ping included) after `statement_timeout_s`, a
+    wait for a free pooled connection after `pool_timeout_s` (all then answer 503). Raises `ValueError`
+    for an unsupported URL; driver and migration errors propagate (after the engine is disposed), since
+    a server must not start on a database it cannot use.
     """
     engine = _make_engine(
-        url, create=create, connect_timeout_s=connect_timeout_s, pool_timeout_s=pool_timeout_s
+        url,
+        create=create,
+        connect_timeout_s=connect_timeout_s,
+        pool_timeout_s=pool_timeout_s,
+        statement_timeout_s=statement_timeout_s,
     )
     try:
         if engine.dialect.name == "sqlite" and engine.url.database:
