@@ -62,13 +62,6 @@ WEATHER_SCHEMA: dict[str, Any] = WEATHER["function"]["parameters"]  # type: igno
 
 
 @pytest.fixture(scope="module")
-def scripted() -> Iterator[ScriptedUpstream]:
-    server = ScriptedUpstream().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def gateway(
     tmp_path_factory: pytest.TempPathFactory, scripted: ScriptedUpstream
 ) -> Iterator[TokentillServer]:

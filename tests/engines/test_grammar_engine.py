@@ -104,6 +104,24 @@ def test_each_sequence_in_a_batch_keeps_its_own_grammar(engine: LlamaCppEngine) 
     assert free  # the unconstrained neighbour is untouched
 
 
+def test_auto_lets_the_model_choose_and_constrains_a_started_call(engine: LlamaCppEngine) -> None:
+    """`auto` is a lazy grammar: free text, or a call that is valid once `<tool_call>` appears."""
+    choice = ToolChoice("auto")
+    grammar = constraint(None, (TOOL,), choice, parallel=False)
+    assert grammar is not None and grammar.triggers == ("<tool_call>",)
+    outcomes = set()
+    for n, prompt in enumerate(["Look up the word apple with the tool.", "Say hello to me."]):
+        request = _request(10 + n, prompt, tools=(TOOL,), tool_choice=choice, grammar=grammar)
+        text, calls, finished = asyncio.run(_run(engine, request))
+        if calls:
+            assert finished.finish_reason == "tool_calls" and calls[0].name == "lookup"
+            jsonschema.validate(json.loads("".join(c.arguments for c in calls)), TOOL.parameters or {})
+        else:
+            assert text.strip() and "<tool_call>" not in text
+        outcomes.add(bool(calls))
+    assert outcomes  # each answer was one or the other, never a broken call
+
+
 def test_compiled_grammars_parse_in_llama_cpp() -> None:
     import llama_cpp
 
