@@ -24,6 +24,7 @@ import pytest
 import requests
 
 from tests._services import require
+from tests.engines.upstream_servers import ScriptedUpstream
 
 DEFAULT_MODEL = "o1-preview"
 
@@ -175,3 +176,11 @@ def pg_module_database_url(pg_server_url: str) -> Iterator[str]:
         yield _plain_pg(pg_server_url, name)
     finally:
         run(_pg_execute(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[ScriptedUpstream]:
+    """The scripted OpenAI-compatible server of tests/engines/upstream_servers.py, on loopback."""
+    server = ScriptedUpstream().start()
+    yield server
+    server.stop()

@@ -24,11 +24,11 @@ from fastapi.responses import JSONResponse, Response
 from tokentill import errors
 from tokentill.api.completions import HTTPClient, limit_headers_on_errors
 from tokentill.api.routes import THREAD_PARSE_BYTES, Authenticated, _with_balance
-from tokentill.api.sse import KEEPALIVE, KEEPALIVE_S, Item, PumpedEventStream, first_error, receive_until
+from tokentill.api.sse import KEEPALIVE, KEEPALIVE_S, Item, PumpedEventStream, receive_until
 from tokentill.api.state import services_of
 from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits
-from tokentill.lifecycle import Answer, Replayed
+from tokentill.lifecycle import Answer, Replayed, first_error
 from tokentill.protocol.response_objects import ResponseBuilder, replay_events
 from tokentill.protocol.responses_api import (
     ResponsesRequest,

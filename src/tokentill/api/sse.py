@@ -33,6 +33,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tokentill import errors
+from tokentill.lifecycle import first_error
 from tokentill.protocol import responses
 from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta
 
@@ -42,7 +43,6 @@ __all__ = [
     "EventStreamResponse",
     "Item",
     "PumpedEventStream",
-    "first_error",
     "receive_until",
     "sse_frames",
 ]
@@ -207,10 +207,3 @@ class EventStreamResponse(PumpedEventStream):
             )
 
         super().__init__(events, frames, headers=headers, on_close=on_close)
-
-
-def first_error(exc: BaseException) -> BaseException:
-    """The first real error inside (nested) exception groups from a task group."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
