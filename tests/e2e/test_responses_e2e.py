@@ -11,10 +11,11 @@ import json
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jsonschema
 import openai
+import pydantic
 import pytest
 import requests
 
@@ -152,18 +153,28 @@ def test_stream_events_in_order_and_usage_billed(gateway: TokentillServer, clien
     assert client.responses.retrieve(final.id).output_text == deltas  # stored before the last event
 
 
+class Pick(pydantic.BaseModel):
+    colour: Literal["red", "green", "blue"]
+
+
 def test_sdk_stream_helper(gateway: TokentillServer, client: openai.OpenAI) -> None:
+    """`responses.stream` with a pydantic `text_format` (a short constrained answer, so the budget is not
+    spent: the SDK's helper wants `response.completed`), reasoning with a visible summary."""
     before = Decimal(gateway.balance("resp"))
     with client.responses.stream(
         model="o1-preview",
-        input="Name a colour.",
+        input="Pick a colour.",
+        text_format=Pick,
         reasoning={"effort": "low", "summary": "concise"},
-        max_output_tokens=40,
+        max_output_tokens=100,
+        temperature=0,
     ) as stream:
-        texts = [event.delta for event in stream if event.type == "response.output_text.delta"]
+        kinds = [event.type for event in stream]
         final = stream.get_final_response()
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert "response.reasoning_summary_text.delta" in kinds
     assert final.output[0].type == "reasoning" and final.output[0].summary
-    assert final.output_text == "".join(texts)
+    assert isinstance(final.output_parsed, Pick)
     assert final.usage is not None and final.usage.output_tokens_details.reasoning_tokens > 0
     assert _charged(gateway, before) == _cost(final.usage)
 
