@@ -113,3 +113,9 @@ def test_a_cursor_past_bigint_is_400(client: TestClient) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "before", r.text
     biggest = base64.urlsafe_b64encode(f"u1:{2**63 - 1}".encode()).decode().rstrip("=")
     assert client.get("/admin/usage/requests", params={"before": biggest}).status_code == 200
+
+
+def test_a_limit_of_unicode_digits_is_400(client: TestClient) -> None:
+    """Found by schemathesis: `limit=²` passed str.isdigit() and then failed int(): a 500."""
+    r = client.get("/admin/usage/requests", params={"limit": "²"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "limit", r.text
