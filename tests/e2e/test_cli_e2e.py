@@ -1,7 +1,12 @@
-"""The CLI against a real database: bootstrap on first serve, accounts, credits, keys, usage."""
+"""The CLI against a real database: bootstrap on first serve, accounts, credits, keys, usage.
+
+Most commands run in-process (`TokentillServer.cli`); the ones marked `in_process=False`, and every
+`serve`, run the real executable, so its exit status, output and error lines are checked as a shell sees them.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,11 +22,9 @@ pytestmark = [pytest.mark.e2e]
 
 def test_accounts_credits_keys(tmp_path: Path) -> None:
     cli = TokentillServer(tmp_path, None)
-    assert cli.cli_json("accounts", "create", "acme", "--credits", "0.25") == {
-        "account": "acme",
-        "balance": "0.25",
-    }
-    assert cli.cli("accounts", "create", "acme", check=False).returncode != 0
+    made = cli.cli("accounts", "create", "acme", "--credits", "0.25", "--json", in_process=False)
+    assert json.loads(made.stdout) == {"account": "acme", "balance": "0.25"}
+    assert cli.cli("accounts", "create", "acme", check=False, in_process=False).returncode != 0
     assert cli.cli_json("credits", "add", "acme", "1.000001")["balance"] == "1.250001"
     assert cli.cli("credits", "add", "acme", "0.0000001", check=False).returncode != 0  # below 1 µcr
     assert cli.cli("credits", "add", "nobody", "1", check=False).returncode != 0
@@ -30,7 +33,7 @@ def test_accounts_credits_keys(tmp_path: Path) -> None:
     listed = cli.cli_json("keys", "list")["keys"]
     assert [k["id"] for k in listed] == [created["id"]]
     assert listed[0]["models"] == ["o1-preview"] and not listed[0]["revoked"]
-    assert created["key"] not in cli.cli("keys", "list").stdout  # secrets are shown once
+    assert created["key"] not in cli.cli("keys", "list", in_process=False).stdout  # secrets are shown once
     assert cli.cli_json("keys", "revoke", created["id"]) == {"revoked": created["id"]}
     assert cli.cli_json("keys", "list")["keys"][0]["revoked"] is True
     assert cli.cli_json("accounts", "list")["accounts"] == [{"name": "acme", "balance": "1.250001"}]
@@ -98,7 +101,7 @@ def test_bad_operator_input_is_a_usage_error(tmp_path: Path, args: tuple[str, ..
 
 def test_bad_environment_names_the_variable(tmp_path: Path) -> None:
     cli = TokentillServer(tmp_path, None, TOKENTILL_PORT="abc")
-    result = cli.cli("accounts", "list", check=False)
+    result = cli.cli("accounts", "list", check=False, in_process=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "TOKENTILL_PORT='abc'" in result.stderr, result.stderr
     cli = _echo_server(tmp_path / "credits", TOKENTILL_INITIAL_CREDITS="lots")
