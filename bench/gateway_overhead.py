@@ -215,6 +215,7 @@ def main() -> None:
                     )
                 )
             wait_ready(responder_url + "/v1/models", procs[-1], log)
+            tokentill_cli(env, "init")  # the CLI creates no database by itself; `serve` would, later
             tokentill_cli(env, "accounts", "create", "bench", "--credits", "1000000")
             key = tokentill_cli(env, "keys", "create", "--account", "bench", "--rpm", "1000000")["key"]
             log = folder / "tokentill.log"

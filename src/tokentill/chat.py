@@ -26,18 +26,26 @@ from tokentill.auth.service import Principal
 from tokentill.billing import pricing
 from tokentill.billing.ledger import Hold, Ledger, UsageRecord
 from tokentill.billing.money import format_credits
+from tokentill.billing.settlement import Settlements
 from tokentill.catalog import Catalog, ModelSpec
 from tokentill.engines.base import Engine, EngineRequest
 from tokentill.limits import KeyLimits, Lease, RateLimiter
 from tokentill.media.service import ImageRef, MediaService
 from tokentill.protocol.chat import ChatCompletionRequest, ImagePart
-from tokentill.types import EngineEvent, Finished, ImageInput, Message, TextDelta
+from tokentill.structured.tools import constraint
+from tokentill.types import EngineEvent, Finished, ImageInput, Message, TextDelta, ToolCallDelta
 
 __all__ = ["ChatService", "PreparedChat"]
 
 log = logging.getLogger(__name__)
 
-_ROLE_FOR_ENGINE = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLE_FOR_ENGINE = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 
 
 def _limits(principal: Principal) -> KeyLimits:
@@ -76,8 +84,12 @@ class ChatService:
         media: MediaService,
         request_timeout_s: float,
         hold_ttl_s: float,
+        settlements: Settlements | None = None,
     ) -> None:
+        """`settlements` keeps what the database refuses and retries it (the server always gives one);
+        without it a refused settlement is logged and its hold left to the sweeper."""
         self._catalog = catalog
+        self._settlements = settlements
         self._engines = engines
         self._ledger = ledger
         self._limiter = limiter
@@ -123,7 +135,23 @@ class ChatService:
             frequency_penalty=request.frequency_penalty or 0.0,
             presence_penalty=request.presence_penalty or 0.0,
             reasoning_effort=request.reasoning_effort or "medium",
+            response_format=request.response_format_spec(),
+            tools=request.tool_definitions(),
+            tool_choice=request.tool_choice_spec(),
+            parallel_tool_calls=request.parallel_tool_calls,
         )
+        if engine.capabilities.grammar:
+            # Compiled before anything is reserved: a schema the grammar cannot enforce is a plain 400.
+            draft = replace(
+                draft,
+                grammar=constraint(
+                    draft.response_format,
+                    draft.tools,
+                    draft.tool_choice,
+                    # Only on request: a small model repeats its call until the budget is spent.
+                    parallel=request.parallel_tool_calls is True,
+                ),
+            )
         prompt_tokens = await anyio.to_thread.run_sync(engine.count_prompt_tokens, draft)
         room = self._check_context(spec, engine, prompt_tokens, explicit)
         budget = await self._budget(principal, spec, prompt_tokens, explicit, room)
@@ -176,6 +204,8 @@ class ChatService:
                         generated += event.tokens
                         if event.reasoning:
                             reasoning += event.tokens
+                    elif isinstance(event, ToolCallDelta):
+                        generated += event.tokens
                     else:
                         finished = event
                         status = 200
@@ -226,10 +256,37 @@ class ChatService:
         try:
             if free:
                 record = replace(record, completion_tokens=0, reasoning_tokens=0)
-                chat.balance_after = await self._ledger.release(chat.hold, usage=record)
             else:
-                cost = pricing.cost(prompt, completion, chat.spec.price_input, chat.spec.price_output)
-                chat.balance_after = await self._ledger.settle(chat.hold, cost=cost, usage=record)
+                # Cached prompt tokens are billed at the cached price; the row keeps what that saved.
+                cached = min(cached, prompt)
+                saving = pricing.cached_saving(prompt, cached, chat.spec.price_input, chat.spec.cached_price)
+                cost = pricing.cost(
+                    prompt,
+                    completion,
+                    chat.spec.price_input,
+                    chat.spec.price_output,
+                    cached_tokens=cached,
+                    price_cached_input=chat.spec.cached_price,
+                )
+                record = replace(record, cached_saving=saving)
+            if self._settlements is None:
+                chat.balance_after = await (
+                    self._ledger.release(chat.hold, usage=record)
+                    if free
+                    else self._ledger.settle(chat.hold, cost=cost, usage=record)
+                )
+            else:
+                chat.balance_after = await (
+                    self._settlements.release(chat.hold, usage=record)
+                    if free
+                    else self._settlements.settle(chat.hold, cost=cost, usage=record)
+                )
+                if chat.balance_after is None:
+                    # Spooled while the database is out: the header shows what the settlement will
+                    # leave (the hold's balance plus what it gives back), not a 503 for a delivered answer.
+                    chat.balance_after = (
+                        chat.balance_after_hold + chat.hold.amount - min(cost, chat.hold.amount)
+                    )
             metrics.observe_request(record, cost, time.monotonic() - chat.started)
         except Exception:
             # The hold stays open and the sweeper releases it after hold_ttl_s: logged, never lost.
@@ -349,7 +406,14 @@ class ChatService:
         for message in request.messages:
             role = _ROLE_FOR_ENGINE[message.role]
             if not isinstance(message.content, list):
-                out.append(Message(role=role, text=message.content or ""))
+                out.append(
+                    Message(
+                        role=role,
+                        text=message.content or "",
+                        tool_calls=message.domain_tool_calls(),
+                        tool_call_id=message.tool_call_id,
+                    )
+                )
                 continue
             text = ""
             images: list[ImageInput] = []
@@ -360,5 +424,14 @@ class ChatService:
                     offsets.append(len(text))
                 else:
                     text += ("\n" if text else "") + part.text
-            out.append(Message(role=role, text=text, images=tuple(images), image_offsets=tuple(offsets)))
+            out.append(
+                Message(
+                    role=role,
+                    text=text,
+                    images=tuple(images),
+                    image_offsets=tuple(offsets),
+                    tool_calls=message.domain_tool_calls(),
+                    tool_call_id=message.tool_call_id,
+                )
+            )
         return tuple(out)

@@ -8,6 +8,7 @@
     ├── NotFound                  404 invalid_request_error   model_not_found / unknown_url
     │   └── CodeNotFound          404 invalid_request_error   code_not_found
     ├── MethodNotAllowed          405 invalid_request_error   method_not_allowed
+    ├── RequestTimeout            408 invalid_request_error   request_timeout      (+ Connection: close)
     ├── Conflict                  409 invalid_request_error   idempotency_key_reused
     │   └── CodeAlreadyRedeemed   409 invalid_request_error   code_already_redeemed
     ├── RequestTooLarge           413 invalid_request_error   request_too_large
@@ -15,6 +16,7 @@
     ├── InternalError             500 server_error            internal_error (generic message only)
     ├── UpstreamError             502 server_error            upstream_error
     ├── Overloaded                503 server_error            overloaded           (+ Retry-After)
+    ├── ServiceUnavailable        503 server_error            service_unavailable  (+ Retry-After)
     └── DeadlineExceeded          504 server_error            timeout
 
 Services raise these; they never return error objects. A builtin exception that escapes is a bug and
@@ -41,7 +43,9 @@ __all__ = [
     "Overloaded",
     "PermissionDenied",
     "RateLimited",
+    "RequestTimeout",
     "RequestTooLarge",
+    "ServiceUnavailable",
     "UpstreamError",
 ]
 
@@ -125,6 +129,19 @@ class MethodNotAllowed(APIError):
     default_code = "method_not_allowed"
 
 
+class RequestTimeout(APIError):
+    """The client took longer than TOKENTILL_READ_TIMEOUT_S to send its request; the connection closes
+    (the rest of a trickled body is not worth waiting for)."""
+
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("Connection", "close")
+
+
 class Conflict(APIError):
     status = 409
     type = "invalid_request_error"
@@ -178,6 +195,19 @@ class Overloaded(APIError):
     status = 503
     type = "server_error"
     default_code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("Retry-After", str(max(1, math.ceil(retry_after_s))))
+
+
+class ServiceUnavailable(APIError):
+    """503: a backing store (the database) cannot be reached; always carries Retry-After. Raised by
+    `storage.db` at the boundary for connection failures, so every route answers it the same way."""
+
+    status = 503
+    type = "server_error"
+    default_code = "service_unavailable"
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)

@@ -17,7 +17,10 @@ differently is the same request. One row in `idempotency_keys` per (account, key
 Atomicity: the claim is a plain INSERT on the primary key (account_id, key), which exactly one of any
 number of concurrent requests wins, on SQLite and PostgreSQL alike and across replicas. A row whose
 `expires_at` has passed may be taken over: a stored response after `ttl_s`, an in-progress claim after
-`abandon_after_s` (its process must have died: no request lives past its deadline). Expiries are set and
+its lease `abandon_after_s` (seconds, `TOKENTILL_IDEMPOTENCY_LEASE_S`). A running request renews its
+lease every third of it (a heartbeat task, from `claim` until `complete`/`release`, at most
+`max_claim_s`), so a claim outlives its lease only while its process is alive; one whose process died
+(SIGKILL, a lost database connection that never came back) is taken over a lease later. Expiries are set and
 compared by the database's clock (`Database.now`), never a replica's own, so a replica whose clock runs
 ahead cannot take over a live claim. Take-over is an UPDATE
 fenced by the old `claim_token`, so two requests reclaiming the same row cannot both win, and a request
@@ -30,10 +33,12 @@ client whose retry overlaps the still-running first attempt simply waits for its
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -46,9 +51,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokentill import errors
+from tokentill.protocol.responses import Answer
 from tokentill.storage.db import Database
 from tokentill.storage.schema import idempotency_keys
-from tokentill.types import EngineEvent, Finished
+from tokentill.types import EngineEvent
 
 __all__ = ["Claim", "IdempotencyStore", "Replay", "check_key", "fingerprint", "track_stream"]
 
@@ -106,7 +112,8 @@ class IdempotencyStore:
     """Claims and stored responses in one `Database`; see the module docstring for the contract.
 
     `complete` and `release` never raise (they run in `finally:` blocks): a failure is
-    logged and the row then simply stays 'in_progress' until `abandon_after_s` passes.
+    logged and the row then simply stays 'in_progress' until its lease runs out (`abandon_after_s`
+    after the last heartbeat).
     """
 
     def __init__(
@@ -115,13 +122,63 @@ class IdempotencyStore:
         *,
         ttl_s: float,
         abandon_after_s: float,
+        max_claim_s: float = 3600.0,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
-        """`clock` replaces the database's clock (tests move time with it)."""
+        """`abandon_after_s` is the claim's lease; `max_claim_s` bounds its heartbeat (a request never
+        runs longer: its deadline plus a grace). `clock` replaces the database's clock (tests move time)."""
         self._db = db
         self._ttl = timedelta(seconds=ttl_s)
         self._abandon = timedelta(seconds=abandon_after_s)
+        self._max_claim_s = max_claim_s
         self._clock = clock
+        self._heartbeats: dict[str, asyncio.Task[None]] = {}  # by claim token
+
+    async def aclose(self) -> None:
+        """Stop every heartbeat (shutdown); the claims then expire a lease later unless closed."""
+        tasks = list(self._heartbeats.values())
+        self._heartbeats.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _start_heartbeat(self, claim: Claim) -> Claim:
+        self._heartbeats[claim.token] = asyncio.create_task(self._heartbeat(claim), name="idempotency-lease")
+        return claim
+
+    def _stop_heartbeat(self, claim: Claim) -> None:
+        task = self._heartbeats.pop(claim.token, None)
+        if task is not None:
+            task.cancel()
+
+    async def _heartbeat(self, claim: Claim) -> None:
+        """Renew the claim's lease every third of it while its request runs."""
+        interval = self._abandon.total_seconds() / 3
+        deadline = time.monotonic() + self._max_claim_s
+        try:
+            while time.monotonic() < deadline:
+                await asyncio.sleep(interval)
+                try:
+                    async with self._db.begin() as conn:
+                        now = await self._now(conn)
+                        renewed = await conn.execute(
+                            update(idempotency_keys)
+                            .where(
+                                *self._pk(claim.account_id, claim.key),
+                                idempotency_keys.c.claim_token == claim.token,
+                                idempotency_keys.c.status == "in_progress",
+                            )
+                            .values(expires_at=now + self._abandon)
+                        )
+                    if renewed.rowcount != 1:
+                        return  # closed, or taken over after the lease ran out during an outage
+                except errors.ServiceUnavailable:
+                    continue  # the database is out: try again on the next beat
+                except Exception:
+                    log.exception("renewing an idempotency claim failed; will retry")
+        finally:
+            if self._heartbeats.get(claim.token) is asyncio.current_task():
+                del self._heartbeats[claim.token]
 
     async def claim(self, account_id: int, key: str, fingerprint: str, request_id: str) -> Claim | Replay:
         """Own `key` for this request (`Claim`), or get the first request's stored answer (`Replay`).
@@ -148,7 +205,7 @@ class IdempotencyStore:
                             account_id=account_id, key=key, **fresh, **self._times(now)
                         )
                     )
-                return Claim(account_id, key, token)
+                return self._start_heartbeat(Claim(account_id, key, token))
             except IntegrityError:
                 pass  # the key exists: look at it (in a new transaction: PostgreSQL aborted this one)
             async with self._db.begin() as conn:
@@ -167,7 +224,7 @@ class IdempotencyStore:
                 )
                 if taken.rowcount == 1:
                     log.info("idempotency key of account %d reclaimed from status %s", account_id, row.status)
-                    return Claim(account_id, key, token)
+                    return self._start_heartbeat(Claim(account_id, key, token))
         raise errors.Overloaded("Could not claim the Idempotency-Key under contention; please retry.")
 
     async def complete(
@@ -184,6 +241,7 @@ class IdempotencyStore:
 
     async def release(self, claim: Claim) -> None:
         """Forget the claim: nothing is stored and the same key may be used again at once."""
+        self._stop_heartbeat(claim)
         try:
             async with self._db.begin() as conn:
                 await conn.execute(
@@ -193,6 +251,8 @@ class IdempotencyStore:
                         idempotency_keys.c.status == "in_progress",
                     )
                 )
+        except errors.ServiceUnavailable:
+            log.warning("could not release an idempotency key (database unavailable); its lease runs out")
         except Exception:
             log.exception("could not release an idempotency key; it frees itself when abandoned")
 
@@ -204,6 +264,7 @@ class IdempotencyStore:
         return int(result.rowcount)
 
     async def _close(self, claim: Claim, **values: Any) -> None:
+        self._stop_heartbeat(claim)
         try:
             async with self._db.begin() as conn:
                 now = await self._now(conn)
@@ -218,6 +279,8 @@ class IdempotencyStore:
                 )
             if result.rowcount != 1:
                 log.warning("idempotency claim was taken over before it finished; its answer is not kept")
+        except errors.ServiceUnavailable:
+            log.warning("could not store the answer of an idempotent request (database unavailable)")
         except Exception:
             log.exception("could not store the answer of an idempotent request")
 
@@ -263,32 +326,27 @@ async def track_stream(
     events: AsyncGenerator[EngineEvent, None],
     store: IdempotencyStore,
     claim: Claim,
-    answer: Callable[[str, str, Finished], Any],
+    answer: Callable[[Answer], Any],
     headers: dict[str, str],
 ) -> AsyncGenerator[EngineEvent, None]:
     """Pass `events` through; at the end store the answer if the stream finished, else release the key.
 
-    `answer(content, reasoning, finished)` builds the `chat.completion` object that the stream added up
-    to; it is stored with `headers` for replay. "Finished" is exactly when `ChatService.run` charges the
-    full answer, so the key keeps an answer if and only if the client was charged for one. The inner
-    stream is closed first (it settles the money under its own shield), then the claim is closed under a
-    shield too: Starlette cancels the body iterator when the client disconnects.
+    `answer(collected)` builds the `chat.completion` object that the stream added up to; it is stored with
+    `headers` for replay. "Finished" is exactly when `ChatService.run` charges the full answer, so the key
+    keeps an answer if and only if the client was charged for one. The inner stream is closed first (it
+    settles the money under its own shield), then the claim is closed under a shield too: Starlette
+    cancels the body iterator when the client disconnects.
     """
-    content: list[str] = []
-    reasoning: list[str] = []
-    finished: Finished | None = None
+    collected = Answer()
     try:
         async with aclosing(events):
             async for event in events:
-                if isinstance(event, Finished):
-                    finished = event
-                else:
-                    (reasoning if event.reasoning else content).append(event.text)
+                collected.add(event)
                 yield event
     finally:
         with anyio.CancelScope(shield=True):
-            if finished is not None:
-                body = answer("".join(content), "".join(reasoning), finished)
+            if collected.finished is not None:
+                body = answer(collected)
                 await store.complete(claim, status=200, body=body, headers=headers, streamed=True)
             else:
                 await store.release(claim)

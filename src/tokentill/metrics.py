@@ -1,17 +1,33 @@
-"""Prometheus metrics (`GET /metrics`): what operators watch — requests, tokens, credits, latency.
+"""Prometheus metrics (`GET /metrics`): what operators watch — responses, requests, tokens, credits, latency.
 
 Module-level collectors are the prometheus-client convention (one process-wide registry); they hold
 counters only, no configuration or connections, so importing this module opens nothing.
+
+With several worker processes (`serve --workers N`) each process writes its counters to files in
+prometheus-client's multiprocess folder (`PROMETHEUS_MULTIPROC_DIR`, set by `serve` before any worker
+imports prometheus-client) and `registry(folder)` sums them, so every worker answers /metrics with the
+whole server's figures. `summary(registry)` reads the same samples for the operator console.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, multiprocess
 
 from tokentill.billing.records import UsageRecord
 
-__all__ = ["observe_request"]
+__all__ = ["MetricsSummary", "observe_request", "observe_response", "registry", "summary"]
 
+RESPONSES = Counter(
+    "tokentill_http_responses",
+    "HTTP responses sent, every route and status (refusals included), by status and error code "
+    "(empty for successes)",
+    ["status", "code"],
+)
 REQUESTS = Counter(
     "tokentill_requests", "Chat completions settled, by model and HTTP status", ["model", "status"]
 )
@@ -23,6 +39,11 @@ LATENCY = Histogram(
     ["model"],
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )
+
+
+def observe_response(status: int, code: str) -> None:
+    """Count one HTTP response (`code` is the error envelope's code, "" for a success)."""
+    RESPONSES.labels(str(status), code).inc()
 
 
 def observe_request(record: UsageRecord, cost: int, seconds: float) -> None:
@@ -37,3 +58,42 @@ def observe_request(record: UsageRecord, cost: int, seconds: float) -> None:
         TOKENS.labels(model, "cached").inc(record.cached_tokens)
         TOKENS.labels(model, "image").inc(record.image_tokens)
         CHARGED.labels(model).inc(cost)
+
+
+def registry(multiproc_dir: Path | None) -> CollectorRegistry:
+    """What /metrics shows: this process's registry, or the sum of every worker's files in
+    `multiproc_dir` when the server runs in prometheus-client's multiprocess mode."""
+    if multiproc_dir is None:
+        return REGISTRY
+    combined = CollectorRegistry()
+    collector: Callable[..., object] = multiprocess.MultiProcessCollector  # its __init__ is unannotated
+    collector(combined, path=str(multiproc_dir))
+    return combined
+
+
+@dataclass(frozen=True)
+class MetricsSummary:
+    """The counters the operator console shows, read from the registry /metrics renders."""
+
+    responses: dict[tuple[str, str], int] = field(default_factory=dict)  # (status, code) → count
+    requests: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, status) → count
+    charged: dict[str, int] = field(default_factory=dict)  # model → µcr
+
+    @property
+    def total_responses(self) -> int:
+        return sum(self.responses.values())
+
+
+def summary(source: CollectorRegistry) -> MetricsSummary:
+    responses: dict[tuple[str, str], int] = defaultdict(int)
+    requests: dict[tuple[str, str], int] = defaultdict(int)
+    charged: dict[str, int] = defaultdict(int)
+    for family in source.collect():
+        for sample in family.samples:
+            if sample.name == "tokentill_http_responses_total":
+                responses[sample.labels["status"], sample.labels["code"]] += int(sample.value)
+            elif sample.name == "tokentill_requests_total":
+                requests[sample.labels["model"], sample.labels["status"]] += int(sample.value)
+            elif sample.name == "tokentill_charged_microcredits_total":
+                charged[sample.labels["model"]] += int(sample.value)
+    return MetricsSummary(dict(responses), dict(requests), dict(charged))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx2
 import platformdirs
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["MAX_UCR", "UCR_PER_CREDIT", "Settings", "parse_allow_hosts", "parse_credits"]
@@ -168,6 +168,29 @@ class Settings(BaseSettings):
         description="Redemption-code attempts one API key may make per minute (429 past it), across replicas "
         "when Redis is configured.",
     )
+    metrics_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer token GET /metrics requires (the admin key opens it too); unset = /metrics is "
+        "open to anyone who can reach the server.",
+    )
+    docs_enabled: bool = Field(
+        default=True, description="Serve the API docs: /docs and /openapi.json (false: both answer 404)."
+    )
+    metrics_multiproc_dir: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("metrics_multiproc_dir", "prometheus_multiproc_dir"),
+        description="prometheus-client's multiprocess folder (PROMETHEUS_MULTIPROC_DIR); `serve --workers N` "
+        "sets it to a fresh folder under DATA_DIR so /metrics sums every worker.",
+    )
+    console_session_ttl_s: int = Field(
+        default=12 * 3600, ge=60, description="How long a console sign-in lasts (seconds)."
+    )
+    console_login_attempts_per_minute: int = Field(
+        default=10,
+        ge=1,
+        description="Console sign-in attempts one client address may make per minute (429 past it), across "
+        "replicas when Redis is configured.",
+    )
     log_level: str = Field(default="info", description="Logging level.")
     media_allow_hosts: str = Field(
         default="",
@@ -182,6 +205,57 @@ class Settings(BaseSettings):
     )
     media_max_images: int = Field(default=8, ge=1, description="Images allowed in one request.")
     media_timeout_s: float = Field(default=30.0, gt=0, description="Total time allowed to fetch one image.")
+    database_connect_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="PostgreSQL: how long one connection attempt may take before the request gets 503 "
+        "service_unavailable (a server that accepts TCP but never answers).",
+    )
+    database_pool_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="PostgreSQL: how long a request waits for a free pooled connection before 503.",
+    )
+    database_statement_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="PostgreSQL: longest a statement may take (the pool's liveness ping included) before "
+        "503; a connection cut off without a reset (a partition) would otherwise hang its request forever.",
+    )
+    settlement_retry_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="How long a settlement the database refused (outage) is retried, with backoff, by the "
+        "process that delivered the answer; it is also kept in DATA_DIR/spool and replayed at start-up, "
+        "so an answer delivered is billed once even past this.",
+    )
+    idempotency_lease_s: float = Field(
+        default=10.0,
+        ge=1,
+        description="An Idempotency-Key claim lives this long unless its running request renews it (it does, "
+        "every third of it); a claim whose process died is taken over after it, not after the deadline.",
+    )
+    read_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="A client must send a request's headers within this many seconds of its first byte, "
+        "and its body within this many seconds of the headers; else 408 request_timeout and the "
+        "connection is closed (slow or stalled clients cannot hold a connection open).",
+    )
+    keepalive_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="An open connection with no request in progress (a new one that sends nothing, or "
+        "one kept alive after a response) is closed after this many idle seconds.",
+    )
+    max_connections: int = Field(
+        default=512,
+        ge=1,
+        description="Open client connections per worker process; one more is answered 503 overloaded and "
+        "closed. Keep it well under the process's open-file limit (ulimit -n).",
+    )
 
     @field_validator("media_allow_hosts")
     @classmethod

@@ -9,7 +9,7 @@ import pytest
 from tests._services import run_with_db
 from tokentill.auth.service import UNSET, KeyStore, Principal
 from tokentill.billing.ledger import Ledger
-from tokentill.errors import AuthenticationFailed, PermissionDenied
+from tokentill.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 from tokentill.storage import Database
 
 
@@ -79,8 +79,9 @@ def test_model_restriction(database_url: str) -> None:
         assert caught.value.status == 403 and caught.value.code == "model_not_permitted"
         assert "'gpt-4o'" in caught.value.message
         assert "o1-mini, o1-preview" in caught.value.message
-        with pytest.raises(ValueError):
+        with pytest.raises(InvalidRequest) as refused:  # a client error (400), not a bug
             await store.create_key("acme", models=[])
+        assert refused.value.param == "models"
 
     run_with_db(database_url, body)
 

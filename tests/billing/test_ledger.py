@@ -8,8 +8,9 @@ import pytest
 from sqlalchemy import Table, func, select
 
 from tests._services import run_with_db
-from tokentill.billing.ledger import Account, AccountExists, Hold, Ledger, UsageRecord
-from tokentill.errors import InsufficientCredits
+from tokentill.billing.ledger import Account, AccountExists, BalanceRefused, Hold, Ledger, UsageRecord
+from tokentill.billing.money import MAX_UCR
+from tokentill.errors import InsufficientCredits, InvalidRequest
 from tokentill.storage import Database
 from tokentill.storage.schema import holds, ledger, usage, utcnow
 
@@ -29,7 +30,8 @@ def _usage(request_id: str, **kwargs: int) -> UsageRecord:
 async def _assert_books(book: Ledger, account: Account) -> None:
     audit = await book.audit(account.id)
     assert audit.consistent, audit
-    assert audit.balance == audit.credits_added - audit.settled_charges - audit.open_holds
+    expected = audit.credits_added + audit.adjustments - audit.settled_charges - audit.open_holds
+    assert audit.balance == expected
     assert audit.balance == audit.ledger_sum >= 0
 
 
@@ -52,7 +54,7 @@ def test_accounts(database_url: str) -> None:
         bob = await book.create_account("bob")
         with pytest.raises(AccountExists):
             await book.create_account("alice")
-        with pytest.raises(ValueError):
+        with pytest.raises(InvalidRequest):  # tokentill.names: a client error (400), not a bug
             await book.create_account("")
         assert await book.count_accounts() == 2
         assert await book.get_account("alice") == alice
@@ -205,5 +207,50 @@ def test_late_settle_never_goes_negative(database_url: str) -> None:
         assert await book.settle(hold, cost=900, usage=_usage("r")) == 0  # only 200 was left
         assert {u.request_id: u.cost for u in await book.usage()} == {"other": 800, "r": 200}
         await _assert_books(book, acct)
+
+    run_with_db(database_url, body)
+
+
+def test_refund_and_debit_are_adjust_rows_and_never_overdraw(database_url: str) -> None:
+    async def rows(db: Database, account: Account) -> list[tuple[str, int, int, str | None, str]]:
+        query = (
+            select(ledger.c.kind, ledger.c.amount, ledger.c.balance_after, ledger.c.ref, ledger.c.note)
+            .where(ledger.c.account_id == account.id, ledger.c.kind == "adjust")
+            .order_by(ledger.c.id)
+        )
+        async with db.read() as conn:
+            found = (await conn.execute(query)).all()
+        return [(r.kind, int(r.amount), int(r.balance_after), r.ref, r.note) for r in found]
+
+    async def body(db: Database) -> None:
+        book = Ledger(db)
+        alice = await book.create_account("alice", 1_000)
+        hold = await _reserve(book, alice, "req-1", 300)  # held credits are out of the balance
+        with pytest.raises(BalanceRefused, match="its balance is 0.0007 credits") as info:
+            await book.debit("alice", 701, note="too much")
+        assert info.value.balance == 700 and await book.balance(alice.id) == 700
+        assert await book.debit("alice", 700, note="chargeback #12") == 0
+        assert await book.refund("alice", 250, note="bad answer") == 250
+        assert await book.settle(hold, cost=100, usage=_usage("req-1")) == 450
+        assert await rows(db, alice) == [
+            ("adjust", -700, 0, "debit", "chargeback #12"),
+            ("adjust", 250, 250, "refund", "bad answer"),
+        ]
+        audit = await book.audit(alice.id)
+        assert (audit.adjustments, audit.settled_charges, audit.balance) == (-450, 100, 450)
+        await _assert_books(book, alice)
+        with pytest.raises(LookupError):
+            await book.refund("nobody", 1, note="x")
+        with pytest.raises(ValueError):
+            await book.debit("alice", 0, note="x")
+        for note in (" ", "n" * 501, "a\x00b", " padded"):
+            with pytest.raises(InvalidRequest):
+                await book.debit("alice", 1, note=note)
+        rich = await book.create_account("rich", MAX_UCR - 5)
+        with pytest.raises(BalanceRefused, match="would pass"):
+            await book.refund("rich", 6, note="overflow")
+        assert await book.refund("rich", 5, note="to the brim") == MAX_UCR
+        await _assert_books(book, rich)
+        assert len(await rows(db, alice)) == 2  # refusals wrote nothing
 
     run_with_db(database_url, body)

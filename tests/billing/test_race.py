@@ -14,7 +14,7 @@ from datetime import timedelta
 from sqlalchemy import func, select
 
 from tests._services import run, run_with_db, subprocess_env
-from tokentill.billing.ledger import Hold, Ledger, UsageRecord
+from tokentill.billing.ledger import BalanceRefused, Hold, Ledger, UsageRecord
 from tokentill.errors import InsufficientCredits
 from tokentill.storage import Database, open_database
 from tokentill.storage.schema import ledger, usage, utcnow
@@ -185,6 +185,33 @@ def test_settle_races_sweeper_and_itself(database_url: str) -> None:
             audit = await a.audit(acct.id)
             assert (audit.open_holds, audit.settled_charges) == (0, 8 * 300)
             assert audit.consistent, audit
+        finally:
+            await _close_all(dbs)
+
+    run(main())
+
+
+def test_concurrent_debits_never_overdraw(database_url: str) -> None:
+    """Debits from two engines at once: exactly as many succeed as the balance covers, never below zero."""
+
+    async def main() -> None:
+        dbs = await _open_many(database_url, 2)
+        try:
+            books = [Ledger(db) for db in dbs]
+            acct = await books[0].create_account("debited", K * AMOUNT + AMOUNT - 1)
+
+            async def attempt(i: int) -> bool:
+                try:
+                    await books[i % 2].debit("debited", AMOUNT, note=f"debit {i}")
+                except BalanceRefused:
+                    return False
+                return True
+
+            results = await asyncio.gather(*(attempt(i) for i in range(ATTEMPTS)))
+            assert sum(results) == K
+            assert await books[0].balance(acct.id) == AMOUNT - 1
+            audit = await books[0].audit(acct.id)
+            assert audit.adjustments == -K * AMOUNT and audit.consistent, audit
         finally:
             await _close_all(dbs)
 

@@ -154,6 +154,7 @@ def test_concurrent_redeems_credit_each_code_once(server: TokentillServer, modul
 
 def test_codes_cli_refuses_bad_input(tmp_path: Path) -> None:
     cli = TokentillServer(tmp_path, None)
+    cli.cli("init")
     for args in (
         ["--credits", "0"],
         ["--credits", "-1"],

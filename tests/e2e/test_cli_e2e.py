@@ -6,7 +6,6 @@ Most commands run in-process (`TokentillServer.cli`); the ones marked `in_proces
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,12 +21,33 @@ pytestmark = [pytest.mark.e2e]
 
 def test_accounts_credits_keys(tmp_path: Path) -> None:
     cli = TokentillServer(tmp_path, None)
-    made = cli.cli("accounts", "create", "acme", "--credits", "0.25", "--json", in_process=False)
-    assert json.loads(made.stdout) == {"account": "acme", "balance": "0.25"}
+    database = tmp_path / "data" / "tokentill.db"
+    # Before `init` (or a first `serve`) there is no database, and the CLI does not quietly make one.
+    refused = cli.cli("accounts", "list", check=False, in_process=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"no tokentill database at {database}" in refused.stderr, refused.stderr
+    assert "tokentill init" in refused.stderr and not (tmp_path / "data").exists()
+    assert cli.cli("init", in_process=False).stdout.strip() == f"database {database}: created"
+    assert cli.cli_json("init") == {"database": str(database), "created": False}
+    listed = cli.cli("accounts", "list")
+    assert listed.stdout.strip() == "no accounts" and f"database: {database}" in listed.stderr
+    assert cli.cli_json("accounts", "create", "acme", "--credits", "0.25") == {
+        "account": "acme",
+        "balance": "0.25",
+    }
     assert cli.cli("accounts", "create", "acme", check=False, in_process=False).returncode != 0
     assert cli.cli_json("credits", "add", "acme", "1.000001")["balance"] == "1.250001"
     assert cli.cli("credits", "add", "acme", "0.0000001", check=False).returncode != 0  # below 1 µcr
     assert cli.cli("credits", "add", "nobody", "1", check=False).returncode != 0
+    # Refunds and debits: ledger rows with a note; a debit never takes the balance below zero.
+    debited = cli.cli_json("credits", "debit", "acme", "0.25", "--note", "chargeback #4")
+    assert debited == {"account": "acme", "debited": "0.25", "balance": "1.000001", "note": "chargeback #4"}
+    refused = cli.cli("credits", "debit", "acme", "1.000002", "--note", "too much", check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "its balance is 1.000001 credits" in refused.stderr, refused.stderr
+    refunded = cli.cli_json("credits", "refund", "acme", "0.25", "--note", "sorry")
+    assert refunded == {"account": "acme", "refunded": "0.25", "balance": "1.250001", "note": "sorry"}
+    assert cli.cli("credits", "refund", "acme", "1", check=False).returncode == 2  # --note is required
     created = cli.cli_json("keys", "create", "--account", "acme", "--models", "o1-preview", "--name", "ci")
     assert re.fullmatch(r"tt-[a-z0-9]{8}-[A-Za-z0-9_\-]{43}", created["key"])
     listed = cli.cli_json("keys", "list")["keys"]
@@ -38,6 +58,21 @@ def test_accounts_credits_keys(tmp_path: Path) -> None:
     assert cli.cli_json("keys", "list")["keys"][0]["revoked"] is True
     assert cli.cli_json("accounts", "list")["accounts"] == [{"name": "acme", "balance": "1.250001"}]
     assert cli.cli_json("usage")["usage"] == []
+
+
+@pytest.mark.postgres
+def test_cli_refuses_an_empty_or_missing_postgres_database(tmp_path: Path, pg_database_url: str) -> None:
+    cli = TokentillServer(tmp_path, pg_database_url)  # the database exists and holds no table
+    refused = cli.cli("keys", "list", check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "no tokentill database at postgresql+asyncpg://" in refused.stderr
+    assert "(from TOKENTILL_DATABASE_URL)" in refused.stderr and "tokentill init" in refused.stderr
+    assert cli.cli_json("init")["created"] is True
+    assert cli.cli_json("keys", "list") == {"keys": []}
+    missing = pg_database_url.rsplit("/", 1)[0] + "/tokentill_no_such_database"
+    gone = TokentillServer(tmp_path / "gone", missing).cli("accounts", "list", check=False)
+    assert gone.returncode == 1 and "Traceback" not in gone.stderr, gone.stderr
+    assert 'database "tokentill_no_such_database" does not exist' in gone.stderr
 
 
 @pytest.mark.llama
@@ -84,19 +119,48 @@ def _echo_server(workdir: Path, database_url: str | None = None, **env: str) -> 
         (("credits", "add", "acme", "1e999999"), "too many credits"),
         (("credits", "add", "acme", "abc"), "not a number"),
         (("credits", "add", "acme", "--", "-1"), "cannot be negative"),
+        (("credits", "add", "acme", "-5"), "use `tokentill credits debit NAME AMOUNT --note TEXT`"),
+        (("credits", "debit", "acme", "-5", "--note", "x"), "a positive number"),
+        (("credits", "refund", "acme", "0.5", "--note", " "), "--note"),
         (("credits", "add", "acme", "0"), "must be more than 0"),
         (("accounts", "create", ""), "1-64 characters"),
         (("accounts", "create", "n" * 65), "1-64 characters"),
         (("accounts", "create", "other", "--credits", "-2"), "cannot be negative"),
+        # tokentill.names, shared with the admin API (issue 15.5)
+        (("accounts", "create", "a\x1c"), "U+001C, which is not printable"),
+        (("keys", "create", "--account", "acme", "--name", "x\x1fy"), "U+001F, which is not printable"),
+        (("keys", "create", "--account", "acme", "--models", "ok,a\u2028b"), "'models[1]'"),
+        (("keys", "revoke", "ab\x1dcd"), "'key_id'"),
     ],
 )
 def test_bad_operator_input_is_a_usage_error(tmp_path: Path, args: tuple[str, ...], said: str) -> None:
     cli = TokentillServer(tmp_path, None)
+    cli.cli("init")
     cli.cli("accounts", "create", "acme", "--credits", "1")
     result = cli.cli(*args, check=False)
     assert result.returncode == 2, result
     assert "Traceback" not in result.stderr and said in result.stderr, result.stderr
     assert cli.cli_json("accounts", "list")["accounts"] == [{"name": "acme", "balance": "1"}]
+
+
+def test_admin_refunds_and_debits_over_http(tmp_path: Path) -> None:
+    server = _echo_server(tmp_path, TOKENTILL_ADMIN_KEY="admin-e2e-0123456789").start()
+    try:
+
+        def post(path: str, body: dict[str, str]) -> requests.Response:
+            headers = {"Authorization": "Bearer admin-e2e-0123456789"}
+            return requests.post(server.url + path, json=body, headers=headers, timeout=10)
+
+        r = post("/admin/accounts/default/debits", {"credits": "4", "note": "trial ended"})
+        assert r.status_code == 200 and r.json()["balance"] == "6", r.text
+        r = post("/admin/accounts/default/debits", {"credits": "7", "note": "too much"})
+        assert r.status_code == 409 and r.headers["content-type"] == "application/json", r.text
+        assert r.json()["error"]["code"] == "insufficient_balance"
+        r = post("/admin/accounts/default/refunds", {"credits": "1.5", "note": "outage credit"})
+        assert r.json() == {"name": "default", "refunded": "1.5", "balance": "7.5", "note": "outage credit"}
+        assert server.balance("default") == "7.5"
+    finally:
+        server.stop()
 
 
 def test_bad_environment_names_the_variable(tmp_path: Path) -> None:
@@ -175,6 +239,7 @@ def test_replicas_bootstrap_an_empty_database_together(tmp_path: Path, pg_databa
 def test_serve_gives_a_keyless_default_its_key(tmp_path: Path) -> None:
     """A bootstrap that died between the account and its key is finished by the next start."""
     server = _echo_server(tmp_path)
+    server.cli("init")
     server.cli("accounts", "create", "default", "--credits", "3")
     server.start()
     try:

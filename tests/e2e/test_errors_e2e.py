@@ -64,14 +64,20 @@ def key(sqlite_server: TokentillServer) -> str:
         ({**HELLO, "max_tokens": 3}, "invalid_value", "max_tokens"),
         ({**HELLO, "reasoning_effort": "extreme"}, "unsupported_value", "reasoning_effort"),
         ({**HELLO, "stream_options": {"include_usage": True}}, "invalid_value", "stream_options"),
-        ({**HELLO, "tools": [{"type": "function"}]}, "unsupported_parameter", "tools"),
+        ({**HELLO, "tools": [{"type": "function"}]}, "missing_required_parameter", "tools[0].function"),
+        ({**HELLO, "tool_choice": "required"}, "invalid_value", "tool_choice"),  # no tools
+        ({**HELLO, "response_format": {"type": "xml"}}, "invalid_value", "response_format.type"),
         ({**HELLO, "logit_bias": {"seven": 1}}, "invalid_value", "logit_bias"),
         ({**HELLO, "logit_bias": {"7": 101}}, "invalid_value", "logit_bias.7"),
         ({**HELLO, "logit_bias": {"99999999": -100}}, "invalid_value", "logit_bias"),  # not in the vocabulary
         ({**HELLO, "presence_penalty": 2.5}, "invalid_value", "presence_penalty"),
         ({**HELLO, "frequency_penalty": "high"}, "invalid_type", "frequency_penalty"),
         ({**HELLO, "model": "other"}, "invalid_value", "model"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "unsupported_value", "messages[0].role"),
+        (
+            {"messages": [{"role": "tool", "content": "x"}]},
+            "missing_required_parameter",
+            "messages[0].tool_call_id",
+        ),
         (
             {
                 "messages": [
@@ -110,7 +116,7 @@ def key(sqlite_server: TokentillServer) -> str:
         # Neutral values of unimplemented parameters are type-strict: 0 is not false, 1 is not true.
         ({**HELLO, "logprobs": 0}, "unsupported_parameter", "logprobs"),
         ({**HELLO, "store": 0}, "unsupported_parameter", "store"),
-        ({**HELLO, "parallel_tool_calls": 1}, "unsupported_parameter", "parallel_tool_calls"),
+        ({**HELLO, "parallel_tool_calls": 1}, "invalid_type", "parallel_tool_calls"),
         # OpenAI's limits on `user` and `metadata`.
         ({**HELLO, "user": "u" * 257}, "invalid_value", "user"),
         ({**HELLO, "user": 7}, "invalid_type", "user"),

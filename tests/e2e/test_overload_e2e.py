@@ -84,6 +84,8 @@ def test_deadline_is_504_and_costs_nothing(tmp_path: Path) -> None:
             },
         )
         _envelope(r, 504, "timeout")
+        # The whole request's time, whichever pass (hidden reasoning or answer) ran out of it.
+        assert r.json()["error"]["message"] == "The request timed out after 1.5 seconds."
         assert r.headers["x-remaining-credits"] == "1"
         assert server.balance("slow") == "1"
         rows = server.cli_json("usage", "--account", "slow")["usage"]

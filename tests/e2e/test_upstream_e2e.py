@@ -41,7 +41,7 @@ def _toml_value(value: Any) -> str:
     return json.dumps(value)  # TOML basic strings, numbers and arrays of them read like JSON
 
 
-def start_gateway(workdir: Path, models: list[dict[str, Any]]) -> TokentillServer:
+def start_gateway(workdir: Path, models: list[dict[str, Any]], **env: str) -> TokentillServer:
     """`tokentill serve` with a catalogue of `models` (tables of scalar / list values)."""
     workdir.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
@@ -50,7 +50,7 @@ def start_gateway(workdir: Path, models: list[dict[str, Any]]) -> TokentillServe
         lines += [f"{key} = {_toml_value(value)}" for key, value in model.items()]
     config = workdir / "catalogue.toml"
     config.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return TokentillServer(workdir, None, TOKENTILL_CONFIG=str(config)).start()
+    return TokentillServer(workdir, None, TOKENTILL_CONFIG=str(config), **env).start()
 
 
 def _usage_rows(server: TokentillServer, account: str) -> list[dict[str, Any]]:
@@ -416,5 +416,36 @@ def test_upstream_breaking_mid_stream_bills_what_was_delivered_as_estimated(
         assert Decimal(rows[0]["cost"]) == _cost(rows[0]["prompt_tokens"], 1)
         assert _estimated(gateway) == [True]
         assert Decimal(gateway.balance("client")) == Decimal(10) - _cost(rows[0]["prompt_tokens"], 1)
+    finally:
+        gateway.stop()
+
+
+def test_an_upstream_echoing_our_key_leaks_it_neither_to_clients_nor_to_the_log(
+    scripted: ScriptedUpstream, tmp_path: Path
+) -> None:
+    """Issue 15.7: an upstream that quotes our Authorization header back, in a 400 message (relayed to
+    the client) and in a 500 body (logged by the gateway)."""
+    upstream_key = "sk-e2e-upstream-key-9f8e7d6c5b4a"
+    models = [
+        _fronted(scripted.url + "/echo-400/v1", api_key=upstream_key),
+        {**_fronted(scripted.url + "/echo-500/v1", api_key=upstream_key), "id": "fronted-500"},
+    ]
+    gateway = start_gateway(tmp_path / "g", models, TOKENTILL_ADMIN_KEY="admin-e2e-secret-0123456789")
+    try:
+        key = gateway.new_key("client", credits="10")
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+        messages: Any = [{"role": "user", "content": "Hi"}]
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="fronted", messages=messages, max_completion_tokens=5)
+        message = refused.value.response.json()["error"]["message"]
+        assert "[redacted]" in message and upstream_key not in message, message
+        with pytest.raises(openai.InternalServerError) as failed:
+            client.chat.completions.create(model="fronted-500", messages=messages, max_completion_tokens=5)
+        assert failed.value.status_code == 502
+        assert scripted.seen[-1]["headers"]["authorization"] == f"Bearer {upstream_key}"
+        log = gateway.log_path.read_text(errors="replace")
+        assert "upstream crashed handling" in log and "[redacted]" in log, log[-3000:]
+        assert upstream_key not in log and upstream_key[:12] not in log
+        assert "admin-e2e-secret" not in log
     finally:
         gateway.stop()

@@ -145,6 +145,14 @@ def test_deadline_while_generating(engine: LlamaCppEngine) -> None:
         _run(engine, request)
 
 
+def test_deadline_message_counts_the_whole_request(engine: LlamaCppEngine) -> None:
+    """A later pass (the scratchpad's answer) reports the request's time, not its own share of it."""
+    now = time.monotonic()
+    request = _request(LONG, request_id="late", max_tokens=400, deadline=now + 0.2, started=now - 5)
+    with pytest.raises(DeadlineExceeded, match=r"^The request timed out after 5\.2 seconds\.$"):
+        _run(engine, request)
+
+
 def test_closing_the_stream_stops_decoding(engine: LlamaCppEngine) -> None:
     async def scenario() -> None:
         stream = engine.generate(_request(LONG, request_id="gone", max_tokens=400))

@@ -17,8 +17,9 @@ from tokentill import errors
 from tokentill.catalog import CatalogError, ModelSpec
 from tokentill.engines import create_engine
 from tokentill.engines.base import Engine, EngineRequest
-from tokentill.engines.upstream import UpstreamEngine, _sse_lines
-from tokentill.reasoning import with_reasoning
+from tokentill.engines.reasoning import with_reasoning
+from tokentill.engines.upstream import UpstreamEngine
+from tokentill.engines.upstream_sse import sse_lines
 from tokentill.types import Finished, ImageInput, Message, TextDelta, Usage
 
 
@@ -261,7 +262,7 @@ def test_sse_lines_split_on_cr_lf_crlf_only_wherever_the_reads_break() -> None:
                 yield chunk
 
         response = httpx2.Response(200, content=body())
-        return [line async for line in _sse_lines(response, time.monotonic() + 10)]
+        return [line async for line in sse_lines(response, time.monotonic() + 10)]
 
     expected = [b"a", b"b", b"c", "\u2028d\u0085".encode(), b"", b"e"]
     for i in range(len(data) + 1):
@@ -496,6 +497,30 @@ def test_api_key_whitespace_and_secrecy(upstream: ScriptedUpstream, monkeypatch:
     with pytest.raises(CatalogError, match="cannot carry") as raised:
         _complete(spec)
     assert "sk-one" not in str(raised.value)
+
+
+UPSTREAM_KEY = "sk-test-upstream-key-0123456789abcdef"
+GATEWAY_TOKEN = "gw-token-secret-4242"
+
+
+@pytest.mark.parametrize("script", ["echo-400", "echo-json", "echo-500", "echo-stream"])
+def test_an_upstream_echoing_our_key_leaks_it_nowhere(
+    upstream: ScriptedUpstream, caplog: pytest.LogCaptureFixture, script: str
+) -> None:
+    """Issue 15.7: what the upstream quotes back (its 400 message relayed to the client, a 5xx body or a
+    broken event logged) has our key and extra header values replaced."""
+    spec = _spec(
+        upstream.url + f"/{script}/v1", api_key=UPSTREAM_KEY, headers={"x-gateway-token": GATEWAY_TOKEN}
+    )
+    with caplog.at_level("DEBUG"), pytest.raises(errors.APIError) as raised:
+        _complete(spec)
+    assert upstream.seen[-1]["headers"]["authorization"] == f"Bearer {UPSTREAM_KEY}"  # it did echo them
+    expected = errors.InvalidRequest if script in ("echo-400", "echo-json") else errors.UpstreamError
+    assert type(raised.value) is expected
+    shown = raised.value.message + caplog.text
+    assert "[redacted]" in shown, shown
+    for secret in (UPSTREAM_KEY, GATEWAY_TOKEN, UPSTREAM_KEY[:12], GATEWAY_TOKEN[:12]):
+        assert secret not in shown, shown
 
 
 def test_catalogue_errors() -> None:

@@ -61,6 +61,22 @@ def sse_chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **
 
 _OMIT = object()  # sse_chunk(..., choices=_OMIT) leaves the key out
 
+# Two parallel calls: each first delta carries index, id, type and name; then argument fragments.
+TOOL_CALL_DELTAS: list[dict[str, Any]] = [
+    {"index": 0, "id": "call_up1", "type": "function", "function": {"name": "get_weather", "arguments": ""}},
+    {"index": 0, "function": {"arguments": '{"city": '}},
+    {"index": 0, "function": {"arguments": '"Paris"}'}},
+    {"index": 1, "id": "call_up2", "type": "function", "function": {"name": "get_time", "arguments": ""}},
+    {"index": 1, "function": {"arguments": "{}"}},
+]
+TOOL_CALL_STREAM = [
+    sse_chunk({"role": "assistant", "content": None}),
+    *(sse_chunk({"tool_calls": [d]}) for d in TOOL_CALL_DELTAS),
+    sse_chunk({}, "tool_calls"),
+    sse_chunk(None, usage=USAGE),
+    b"data: [DONE]\n\n",
+]
+
 
 def _content_stream(*texts: str, usage: bool = True, sep: bytes = b"\n\n") -> list[bytes]:
     out = [sse_chunk({"role": "assistant", "content": ""})]
@@ -119,6 +135,8 @@ class ScriptedUpstream:
         script = request.path_params["script"]
         body = await request.json()
         self.seen.append({"script": script, "headers": dict(request.headers), "body": body})
+        if script.startswith("echo-"):
+            return _echo_headers(script, request)
         stream = self._script(script, body)
         if isinstance(stream, Response):
             return stream
@@ -127,6 +145,10 @@ class ScriptedUpstream:
     def _script(self, script: str, body: dict[str, Any]) -> Response | list[bytes] | None:
         if script == "ok":
             return _content_stream("Hello", " world")
+        if script == "tools":  # a tool call streamed as OpenAI streams it (needs tools in the request)
+            if not body.get("tools"):
+                return _error(400, "this script answers only requests with tools", "invalid_value")
+            return TOOL_CALL_STREAM
         if script == "crlf":  # sse-starlette (llama-cpp-python's server) separates with CRLF
             return _content_stream("Hello", " world", sep=b"\r\n\r\n")
         if script == "nousage":
@@ -244,6 +266,22 @@ class ScriptedUpstream:
         if script in ("broken", "down"):
             return Response("internal", status_code=500)
         return Response("no such script", status_code=404)
+
+
+def _echo_headers(script: str, request: Request) -> Response:
+    """An upstream that quotes the request's headers back (our Authorization and extra headers included):
+    in a 400's message, a 500's body, or an SSE event that is not JSON."""
+    auth = request.headers.get("authorization", "")
+    quoted = f"authorization={auth!r} x-gateway-token={request.headers.get('x-gateway-token', '')!r}"
+    if script == "echo-400":
+        return _error(400, f"Invalid header value: {quoted}", "invalid_value")
+    if script == "echo-500":
+        return Response(f"upstream crashed handling {json.dumps(dict(request.headers))}", status_code=500)
+    if script == "echo-json":  # the key JSON-escaped inside a JSON string
+        return _error(400, json.dumps({"headers": dict(request.headers)}), None)
+    if script == "echo-stream":
+        return StreamingResponse(iter([f"data: {quoted}\n\n".encode()]), media_type="text/event-stream")
+    return Response("no such echo script", status_code=404)
 
 
 async def _flood() -> AsyncIterator[bytes]:

@@ -242,3 +242,39 @@ def test_retried_acquire_script_takes_once(limits_redis_url: str, key_id: str) -
             await limiter.aclose()
 
     asyncio.run(main())
+
+
+@pytest.mark.redis
+def test_zero_token_reservations_leave_the_window_cleanly(limits_redis_url: str, key_id: str) -> None:
+    """Issue 15.1: a lease whose reservation is 0 tokens (released after a 402, an upstream error or a
+    disconnect, or admitted with 0) made the trim run `HINCRBY … -0` once it left the window; Redis
+    refused that and the key's next request got 503. The window is shortened through the limiter's
+    `window_s`, and the wait is that window."""
+    window_s = 0.3
+
+    async def main() -> None:
+        limiter = RedisRateLimiter(limits_redis_url, window_s=window_s)
+        limits = KeyLimits(rpm=100, tpm=1000, max_concurrent=5)
+        try:
+            released = await limiter.acquire(key_id, limits, 50)
+            await released.release()  # corrected to 0 tokens
+            empty = await limiter.acquire(key_id, limits, 0)
+            await empty.settle(0)
+            await asyncio.sleep(window_s)  # both leave the window: the trim frees 0 tokens
+
+            assert (await limiter.peek(key_id, limits))["x-ratelimit-remaining-tokens"] == "1000"
+            lease = await limiter.acquire(key_id, limits, 10)
+            assert lease.headers["x-ratelimit-remaining-tokens"] == "990"
+            await lease.settle(10)  # a zero correction
+            assert (await limiter.peek(key_id, limits))["x-ratelimit-remaining-tokens"] == "990"
+            await asyncio.sleep(window_s)
+
+            lease = await limiter.acquire(key_id, limits, 0)
+            assert lease.headers["x-ratelimit-remaining-tokens"] == "1000"
+            assert lease.headers["x-ratelimit-remaining-requests"] == "99"
+            await lease.settle(7)
+            assert (await limiter.peek(key_id, limits))["x-ratelimit-remaining-tokens"] == "993"
+        finally:
+            await limiter.aclose()
+
+    asyncio.run(main())

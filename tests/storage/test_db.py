@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection, insert, select, text, update
+from sqlalchemy import Connection, insert, inspect, make_url, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from tests._services import run, run_with_db, subprocess_env
 from tokentill.storage import Database, open_database
+from tokentill.storage.db import DatabaseMissing
 from tokentill.storage.schema import accounts, metadata
 
-HEAD_REVISION = "0003"  # the newest file in storage/migrations/versions
+HEAD_REVISION = "0004"  # the newest file in storage/migrations/versions
 
 
 def _schema_diff(connection: Connection) -> list[object]:
@@ -152,3 +153,39 @@ def test_sqlite_pragmas_and_parent_folder(tmp_path: Path) -> None:
 def test_unsupported_urls(url: str) -> None:
     with pytest.raises(ValueError):
         run(open_database(url))
+
+
+def test_open_without_create_refuses_a_new_database_and_creates_nothing(database_url: str) -> None:
+    """Only `serve` and `init` create a database; a CLI pointed elsewhere must not make an empty one."""
+
+    async def tables() -> list[str]:
+        db = await open_database(database_url)
+        try:
+            async with db.read() as conn:
+                return sorted(await conn.run_sync(lambda c: inspect(c).get_table_names()))
+        finally:
+            await db.aclose()
+
+    with pytest.raises(DatabaseMissing, match="no tokentill database at") as info:
+        run(open_database(database_url, create=False))
+    assert "password" not in str(info.value) and info.value.url == database_url
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        assert not Path(str(url.database)).parent.exists()  # not even an empty file or its folder
+        assert str(info.value).endswith(str(Path(str(url.database)).resolve()))
+    else:  # the PostgreSQL database exists but holds no table of ours, and still holds none
+        assert run(_pg_tables(database_url)) == []
+    assert "alembic_version" in run(tables())  # `init` / `serve`: created at the newest revision
+    db = run(open_database(database_url, create=False))  # from now on the CLI opens it
+    run(db.aclose())
+
+
+async def _pg_tables(database_url: str) -> list[str]:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            return list(await conn.run_sync(lambda c: inspect(c).get_table_names()))
+    finally:
+        await engine.dispose()

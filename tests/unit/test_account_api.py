@@ -360,3 +360,45 @@ def test_admin_codes_and_operator_usage(harness: Harness) -> None:
     assert [row["account"] for row in older["data"]] == ["a"] and older["next"] is None
     assert admin(harness, "GET", "/admin/usage/requests", params={"failed": "true"}).json()["data"] == []
     assert admin(harness, "GET", "/admin/usage/requests", params={"limit": "x"}).status_code == 400
+
+
+def test_admin_refunds_and_debits(harness: Harness) -> None:
+    """Operator refunds and debits: ledger rows with the note, a debit never below zero, clean refusals."""
+    r = admin(harness, "POST", "/admin/accounts/a/debits", json={"credits": "2", "note": "chargeback #9"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"name": "a", "debited": "2", "balance": "3", "note": "chargeback #9"}
+    r = admin(harness, "POST", "/admin/accounts/a/debits", json={"credits": "3.000001", "note": "too much"})
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "insufficient_balance")
+    assert "its balance is 3 credits" in error["message"] and "never" in error["message"]
+    r = admin(harness, "POST", "/admin/accounts/a/refunds", json={"credits": "0.5", "note": "bad answer"})
+    assert r.json() == {"name": "a", "refunded": "0.5", "balance": "3.5", "note": "bad answer"}
+    for body, param in [
+        ({"credits": "1"}, "note"),
+        ({"credits": "1", "note": "  "}, "note"),
+        ({"credits": "1", "note": "n" * 501}, "note"),
+        ({"credits": "1", "note": "nul \u0000 byte"}, "note"),  # PostgreSQL cannot store it: a 400, not a 500
+        ({"credits": "-1", "note": "x"}, "credits"),
+        ({"credits": "0", "note": "x"}, "credits"),
+        ({"credits": "1", "note": "x", "extra": 1}, "extra"),
+    ]:
+        r = admin(harness, "POST", "/admin/accounts/a/refunds", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    r = admin(harness, "POST", "/admin/accounts/nobody/debits", json={"credits": "1", "note": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "account_not_found"
+    r = harness.post("/admin/accounts/a/refunds", {"credits": "100", "note": "mine"})  # a customer key
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_required"
+    assert harness.get("/v1/account").headers["x-remaining-credits"] == "3.5"
+
+    async def adjustments() -> list[tuple[int, str | None, str]]:
+        async with harness.services.db.read() as conn:
+            query = select(ledger.c.amount, ledger.c.ref, ledger.c.note).where(ledger.c.kind == "adjust")
+            return [(int(a), ref, note) for a, ref, note in (await conn.execute(query.order_by(ledger.c.id)))]
+
+    assert harness.call(adjustments()) == [
+        (-2_000_000, "debit", "chargeback #9"),
+        (500_000, "refund", "bad answer"),
+    ]
+    account = harness.call(harness.services.ledger.get_account("a"))
+    assert harness.call(harness.services.ledger.audit(account.id)).consistent

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 
 import pytest
@@ -12,7 +13,14 @@ from tests._services import run
 from tokentill.catalog import ModelSpec
 from tokentill.engines.base import Capabilities, EngineRequest
 from tokentill.engines.echo import EchoEngine
-from tokentill.reasoning import EFFORT_BUDGETS, NativeThinking, Scratchpad, ThinkSplitter, with_reasoning
+from tokentill.engines.reasoning import (
+    EFFORT_BUDGETS,
+    NativeThinking,
+    Scratchpad,
+    ThinkSplitter,
+    with_reasoning,
+)
+from tokentill.errors import DeadlineExceeded
 from tokentill.types import EngineEvent, Finished, Message, TextDelta, Usage
 
 
@@ -207,3 +215,67 @@ def test_scratchpad_answer_pass_fits_the_context() -> None:
     assert answer_prompt + answer_budget <= context
     assert answer_budget == budget - finished.usage.reasoning_tokens  # the answer kept its whole budget
     assert shown  # the answer pass ran
+
+
+class _FirstPassOutlivesTheDeadline(EchoEngine):
+    """Echo whose reasoning pass ends only after the request's deadline, so the answer pass times out."""
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
+        async for event in super().generate(request):
+            if isinstance(event, Finished) and not request.continuation:
+                await asyncio.sleep(max(0.0, request.deadline - time.monotonic()) + 0.01)
+            yield event
+
+
+def test_scratchpad_deadline_message_counts_both_passes() -> None:
+    engine = Scratchpad(_FirstPassOutlivesTheDeadline(ModelSpec(id="echo", engine="echo", context=4096)))
+    now = time.monotonic()
+    request = replace(_request("alpha beta", max_tokens=500), started=now, deadline=now + 0.3)
+    with pytest.raises(DeadlineExceeded, match=r"^The request timed out after 0\.3 seconds\.$"):
+        _collect(engine, request)
+
+
+class _Endless:
+    """An engine that never finishes a pass on its own (after `finishes` passes that do), and records the
+    moment its generator is closed."""
+
+    capabilities = Capabilities(context_length=4096)
+
+    def __init__(self, finishes: int = 0) -> None:
+        self.finishes = finishes
+        self.closed = 0
+
+    def count_prompt_tokens(self, request: EngineRequest) -> int:
+        return 1
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        try:
+            if self.finishes:
+                self.finishes -= 1
+                yield TextDelta("notes")
+                yield Finished("stop", Usage(prompt_tokens=1, completion_tokens=1))
+                return
+            while True:
+                yield TextDelta("more")
+        finally:
+            self.closed += 1
+
+
+@pytest.mark.parametrize(
+    ("wrapper", "finishes", "read"),
+    [(NativeThinking, 0, 2), (Scratchpad, 0, 2), (Scratchpad, 1, 4)],
+    ids=["native", "scratchpad-thinking-pass", "scratchpad-answer-pass"],
+)
+def test_leaving_early_closes_the_engine_at_once(wrapper: type, finishes: int, read: int) -> None:
+    """A client that leaves closes the wrapper's generator; the engine's generator is closed right then,
+    not whenever the garbage collector's finalizer task gets round to it (the decode would run on)."""
+    inner = _Endless(finishes)
+
+    async def main() -> int:
+        events = wrapper(inner).generate(_request("question", 100))
+        for _ in range(read):
+            await events.__anext__()
+        await events.aclose()
+        return inner.closed  # read before anything else runs on the loop
+
+    assert run(main()) == finishes + 1

@@ -8,11 +8,15 @@ from contextlib import AbstractAsyncContextManager
 from fastapi import FastAPI
 from starlette.middleware import Middleware
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.staticfiles import StaticFiles
 
 from tokentill.api.account import account_router
 from tokentill.api.admin import admin_router
+from tokentill.api.connections import BodyTimeoutMiddleware
+from tokentill.api.console import console_router
+from tokentill.api.docs import STATIC_DIR, docs_router
 from tokentill.api.errors import install_error_handlers
-from tokentill.api.middleware import RequestContextMiddleware
+from tokentill.api.middleware import RequestContextMiddleware, ResponseMetricsMiddleware
 from tokentill.api.routes import router
 from tokentill.settings import Settings
 
@@ -27,13 +31,23 @@ def build_api(
         summary="Metered, OpenAI-compatible chat completions on hardware you own",
         version="0.1.0",
         lifespan=lifespan,
+        # /docs is ours (assets from the package, api/docs.py); no /redoc, which would need a CDN.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs_enabled else None,
         middleware=[
+            Middleware(ResponseMetricsMiddleware),
             Middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes),
             Middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes),
+            Middleware(BodyTimeoutMiddleware, read_timeout_s=settings.read_timeout_s),
         ],
     )
     install_error_handlers(app)
+    if settings.docs_enabled:
+        app.include_router(docs_router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(admin_router)
+    app.include_router(console_router)
     app.include_router(account_router)  # before `router`, whose POST /v1/{model} takes any /v1/<name>
     app.include_router(router)
     return app

@@ -41,6 +41,7 @@ def _totals_json(totals: UsageTotals) -> dict[str, Any]:
         "cached_tokens": totals.cached_tokens,
         "image_tokens": totals.image_tokens,
         "cost": format_credits(totals.cost),
+        "cached_saving": format_credits(totals.cached_saving),
     }
 
 
@@ -71,6 +72,7 @@ def request_json(row: UsageRow) -> dict[str, Any]:
         "cached_tokens": row.cached_tokens,
         "image_tokens": row.image_tokens,
         "cost": format_credits(row.cost),
+        "cached_saving": format_credits(row.cached_saving),
         "latency_ms": row.latency_ms,
         "estimated": row.estimated,
     }

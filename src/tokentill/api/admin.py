@@ -17,9 +17,11 @@ from tokentill.api.account import parse_limit, request_json, usage_json
 from tokentill.api.routes import presented_key
 from tokentill.api.state import services_of
 from tokentill.billing.codes import MAX_CODES_PER_BATCH
-from tokentill.billing.ledger import AccountExists
+from tokentill.billing.ledger import AccountExists, BalanceRefused
 from tokentill.billing.money import format_credits, parse_credits
+from tokentill.billing.records import MAX_NOTE
 from tokentill.billing.reports import OPERATOR_GROUPS, parse_usage_query
+from tokentill.names import MAX_LABEL_CHARS, MAX_MODELS_PER_KEY, MAX_NAME_CHARS
 from tokentill.protocol.chat import find_invalid_unicode
 
 __all__ = ["admin_router"]
@@ -52,9 +54,12 @@ class _Body(BaseModel):
 _LIMIT = Field(default=None, ge=1, le=2**31 - 1)
 
 
+_NAME_RULE = "printable characters without surrounding whitespace (tokentill.names)"
+
+
 class NewAccount(_Body):
-    # The ledger's rule: 1-64 characters without surrounding whitespace.
-    name: str = Field(min_length=1, max_length=64, pattern=r"^\S(.*\S)?$")
+    # The ledger checks the full rule (`names.check_name`); the schema states what JSON Schema can.
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS, description=f"1-{MAX_NAME_CHARS} {_NAME_RULE}")
     credits: str = "0"
 
 
@@ -62,10 +67,23 @@ class Credits(_Body):
     credits: str
 
 
+class Adjustment(_Body):
+    credits: str
+    # Why, kept on the ledger row; the ledger checks the full rule (`names.check_name`).
+    note: str = Field(min_length=1, max_length=MAX_NOTE, description=f"1-{MAX_NOTE} {_NAME_RULE}")
+
+
 class NewKey(_Body):
-    account: str
-    models: list[str] | None = None
-    name: str | None = None
+    account: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    models: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_MODELS_PER_KEY,
+        description="Model ids the key may use; null or absent: every model.",
+    )
+    name: str | None = Field(
+        default=None, min_length=1, max_length=MAX_LABEL_CHARS, description=f"A label: {_NAME_RULE}."
+    )
     rpm: int | None = _LIMIT
     tpm: int | None = _LIMIT
     max_concurrent: int | None = _LIMIT
@@ -111,6 +129,33 @@ async def add_credits(request: Request, name: str, body: Credits) -> dict[str, A
     return {"name": name, "balance": format_credits(balance)}
 
 
+@admin_router.post("/accounts/{name}/refunds")
+async def refund_credits(request: Request, name: str, body: Adjustment) -> dict[str, Any]:
+    return await _adjust(request, name, body, "refunded")
+
+
+@admin_router.post("/accounts/{name}/debits")
+async def debit_credits(request: Request, name: str, body: Adjustment) -> dict[str, Any]:
+    return await _adjust(request, name, body, "debited")
+
+
+async def _adjust(request: Request, name: str, body: Adjustment, done: str) -> dict[str, Any]:
+    amount = _ucr(body.credits)
+    if amount <= 0:
+        raise errors.InvalidRequest("credits must be more than 0.", param="credits")
+    ledger = services_of(request).ledger
+    try:
+        change = ledger.refund if done == "refunded" else ledger.debit
+        balance = await change(name, amount, note=body.note)
+    except LookupError as exc:
+        raise errors.NotFound(f"No account named {name!r}.", code="account_not_found") from exc
+    except BalanceRefused as exc:
+        if done == "debited":  # the account's state refuses it, not the request's form
+            raise errors.Conflict(f"{exc}.", code="insufficient_balance") from exc
+        raise errors.InvalidRequest(f"{exc}.", param="credits") from exc
+    return {"name": name, done: format_credits(amount), "balance": format_credits(balance), "note": body.note}
+
+
 @admin_router.post("/keys", status_code=201)
 async def create_key(request: Request, body: NewKey) -> dict[str, Any]:
     try:
@@ -124,7 +169,7 @@ async def create_key(request: Request, body: NewKey) -> dict[str, Any]:
         )
     except LookupError as exc:
         raise errors.NotFound(f"No account named {body.account!r}.", code="account_not_found") from exc
-    return {"id": created.key_id, "key": created.key, "account": body.account, "models": body.models}
+    return {"id": created.key_id, "key": created.key, "account": body.account, "models": created.models}
 
 
 @admin_router.delete("/keys/{key_id}")

@@ -30,7 +30,7 @@ from tokentill.idempotency import Claim, Replay, check_key, fingerprint, track_s
 from tokentill.limits import LimiterUnavailable
 from tokentill.protocol import responses
 from tokentill.protocol.chat import ChatCompletionRequest
-from tokentill.types import EngineEvent, Finished, TextDelta, Usage
+from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta, Usage
 
 __all__ = ["complete", "limit_headers_on_errors"]
 
@@ -116,19 +116,13 @@ async def _collect(
 ) -> Response:
     """Run the event stream to the end; a client that hangs up cancels the generation, unless the
     request holds an Idempotency-Key (then its answer is stored for the retry)."""
-    content: list[str] = []
-    reasoning: list[str] = []
-    finished: Finished | None = None
+    collected = responses.Answer()
     gone = False
 
     async def consume() -> None:
-        nonlocal finished
         async with aclosing(services_of(request).chat.run(chat)) as events:
             async for event in events:
-                if isinstance(event, TextDelta):
-                    (reasoning if event.reasoning else content).append(event.text)
-                else:
-                    finished = event
+                collected.add(event)
         tg.cancel_scope.cancel()
 
     async def watch_disconnect() -> None:
@@ -145,19 +139,16 @@ async def _collect(
             tg.start_soon(watch_disconnect)
     except BaseExceptionGroup as group:
         raise first_error(group) from None
-    if finished is None:  # the client went away; nobody reads this response
+    if collected.finished is None:  # the client went away; nobody reads this response
         if claim is not None:
             await services_of(request).idempotency.release(claim)
         return Response(status_code=499)
     services = services_of(request)
-    payload = responses.completion(
+    payload = collected.completion(
         completion_id=completion_id,
         created=created,
         model=chat.spec.id,
-        content="".join(content),
-        finish_reason=finished.finish_reason,
-        usage=finished.usage,
-        reasoning_content="".join(reasoning) if chat.include_reasoning else None,
+        include_reasoning=chat.include_reasoning,
     )
     if claim is not None:
         # Stored before the client sees it: a retry that arrives now finds the answer, not a 409.
@@ -199,15 +190,12 @@ async def _stream(
     events: AsyncGenerator[EngineEvent, None] = _prepend(first, run)
     if claim is not None:
 
-        def answer(content: str, reasoning: str, finished: Finished) -> dict[str, Any]:
-            return responses.completion(
+        def answer(collected: responses.Answer) -> dict[str, Any]:
+            return collected.completion(
                 completion_id=completion_id,
                 created=created,
                 model=chat.spec.id,
-                content=content,
-                finish_reason=finished.finish_reason,
-                usage=finished.usage,
-                reasoning_content=reasoning if chat.include_reasoning else None,
+                include_reasoning=chat.include_reasoning,
             )
 
         stored = {"x-original-request-id": chat.request_id}
@@ -249,6 +237,9 @@ def _replay_stream(
     if choice["message"].get("reasoning_content"):
         events.append(TextDelta(choice["message"]["reasoning_content"], reasoning=True))
     events.append(TextDelta(choice["message"]["content"] or ""))
+    for index, call in enumerate(choice["message"].get("tool_calls") or ()):
+        function = call["function"]
+        events.append(ToolCallDelta(index, call["id"], function["name"], function["arguments"]))
     events.append(
         Finished(
             choice["finish_reason"],

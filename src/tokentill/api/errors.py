@@ -18,11 +18,16 @@ log = logging.getLogger(__name__)
 
 
 def error_response(request: Request, error: errors.APIError) -> JSONResponse:
+    request.state.error_code = error.code  # for the response counter (api/middleware.py)
     headers = dict(error.headers)
     balance = getattr(request.state, "remaining_credits", None)
     if balance is not None:
         headers["x-remaining-credits"] = format_credits(balance)
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    body = error.body()
+    services = getattr(request.app.state, "services", None)
+    if services is not None:  # a message may quote an upstream, which may quote our key
+        body["error"]["message"] = services.redact(body["error"]["message"])
+    return JSONResponse(body, status_code=error.status, headers=headers)
 
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
@@ -35,7 +40,11 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     error: errors.APIError
-    if exc.status_code == 404:
+    if isinstance(exc.__cause__, errors.APIError):
+        # FastAPI turns whatever fails while it reads a body into "400 error parsing the body": ours (the
+        # body read timeout's 408) keeps its own status.
+        error = exc.__cause__
+    elif exc.status_code == 404:
         error = errors.NotFound(
             f"Unknown request URL: {request.method} {request.url.path}. Please check the URL for typos.",
             code="unknown_url",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated, Any
 
 import anyio
@@ -9,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from tokentill import errors
+from tokentill import errors, metrics
 from tokentill.api.completions import complete, limit_headers_on_errors
 from tokentill.api.state import services_of
 from tokentill.auth.service import Principal
@@ -125,6 +126,27 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready" if ok else "not ready"}, status_code=200 if ok else 503)
 
 
+def _require_metrics_key(request: Request) -> None:
+    """With TOKENTILL_METRICS_KEY set, /metrics wants it (or the admin key) as a Bearer token, else 401."""
+    settings = services_of(request).settings
+    if settings.metrics_key is None:
+        return
+    given = presented_key(request)
+    challenge = {"WWW-Authenticate": 'Bearer realm="metrics"'}
+    if given is None:
+        raise errors.AuthenticationFailed(
+            "/metrics needs the metrics key (TOKENTILL_METRICS_KEY) as a Bearer token.",
+            code="missing_api_key",
+            headers=challenge,
+        )
+    for secret in (settings.metrics_key, settings.admin_key):
+        if secret is not None and hmac.compare_digest(given.encode(), secret.get_secret_value().encode()):
+            return
+    raise errors.AuthenticationFailed("Incorrect metrics key.", code="invalid_api_key", headers=challenge)
+
+
 @router.get("/metrics")
-async def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+async def prometheus_metrics(request: Request) -> Response:
+    _require_metrics_key(request)
+    source = metrics.registry(services_of(request).settings.metrics_multiproc_dir)
+    return Response(generate_latest(source), media_type=CONTENT_TYPE_LATEST)

@@ -1,13 +1,15 @@
 """Server-sent events framing for `stream: true`: the engine's events as `chat.completion.chunk`s.
 
 Order on the wire: a first chunk with `role: "assistant"`, content deltas (and `reasoning_content` deltas
-when the client asked to see the reasoning), a last choice chunk with `finish_reason`, the usage chunk
-(`choices: []`) when `stream_options.include_usage` is set, then `data: [DONE]`. Deltas without text (a
-token that completes no character yet, or hidden reasoning) send nothing. Once the stream has begun, an SSE
-comment goes out whenever nothing was sent for `keepalive_s` (hidden reasoning, a slow upstream), so
-proxies keep the connection. Nothing at all is sent before the engine's first event (the queue wait and the
-prompt evaluation): the route waits for it so that an early failure is an ordinary HTTP error. An error
-after the first byte is one `data: {"error": ...}` event, then the stream ends.
+when the client asked to see the reasoning), `tool_calls` deltas as OpenAI sends them (a call's first with
+index, id, type and name, then argument fragments with the index only), a last choice chunk with
+`finish_reason`, the usage chunk (`choices: []`) when `stream_options.include_usage` is set, then `data:
+[DONE]`. Deltas without text (a token that completes no character yet, or hidden reasoning) send nothing.
+Once the stream has begun, an SSE comment goes out whenever nothing was sent for `keepalive_s` (hidden
+reasoning, a slow upstream), so proxies keep the connection. Nothing at all is sent before the engine's
+first event (the queue wait and the prompt evaluation): the route waits for it so that an early failure is
+an ordinary HTTP error. An error after the first byte is one `data: {"error": ...}` event, then the stream
+ends.
 
 Structure (cancellation, STYLE rule 10): `EventStreamResponse` owns a task group for the whole response;
 its pump task drives the engine's events into a memory stream, and the body generator (`sse_frames`) only
@@ -32,7 +34,7 @@ from starlette.types import Receive, Scope, Send
 
 from tokentill import errors
 from tokentill.protocol import responses
-from tokentill.types import EngineEvent, Finished, TextDelta
+from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta
 
 __all__ = ["KEEPALIVE", "EventStreamResponse", "first_error", "sse_frames"]
 
@@ -101,6 +103,9 @@ async def sse_frames(
                 out = chunk({}, finish_reason=item.finish_reason)
                 if include_usage:
                     out += chunk(None, usage=item.usage)
+            elif isinstance(item, ToolCallDelta):
+                if item.id is not None or item.arguments:
+                    out = chunk({"tool_calls": [responses.tool_call_delta(item)]})
             elif isinstance(item, TextDelta) and item.text:
                 if not item.reasoning:
                     out = chunk({"content": item.text})

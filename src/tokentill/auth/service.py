@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 
 from tokentill.auth.keys import generate_key, hash_secret, mask_key, parse_key
 from tokentill.errors import AuthenticationFailed, PermissionDenied
+from tokentill.names import check_label, check_lookup, check_models
 from tokentill.storage.db import Database
 from tokentill.storage.schema import accounts, api_keys, utcnow
 
@@ -147,6 +148,38 @@ class KeyStore:
             balance=int(row.account_balance),
         )
 
+    async def principal_for(self, key_id: str) -> Principal | None:
+        """The `Principal` of the live key `key_id`, or None if it does not exist or is revoked.
+
+        For sessions that proved the key's secret when they began (the console) and check the key again
+        on every request, so that revoking the key ends them.
+        """
+        async with self._db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(
+                        api_keys,
+                        accounts.c.name.label("account_name"),
+                        accounts.c.balance.label("account_balance"),
+                    )
+                    .join(accounts, accounts.c.id == api_keys.c.account_id)
+                    .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                )
+            ).first()
+        if row is None:
+            return None
+        models = _load_models(row.models)
+        return Principal(
+            account_id=row.account_id,
+            account_name=row.account_name,
+            key_id=row.id,
+            models=frozenset(models) if models is not None else None,
+            rpm=row.rpm,
+            tpm=row.tpm,
+            max_concurrent=row.max_concurrent,
+            balance=int(row.account_balance),
+        )
+
     async def create_key(
         self,
         account_name: str,
@@ -159,13 +192,12 @@ class KeyStore:
     ) -> CreatedKey:
         """Create a key for `account_name`; `models` None allows every model.
 
-        Raises `LookupError` for an unknown account, `ValueError` for an empty `models` list or a limit
-        below 1.
+        Raises `LookupError` for an unknown account, `InvalidRequest` for an empty `models` list or a
+        label, model id or account name that `tokentill.names` refuses, `ValueError` for a limit below 1.
         """
-        if models is not None:
-            models = list(dict.fromkeys(models))
-            if not models:
-                raise ValueError("models must name at least one model, or be None for all models")
+        check_lookup(account_name, param="account")
+        name = check_label(name)
+        models = check_models(models)
         _check_limits(rpm=rpm, tpm=tpm, max_concurrent=max_concurrent)
         for _attempt in range(5):
             key_id, secret, full_key = generate_key()
@@ -224,7 +256,9 @@ class KeyStore:
 
     async def revoke(self, key_id: str, *, account_name: str | None = None) -> bool:
         """Revoke the key; False if there is no such key, it was already revoked, or (with
-        `account_name`, as a customer revoking its own keys) it belongs to another account."""
+        `account_name`, as a customer revoking its own keys) it belongs to another account.
+        `InvalidRequest` for an id that cannot exist (`names.check_lookup`)."""
+        check_lookup(key_id, param="key_id")
         statement = update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
         if account_name is not None:
             owner = select(accounts.c.id).where(accounts.c.name == account_name).scalar_subquery()
@@ -254,6 +288,7 @@ class KeyStore:
             if not isinstance(value, _Unset)
         }
         _check_limits(**changes)
+        check_lookup(key_id, param="key_id")
         async with self._db.begin() as conn:
             live = api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)
             if changes:

@@ -4,6 +4,10 @@ Every balance change is a conditional `UPDATE accounts ... RETURNING balance` pl
 rows whose `balance_after` comes from that RETURNING, committed together. The balance therefore never goes
 negative (the UPDATE's WHERE refuses, and a CHECK constraint backs it), and the ledger always sums to it.
 
+Operators move money outside requests with `add_credits` (ledger 'credit'), and `refund` / `debit`
+(ledger 'adjust', `ref` 'refund' / 'debit', with the operator's note); a debit never takes a balance
+below zero, credits held by running requests included.
+
 A request's life (DESIGN §4):
 
     reserve()  balance -= worst case; ledger 'hold'; holds row 'open'            → Hold (or 402)
@@ -19,13 +23,23 @@ closers (a late settle and the sweeper, two sweepers in two processes) cannot bo
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from tokentill.billing.money import format_credits
-from tokentill.billing.records import Account, AccountExists, Audit, Hold, UsageRecord, UsageRow
+from tokentill.billing.money import MAX_UCR, format_credits
+from tokentill.billing.records import (
+    MAX_NOTE,
+    Account,
+    AccountExists,
+    Audit,
+    BalanceRefused,
+    Hold,
+    UsageRecord,
+    UsageRow,
+)
 from tokentill.billing.statements import (
     account_from_row,
     add_to_balance,
@@ -36,11 +50,12 @@ from tokentill.billing.statements import (
     usage_row_from,
 )
 from tokentill.errors import InsufficientCredits
+from tokentill.names import check_lookup, check_name
 from tokentill.storage.db import Database
 from tokentill.storage.schema import accounts, holds, ledger, utcnow
 from tokentill.storage.schema import usage as usage_table
 
-__all__ = ["Account", "AccountExists", "Audit", "Hold", "Ledger", "UsageRecord", "UsageRow"]
+__all__ = ["Account", "AccountExists", "Audit", "BalanceRefused", "Hold", "Ledger", "UsageRecord", "UsageRow"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +71,10 @@ class Ledger:
     async def create_account(self, name: str, credits: int = 0) -> Account:
         """Create account `name` holding `credits` µcr (a 'credit' ledger row when > 0).
 
-        Raises `AccountExists` if the name is taken, `ValueError` for an empty or over-long name or
-        negative credits.
+        Raises `AccountExists` if the name is taken, `InvalidRequest` for a name `names.check_name`
+        refuses, `ValueError` for negative credits.
         """
-        if not name or len(name) > 64 or name != name.strip():
-            raise ValueError(f"account names are 1-64 characters without surrounding spaces: {name!r}")
+        check_name(name)
         if credits < 0:
             raise ValueError("initial credits cannot be negative")
         now = utcnow()
@@ -82,6 +96,7 @@ class Ledger:
         return Account(id=row.id, name=name, balance=credits, created_at=now)
 
     async def get_account(self, name: str) -> Account | None:
+        check_lookup(name, param="name")
         async with self._db.read() as conn:
             row = (await conn.execute(select(accounts).where(accounts.c.name == name))).first()
         return account_from_row(row) if row is not None else None
@@ -108,10 +123,11 @@ class Ledger:
     async def add_credits(self, name: str, amount: int, note: str = "") -> int:
         """Add `amount` µcr (> 0, else `ValueError`) to account `name`; returns the new balance.
 
-        Raises `LookupError` for an unknown account.
+        Raises `LookupError` for an unknown account, `InvalidRequest` for a name that cannot exist.
         """
         if amount <= 0:
             raise ValueError("credits to add must be positive")
+        check_lookup(name, param="name")
         async with self._db.begin() as conn:
             row = (
                 await conn.execute(
@@ -125,6 +141,56 @@ class Ledger:
                 raise LookupError(f"no account named {name!r}")
             await append_ledger(conn, row.id, "credit", amount, row.balance, note=note, now=utcnow())
         logger.info("added %s credits to account %s", format_credits(amount), name)
+        return int(row.balance)
+
+    async def refund(self, name: str, amount: int, *, note: str) -> int:
+        """Give `amount` µcr (> 0) back to account `name` as an 'adjust' ledger row carrying `note`;
+        returns the new balance. `LookupError` for an unknown account, `BalanceRefused` past the column's
+        limit, `InvalidRequest` for a note `names.check_name` refuses, `ValueError` for an amount ≤ 0."""
+        return await self._adjust(name, amount, "refund", note)
+
+    async def debit(self, name: str, amount: int, *, note: str) -> int:
+        """Take `amount` µcr (> 0) from account `name` as an 'adjust' ledger row carrying `note`; returns
+        the new balance. `BalanceRefused` when the balance (what running requests hold is already out of
+        it) is below `amount`: a debit never takes a balance negative. Other errors as `refund`."""
+        return await self._adjust(name, -amount, "debit", note)
+
+    async def _adjust(self, name: str, delta: int, ref: str, note: str) -> int:
+        if delta == 0 or abs(delta) > MAX_UCR:
+            raise ValueError(f"an adjustment is 1 to {MAX_UCR} µcr")
+        check_lookup(name, param="name")
+        check_name(note, param="note", max_chars=MAX_NOTE)  # one line of printable text, as names are
+        # One conditional UPDATE: a debit only while the balance covers it, a refund only while the sum
+        # fits the BIGINT column (written as a subtraction so the check itself cannot overflow).
+        fits = accounts.c.balance >= -delta if delta < 0 else accounts.c.balance <= MAX_UCR - delta
+        async with self._db.begin() as conn:
+            row = (
+                await conn.execute(
+                    update(accounts)
+                    .where(accounts.c.name == name, fits)
+                    .values(balance=accounts.c.balance + delta)
+                    .returning(accounts.c.id, accounts.c.balance)
+                )
+            ).first()
+            if row is None:
+                current = select(accounts.c.balance).where(accounts.c.name == name)
+                found = (await conn.execute(current)).first()
+                if found is None:
+                    raise LookupError(f"no account named {name!r}")
+                balance, amount = int(found.balance), format_credits(abs(delta))
+                if delta < 0:
+                    raise BalanceRefused(
+                        f"cannot debit {amount} credits from account {name!r}: its balance is "
+                        f"{format_credits(balance)} credits, and a debit never takes a balance below zero",
+                        balance,
+                    )
+                raise BalanceRefused(
+                    f"cannot refund {amount} credits to account {name!r}: its balance would pass "
+                    f"{format_credits(MAX_UCR)} credits",
+                    balance,
+                )
+            await append_ledger(conn, row.id, "adjust", delta, row.balance, ref=ref, note=note, now=utcnow())
+        logger.info("%s of %s credits on account %s: %s", ref, format_credits(abs(delta)), name, note)
         return int(row.balance)
 
     # ----------------------------------------------------------------- holds
@@ -254,9 +320,10 @@ class Ledger:
                 await record_usage(conn, self._db.dialect, account_id, usage, 0, now)
             return balance
 
-    async def release_expired(self, now: datetime | None = None) -> int:
+    async def release_expired(self, now: datetime | None = None, *, skip: Collection[str] = ()) -> int:
         """Release every open hold whose `expires_at` is before `now` (default: the database's clock,
-        which set the expiries, so a replica whose own clock runs ahead cannot expire live holds).
+        which set the expiries, so a replica whose own clock runs ahead cannot expire live holds),
+        except the holds in `skip` (settlements this process still owes: `Settlements.pending`).
 
         Each hold is released in its own transaction behind a conditional status update, so concurrent
         sweepers in several processes release each hold once. Returns how many this call released.
@@ -274,6 +341,8 @@ class Ledger:
             )
         released = 0
         for hold_id in candidates:
+            if hold_id in skip:
+                continue  # an answer was delivered: its settlement is pending, the money is owed
             async with self._db.begin() as conn:
                 closed = await close_hold(conn, hold_id, "open", "expired", now)
                 if closed is None:
@@ -329,6 +398,7 @@ class Ledger:
             balance=balance,
             credits_added=sums.get("credit", 0),
             settled_charges=-sums.get("charge", 0),
+            adjustments=sums.get("adjust", 0),
             open_holds=int(open_holds),
             ledger_sum=sum(sums.values()),
         )

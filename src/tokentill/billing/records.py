@@ -5,11 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-__all__ = ["Account", "AccountExists", "Audit", "Hold", "UsageRecord", "UsageRow"]
+__all__ = ["Account", "AccountExists", "Audit", "BalanceRefused", "Hold", "UsageRecord", "UsageRow"]
+
+MAX_NOTE = 500  # characters in the note of a refund or a debit
 
 
 class AccountExists(Exception):
     """`create_account` was given a name that is taken (an operator error, not an API error)."""
+
+
+class BalanceRefused(Exception):
+    """A refund or debit the balance cannot take (an operator error): a debit past zero, or a refund past
+    what the balance column holds. `balance` is the balance that refused it."""
+
+    def __init__(self, message: str, balance: int) -> None:
+        super().__init__(message)
+        self.balance = balance
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,7 @@ class UsageRecord:
     reasoning_tokens: int = 0
     cached_tokens: int = 0
     image_tokens: int = 0
+    cached_saving: int = 0  # µcr not charged: cached prompt tokens at the cached price
     status: int = 200
     latency_ms: int = 0
     estimated: bool = False
@@ -71,6 +83,7 @@ class UsageRow:
     latency_ms: int
     estimated: bool
     created_at: datetime
+    cached_saving: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,7 +91,8 @@ class Audit:
     """One account's books. `consistent` is the invariant of DESIGN §4.
 
     `credits_added` sums 'credit' rows, `settled_charges` is minus the sum of 'charge' rows,
-    `open_holds` sums holds still open, `ledger_sum` sums every ledger row.
+    `adjustments` sums the signed 'adjust' rows (operator refunds and debits), `open_holds` sums holds
+    still open, `ledger_sum` sums every ledger row.
     """
 
     account_id: int
@@ -87,8 +101,9 @@ class Audit:
     settled_charges: int
     open_holds: int
     ledger_sum: int
+    adjustments: int = 0
 
     @property
     def consistent(self) -> bool:
-        expected = self.credits_added - self.settled_charges - self.open_holds
+        expected = self.credits_added + self.adjustments - self.settled_charges - self.open_holds
         return self.balance >= 0 and self.balance == expected == self.ledger_sum

@@ -68,6 +68,7 @@ class UsageTotals:
     cached_tokens: int = 0
     image_tokens: int = 0
     cost: int = 0
+    cached_saving: int = 0  # µcr: what cached prompt tokens did not cost (the order is USAGE_COUNTERS')
 
     def __add__(self, other: UsageTotals) -> UsageTotals:
         return UsageTotals(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))

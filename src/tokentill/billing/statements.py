@@ -47,6 +47,7 @@ def usage_row_from(r: Any) -> UsageRow:
         latency_ms=r.latency_ms,
         estimated=bool(r.estimated),
         created_at=r.created_at,
+        cached_saving=int(r.cached_saving),
     )
 
 
@@ -126,6 +127,7 @@ async def record_usage(
         "cached_tokens": record.cached_tokens,
         "image_tokens": record.image_tokens,
         "cost": cost,
+        "cached_saving": record.cached_saving,
     }
     values: dict[str, Any] = {
         "request_id": record.request_id,

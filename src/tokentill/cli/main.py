@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging.config
 import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 import click
 import uvicorn
@@ -12,13 +16,14 @@ import uvicorn
 from tokentill.billing.ledger import AccountExists
 from tokentill.billing.money import format_credits, parse_credits
 from tokentill.catalog import CatalogError, load_catalog
-from tokentill.cli._common import load_settings, stores
+from tokentill.cli._common import emit, json_option, load_settings, stores
 from tokentill.cli.accounts import accounts, credits
 from tokentill.cli.codes import codes
 from tokentill.cli.keys import keys
 from tokentill.cli.models import models
 from tokentill.cli.usage import usage
 from tokentill.settings import Settings
+from tokentill.storage.db import DatabaseMissing, describe_url, open_database
 
 
 @click.group()
@@ -37,7 +42,7 @@ async def _bootstrap(settings: Settings) -> None:
     its key are two transactions, so a start that finds `default` as the only account and keyless (its
     bootstrap died in between) creates the key now.
     """
-    async with stores(settings) as s:
+    async with stores(settings, create=True) as s:
         amount = parse_credits(settings.initial_credits)
         if await s.ledger.count_accounts() == 0:
             try:
@@ -55,6 +60,65 @@ async def _bootstrap(settings: Settings) -> None:
             f"    {created.key}\n\nStore it now: it is not shown again.",
             err=True,
         )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _multiprocess_metrics(settings: Settings) -> Iterator[None]:
+    """With several workers, give prometheus-client a fresh folder of its own under DATA_DIR/metrics for
+    this serve (removed at exit; folders of dead serves are removed at start), so /metrics sums every
+    worker. The variable must be set before a worker imports prometheus-client, hence here."""
+    if settings.workers == 1 or settings.metrics_multiproc_dir is not None:
+        yield  # one process: its own registry is the whole truth; a folder set by the user is theirs
+        return
+    parent = settings.data_dir / "metrics"
+    parent.mkdir(parents=True, exist_ok=True)
+    for old in parent.glob("serve-*"):
+        pid = old.name.removeprefix("serve-")
+        if not pid.isdigit() or not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    folder: Path = parent / f"serve-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@cli.command()
+@json_option
+def init(as_json: bool) -> None:
+    """Create the database (tables at the newest revision) if it does not exist yet; safe to repeat.
+
+    `serve` does this on its first start; `init` is for managing accounts and keys before that.
+    """
+    url = load_settings().resolved_database_url
+
+    async def main() -> bool:
+        try:
+            db = await open_database(url, create=False)
+            created = False
+        except DatabaseMissing:
+            db = await open_database(url, create=True)
+            created = True
+        await db.aclose()
+        return created
+
+    created = asyncio.run(main())
+    where = describe_url(url)
+    text = f"database {where}: {'created' if created else 'is up to date'}"
+    emit(as_json, text, {"database": where, "created": created})
 
 
 @cli.command()
@@ -80,25 +144,28 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
         catalog = load_catalog(settings.config)
         for spec in catalog:
             if spec.engine == "upstream":
-                from tokentill.engines.upstream import check_spec
+                from tokentill.engines.upstream_config import check_spec
 
                 check_spec(spec)
     except CatalogError as exc:
         raise click.ClickException(str(exc)) from exc
-    from tokentill.app import log_config  # the web stack loads only for `serve`
+    from tokentill.app import http_protocol, log_config  # the web stack loads only for `serve`
 
     logging.config.dictConfig(log_config(settings.log_level))
     asyncio.run(_bootstrap(settings))
-    uvicorn.run(
-        "tokentill.app:create_app_from_env",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-        log_config=log_config(settings.log_level),  # applied again in each worker process
-        timeout_graceful_shutdown=10,
-    )
+    with _multiprocess_metrics(settings):
+        uvicorn.run(
+            "tokentill.app:create_app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level,
+            log_config=log_config(settings.log_level),  # applied again in each worker process
+            timeout_graceful_shutdown=10,
+            timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]  # a float works
+            http=http_protocol(settings),  # read timeouts and the connection cap (api/connections.py)
+        )
 
 
 cli.add_command(accounts)

@@ -30,6 +30,7 @@ def usage(account: str | None, limit: int, as_json: bool) -> None:
                 "image_tokens": r.image_tokens,
                 "estimated": r.estimated,
                 "cost": format_credits(r.cost),
+                "cached_saving": format_credits(r.cached_saving),
                 "status": r.status,
                 "latency_ms": r.latency_ms,
                 "created_at": str(r.created_at),
@@ -38,8 +39,9 @@ def usage(account: str | None, limit: int, as_json: bool) -> None:
         ]
         lines = [
             f"{str(r.created_at)[:19]}  {r.account_name:<12} {r.model:<14} {r.status}  "
-            f"in={r.prompt_tokens} out={r.completion_tokens} (reasoning {r.reasoning_tokens})  "
-            f"{format_credits(r.cost)} cr"
+            f"in={r.prompt_tokens} (cached {r.cached_tokens}) out={r.completion_tokens} "
+            f"(reasoning {r.reasoning_tokens})  {format_credits(r.cost)} cr"
+            + (f" (saved {format_credits(r.cached_saving)})" if r.cached_saving else "")
             for r in rows
         ]
         emit(as_json, "\n".join(lines) or "no usage yet", {"usage": items})

@@ -1,21 +1,30 @@
 """The engine interface: what the service hands an engine and what comes back.
 
 An engine turns an `EngineRequest` into a stream of `EngineEvent`s (`tokentill.types`): zero or more
-`TextDelta`s, then exactly one `Finished` carrying the usage. Engines know nothing of keys, credits or
-storage; they raise the `tokentill.errors` server errors (`Overloaded` 503, `DeadlineExceeded` 504,
-`UpstreamError` 502, `InvalidRequest` with code `context_length_exceeded`) and stop work promptly when the
-consumer stops iterating (that is how a client disconnect reaches the decode loop).
-"""
+`TextDelta`s and `ToolCallDelta`s, then exactly one `Finished` carrying the usage. Engines know nothing of
+keys, credits or storage; they raise the `tokentill.errors` server errors (`Overloaded` 503,
+`DeadlineExceeded` 504, `UpstreamError` 502, `InvalidRequest` with code `context_length_exceeded`) and stop
+work promptly when the consumer stops iterating (that is how a client disconnect reaches the decode loop)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import time
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
-from tokentill.types import EngineEvent, Message
+from tokentill.errors import DeadlineExceeded
+from tokentill.types import EngineEvent, Grammar, Message, ResponseFormat, ToolChoice, ToolDefinition
 
-__all__ = ["THINK_CLOSE", "THINK_OPEN", "Capabilities", "Engine", "EngineRequest"]
+__all__ = [
+    "THINK_CLOSE",
+    "THINK_OPEN",
+    "Capabilities",
+    "Engine",
+    "EngineHealth",
+    "EngineRequest",
+    "engine_health",
+]
 
 # The tags that `native` reasoning models write around their thinking.
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -39,6 +48,19 @@ class EngineRequest:
     # A later pass of a request that was already admitted (the scratchpad's answer pass): the engine takes
     # it ahead of waiting requests and past the queue limit, so an admitted request never fails halfway.
     continuation: bool = False
+    # Structured output and tools, as the client asked for them (upstreams relay them as sent)...
+    response_format: ResponseFormat | None = None
+    tools: tuple[ToolDefinition, ...] = ()
+    tool_choice: ToolChoice = ToolChoice()
+    parallel_tool_calls: bool | None = None
+    # ...and, for engines with `Capabilities.grammar`, the grammar that enforces them (None: free text).
+    grammar: Grammar | None = None
+    # When the request began (time.monotonic()); each pass is a `replace()` of the first and keeps it.
+    started: float = field(default_factory=time.monotonic)
+
+    def deadline_error(self) -> DeadlineExceeded:
+        """The 504 for this request: its time counts from `started`, so every pass is included."""
+        return DeadlineExceeded(f"The request timed out after {self.deadline - self.started:.1f} seconds.")
 
 
 @dataclass(frozen=True)
@@ -47,6 +69,9 @@ class Capabilities:
     vision: bool = False
     reasoning: str = "none"  # none | native | scratchpad
     exact_prompt_tokens: bool = True  # False: count_prompt_tokens is an estimate (remote tokenizer)
+    # True: the engine samples under `EngineRequest.grammar` and writes tools into the prompt itself;
+    # False: it relays `response_format` and `tools` to a server that enforces them.
+    grammar: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -65,3 +90,20 @@ class Engine(Protocol):
 
     async def aclose(self) -> None:
         """Stop the decode loop / close connections; pending requests fail with Overloaded."""
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    """What the operator console shows of an engine in this process: replicas that answer (1 of 1 for an
+    embedded model once loaded), requests waiting for a slot and requests being generated."""
+
+    replicas_up: int
+    replicas: int
+    queued: int
+    running: int
+
+
+def engine_health(engine: object) -> EngineHealth | None:
+    """`engine.health()` for engines that report it (an optional method, not part of `Engine`), else None."""
+    report = getattr(engine, "health", None)
+    return cast(Callable[[], EngineHealth], report)() if callable(report) else None

@@ -25,7 +25,9 @@ context). Native memory (`_ctx`, `_batch`, sampler chains) is freed by `close` /
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +35,7 @@ from tokentill.engines.base import THINK_CLOSE, THINK_OPEN
 from tokentill.engines.sequence import SamplingParams, Sequence
 from tokentill.engines.vision import VisionEncoder
 from tokentill.errors import UpstreamError
+from tokentill.types import Grammar
 
 __all__ = ["BatchedLlamaRunner", "shown_control_tokens"]
 
@@ -60,13 +63,20 @@ def shown_control_tokens(llm: Any, texts: tuple[str, ...]) -> frozenset[int]:
 
 
 class _Sampler:
-    """A llama.cpp sampler chain for one sequence: logit bias → penalties → greedy at temperature 0, else
-    top-p → temp → dist. Penalties count only the tokens this chain sampled (the completion), as OpenAI's
-    do; the chain's memory of them is bounded by the sequence's own budget."""
+    """A llama.cpp sampler chain for one sequence: logit bias → grammar → penalties → greedy at
+    temperature 0, else top-p → temp → dist. Penalties count only the tokens this chain sampled (the
+    completion), as OpenAI's do; the chain's memory of them is bounded by the sequence's own budget.
 
-    def __init__(self, lib: Any, params: SamplingParams, *, n_vocab: int, max_tokens: int) -> None:
+    The grammar sampler keeps the sequence's parse state (accepting each sampled token), so every
+    sequence in the batch has its own; it masks every token the grammar does not allow, end-of-generation
+    included until the grammar is complete, and only end-of-generation once it is."""
+
+    def __init__(
+        self, lib: Any, params: SamplingParams, *, vocab: Any, n_vocab: int, max_tokens: int
+    ) -> None:
         self._lib = lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        self._chain: Any = chain  # freed by `close`, also when a later step here raises
         if params.logit_bias:
             biases = (lib.llama_logit_bias * len(params.logit_bias))(
                 *(lib.llama_logit_bias(token, bias) for token, bias in params.logit_bias)
@@ -74,6 +84,13 @@ class _Sampler:
             lib.llama_sampler_chain_add(
                 chain, lib.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases)
             )
+        if params.grammar is not None:
+            try:
+                grammar = _grammar_sampler(lib, vocab, params.grammar)
+            except BaseException:
+                self.close()
+                raise
+            lib.llama_sampler_chain_add(chain, grammar)
         if params.frequency_penalty or params.presence_penalty:
             penalties = lib.llama_sampler_init_penalties(
                 n_vocab, max(1, max_tokens), 1.0, params.frequency_penalty, params.presence_penalty
@@ -87,7 +104,6 @@ class _Sampler:
                 lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(params.temperature))
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
-        self._chain: Any = chain
 
     def sample(self, ctx: Any, index: int) -> int:
         # llama_sampler_sample also "accepts" the token into the chain's state.
@@ -97,6 +113,22 @@ class _Sampler:
         if self._chain is not None:
             self._lib.llama_sampler_free(self._chain)
             self._chain = None
+
+
+def _grammar_sampler(lib: Any, vocab: Any, grammar: Grammar) -> Any:
+    """llama.cpp's grammar sampler; lazy (free until a trigger string appears) when `grammar.triggers`."""
+    text = grammar.text.encode("utf-8")
+    if grammar.triggers:
+        patterns = [re.escape(t).encode("utf-8") for t in grammar.triggers]
+        array = (ctypes.c_char_p * len(patterns))(*patterns)
+        sampler = lib.llama_sampler_init_grammar_lazy_patterns(
+            vocab, text, b"root", array, len(patterns), None, 0
+        )
+    else:
+        sampler = lib.llama_sampler_init_grammar(vocab, text, b"root")
+    if not sampler:  # the compiler wrote a grammar llama.cpp cannot parse: our bug, not the client's
+        raise RuntimeError("llama.cpp refused the grammar compiled for this request")
+    return sampler
 
 
 @dataclass(eq=False)
@@ -274,7 +306,11 @@ class BatchedLlamaRunner:
             else:
                 self._evaluate_media(seq, slot, tokenized, reuse)
             slot.sampler = _Sampler(
-                self._lib, seq.sampling, n_vocab=self.n_vocab, max_tokens=seq.max_new_tokens
+                self._lib,
+                seq.sampling,
+                vocab=self._vocab,
+                n_vocab=self.n_vocab,
+                max_tokens=seq.max_new_tokens,
             )
         except BaseException:
             self._by_seq.pop(seq, None)

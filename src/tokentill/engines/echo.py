@@ -19,9 +19,9 @@ import time
 from collections.abc import AsyncGenerator
 
 from tokentill.catalog import ModelSpec
-from tokentill.engines.base import THINK_OPEN, Capabilities, EngineRequest
+from tokentill.engines.base import THINK_OPEN, Capabilities, EngineHealth, EngineRequest
 from tokentill.engines.text import TextAssembler
-from tokentill.errors import DeadlineExceeded, InvalidRequest
+from tokentill.errors import InvalidRequest
 from tokentill.types import EngineEvent, Finished, FinishReason, Usage
 
 __all__ = ["EchoEngine"]
@@ -44,11 +44,13 @@ class EchoEngine:
     async def aclose(self) -> None:
         return None
 
+    def health(self) -> EngineHealth:
+        return EngineHealth(replicas_up=1, replicas=1, queued=0, running=0)
+
     def count_prompt_tokens(self, request: EngineRequest) -> int:
         return sum(len(m.text.split()) + _TOKENS_PER_MESSAGE for m in request.messages)
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
-        started = time.monotonic()
         prompt_tokens = self.count_prompt_tokens(request)
         context = self.spec.context
         if prompt_tokens >= context:
@@ -70,9 +72,7 @@ class EchoEngine:
                 reason = "length"
                 break
             if time.monotonic() > request.deadline:
-                raise DeadlineExceeded(
-                    f"The request timed out after {request.deadline - started:.1f} seconds."
-                )
+                raise request.deadline_error()
             generated += 1
             for delta in text.feed_text(word if index == 0 else " " + word):
                 yield delta

@@ -46,13 +46,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokentill.catalog import ModelSpec
-from tokentill.engines.base import THINK_OPEN, Capabilities, EngineRequest
+from tokentill.engines.base import THINK_OPEN, Capabilities, EngineHealth, EngineRequest
 from tokentill.engines.batch import BatchedLlamaRunner
 from tokentill.engines.chat_template import ChatTemplate
 from tokentill.engines.scheduler import SamplingParams, Scheduler, Sequence, new_channel, stream
 from tokentill.engines.vision import PromptCounts, VisionEncoder, VisionError
-from tokentill.errors import APIError, DeadlineExceeded, InvalidRequest, UpstreamError
-from tokentill.types import EngineEvent, ImageInput
+from tokentill.errors import APIError, InvalidRequest, UpstreamError
+from tokentill.structured.tools import parse_tool_calls, template_messages
+from tokentill.types import EngineEvent, Grammar, ImageInput
 
 __all__ = ["DEFAULT_PARALLEL", "LlamaCppEngine"]
 
@@ -85,7 +86,10 @@ class LlamaCppEngine:
         self.spec = spec
         self._parallel = spec.parallel or max_parallel or DEFAULT_PARALLEL
         self.capabilities = Capabilities(
-            context_length=spec.context, vision=spec.mmproj is not None, reasoning=spec.reasoning
+            context_length=spec.context,
+            vision=spec.mmproj is not None,
+            reasoning=spec.reasoning,
+            grammar=True,
         )
         self._vision: VisionEncoder | None = None
         self._queue_size = queue_size
@@ -172,7 +176,7 @@ class LlamaCppEngine:
         try:
             return self._count_media(media).result(timeout=timeout).total
         except concurrent.futures.TimeoutError:
-            raise DeadlineExceeded(f"The request timed out after {timeout:.1f} seconds.") from None
+            raise request.deadline_error() from None
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         """TextDelta events, then one Finished; raises the `tokentill.errors` listed in `engines.base`."""
@@ -189,6 +193,8 @@ class LlamaCppEngine:
             rendered = media.text
             counts = await asyncio.wrap_future(self._count_media(media))
         native = self.capabilities.reasoning == "native"
+        # A template that pre-fills `<think>` (DeepSeek-R1 distills, QwQ): the output starts inside it.
+        thinking = native and rendered.rstrip().endswith(THINK_OPEN)
         n_ctx = self.capabilities.context_length
         n_prompt = counts.total
         if n_prompt >= n_ctx:
@@ -209,26 +215,36 @@ class LlamaCppEngine:
                 logit_bias=request.logit_bias,
                 frequency_penalty=request.frequency_penalty,
                 presence_penalty=request.presence_penalty,
+                grammar=_with_thinking(request.grammar, thinking) if native else request.grammar,
             ),
             stop=request.stop,
             deadline=request.deadline,
-            timeout_s=max(0.0, request.deadline - time.monotonic()),
+            timeout_s=request.deadline - request.started,
             channel=new_channel(),
             media=media,
             media_prompt_tokens=counts.total,
             image_tokens=counts.image,
             continuation=request.continuation,
             think_tags=native,
-            # A template that pre-fills `<think>` (DeepSeek-R1 distills, QwQ): the output starts inside it.
-            thinking=native and rendered.rstrip().endswith(THINK_OPEN),
+            thinking=thinking,
         )
         # stream() withdraws the sequence when this generator is closed or cancelled (client disconnect).
-        events = stream(scheduler, seq)
+        tokens = stream(scheduler, seq)
+        events = tokens
+        if request.tools and request.tool_choice.mode != "none":
+            events = parse_tool_calls(tokens)  # the calls the model writes, as OpenAI's deltas
         try:
             async for event in events:
                 yield event
         finally:
             await events.aclose()
+            await tokens.aclose()
+
+    def health(self) -> EngineHealth:
+        scheduler = self._scheduler
+        if scheduler is None:
+            return EngineHealth(replicas_up=0, replicas=1, queued=0, running=0)
+        return EngineHealth(replicas_up=1, replicas=1, queued=scheduler.queued, running=scheduler.running)
 
     def tokens_decoded(self, request_id: str) -> int | None:
         """Tokens sampled for a retired request (None if unknown); lets tests see that cancel stopped work."""
@@ -273,7 +289,8 @@ class LlamaCppEngine:
         if self._llm is None or self._template is None:
             raise UpstreamError("The model is not loaded.")
         try:
-            text = self._template.render(request.messages, media_marker=marker)
+            messages = template_messages(request.messages, request.tools, request.tool_choice)
+            text = self._template.render(messages, media_marker=marker)
         except Exception as exc:  # jinja TemplateError, or the template's raise_exception (ValueError)
             raise InvalidRequest(
                 f"The messages do not fit this model's chat template: {exc}", param="messages"
@@ -317,3 +334,15 @@ class LlamaCppEngine:
                 raise UpstreamError("The model could not process the image.") from exc
 
         return scheduler.call(count)
+
+
+def _with_thinking(grammar: Grammar | None, thinking: bool) -> Grammar | None:
+    """A `native` model's grammar: its `<think>…</think>` block (free text without `<`) before the
+    constrained answer; already open when the template pre-filled `<think>`. Lazy grammars need nothing:
+    they apply from their trigger on."""
+    if grammar is None or grammar.triggers:
+        return grammar
+    answer = grammar.text.replace("root ::= ", "answer-root ::= ", 1)
+    block = 'think-body "</think>" [ \\n]{0,2}'
+    prefix = block if thinking else f'( "<think>" {block} )?'
+    return Grammar(f"root ::= {prefix} answer-root\nthink-body ::= [^<]*\n{answer}")

@@ -123,6 +123,11 @@ class Scheduler:
         with self._cond:
             return len(self._waiting)
 
+    @property
+    def running(self) -> int:
+        with self._cond:
+            return len(self._active)
+
     def tokens_decoded(self, request_id: str) -> int | None:
         """Tokens sampled for a finished (or cancelled) request, None while unknown; for tests and metrics."""
         with self._cond:

@@ -13,7 +13,7 @@ from typing import Any
 
 from tokentill.engines.text import TextAssembler
 from tokentill.errors import APIError, DeadlineExceeded
-from tokentill.types import EngineEvent
+from tokentill.types import EngineEvent, Grammar
 
 __all__ = ["Channel", "Outbox", "SamplingParams", "Sequence", "deadline_error", "new_channel"]
 
@@ -26,6 +26,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     frequency_penalty: float = 0.0  # OpenAI's penalties, over the tokens this sequence generated
     presence_penalty: float = 0.0
+    grammar: Grammar | None = None  # structured output: only tokens the grammar allows are sampled
 
 
 class Channel:
@@ -88,7 +89,7 @@ class Sequence:
     stop: tuple[str, ...]
     deadline: float  # time.monotonic()
     channel: Channel
-    timeout_s: float = 0.0  # for the DeadlineExceeded message only
+    timeout_s: float = 0.0  # the whole request's time, every pass included; for the 504 message only
     continuation: bool = False  # a later pass of an admitted request: next in line, never refused
     # A multimodal prompt the runner understands (`prompt` is then empty): its token counts are given here,
     # computed by the same tokenization the runner will use, so usage stays exact.

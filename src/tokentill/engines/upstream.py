@@ -11,6 +11,10 @@ Catalogue entry (see docs/upstream.md):
     timeout_s = 120                    # longest wait for the answer's headers or between two chunks
     headers = { "x-team" = "research" }
 
+Four modules: this one (the engine: replicas, failover, timeouts, budget), `upstream_config` (the entry's
+start-up checks), `upstream_wire` (the payload we send, the chunks we fold, the errors we map; no I/O) and
+`upstream_sse` (the answer body read as server-sent events), with `upstream_pool` (replica health).
+
 Contract, beyond `engines/base.py`:
 - One long-lived `httpx2.AsyncClient` (opened in `start`, closed in `aclose`), `trust_env=False` so no
   proxy from the environment sees prompts or keys.
@@ -18,12 +22,12 @@ Contract, beyond `engines/base.py`:
   to the next replica (at most one try per replica). Once the upstream has answered 200, nothing is
   retried: output may already be with the client. Which failures mark a replica down: see `_open`.
 - `start` never fails because an upstream is down (a warning; requests then get 502). It does fail, with a
-  `CatalogError`, on a bad `base_url` (not http(s), `user:password@`, bad port), `headers` that HTTP
-  cannot carry or that tokentill sets itself, and an `api_key` that is unset or holds line breaks.
+  `CatalogError`, on an entry `upstream_config` refuses.
 - Errors: see `upstream_wire.error_for_status`; all replicas failing → 502, a silent upstream → 504 after
   `timeout_s`, the request's own deadline → 504, more than `queue_size` requests per replica in flight → 503.
   An answer that breaks the protocol (bad JSON or usage, a body that does not decode, an SSE line over
-  1 MiB) → 502. SSE lines end at CR, LF or CRLF only, never at U+2028/U+2029/U+0085 inside JSON text.
+  1 MiB) → 502. SSE lines end at CR, LF or CRLF only, never at U+2028/U+2029/U+0085 inside JSON text
+  (`upstream_sse`).
 - Budget: the upstream is asked for `max_tokens`; one that streams past it is cut there (the response is
   closed, `finish_reason` "length", usage = the budget, marked estimated), and no reported usage above the
   budget is passed on.
@@ -37,19 +41,18 @@ Contract, beyond `engines/base.py`:
 from __future__ import annotations
 
 import logging
-import os
-import re
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 import httpx2
-from pydantic import SecretStr
 
 from tokentill import errors
-from tokentill.catalog import CatalogError, ModelSpec
-from tokentill.engines.base import Capabilities, EngineRequest
+from tokentill.catalog import ModelSpec
+from tokentill.engines.base import Capabilities, EngineHealth, EngineRequest
+from tokentill.engines.upstream_config import headers, resolve_api_key, secrets, urls
 from tokentill.engines.upstream_pool import Replica, ReplicaPool
+from tokentill.engines.upstream_sse import read_capped, sse_data
 from tokentill.engines.upstream_wire import (
     BadAnswer,
     StreamState,
@@ -59,9 +62,10 @@ from tokentill.engines.upstream_wire import (
     parse_json,
     rejects_max_tokens,
 )
-from tokentill.types import EngineEvent, Finished, TextDelta
+from tokentill.redact import Redactor
+from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta
 
-__all__ = ["UpstreamEngine", "check_spec", "resolve_api_key"]
+__all__ = ["UpstreamEngine"]
 
 log = logging.getLogger(__name__)
 
@@ -70,101 +74,8 @@ HEALTH_INTERVAL_S = 5.0
 STARTUP_CHECK_S = 2.0  # start() waits at most this long for the first health round
 MAX_ERROR_BODY = 64 * 1024  # bytes of an upstream error answer we read (for its envelope)
 MAX_JSON_BODY = 8 * 1024 * 1024  # a non-streamed completion
-MAX_EVENT = 1024 * 1024  # one SSE event's data
 _INVALID = "Bad gateway: the upstream model sent an invalid answer."
 _UNAVAILABLE = "Bad gateway: the upstream model service is temporarily unavailable; please try again later."
-
-
-# RFC 9110 field names; values: visible ASCII, spaces and tabs (no CR/LF: no header injection, and
-# httpx2 refuses anything else at send time, which would fail every request instead of the start-up).
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
-_RESERVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "content-type"})
-
-
-def resolve_api_key(spec: ModelSpec) -> SecretStr | None:
-    """The upstream key: `api_key` itself, or for `env:NAME` the variable NAME (unset → CatalogError).
-
-    Surrounding whitespace is dropped (a key file's trailing newline); a key that still holds characters
-    no HTTP header may carry is a CatalogError. Read here rather than through `Settings` because the
-    variable's name is catalogue data, one per model, unknown when Settings is declared; it is read once,
-    at start-up.
-    """
-    if spec.api_key is None:
-        return None
-    value: str | None = spec.api_key
-    where = "api_key"
-    if spec.api_key.startswith("env:"):
-        name = spec.api_key.removeprefix("env:")
-        value = os.environ.get(name)
-        where = f"the environment variable {name} (named by api_key)"
-        if not value or not value.strip():
-            raise CatalogError(
-                f"model {spec.id!r}: api_key names the environment variable {name}; it is unset"
-            )
-    value = (value or "").strip()
-    if not value:
-        return None
-    if not _HEADER_VALUE.fullmatch(value):
-        raise CatalogError(f"model {spec.id!r}: {where} holds characters an HTTP header cannot carry")
-    return SecretStr(value)
-
-
-def check_spec(spec: ModelSpec) -> None:
-    """Every start-up check of an upstream entry (base_url, headers, api_key), for `tokentill serve` to run
-    before the server starts, so a bad entry is one clear error rather than a failed application start-up."""
-    _urls(spec)
-    _headers(spec)
-    resolve_api_key(spec)
-
-
-def _headers(spec: ModelSpec) -> dict[str, str]:
-    """The entry's extra `headers`, checked so that a bad one stops the start-up instead of every request."""
-    for name, value in spec.headers.items():
-        if not _HEADER_NAME.fullmatch(name):
-            raise CatalogError(f"model {spec.id!r}: {name!r} is not a valid HTTP header name")
-        if name.lower() in _RESERVED_HEADERS:
-            raise CatalogError(
-                f"model {spec.id!r}: header {name!r} is set by tokentill and cannot be overridden"
-            )
-        if not _HEADER_VALUE.fullmatch(value):
-            # The value is not shown: headers may carry secrets (Azure's api-key).
-            raise CatalogError(
-                f"model {spec.id!r}: the value of header {name!r} holds characters an HTTP header cannot "
-                "carry (line breaks, control or non-ASCII characters)"
-            )
-    return dict(spec.headers)
-
-
-def _shown(url: str) -> str:
-    """`url` fit for a message: any `user:password@` masked."""
-    return re.sub(r"//[^/@]*@", "//***@", url)
-
-
-def _urls(spec: ModelSpec) -> list[str]:
-    urls = [spec.base_url] if isinstance(spec.base_url, str) else list(spec.base_url or [])
-    if not urls:
-        raise CatalogError(f"model {spec.id!r}: engine 'upstream' needs base_url")
-    for url in urls:
-        if not url.startswith(("http://", "https://")):
-            raise CatalogError(f"model {spec.id!r}: base_url {_shown(url)!r} is not an http(s) URL")
-        try:
-            parsed = httpx2.URL(url)
-        except httpx2.InvalidURL:
-            raise CatalogError(f"model {spec.id!r}: base_url {_shown(url)!r} is not a valid URL") from None
-        if parsed.userinfo:
-            # Refused, not redacted: the URL is logged with every replica state change.
-            raise CatalogError(
-                f"model {spec.id!r}: a base_url must not carry user:password@; put the credential in "
-                "api_key or headers"
-            )
-        if parsed.port is not None and not 0 < parsed.port < 65536:
-            raise CatalogError(f"model {spec.id!r}: base_url {_shown(url)!r} has no valid port")
-        if not parsed.host or parsed.query or parsed.fragment:
-            raise CatalogError(
-                f"model {spec.id!r}: base_url {_shown(url)!r} needs a host and no query or fragment"
-            )
-    return urls
 
 
 class UpstreamEngine:
@@ -180,8 +91,8 @@ class UpstreamEngine:
     ) -> None:
         self.spec = spec
         self.model = spec.upstream_model or spec.id
-        self.pool = ReplicaPool(_urls(spec), model=spec.id, interval_s=health_interval_s)
-        self._extra_headers = _headers(spec)
+        self.pool = ReplicaPool(urls(spec), model=spec.id, interval_s=health_interval_s)
+        self._extra_headers = headers(spec)
         self.capabilities = Capabilities(
             context_length=spec.context,
             vision=spec.vision,
@@ -192,6 +103,9 @@ class UpstreamEngine:
         self._inflight = 0
         self._send_max_tokens = True
         self._headers = httpx2.Headers()
+        # Upstream text (error bodies, broken answers) passes through this before it is relayed or logged:
+        # an upstream that echoes our Authorization header must not leak the key.
+        self._redact = Redactor()
         self._client: httpx2.AsyncClient | None = None
 
     def __repr__(self) -> str:  # never the headers: they carry the key
@@ -203,6 +117,7 @@ class UpstreamEngine:
         # the Authorization value.
         self._headers = httpx2.Headers({"Authorization": f"Bearer {key.get_secret_value()}"} if key else {})
         self._headers.update(self._extra_headers)  # the catalogue may override (e.g. Azure's api-key)
+        self._redact = Redactor(secrets(self.spec))
         timeout = self.spec.timeout_s
         self._client = httpx2.AsyncClient(
             timeout=httpx2.Timeout(
@@ -224,6 +139,15 @@ class UpstreamEngine:
                 ", ".join(r.base_url for r in self.pool.replicas),
             )
         self.pool.start(self._client, self._headers)
+
+    def health(self) -> EngineHealth:
+        replicas = self.pool.replicas
+        return EngineHealth(
+            replicas_up=sum(r.healthy for r in replicas),
+            replicas=len(replicas),
+            queued=0,  # requests wait in the replicas' own queues, which we cannot see
+            running=sum(r.outstanding for r in replicas),
+        )
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -265,7 +189,7 @@ class UpstreamEngine:
             try:
                 usage = state.final_usage()
             except BadAnswer as exc:
-                log.warning("upstream %s answered nonsense: %s", where, exc)
+                log.warning("upstream %s answered nonsense: %s", where, self._redact(str(exc)))
                 raise errors.UpstreamError(_INVALID) from exc
             yield Finished(state.finish_reason or "stop", usage)
         finally:
@@ -314,36 +238,36 @@ class UpstreamEngine:
                 timeout=timeout,
             )
             replica.outstanding += 1
+            kept = False  # a 200 keeps the replica's count: the caller gives it back when the answer ends
             try:
-                response = await client.send(outgoing, stream=True)
-            except httpx2.PoolTimeout as exc:
-                replica.outstanding -= 1
-                raise errors.Overloaded("The model is busy with other requests; retry shortly.") from exc
-            except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
-                replica.outstanding -= 1
-                replica.mark(False, type(exc).__name__, self.spec.id)
-                continue
-            except httpx2.TimeoutException as exc:  # connected, but no answer within timeout_s
-                replica.outstanding -= 1
-                log.warning("upstream %s sent no answer in time (timeout_s=%s)", where, self.spec.timeout_s)
-                if own_timeout:
-                    replica.mark(False, f"no answer within timeout_s={self.spec.timeout_s}", self.spec.id)
-                raise errors.DeadlineExceeded("The upstream model did not answer in time.") from exc
-            except httpx2.TransportError as exc:  # dropped before the headers: nothing reached the client
-                replica.outstanding -= 1
-                log.warning("upstream %s dropped the request: %s", where, type(exc).__name__)
-                suspects.append((replica, type(exc).__name__))
-                continue
-            except BaseException:
-                replica.outstanding -= 1
-                raise
-            if response.status_code == 200:
-                replica.mark(True, "", self.spec.id)
-                for suspect, why in suspects:  # this request works: the earlier failures were theirs
-                    suspect.mark(False, why, self.spec.id)
-                return response, replica
-            body = await _read_capped(response, MAX_ERROR_BODY)
-            replica.outstanding -= 1
+                try:
+                    response = await client.send(outgoing, stream=True)
+                except httpx2.PoolTimeout as exc:
+                    raise errors.Overloaded("The model is busy with other requests; retry shortly.") from exc
+                except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
+                    replica.mark(False, type(exc).__name__, self.spec.id)
+                    continue
+                except httpx2.TimeoutException as exc:  # connected, but no answer within timeout_s
+                    log.warning(
+                        "upstream %s sent no answer in time (timeout_s=%s)", where, self.spec.timeout_s
+                    )
+                    if own_timeout:
+                        replica.mark(False, f"no answer within timeout_s={self.spec.timeout_s}", self.spec.id)
+                    raise errors.DeadlineExceeded("The upstream model did not answer in time.") from exc
+                except httpx2.TransportError as exc:  # dropped before the headers: nothing reached the client
+                    log.warning("upstream %s dropped the request: %s", where, type(exc).__name__)
+                    suspects.append((replica, type(exc).__name__))
+                    continue
+                if response.status_code == 200:
+                    replica.mark(True, "", self.spec.id)
+                    for suspect, why in suspects:  # this request works: the earlier failures were theirs
+                        suspect.mark(False, why, self.spec.id)
+                    kept = True
+                    return response, replica
+                body = self._redact.body(await read_capped(response, MAX_ERROR_BODY))
+            finally:
+                if not kept:
+                    replica.outstanding -= 1
             status = response.status_code
             if status >= 500:
                 log.warning("upstream %s answered HTTP %d: %s", where, status, body[:300])
@@ -360,7 +284,7 @@ class UpstreamEngine:
 
     async def _read(
         self, response: httpx2.Response, replica: Replica, request: EngineRequest, state: StreamState
-    ) -> AsyncGenerator[TextDelta, None]:
+    ) -> AsyncGenerator[TextDelta | ToolCallDelta, None]:
         """The answer's text deltas, the stream's protocol and transport errors mapped to ours.
 
         Stops early (without error) once `state.cut`: the upstream went past the completion budget.
@@ -369,7 +293,7 @@ class UpstreamEngine:
         content_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
         try:
             if content_type == "application/json":  # an upstream that ignores stream: true
-                obj = parse_json(await _read_capped(response, MAX_JSON_BODY))
+                obj = parse_json(await read_capped(response, MAX_JSON_BODY))
                 if obj is None:
                     raise BadAnswer("the body is not a JSON object")
                 for delta in state.completion(obj):
@@ -377,7 +301,7 @@ class UpstreamEngine:
                 return
             if content_type != "text/event-stream":
                 raise BadAnswer(f"unexpected content type {content_type!r}")
-            async with aclosing(_sse_data(response, request.deadline)) as events:
+            async with aclosing(sse_data(response, request.deadline)) as events:
                 async for data in events:
                     if data == "[DONE]":
                         state.done = True
@@ -390,7 +314,7 @@ class UpstreamEngine:
                     if state.cut:
                         return
         except BadAnswer as exc:
-            log.warning("upstream %s answered nonsense: %s", where, exc)
+            log.warning("upstream %s answered nonsense: %s", where, self._redact(str(exc)))
             raise errors.UpstreamError(_INVALID) from exc
         except httpx2.TimeoutException as exc:
             log.warning("upstream %s went silent mid-answer", where)
@@ -403,83 +327,3 @@ class UpstreamEngine:
         except httpx2.HTTPError as exc:
             log.warning("upstream %s broke the answer off: %s", where, type(exc).__name__)
             raise errors.UpstreamError("Bad gateway: the upstream model's answer broke off.") from exc
-
-
-async def _read_capped(response: httpx2.Response, limit: int) -> bytes:
-    """At most `limit` bytes of the body; an over-long body is cut (it is only parsed for an envelope)."""
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in response.aiter_bytes():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size >= limit:
-                break
-    except httpx2.HTTPError:
-        pass  # an error body that breaks off is still an error; what we have is enough
-    finally:
-        await response.aclose()
-    return b"".join(chunks)[:limit]
-
-
-_LINE_END = re.compile(rb"\r\n|\r|\n")
-
-
-async def _sse_lines(response: httpx2.Response, deadline: float) -> AsyncGenerator[bytes, None]:
-    """The body's lines, split as the SSE spec says: on CRLF, CR or LF only.
-
-    Not `aiter_lines`: it splits like `str.splitlines`, also on U+0085, U+2028 and U+2029, which vLLM
-    and SGLang write raw inside JSON strings, so an answer containing them would be cut mid-event. A
-    line is capped at MAX_EVENT bytes and the deadline is checked on every chunk read, so an upstream
-    that trickles bytes without a line break can outgrow neither memory nor the request's time.
-    """
-    buffer = bytearray()
-    after_cr = False  # the last chunk ended in CR: a leading LF in the next one belongs to it
-    async for chunk in response.aiter_bytes():
-        if time.monotonic() > deadline:
-            raise errors.DeadlineExceeded("The request timed out while the upstream model was answering.")
-        if not chunk:
-            continue
-        if after_cr and chunk.startswith(b"\n"):
-            chunk = chunk[1:]
-        after_cr = False
-        scan_from = len(buffer)
-        buffer += chunk
-        start = 0
-        for end in _LINE_END.finditer(buffer, scan_from):
-            yield bytes(buffer[start : end.start()])
-            start = end.end()
-            after_cr = end.group() == b"\r" and start == len(buffer)
-        del buffer[:start]
-        if len(buffer) > MAX_EVENT:
-            raise BadAnswer("a line of the event stream is longer than 1 MiB")
-    if buffer:
-        yield bytes(buffer)
-
-
-async def _sse_data(response: httpx2.Response, deadline: float) -> AsyncGenerator[str, None]:
-    """The `data` of each server-sent event; comments (keep-alives) are skipped, the deadline holds."""
-    lines: list[str] = []
-    size = 0
-    first = True
-    async with aclosing(_sse_lines(response, deadline)) as raw_lines:
-        async for raw in raw_lines:
-            line = raw.decode("utf-8", errors="replace")
-            if first:
-                line, first = line.removeprefix("\ufeff"), False
-            if not line:
-                if lines:
-                    yield "\n".join(lines)
-                lines, size = [], 0
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            if name == "data":
-                value = value[1:] if value.startswith(" ") else value
-                size += len(value)
-                if size > MAX_EVENT:
-                    raise BadAnswer("an event is larger than 1 MiB")
-                lines.append(value)
-    if lines:
-        yield "\n".join(lines)

@@ -23,7 +23,7 @@ from typing import Any
 
 from tokentill import errors
 from tokentill.engines.base import EngineRequest
-from tokentill.types import FinishReason, Message, TextDelta, Usage
+from tokentill.types import FinishReason, Message, TextDelta, ToolCallDelta, Usage
 
 __all__ = [
     "IMAGE_TOKEN_ALLOWANCE",
@@ -42,7 +42,9 @@ BYTES_PER_TOKEN = 3  # real tokenizers average ~4 bytes of English per token: /3
 TOKENS_PER_MESSAGE = 8  # role markers and separators of any chat template
 TOKENS_PER_REQUEST = 48  # the assistant prefix plus a default system prompt some templates inject
 IMAGE_TOKEN_ALLOWANCE = 1000  # vision encoders use roughly 256–1500 tokens per image
-_FINISH: dict[str, FinishReason] = {"length": "length"}  # stop, tool_calls, content_filter, … → "stop"
+# stop, content_filter, anything else → "stop"
+_FINISH: dict[str, FinishReason] = {"length": "length", "tool_calls": "tool_calls"}
+Delta = TextDelta | ToolCallDelta
 
 
 def estimate_prompt_tokens(request: EngineRequest) -> int:
@@ -55,6 +57,12 @@ def estimate_prompt_tokens(request: EngineRequest) -> int:
     for message in request.messages:
         total += math.ceil(len(message.text.encode("utf-8")) / BYTES_PER_TOKEN) + TOKENS_PER_MESSAGE
         total += IMAGE_TOKEN_ALLOWANCE * len(message.images)
+        for call in message.tool_calls:
+            total += math.ceil(len((call.name + call.arguments).encode("utf-8")) / BYTES_PER_TOKEN)
+    for tool in request.tools:  # the server writes the tools into the prompt: they are prompt tokens
+        total += math.ceil(len(json.dumps(tool.raw).encode("utf-8")) / BYTES_PER_TOKEN)
+    if request.response_format is not None:
+        total += math.ceil(len(json.dumps(request.response_format.raw).encode("utf-8")) / BYTES_PER_TOKEN)
     return total
 
 
@@ -85,7 +93,7 @@ def build_payload(
     """
     payload: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": m.role, "content": _content(m)} for m in request.messages],
+        "messages": [_message(m) for m in request.messages],
         "max_completion_tokens": request.max_tokens,
         "temperature": request.temperature,
         "top_p": request.top_p,
@@ -106,7 +114,31 @@ def build_payload(
         payload["presence_penalty"] = request.presence_penalty
     if reasoning == "native":
         payload["reasoning_effort"] = request.reasoning_effort
+    # Structured output and tools go as the client sent them: the upstream server enforces them.
+    if request.response_format is not None:
+        payload["response_format"] = request.response_format.raw
+    if request.tools:
+        payload["tools"] = [tool.raw for tool in request.tools]
+        if request.tool_choice.raw is not None:
+            payload["tool_choice"] = request.tool_choice.raw
+        elif request.tool_choice.mode == "none":  # a pass that must not call (the scratchpad's notes)
+            payload["tool_choice"] = "none"
+        if request.parallel_tool_calls is not None:
+            payload["parallel_tool_calls"] = request.parallel_tool_calls
     return payload
+
+
+def _message(message: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message.role, "content": _content(message)}
+    if message.tool_calls:
+        out["content"] = message.text or None
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
 
 
 def parse_json(data: str | bytes) -> dict[str, Any] | None:
@@ -148,11 +180,11 @@ class StreamState:
     cut: bool = False
     _seen_choice: bool = field(default=False, repr=False)
 
-    def chunk(self, obj: dict[str, Any]) -> list[TextDelta]:
+    def chunk(self, obj: dict[str, Any]) -> list[Delta]:
         """Fold one `chat.completion.chunk`; returns its text as deltas (reasoning ones flagged)."""
         return self._fold(obj, streamed=True)
 
-    def _fold(self, obj: dict[str, Any], *, streamed: bool) -> list[TextDelta]:
+    def _fold(self, obj: dict[str, Any], *, streamed: bool) -> list[Delta]:
         if "error" in obj:
             raise BadAnswer(f"error event in the stream: {str(obj['error'])[:300]}")
         usage = obj.get("usage")
@@ -163,7 +195,7 @@ class StreamState:
             if self.finish_reason is not None:
                 return []  # after the answer: a usage-only chunk that omits `choices`, or a trailer
             raise BadAnswer("chunk without a choices list")
-        out: list[TextDelta] = []
+        out: list[Delta] = []
         for choice in choices:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
@@ -172,6 +204,7 @@ class StreamState:
             if not isinstance(delta, dict):
                 raise BadAnswer("choice delta is not an object")
             out.extend(self._texts(delta, streamed=streamed))
+            out.extend(self._tool_calls(delta, streamed=streamed))
             if self.cut:
                 self.finish_reason = "length"
                 return out
@@ -180,7 +213,7 @@ class StreamState:
                 self.finish_reason = _FINISH.get(reason, "stop")
         return out
 
-    def completion(self, obj: dict[str, Any]) -> list[TextDelta]:
+    def completion(self, obj: dict[str, Any]) -> list[Delta]:
         """Fold a whole non-streamed `chat.completion` (an upstream that ignored `stream: true`)."""
         choices = obj.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
@@ -189,12 +222,48 @@ class StreamState:
         if not isinstance(message, dict):
             raise BadAnswer("completion choice without a message")
         delta_like = {k: message.get(k) for k in ("content", "reasoning_content", "reasoning")}
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            delta_like["tool_calls"] = [
+                {"index": i, **c} if isinstance(c, dict) else c for i, c in enumerate(calls)
+            ]
         reason = choices[0].get("finish_reason")
         # One delta per field, not per token: the budget is enforced on the reported usage instead.
         out = self._fold({"choices": [{"delta": delta_like, "finish_reason": reason}]}, streamed=False)
         if isinstance(obj.get("usage"), dict):
             self.usage = obj["usage"]
         self.done = True
+        return out
+
+    def _tool_calls(self, delta: dict[str, Any], *, streamed: bool) -> list[Delta]:
+        """`delta.tool_calls` entries relayed as they came (index, id, name, argument fragments)."""
+        calls = delta.get("tool_calls")
+        if calls is None:
+            return []
+        if not isinstance(calls, list):
+            raise BadAnswer("delta tool_calls is not a list")
+        out: list[Delta] = []
+        for call in calls:
+            if not isinstance(call, dict):
+                raise BadAnswer("a tool call delta is not an object")
+            function = call.get("function")
+            function = function if isinstance(function, dict) else {}
+            index, call_id = call.get("index", 0), call.get("id")
+            name, arguments = function.get("name"), function.get("arguments") or ""
+            if (
+                isinstance(index, bool)
+                or not isinstance(index, int)
+                or index < 0
+                or not isinstance(call_id, str | None)
+                or not isinstance(name, str | None)
+                or not isinstance(arguments, str)
+            ):
+                raise BadAnswer(f"malformed tool call delta: {str(call)[:200]}")
+            if streamed and self.deltas >= self.max_tokens:
+                self.cut = True
+                break
+            self.deltas += 1
+            out.append(ToolCallDelta(index, id=call_id, name=name, arguments=arguments))
         return out
 
     def _texts(self, delta: dict[str, Any], *, streamed: bool) -> list[TextDelta]:

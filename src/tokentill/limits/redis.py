@@ -61,8 +61,14 @@ _REDIS_FAILURES = (RedisError, OSError)  # OSError covers socket errors and buil
 _GIVE_BACK_DELAYS_S = (0.0, 0.5, 2.0)  # after a failed acquire, when to try freeing its slot
 _CLOSE_WAIT_S = 3.0  # how long `aclose` waits for those background calls
 
-# Shared by the scripts below: drop token reservations that left the window, return the tokens in it.
+# Shared by the scripts below. `int` renders a count as HINCRBY's argument: Lua negates 0 to -0, which
+# redis.call sends as "-0", and HINCRBY refuses that ("value is not an integer"), so every increment goes
+# through `%d` and a zero increment is skipped. `trim_tokens` drops token reservations that left the
+# window and returns the tokens still in it.
 _TRIM_TOKENS_LUA = """
+local function int(n)
+  return string.format('%d', n)
+end
 local function trim_tokens(cutoff)
   local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)
   if #expired > 0 then
@@ -72,7 +78,7 @@ local function trim_tokens(cutoff)
       redis.call('HDEL', KEYS[3], m)
     end
     redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff)
-    redis.call('HINCRBY', KEYS[3], '~sum', -freed)
+    if freed ~= 0 then redis.call('HINCRBY', KEYS[3], '~sum', int(-freed)) end
   end
   return tonumber(redis.call('HGET', KEYS[3], '~sum')) or 0
 end
@@ -154,8 +160,8 @@ if failed == 0 and not seen then
   end
   if tpm > 0 then
     redis.call('ZADD', KEYS[2], now, lease)
-    redis.call('HSET', KEYS[3], lease, tokens)
-    redis.call('HINCRBY', KEYS[3], '~sum', tokens)
+    redis.call('HSET', KEYS[3], lease, int(tokens))
+    if tokens ~= 0 then redis.call('HINCRBY', KEYS[3], '~sum', int(tokens)) end
     redis.call('PEXPIRE', KEYS[2], key_ttl_ms)
     redis.call('PEXPIRE', KEYS[3], key_ttl_ms)
     tok_used = tok_used + tokens
@@ -182,11 +188,13 @@ return {failed == 0 and 1 or 0, failed, retry, req_used, req_reset, tok_used, to
 FINISH_LUA = """
 -- KEYS: 1 tok hash, 2 conc zset.  ARGV: 1 lease id, 2 actual tokens.
 -- Corrects a reservation still in the window (HSET/HINCRBY keep the key's TTL; an expired hash is
--- left alone, never recreated), then frees the concurrency slot.
+-- left alone, never recreated), then frees the concurrency slot. Counts go through '%d' and a zero
+-- change is skipped, as in _TRIM_TOKENS_LUA.
 local reserved = redis.call('HGET', KEYS[1], ARGV[1])
 if reserved then
+  local change = tonumber(ARGV[2]) - tonumber(reserved)
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('HINCRBY', KEYS[1], '~sum', tonumber(ARGV[2]) - tonumber(reserved))
+  if change ~= 0 then redis.call('HINCRBY', KEYS[1], '~sum', string.format('%d', change)) end
 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 return 1

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from pydantic_core import ErrorDetails
 
 from tokentill.errors import InvalidRequest
+from tokentill.types import ResponseFormat, ToolCall, ToolChoice, ToolDefinition
 
 __all__ = [
     "ChatCompletionRequest",
@@ -24,6 +25,7 @@ __all__ = [
     "ImageURL",
     "StreamOptions",
     "TextPart",
+    "ToolParam",
     "decode_chat_body",
     "find_invalid_unicode",
     "parse_chat_request",
@@ -42,6 +44,8 @@ MAX_TOKEN_ID_DIGITS = 9  # larger than any vocabulary; bounds int() on client te
 MAX_MESSAGES = 2048
 MAX_CONTENT_PARTS = 8192  # in all messages together
 MAX_JSON_COMMAS = 1_000_000  # every JSON value past the first of its container needs one
+MAX_TOOLS = 128  # OpenAI's limit
+_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # function and json_schema names (OpenAI's rule)
 
 
 class _Strict(BaseModel):
@@ -66,11 +70,71 @@ class ImagePart(_Strict):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCallParam(_Strict):
+    name: StrictStr
+    arguments: StrictStr
+
+
+class ToolCallParam(_Strict):
+    id: StrictStr
+    type: Literal["function"]
+    function: FunctionCallParam
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
     refusal: StrictStr | None = None
+    tool_calls: list[ToolCallParam] | None = None  # assistant turns
+    tool_call_id: StrictStr | None = None  # tool turns
+
+    def domain_tool_calls(self) -> tuple[ToolCall, ...]:
+        return tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ())
+
+
+class FunctionDefinition(_Strict):
+    name: StrictStr
+    description: StrictStr | None = None
+    parameters: dict[StrictStr, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class ToolParam(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: StrictStr
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JSONSchemaSpec(_Strict):
+    name: StrictStr
+    description: StrictStr | None = None
+    schema_: dict[StrictStr, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class JSONSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaSpec
+
+
+ResponseFormatParam = Annotated[TextFormat | JSONObjectFormat | JSONSchemaFormat, Field(discriminator="type")]
 
 
 class StreamOptions(_Strict):
@@ -96,6 +160,45 @@ class ChatCompletionRequest(_Strict):
     user: StrictStr | None = Field(default=None, max_length=MAX_USER_CHARS)
     metadata: dict[StrictStr, StrictStr] | None = None
     include_reasoning: StrictBool | None = None
+    response_format: ResponseFormatParam | None = None
+    tools: list[ToolParam] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+
+    def response_format_spec(self) -> ResponseFormat | None:
+        """`response_format` as the engines take it; None for text (or none given)."""
+        fmt = self.response_format
+        raw = fmt.model_dump(by_alias=True, exclude_unset=True) if fmt is not None else {}
+        if isinstance(fmt, JSONObjectFormat):
+            return ResponseFormat("json_object", raw=raw)
+        if isinstance(fmt, JSONSchemaFormat):
+            spec = fmt.json_schema
+            return ResponseFormat(
+                "json_schema", name=spec.name, schema=spec.schema_, strict=bool(spec.strict), raw=raw
+            )
+        return None
+
+    def tool_definitions(self) -> tuple[ToolDefinition, ...]:
+        return tuple(
+            ToolDefinition(
+                name=t.function.name,
+                description=t.function.description or "",
+                parameters=t.function.parameters,
+                strict=bool(t.function.strict),
+                raw=t.model_dump(by_alias=True, exclude_unset=True),
+            )
+            for t in self.tools or ()
+        )
+
+    def tool_choice_spec(self) -> ToolChoice:
+        """`tool_choice` with OpenAI's default: auto when tools are given, else none."""
+        choice = self.tool_choice
+        raw = choice.model_dump(exclude_unset=True) if isinstance(choice, NamedToolChoice) else choice
+        if isinstance(choice, NamedToolChoice):
+            return ToolChoice("function", choice.function.name, raw=raw)
+        if choice is None:
+            return ToolChoice("auto" if self.tools else "none")
+        return ToolChoice(choice, raw=raw)
 
     def completion_limit(self) -> int | None:
         """The client's explicit completion budget, from either spelling."""
@@ -115,14 +218,10 @@ class ChatCompletionRequest(_Strict):
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "logprobs": (False, None),
     "top_logprobs": (None, 0),
-    "parallel_tool_calls": (None, True, False),
     "store": (None, False),
     "service_tier": (None, "auto", "default"),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]),
     "audio": (None,),
     "prediction": (None,),
@@ -236,7 +335,8 @@ def _message_for(error: ErrorDetails, param: str) -> str:
         return f"Unrecognized request argument supplied: {param}"
     if kind == "union_tag_invalid":
         tag = (error.get("ctx") or {}).get("tag")
-        return f"Invalid value: '{tag}'. Supported values are: 'text' and 'image_url'."
+        expected = (error.get("ctx") or {}).get("expected_tags", "'text', 'image_url'")
+        return f"Invalid value: '{tag}'. Supported values are: {expected}."
     if kind == "literal_error":
         expected = (error.get("ctx") or {}).get("expected", "")
         return f"Invalid value for '{param}': {error.get('input')!r}. Supported values are: {expected}."
@@ -362,13 +462,9 @@ def _check_semantics(request: ChatCompletionRequest) -> None:
     if len(stops) > 4 or any(s == "" for s in stops):
         raise InvalidRequest("'stop' takes up to 4 non-empty sequences.", code="invalid_value", param="stop")
     _check_metadata(request.metadata)
+    _check_tools(request)
     for i, message in enumerate(request.messages):
-        if message.role == "tool":
-            raise InvalidRequest(
-                "Messages with role 'tool' are not supported: this service does not offer tools.",
-                code="unsupported_value",
-                param=f"messages[{i}].role",
-            )
+        _check_tool_message(i, message)
         if message.content is None and message.role != "assistant":
             raise InvalidRequest(
                 f"Missing required parameter: 'messages[{i}].content'.",
@@ -383,6 +479,72 @@ def _check_semantics(request: ChatCompletionRequest) -> None:
                         code="invalid_value",
                         param=f"messages[{i}].content[{j}]",
                     )
+
+
+def _check_tool_message(i: int, message: ChatMessage) -> None:
+    if message.tool_calls is not None and message.role != "assistant":
+        raise InvalidRequest(
+            f"Invalid parameter: 'tool_calls' is only allowed in assistant messages, not '{message.role}'.",
+            code="invalid_value",
+            param=f"messages[{i}].tool_calls",
+        )
+    if message.role == "tool" and message.tool_call_id is None:
+        raise InvalidRequest(
+            f"Missing required parameter: 'messages[{i}].tool_call_id'.",
+            code="missing_required_parameter",
+            param=f"messages[{i}].tool_call_id",
+        )
+    if message.tool_call_id is not None and message.role != "tool":
+        raise InvalidRequest(
+            f"Invalid parameter: 'tool_call_id' is only allowed in tool messages, not '{message.role}'.",
+            code="invalid_value",
+            param=f"messages[{i}].tool_call_id",
+        )
+
+
+def _check_tools(request: ChatCompletionRequest) -> None:
+    """Function names as OpenAI allows them, unique; a named `tool_choice` among them; schemas objects."""
+    tools = request.tools or []
+    if len(tools) > MAX_TOOLS:
+        raise _too_long("tools", MAX_TOOLS, len(tools))
+    seen: set[str] = set()
+    for i, tool in enumerate(tools):
+        name = tool.function.name
+        if not _NAME.fullmatch(name):
+            raise InvalidRequest(
+                f"Invalid 'tools[{i}].function.name': string does not match pattern. Expected a string "
+                "that matches the pattern '^[a-zA-Z0-9_-]{1,64}$'.",
+                code="invalid_value",
+                param=f"tools[{i}].function.name",
+            )
+        if name in seen:
+            raise InvalidRequest(
+                f"Invalid 'tools': the function name '{name}' is given twice.",
+                code="invalid_value",
+                param=f"tools[{i}].function.name",
+            )
+        seen.add(name)
+    choice = request.tool_choice
+    if choice is not None and choice != "none" and not tools:
+        raise InvalidRequest(
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+            code="invalid_value",
+            param="tool_choice",
+        )
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in seen:
+        raise InvalidRequest(
+            f"Invalid value for 'tool_choice': no function named '{choice.function.name}' in 'tools'.",
+            code="invalid_value",
+            param="tool_choice.function.name",
+        )
+    fmt = request.response_format
+    if isinstance(fmt, JSONSchemaFormat) and not _NAME.fullmatch(fmt.json_schema.name):
+        raise InvalidRequest(
+            "Invalid 'response_format.json_schema.name': string does not match pattern. Expected a "
+            "string that matches the pattern '^[a-zA-Z0-9_-]{1,64}$'.",
+            code="invalid_value",
+            param="response_format.json_schema.name",
+        )
 
 
 def _check_metadata(metadata: dict[str, str] | None) -> None:

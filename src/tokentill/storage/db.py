@@ -13,9 +13,20 @@
   PostgreSQL re-checks after waiting on the row lock, so it needs no stronger isolation. `read()` is
   REPEATABLE READ so a report (an audit) sees one snapshot.
 
+An outage is an answer, not a bug: a connection that cannot be made or is lost (refused, reset, timed out,
+the pool exhausted, the server shutting down) inside `begin()` or `read()` is raised as
+`errors.ServiceUnavailable` (503 `service_unavailable`, Retry-After), chained to the driver's exception, and
+logged here once as one line. Other driver errors (constraint violations, SQL bugs) pass through as they
+are. The pool pings a connection before lending it, so the first request after a restore reconnects.
+
 Migrations are Alembic revisions shipped inside the package (`storage/migrations`), run to head in one
 transaction on every open; a second open is a no-op. On PostgreSQL the run holds a transaction-scoped
 advisory lock, so replicas started together migrate one after the other.
+
+Only `tokentill serve` and `tokentill init` create a database (`create=True`). The other commands open
+with `create=False`, which raises `DatabaseMissing` for a database tokentill never set up (a SQLite file
+that does not exist, a PostgreSQL database without tokentill's tables) and creates nothing, so a command
+pointed at the wrong data folder says so instead of working on a new, empty database.
 """
 
 from __future__ import annotations
@@ -24,22 +35,23 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, closing, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, text
+from sqlalchemy import event, exc, inspect, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from tokentill.errors import ServiceUnavailable
 from tokentill.storage.schema import utcnow
 
-__all__ = ["Database", "open_database"]
+__all__ = ["RETRY_AFTER_S", "Database", "DatabaseMissing", "describe_url", "is_outage", "open_database"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +59,61 @@ _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # Any fixed 64-bit number; only tokentill's migration runs take it.
 _MIGRATION_LOCK_KEY = 0x746F6B656E74696C  # "tokentil"
 _BEGIN_OPTION = "tokentill_sqlite_begin"
+_VERSION_TABLE = "alembic_version"  # Alembic's own table: present once tokentill has set a database up
 _SQLITE_PRAGMAS = (
     "PRAGMA busy_timeout = 10000",  # first, so that the WAL switch itself waits for other processes
     "PRAGMA journal_mode = WAL",
     "PRAGMA foreign_keys = ON",
     "PRAGMA synchronous = NORMAL",
 )
+RETRY_AFTER_S = 2  # what a 503 tells the client to wait: a restarting server is back in seconds
+# SQLite errors that mean "the file cannot be used now", not "the statement is wrong".
+_SQLITE_OUTAGES = ("database is locked", "unable to open database", "disk i/o error", "database is full")
+
+
+def _asyncpg_outages() -> tuple[type[BaseException], ...]:
+    import asyncpg
+
+    return (
+        asyncpg.exceptions.PostgresConnectionError,  # includes ConnectionDoesNotExistError
+        asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, cannot connect now
+        asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+    )
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether `error` says the database cannot be reached (retrying later may succeed), rather than
+    that a statement is wrong. Already-translated `ServiceUnavailable` counts too."""
+    if isinstance(error, ServiceUnavailable | OSError | TimeoutError | exc.TimeoutError):
+        return True  # exc.TimeoutError: no pooled connection came free within the pool timeout
+    if isinstance(error, exc.DBAPIError):
+        if error.connection_invalidated or isinstance(error, exc.InterfaceError):
+            return True
+        cause = error.orig.__cause__ if error.orig is not None else None
+        if cause is not None and is_outage(cause):
+            return True
+        if isinstance(error, exc.OperationalError):
+            if isinstance(error.orig, sqlite3.OperationalError):
+                return str(error.orig).lower().startswith(_SQLITE_OUTAGES)
+            return True
+        return False
+    return isinstance(error, _asyncpg_outages())
+
+
+class DatabaseMissing(Exception):
+    """`open_database(url, create=False)` found no tokentill database at `url` (an operator error)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(f"no tokentill database at {describe_url(url)}")
+        self.url = url
+
+
+def describe_url(url: str) -> str:
+    """The database as an operator recognises it: a SQLite file's path, else the URL without password."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        return str(Path(parsed.database).resolve())
+    return parsed.render_as_string(hide_password=True)
 
 
 class Database:
@@ -65,6 +126,7 @@ class Database:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.dialect: str = engine.dialect.name
+        self._down = False  # the last transaction failed for an outage (logged once until it recovers)
         self._write_lock: asyncio.Lock | None = None  # SQLite: this process's writers, one at a time
         self._write_lock_loop: asyncio.AbstractEventLoop | None = None
         # Reads see one snapshot: a deferred BEGIN in WAL mode on SQLite, REPEATABLE READ on PostgreSQL
@@ -84,13 +146,36 @@ class Database:
         sleeps in steps of up to 100 ms (under 8 concurrent requests that gave a p95 near one second).
         Other processes sharing the file (`--workers`) still meet at the busy timeout.
         """
-        if self.dialect != "sqlite":
-            async with self.engine.begin() as conn:
-                yield conn
-            return
-        async with self._sqlite_write_lock():
-            async with self.engine.begin() as conn:
-                yield conn
+        with self._outage_is_503():
+            if self.dialect != "sqlite":
+                async with self.engine.begin() as conn:
+                    yield conn
+                return
+            async with self._sqlite_write_lock():
+                async with self.engine.begin() as conn:
+                    yield conn
+
+    @contextmanager
+    def _outage_is_503(self) -> Iterator[None]:
+        """Translate an outage into `ServiceUnavailable`; log the first of a series and the recovery."""
+        try:
+            yield
+        except ServiceUnavailable:
+            raise
+        except Exception as error:
+            if not is_outage(error):
+                raise
+            if not self._down:
+                self._down = True
+                detail = (str(error).splitlines() or [""])[0]
+                logger.error("database unavailable (%s: %s); answering 503", type(error).__name__, detail)
+            raise ServiceUnavailable(
+                "The service is temporarily unavailable (its database cannot be reached). Please retry.",
+                retry_after_s=RETRY_AFTER_S,
+            ) from error
+        if self._down:
+            self._down = False
+            logger.warning("database reachable again")
 
     def _sqlite_write_lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
@@ -101,8 +186,9 @@ class Database:
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         """A read-only transaction over one consistent snapshot; do not write in it."""
-        async with self._read_engine.begin() as conn:
-            yield conn
+        with self._outage_is_503():
+            async with self._read_engine.begin() as conn:
+                yield conn
 
     async def now(self, conn: AsyncConnection) -> datetime:
         """The current time by the database's clock (UTC), for expiries that several replicas compare.
@@ -188,7 +274,28 @@ def _upgrade(connection: Connection) -> None:
     command.upgrade(_alembic_config(connection), "head")
 
 
-def _make_engine(url: str) -> AsyncEngine:
+def _has_schema(connection: Connection) -> bool:
+    return inspect(connection).has_table(_VERSION_TABLE)
+
+
+def _sqlite_has_schema(path: str) -> bool:
+    """True when the SQLite file exists and holds tokentill's tables; opened read-only, creates nothing."""
+    file = Path(path).resolve()
+    if not file.is_file():
+        return False
+    with closing(sqlite3.connect(f"{file.as_uri()}?mode=ro", uri=True, timeout=10.0)) as conn:
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        return conn.execute(query, (_VERSION_TABLE,)).fetchone() is not None
+
+
+def _make_engine(
+    url: str,
+    *,
+    create: bool = True,
+    connect_timeout_s: float = 5.0,
+    pool_timeout_s: float = 10.0,
+    statement_timeout_s: float = 30.0,
+) -> AsyncEngine:
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
@@ -196,7 +303,8 @@ def _make_engine(url: str) -> AsyncEngine:
             raise ValueError(f"SQLite URLs must use the aiosqlite driver: {parsed.drivername}")
         if not parsed.database or parsed.database == ":memory:":
             raise ValueError("an in-memory SQLite database cannot be shared; give a file path")
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(parsed)
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
@@ -204,24 +312,54 @@ def _make_engine(url: str) -> AsyncEngine:
     if backend == "postgresql":
         if parsed.drivername != "postgresql+asyncpg":
             raise ValueError(f"PostgreSQL URLs must use the asyncpg driver: {parsed.drivername}")
-        return create_async_engine(parsed, pool_pre_ping=True)
+        # A server that accepts TCP but never answers (a partition) fails the connect after
+        # `connect_timeout_s`, a statement on a pooled connection cut off without a reset (the pool's
+        # pre-ping included) after `statement_timeout_s`, and a wait for a pooled connection after
+        # `pool_timeout_s`.
+        return create_async_engine(
+            parsed,
+            pool_pre_ping=True,
+            pool_timeout=pool_timeout_s,
+            connect_args={"timeout": connect_timeout_s, "command_timeout": statement_timeout_s},
+        )
     raise ValueError(f"unsupported database URL scheme: {parsed.drivername}")
 
 
-async def open_database(url: str) -> Database:
+async def open_database(
+    url: str,
+    *,
+    create: bool = True,
+    connect_timeout_s: float = 5.0,
+    pool_timeout_s: float = 10.0,
+    statement_timeout_s: float = 30.0,
+) -> Database:
     """Connect to `url`, migrate it to the newest revision, and return the `Database`.
 
-    Raises `ValueError` for an unsupported URL; driver and migration errors propagate (after the engine
-    is disposed), since a server must not start on a database it cannot use.
+    `create=False`: raise `DatabaseMissing`, creating nothing, unless tokentill has set this database up
+    before (an older revision is still migrated). PostgreSQL: a connection attempt gives up after
+    `connect_timeout_s`, a statement (the pool's liveness ping included) after `statement_timeout_s`, a
+    wait for a free pooled connection after `pool_timeout_s` (all then answer 503). Raises `ValueError`
+    for an unsupported URL; driver and migration errors propagate (after the engine is disposed), since
+    a server must not start on a database it cannot use.
     """
-    engine = _make_engine(url)
+    engine = _make_engine(
+        url,
+        create=create,
+        connect_timeout_s=connect_timeout_s,
+        pool_timeout_s=pool_timeout_s,
+        statement_timeout_s=statement_timeout_s,
+    )
     try:
         if engine.dialect.name == "sqlite" and engine.url.database:
+            if not create and not await asyncio.to_thread(_sqlite_has_schema, engine.url.database):
+                raise DatabaseMissing(url)
             await asyncio.to_thread(_switch_to_wal, engine.url.database)
         async with engine.begin() as conn:
             if engine.dialect.name == "postgresql":
                 # Released at commit/rollback; a second process waits here, then finds nothing to do.
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+            if not create and not await conn.run_sync(_has_schema):
+                raise DatabaseMissing(url)
             await conn.run_sync(_upgrade)
     except BaseException:
         await engine.dispose()

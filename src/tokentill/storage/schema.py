@@ -16,7 +16,8 @@ Tables:
                   transaction as each usage row, so it always equals the raw rows summed
     server_secrets  named random secrets shared by every replica (e.g. the console's cookie key)
 
-The Alembic revisions `0001_initial`, `0002_idempotency` and `0003_console` create exactly these tables;
+The Alembic revisions `0001_initial`, `0002_idempotency`, `0003_console` and `0004_cached_pricing` create
+exactly these tables;
 change both together.
 """
 
@@ -74,6 +75,7 @@ USAGE_COUNTERS = (
     "cached_tokens",
     "image_tokens",
     "cost",
+    "cached_saving",
 )
 
 # BIGINT on PostgreSQL; on SQLite only `INTEGER PRIMARY KEY` autoincrements (it is 64-bit there anyway).
@@ -195,6 +197,8 @@ usage = Table(
     Column("cached_tokens", Integer, nullable=False, server_default="0"),
     Column("image_tokens", Integer, nullable=False, server_default="0"),
     Column("cost", BigInteger, nullable=False),
+    # µcr the cached prompt tokens saved (price_input − price_cached_input each); `cost` is after it.
+    Column("cached_saving", BigInteger, nullable=False, server_default="0"),
     Column("status", Integer, nullable=False),  # HTTP status; 499 = client disconnected
     Column("latency_ms", Integer, nullable=False, server_default="0"),
     Column("estimated", Boolean, nullable=False),

@@ -1,6 +1,8 @@
 """o1-style hidden reasoning for any engine, billed as completion tokens.
 
-`with_reasoning(engine, mode)` wraps an engine according to its catalogue entry's `reasoning`:
+`with_reasoning(engine, mode)` wraps an engine according to its catalogue entry's `reasoning`. A wrapper
+closes the wrapped engine's generator as soon as its own is closed (`aclosing`), so a client that leaves
+stops the engine at once rather than whenever the garbage collector finalizes the inner generator:
 
 - `none`: the engine as it is.
 - `native`: the model writes `<think>…</think>` itself (DeepSeek-R1 distills, Qwen3, SmolLM3): the text
@@ -24,13 +26,14 @@ prompt plus the rest of the budget would not fit the context.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import replace
 
 import anyio
 
-from tokentill.engines.base import Capabilities, Engine, EngineRequest
+from tokentill.engines.base import Capabilities, Engine, EngineHealth, EngineRequest, engine_health
 from tokentill.engines.text import ThinkSplitter
-from tokentill.types import EngineEvent, Finished, Message, TextDelta, Usage
+from tokentill.types import EngineEvent, Finished, Message, TextDelta, ToolCallDelta, ToolChoice, Usage
 
 __all__ = ["EFFORT_BUDGETS", "NativeThinking", "Scratchpad", "ThinkSplitter", "with_reasoning"]
 
@@ -61,6 +64,7 @@ class _Wrapper:
             vision=inner.capabilities.vision,
             reasoning=mode,
             exact_prompt_tokens=inner.capabilities.exact_prompt_tokens,
+            grammar=inner.capabilities.grammar,
         )
 
     async def start(self) -> None:
@@ -68,6 +72,9 @@ class _Wrapper:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+    def health(self) -> EngineHealth | None:
+        return engine_health(self.inner)
 
 
 class Scratchpad(_Wrapper):
@@ -88,7 +95,17 @@ class Scratchpad(_Wrapper):
             messages = (*messages[:-1], replace(last, text=f"{last.text}\n\n{_THINK_INSTRUCTION}"))
         else:
             messages = (*messages, Message(role="user", text=_THINK_INSTRUCTION))
-        return replace(request, messages=messages, max_tokens=budget, stop=())
+        # The notes are free text: no grammar, no tool calls (the answer pass makes those).
+        return replace(
+            request,
+            messages=messages,
+            max_tokens=budget,
+            stop=(),
+            grammar=None,
+            response_format=None,
+            tool_choice=ToolChoice("none"),
+            parallel_tool_calls=None,
+        )
 
     def count_prompt_tokens(self, request: EngineRequest) -> int:
         return self.inner.count_prompt_tokens(self._thinking_request(request))
@@ -97,12 +114,13 @@ class Scratchpad(_Wrapper):
         thinking = self._thinking_request(request)
         notes: list[str] = []
         first: Usage | None = None
-        async for event in self.inner.generate(thinking):
-            if isinstance(event, TextDelta):
-                notes.append(event.text)
-                yield replace(event, reasoning=True)
-            else:
-                first = event.usage
+        async with aclosing(self.inner.generate(thinking)) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    notes.append(event.text)
+                    yield replace(event, reasoning=True)
+                elif isinstance(event, Finished):
+                    first = event.usage
         assert first is not None, "an engine ends every generation with Finished"
         left = request.max_tokens - first.completion_tokens
         reasoning = first.completion_tokens
@@ -111,16 +129,19 @@ class Scratchpad(_Wrapper):
             return
         answer = await self._answer_request(request, "".join(notes).strip(), left, reasoning)
         hidden = 0  # an upstream that reasons on its own may send reasoning in the answer pass too
-        async for event in self.inner.generate(answer):
-            if isinstance(event, TextDelta):
-                hidden += event.tokens if event.reasoning else 0
-                yield event
-            else:
-                answer_reasoning = max(event.usage.reasoning_tokens, hidden)
-                yield Finished(
-                    event.finish_reason,
-                    _usage(first, reasoning, event.usage.completion_tokens, reasoning + answer_reasoning),
-                )
+        async with aclosing(self.inner.generate(answer)) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    hidden += event.tokens if event.reasoning else 0
+                    yield event
+                elif isinstance(event, ToolCallDelta):
+                    yield event
+                else:
+                    answer_reasoning = max(event.usage.reasoning_tokens, hidden)
+                    yield Finished(
+                        event.finish_reason,
+                        _usage(first, reasoning, event.usage.completion_tokens, reasoning + answer_reasoning),
+                    )
 
     async def _answer_request(
         self, request: EngineRequest, notes: str, left: int, notes_tokens: int
@@ -187,22 +208,26 @@ class NativeThinking(_Wrapper):
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         splitter = ThinkSplitter()
         reasoning = 0
-        async for event in self.inner.generate(request):
-            if isinstance(event, TextDelta):
-                if event.reasoning:  # the engine already separated it (an upstream's reasoning field)
-                    reasoning += event.tokens
+        async with aclosing(self.inner.generate(request)) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    if event.reasoning:  # the engine already separated it (an upstream's reasoning field)
+                        reasoning += event.tokens
+                        yield event
+                        continue
+                    was_inside = splitter.inside
+                    parts = splitter.feed(event.text)
+                    # A delta's tokens go with its first part; a delta that is only a tag is reasoning.
+                    if not parts:
+                        parts = [(was_inside or splitter.inside, "")]
+                    reasoning += event.tokens if parts[0][0] else 0
+                    for index, (hidden, text) in enumerate(parts):
+                        yield TextDelta(text, reasoning=hidden, tokens=event.tokens if index == 0 else 0)
+                    continue
+                if isinstance(event, ToolCallDelta):
                     yield event
                     continue
-                was_inside = splitter.inside
-                parts = splitter.feed(event.text)
-                # A delta's tokens go with its first part; a delta that is only a tag is reasoning.
-                if not parts:
-                    parts = [(was_inside or splitter.inside, "")]
-                reasoning += event.tokens if parts[0][0] else 0
-                for index, (hidden, text) in enumerate(parts):
-                    yield TextDelta(text, reasoning=hidden, tokens=event.tokens if index == 0 else 0)
-                continue
-            for hidden, text in splitter.flush():
-                yield TextDelta(text, reasoning=hidden, tokens=0)
-            usage = replace(event.usage, reasoning_tokens=max(event.usage.reasoning_tokens, reasoning))
-            yield Finished(event.finish_reason, usage)
+                for hidden, text in splitter.flush():
+                    yield TextDelta(text, reasoning=hidden, tokens=0)
+                usage = replace(event.usage, reasoning_tokens=max(event.usage.reasoning_tokens, reasoning))
+                yield Finished(event.finish_reason, usage)

@@ -1,0 +1,1 @@
+"""Structured output for the embedded engine: JSON schema → llama.cpp grammar (GBNF), tool-call text."""
