@@ -96,15 +96,25 @@ class TokentillServer:
         return result
 
     def _cli_in_process(self, args: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
-        from click.testing import CliRunner
+        from click.testing import CliRunner, Result
 
         from tokentill.cli.main import cli
 
         # Exactly this server's TOKENTILL_* variables: set its own, unset the rest (None removes).
         names = {n for n in (*os.environ, *self.env) if n.startswith("TOKENTILL_")}
         env = {name: self.env.get(name) for name in names}
+        outcomes: list[Result] = []
+
+        def invoke() -> None:
+            outcomes.append(CliRunner().invoke(cli, list(args), env=env, prog_name="tokentill"))
+
+        # On a thread of its own: the command calls asyncio.run(), which a caller's running loop (the
+        # sync Playwright API keeps one) would refuse.
         with _CLI_LOCK:
-            outcome = CliRunner().invoke(cli, list(args), env=env, prog_name="tokentill")
+            worker = threading.Thread(target=invoke)
+            worker.start()
+            worker.join()
+        (outcome,) = outcomes
         stderr = outcome.stderr
         if outcome.exc_info is not None and not isinstance(outcome.exception, SystemExit):
             stderr += "".join(traceback.format_exception(*outcome.exc_info))
