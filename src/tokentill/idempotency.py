@@ -163,11 +163,7 @@ class IdempotencyStore:
                         now = await self._now(conn)
                         renewed = await conn.execute(
                             update(idempotency_keys)
-                            .where(
-                                *self._pk(claim.account_id, claim.key),
-                                idempotency_keys.c.claim_token == claim.token,
-                                idempotency_keys.c.status == "in_progress",
-                            )
+                            .where(*self._running(claim))
                             .values(expires_at=now + self._abandon)
                         )
                     if renewed.rowcount != 1:
@@ -244,13 +240,7 @@ class IdempotencyStore:
         self._stop_heartbeat(claim)
         try:
             async with self._db.begin() as conn:
-                await conn.execute(
-                    delete(idempotency_keys).where(
-                        *self._pk(claim.account_id, claim.key),
-                        idempotency_keys.c.claim_token == claim.token,
-                        idempotency_keys.c.status == "in_progress",
-                    )
-                )
+                await conn.execute(delete(idempotency_keys).where(*self._running(claim)))
         except errors.ServiceUnavailable:
             log.warning("could not release an idempotency key (database unavailable); its lease runs out")
         except Exception:
@@ -270,11 +260,7 @@ class IdempotencyStore:
                 now = await self._now(conn)
                 result = await conn.execute(
                     update(idempotency_keys)
-                    .where(
-                        *self._pk(claim.account_id, claim.key),
-                        idempotency_keys.c.claim_token == claim.token,
-                        idempotency_keys.c.status == "in_progress",
-                    )
+                    .where(*self._running(claim))
                     .values(expires_at=now + self._ttl, **values)
                 )
             if result.rowcount != 1:
@@ -293,6 +279,15 @@ class IdempotencyStore:
     @staticmethod
     def _pk(account_id: int, key: str) -> tuple[Any, Any]:
         return idempotency_keys.c.account_id == account_id, idempotency_keys.c.key == key
+
+    @classmethod
+    def _running(cls, claim: Claim) -> tuple[Any, ...]:
+        """The claim's row, only while it is still this claim's and in progress (fenced by its token)."""
+        return (
+            *cls._pk(claim.account_id, claim.key),
+            idempotency_keys.c.claim_token == claim.token,
+            idempotency_keys.c.status == "in_progress",
+        )
 
     @staticmethod
     def _answer(row: Any, fingerprint: str) -> Replay:

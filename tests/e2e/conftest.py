@@ -33,6 +33,7 @@ import pytest
 import requests
 
 from tests._services import require
+from tests.engines.upstream_servers import ScriptedUpstream
 
 DEFAULT_MODEL = "o1-preview"
 _CLI_LOCK = threading.Lock()  # CliRunner swaps sys.stdout and os.environ: one command at a time
@@ -253,3 +254,11 @@ def pg_module_database_url(pg_server_url: str) -> Iterator[str]:
     """A fresh PostgreSQL database shared by one test module's servers, dropped afterwards."""
     with _pg_database(pg_server_url, "tokentill_e2e") as database_url:
         yield database_url
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[ScriptedUpstream]:
+    """The scripted OpenAI-compatible server of tests/engines/upstream_servers.py, on loopback."""
+    server = ScriptedUpstream().start()
+    yield server
+    server.stop()

@@ -45,6 +45,8 @@ class _Body(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data: Any) -> Any:
+        if not isinstance(data, dict | list | str):  # a body that is not JSON: pydantic refuses it (400)
+            return data
         bad = find_invalid_unicode(data)
         if bad is not None:  # names and labels go to the database, which cannot store lone surrogates
             raise ValueError(f"'{bad or 'body'}' holds a lone UTF-16 surrogate, which is not valid Unicode")

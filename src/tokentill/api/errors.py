@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import compile_path
 
 from tokentill import errors
 from tokentill.billing.money import format_credits
@@ -52,13 +54,30 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     elif exc.status_code == 405:
         error = errors.MethodNotAllowed(
             f"Method {request.method} is not allowed for {request.url.path}.",
-            headers=dict(exc.headers or {}),
+            headers={**(exc.headers or {}), **_allow_header(request)},
         )
     elif exc.status_code == 413:
         error = errors.RequestTooLarge("The request body is larger than this server accepts.")
     else:
         error = errors.InvalidRequest(str(exc.detail), code="invalid_request")
     return error_response(request, error)
+
+
+def _allow_header(request: Request) -> dict[str, str]:
+    """`Allow` listing every method of the path, not only those of the one route Starlette tried (GET and
+    POST /admin/accounts are two routes). Read from the OpenAPI document, which lists each path once: the
+    literal path if there is one (/v1/models, not the POST /v1/{model} template that also matches it)."""
+    paths: dict[str, dict[str, Any]] = request.app.openapi().get("paths", {})
+    operations = paths.get(request.url.path)
+    if operations is None:
+        operations = next(
+            (ops for template, ops in paths.items() if compile_path(template)[0].match(request.url.path)), {}
+        )
+    methods = sorted(m.upper() for m in operations if m in _METHODS)
+    return {"Allow": ", ".join(methods)} if methods else {}
+
+
+_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -68,25 +68,6 @@ async def chat_completions(request: Request, principal: Authenticated) -> Respon
         return await complete(request, principal, body.model, body, payload)
 
 
-@router.post("/v1/{model}")
-async def chat_by_path(request: Request, principal: Authenticated, model: str) -> Response:
-    async with limit_headers_on_errors(request, principal):
-        if len(model) > MAX_MODEL_ID_CHARS:  # no catalogue id is this long; don't echo it back whole
-            raise errors.NotFound(
-                f"The model '{model[:32]}…' does not exist or you do not have access to it.",
-                code="model_not_found",
-                param="model",
-            )
-        payload, body = await _chat_body(request)
-        if body.model is not None and body.model != model:
-            raise errors.InvalidRequest(
-                f"The body's model '{body.model}' does not match the model in the URL, '{model}'.",
-                code="invalid_value",
-                param="model",
-            )
-        return await complete(request, principal, model, body, payload)
-
-
 def _with_balance(request: Request, content: dict[str, Any]) -> JSONResponse:
     """Every authenticated response carries the balance `authenticate` read (Segmind's header)."""
     balance = format_credits(request.state.remaining_credits)
@@ -112,6 +93,27 @@ async def get_model(request: Request, principal: Authenticated, model_id: str) -
     if principal.models is not None and spec.id not in principal.models:
         principal.check_model(spec.id)
     return _with_balance(request, responses.model_object(spec.id, services.started, spec.owned_by))
+
+
+# After the GET /v1/models routes: for OPTIONS or PUT on /v1/models, Starlette answers 405 with the Allow
+# header of the first route whose path matches, which must be theirs (GET), not this POST.
+@router.post("/v1/{model}")
+async def chat_by_path(request: Request, principal: Authenticated, model: str) -> Response:
+    async with limit_headers_on_errors(request, principal):
+        if len(model) > MAX_MODEL_ID_CHARS:  # no catalogue id is this long; don't echo it back whole
+            raise errors.NotFound(
+                f"The model '{model[:32]}…' does not exist or you do not have access to it.",
+                code="model_not_found",
+                param="model",
+            )
+        payload, body = await _chat_body(request)
+        if body.model is not None and body.model != model:
+            raise errors.InvalidRequest(
+                f"The body's model '{body.model}' does not match the model in the URL, '{model}'.",
+                code="invalid_value",
+                param="model",
+            )
+        return await complete(request, principal, model, body, payload)
 
 
 @router.get("/healthz")

@@ -30,6 +30,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
+from tokentill import metrics
 from tokentill.billing.ledger import Ledger
 from tokentill.billing.records import Hold, UsageRecord
 from tokentill.errors import ServiceUnavailable
@@ -96,6 +97,7 @@ class Settlements:
         except ServiceUnavailable:
             await asyncio.to_thread(self._spool.sync)
             log.warning("settlement of %s spooled while the database is out; retrying", hold_id)
+            metrics.observe_deferred_settlement("spooled")
             self._retry_later(record)
             return None
         except Exception:
@@ -141,6 +143,7 @@ class Settlements:
     async def _commit(self, record: dict[str, Any]) -> None:
         await self._run(record)
         self._finished(str(record["id"]))
+        metrics.observe_deferred_settlement("committed")
 
     async def _run(self, record: dict[str, Any]) -> int:
         hold = Hold(
