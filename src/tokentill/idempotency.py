@@ -39,24 +39,20 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import anyio
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokentill import errors
-from tokentill.protocol.responses import Answer
 from tokentill.storage.db import Database
 from tokentill.storage.schema import idempotency_keys
-from tokentill.types import EngineEvent
 
-__all__ = ["Claim", "IdempotencyStore", "Replay", "check_key", "fingerprint", "track_stream"]
+__all__ = ["Claim", "IdempotencyStore", "Replay", "check_key", "fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -315,33 +311,3 @@ class IdempotencyStore:
             headers=dict(json.loads(row.response_headers or "{}")),
             streamed=row.status == "streamed",
         )
-
-
-async def track_stream(
-    events: AsyncGenerator[EngineEvent, None],
-    store: IdempotencyStore,
-    claim: Claim,
-    answer: Callable[[Answer], Any],
-    headers: dict[str, str],
-) -> AsyncGenerator[EngineEvent, None]:
-    """Pass `events` through; at the end store the answer if the stream finished, else release the key.
-
-    `answer(collected)` builds the `chat.completion` object that the stream added up to; it is stored with
-    `headers` for replay. "Finished" is exactly when `ChatService.run` charges the full answer, so the key
-    keeps an answer if and only if the client was charged for one. The inner stream is closed first (it
-    settles the money under its own shield), then the claim is closed under a shield too: Starlette
-    cancels the body iterator when the client disconnects.
-    """
-    collected = Answer()
-    try:
-        async with aclosing(events):
-            async for event in events:
-                collected.add(event)
-                yield event
-    finally:
-        with anyio.CancelScope(shield=True):
-            if collected.finished is not None:
-                body = answer(collected)
-                await store.complete(claim, status=200, body=body, headers=headers, streamed=True)
-            else:
-                await store.release(claim)
