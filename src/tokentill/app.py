@@ -30,6 +30,7 @@ from tokentill.engines.base import Engine
 from tokentill.engines.reasoning import with_reasoning
 from tokentill.errors import ServiceUnavailable
 from tokentill.idempotency import IdempotencyStore
+from tokentill.lifecycle import Lifecycle
 from tokentill.limits import create_limiter
 from tokentill.media.service import MediaPolicy, MediaService
 from tokentill.redact import Redactor, redacted_logs, settings_secrets
@@ -153,6 +154,7 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
                 idempotency=idempotency,
                 reports=UsageReports(db),
                 codes=RedemptionCodes(db, limiter, settings.redeem_attempts_per_minute),
+                lifecycle=Lifecycle(chat, idempotency),
                 started=int(time.time()),
                 ready=True,
                 redact=redact,

@@ -87,6 +87,10 @@ class APIError(Exception):
         }
 
 
+def _retry_after(error: APIError, seconds: float) -> None:
+    error.headers.setdefault("Retry-After", str(max(1, math.ceil(seconds))))
+
+
 class InvalidRequest(APIError):
     status = 400
     type = "invalid_request_error"
@@ -170,7 +174,7 @@ class RateLimited(APIError):
     def __init__(self, message: str, *, limit_type: str, retry_after_s: float, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.limit_type = limit_type
-        self.headers.setdefault("Retry-After", str(max(1, math.ceil(retry_after_s))))
+        _retry_after(self, retry_after_s)
 
     @property
     def error_type(self) -> str:
@@ -198,7 +202,7 @@ class Overloaded(APIError):
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
-        self.headers.setdefault("Retry-After", str(max(1, math.ceil(retry_after_s))))
+        _retry_after(self, retry_after_s)
 
 
 class ServiceUnavailable(APIError):
@@ -211,7 +215,7 @@ class ServiceUnavailable(APIError):
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
-        self.headers.setdefault("Retry-After", str(max(1, math.ceil(retry_after_s))))
+        _retry_after(self, retry_after_s)
 
 
 class DeadlineExceeded(APIError):

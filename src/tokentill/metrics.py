@@ -20,7 +20,14 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, m
 
 from tokentill.billing.records import UsageRecord
 
-__all__ = ["MetricsSummary", "observe_request", "observe_response", "registry", "summary"]
+__all__ = [
+    "MetricsSummary",
+    "observe_deferred_settlement",
+    "observe_request",
+    "observe_response",
+    "registry",
+    "summary",
+]
 
 RESPONSES = Counter(
     "tokentill_http_responses",
@@ -39,6 +46,18 @@ LATENCY = Histogram(
     ["model"],
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )
+
+SETTLEMENTS_DEFERRED = Counter(
+    "tokentill_settlements_deferred",
+    "Settlements the database refused (event=spooled), and such settlements that later committed "
+    "(event=committed, replays at start-up included); spooled minus committed is what is still owed",
+    ["event"],
+)
+
+
+def observe_deferred_settlement(event: str) -> None:
+    """Count a settlement spooled during a database outage (`spooled`) or committed later (`committed`)."""
+    SETTLEMENTS_DEFERRED.labels(event).inc()
 
 
 def observe_response(status: int, code: str) -> None:

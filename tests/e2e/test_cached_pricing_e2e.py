@@ -33,13 +33,6 @@ def _credits(text: str) -> Decimal:
 
 
 @pytest.fixture(scope="module")
-def scripted() -> Iterator[ScriptedUpstream]:
-    server = ScriptedUpstream().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def gateway(
     tmp_path_factory: pytest.TempPathFactory, scripted: ScriptedUpstream
 ) -> Iterator[TokentillServer]:

@@ -62,13 +62,6 @@ WEATHER_SCHEMA: dict[str, Any] = WEATHER["function"]["parameters"]  # type: igno
 
 
 @pytest.fixture(scope="module")
-def scripted() -> Iterator[ScriptedUpstream]:
-    server = ScriptedUpstream().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def gateway(
     tmp_path_factory: pytest.TempPathFactory, scripted: ScriptedUpstream
 ) -> Iterator[TokentillServer]:
@@ -359,3 +352,44 @@ def test_upstream_relays_tools_and_response_format(
     assert len(rows) == 2
     cost = USAGE["prompt_tokens"] * RELAY_PRICE_IN + USAGE["completion_tokens"] * RELAY_PRICE_OUT
     assert gateway.balance("relayed") == str(Decimal(10) - Decimal(2 * cost) / 1_000_000)
+
+
+class Weather(pydantic.BaseModel):
+    """A weather report."""
+
+    city: str = pydantic.Field(max_length=30)
+    temperature_celsius: int
+
+
+def test_langchain_bind_tools_and_structured_output(gateway: TokentillServer, client: openai.OpenAI) -> None:
+    """LangChain's ChatOpenAI, a client nobody here wrote: a bound tool is called, run, and answered from;
+    `with_structured_output` returns the pydantic object."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return f"It is 21 degrees and sunny in {city}."
+
+    llm = ChatOpenAI(
+        model="smol",
+        base_url=gateway.url + "/v1",
+        api_key=client.api_key,  # type: ignore[arg-type]
+        temperature=0,
+        max_completion_tokens=80,
+        max_retries=0,
+    )
+    messages: list[Any] = [HumanMessage("What is the weather in Berlin? Use the tool.")]
+    called = llm.bind_tools([get_weather], tool_choice="get_weather").invoke(messages)
+    assert called.tool_calls and called.tool_calls[0]["name"] == "get_weather"  # type: ignore[attr-defined]
+    call = called.tool_calls[0]  # type: ignore[attr-defined]
+    assert isinstance(call["args"].get("city"), str)
+    result = get_weather.invoke(call)
+    assert isinstance(result, ToolMessage) and result.tool_call_id == call["id"]
+    answer = llm.bind_tools([get_weather]).invoke([*messages, called, result])
+    assert isinstance(answer.content, str)
+
+    weather = llm.with_structured_output(Weather).invoke("Berlin has 21 degrees. Report the weather.")
+    assert isinstance(weather, Weather)

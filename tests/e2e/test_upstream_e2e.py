@@ -319,13 +319,6 @@ def test_failures_charge_nothing(tokentill_a: TokentillServer, tmp_path: Path) -
         silent.close()
 
 
-@pytest.fixture(scope="module")
-def scripted() -> Iterator[ScriptedUpstream]:
-    server = ScriptedUpstream().start()
-    yield server
-    server.stop()
-
-
 def test_endless_upstream_is_cut_at_the_budget_and_closed_when_the_client_leaves(
     scripted: ScriptedUpstream, tmp_path: Path
 ) -> None:

@@ -299,3 +299,14 @@ def wait_swept(database_url: str, timeout_s: float) -> None:
     while run(count()):
         assert time.monotonic() - started < timeout_s, "open holds past their TTL were not swept"
         time.sleep(0.2)
+
+
+def deferred_settlements(server: TokentillServer) -> dict[str, float]:
+    """`tokentill_settlements_deferred_total` by event, from the replica's /metrics."""
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("tokentill_settlements_deferred_total{"):
+            labels, value = line.rsplit(" ", 1)
+            counts[labels.split('event="')[1].split('"')[0]] = float(value)
+    return counts

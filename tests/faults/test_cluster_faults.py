@@ -22,6 +22,7 @@ from tests.faults.harness import (
     CLIENT_STATUSES,
     Outcomes,
     check_books,
+    deferred_settlements,
     json_load,
     stream,
     wait_billed,
@@ -76,10 +77,15 @@ def test_database_cut_during_streaming_and_json_load(cluster: Cluster) -> None:
     assert len(streamed) == STREAMS  # every stream reached [DONE] although the database was cut
     wait_swept(cluster.direct_url, timeout_s=HOLD_TTL_S + 10)
     books = check_books(cluster.direct_url, outcomes, PRICE_IN, PRICE_OUT)
+    deferred = [deferred_settlements(s) for s in (cluster.a, cluster.b)]
+    spooled = sum(d.get("spooled", 0) for d in deferred)
+    assert spooled >= STREAMS  # at least the streams' settlements waited for the database
+    assert spooled == sum(d.get("committed", 0) for d in deferred)  # and all of them committed
     print(
         f"\n[faults] database cut {OUTAGE_S:.0f} s under streaming + JSON load on 2 replicas: "
         f"statuses {dict(outcomes.statuses)}, delivered {len(outcomes.delivered)} "
-        f"(streams {len(streamed)}), billed exactly once {books.billed}, every delivered answer's usage "
+        f"(streams {len(streamed)}), settlements spooled {spooled:.0f}, billed exactly once {books.billed}, "
+        "every delivered answer's usage "
         f"row written {closed_s:.1f} s after the restore"
     )
 
@@ -146,4 +152,51 @@ def test_redis_stopped_and_restarted(cluster: Cluster) -> None:
         f"\n[faults] Redis killed and restarted empty: statuses {dict(outcomes.statuses)}, 200s in one "
         f"minute {outcomes.statuses[200]} for rpm=3, first answers {recovered_s:.2f} s after restart, "
         f"billed exactly once {books.billed}"
+    )
+
+
+def test_idempotent_request_on_a_killed_replica_is_taken_over_after_the_lease(cluster: Cluster) -> None:
+    """Item 4 across replicas: the SDK-style retry of a request whose replica died is answered by the other
+    replica one lease (TOKENTILL_IDEMPOTENCY_LEASE_S = 2 s) after the last heartbeat, not 630 s later."""
+    key = cluster.a.new_key("idem", credits="1000")
+    headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "retry-me-1"}
+    body = {"model": GATED_MODEL, "messages": [{"role": "user", "content": "once"}]}
+    lost: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            requests.post(f"{cluster.a.url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+        except requests.RequestException as exc:
+            lost.append(exc)
+
+    thread = threading.Thread(target=first, daemon=True)
+    thread.start()
+    cluster.upstream.wait_for(1)  # the first attempt runs and holds the key
+    cluster.a.kill()
+    killed = time.monotonic()
+    thread.join(30)
+    assert lost, "the first attempt's connection should have died with its replica"
+    cluster.upstream.gate.set()
+    outcomes = Outcomes()
+    conflicts = 0
+    url = f"{cluster.b.url}/v1/chat/completions"
+    while True:  # what the SDK does: retry a 409 after its Retry-After
+        response = requests.post(url, json=body, headers=headers, timeout=30)
+        if response.status_code != 409:
+            break
+        assert response.headers["x-should-retry"] == "true", response.text
+        conflicts += 1
+        assert time.monotonic() - killed < 30, "the dead request's claim was never taken over"
+        time.sleep(float(response.headers["Retry-After"]))
+    taken_over_s = time.monotonic() - killed
+    outcomes.record(response, response.json().get("usage"))
+    assert response.status_code == 200, response.text
+    replay = requests.post(url, json=body, headers=headers, timeout=30)
+    assert replay.headers.get("idempotent-replayed") == "true"  # answered once, charged once
+    assert set(outcomes.statuses) <= CLIENT_STATUSES
+    wait_swept(cluster.direct_url, timeout_s=HOLD_TTL_S + 10)  # the dead request's hold comes back
+    books = check_books(cluster.direct_url, outcomes, PRICE_IN, PRICE_OUT)
+    print(
+        f"\n[faults] idempotent request's replica SIGKILLed: {conflicts} × 409 in progress, then taken over "
+        f"and answered {taken_over_s:.1f} s after the kill (lease 2 s); billed exactly once {books.billed}"
     )

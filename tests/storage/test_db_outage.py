@@ -4,6 +4,7 @@ storage boundary, and the pool recovers by itself when the server is back (issue
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 
 import pytest
@@ -128,3 +129,25 @@ def test_partition_of_a_pooled_connection_fails_after_the_statement_timeout(
             await db.aclose()
 
     run(body())
+
+
+def test_sqlite_file_locked_past_the_busy_timeout_is_503(sqlite_database_url: str) -> None:
+    """SQLite's outage: another process holds the write lock longer than the 10 s busy timeout."""
+
+    async def body(db: Database) -> None:
+        path = db.engine.url.database
+        assert path is not None
+        holder = sqlite3.connect(path, isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            with pytest.raises(ServiceUnavailable) as caught:
+                async with db.begin() as conn:
+                    await conn.execute(text("UPDATE accounts SET balance = balance"))
+            assert caught.value.headers["Retry-After"] == "2"
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        async with db.begin() as conn:  # the lock is gone: writes work again
+            await conn.execute(text("UPDATE accounts SET balance = balance"))
+
+    run_with_db(sqlite_database_url, body)

@@ -357,3 +357,37 @@ def test_operator_view_counts_refusals_like_metrics(harness: Harness) -> None:
     sign_in(client, ADMIN)
     page = client.get("/console/").text
     assert re.search(r"401</span></td><td>invalid_api_key</td><td class=\"num\">\d+</td>", page)
+
+
+def test_request_log_pages_and_exports_everything(harness: Harness) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from tokentill.billing.records import UsageRecord
+    from tokentill.billing.statements import record_usage
+
+    async def seed() -> None:
+        db = harness.services.db
+        account = await harness.services.ledger.get_account("a")
+        assert account is not None
+        start = datetime.now(UTC) - timedelta(hours=2)
+        for i in range(60):
+            record = UsageRecord(f"req_page{i:03d}", key_id(harness.keys["a1"]), "echo", 10, 5)
+            async with db.begin() as conn:
+                await record_usage(
+                    conn, db.dialect, account.id, record, 150 + 300, start + timedelta(seconds=i)
+                )
+
+    harness.call(seed())
+    client = harness.browser()
+    sign_in(client, harness.keys["a1"])
+    first = client.get("/console/requests").text
+    ids = re.findall(r"req_page\d{3}", first)
+    assert len(ids) == 50 and ids[0] == "req_page059" and ids[-1] == "req_page010"
+    older = re.search(r'href="/console/requests\?before=([^"]+)" data-testid="older"', first)
+    assert older is not None
+    second = client.get("/console/requests", params={"before": older.group(1)}).text
+    assert re.findall(r"req_page\d{3}", second) == [f"req_page{i:03d}" for i in range(9, -1, -1)]
+    assert 'data-testid="older"' not in second
+    rows = list(csv.DictReader(io.StringIO(client.get("/console/requests.csv").text)))
+    assert [r["id"] for r in rows] == [f"req_page{i:03d}" for i in range(59, -1, -1)]
+    assert {r["cost"] for r in rows} == {"0.00045"}

@@ -24,6 +24,12 @@ from tokentill.types import TextDelta, ToolCall, ToolCallDelta
         ({"type": "string", "format": "email"}, "s.format"),
         ({"type": "array", "maxItems": 5000}, "s.maxItems"),
         ({"anyOf": [{"type": "string"}, {"type": "integer", "multipleOf": 2}]}, "s.anyOf[1].multipleOf"),
+        ({"$defs": {"A": {"$ref": "#/$defs/A"}}, "$ref": "#/$defs/A"}, "s.$defs.A.$ref"),  # left recursion
+        ({"anyOf": [{"$ref": "#"}, {"type": "null"}]}, "s.anyOf[0].$ref"),
+        ({"type": "array", "items": {"type": "array", "items": {"minItems": -1}}}, "s.items.items.minItems"),
+        ({"type": [{"x": 1}]}, "s.type[0]"),  # unhashable values are refused, not a crash
+        ({"type": "string", "format": ["date"]}, "s.format"),
+        ({"enum": [1, float("nan")]}, "s.enum"),
     ],
 )
 def test_unsupported_features_are_refused_by_json_path(schema: dict[str, Any], param: str) -> None:
@@ -31,6 +37,15 @@ def test_unsupported_features_are_refused_by_json_path(schema: dict[str, Any], p
         schema_grammar(schema, "s")
     assert caught.value.code == "invalid_json_schema"
     assert caught.value.param == param
+
+
+def test_absurd_nesting_is_a_400_not_a_crash() -> None:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(5000):
+        schema = {"anyOf": [schema]}
+    with pytest.raises(InvalidRequest) as caught:
+        schema_grammar(schema, "s")
+    assert caught.value.code == "invalid_json_schema" and caught.value.param == "s"
 
 
 def test_recursive_refs_and_annotations_compile() -> None:

@@ -33,10 +33,11 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tokentill import errors
+from tokentill.lifecycle import first_error
 from tokentill.protocol import responses
 from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta
 
-__all__ = ["KEEPALIVE", "EventStreamResponse", "first_error", "sse_frames"]
+__all__ = ["KEEPALIVE", "EventStreamResponse", "sse_frames"]
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +173,3 @@ class EventStreamResponse(StreamingResponse):
                     await self._frames.aclose()
                     if self._on_close is not None:
                         await self._on_close()
-
-
-def first_error(exc: BaseException) -> BaseException:
-    """The first real error inside (nested) exception groups from a task group."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Select, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tokentill.auth.keys import generate_key, hash_secret, mask_key, parse_key
@@ -117,17 +117,7 @@ class KeyStore:
         row = None
         if parsed is not None:
             async with self._db.read() as conn:
-                row = (
-                    await conn.execute(
-                        select(
-                            api_keys,
-                            accounts.c.name.label("account_name"),
-                            accounts.c.balance.label("account_balance"),
-                        )
-                        .join(accounts, accounts.c.id == api_keys.c.account_id)
-                        .where(api_keys.c.id == parsed[0])
-                    )
-                ).first()
+                row = (await conn.execute(_principal_query().where(api_keys.c.id == parsed[0]))).first()
         stored = row.secret_sha256 if row is not None else _DUMMY_HASH
         given = hash_secret(parsed[1] if parsed is not None else raw_key)
         if row is None or not hmac.compare_digest(stored, given) or row.revoked_at is not None:
@@ -136,17 +126,7 @@ class KeyStore:
                 "the operator of this server for a new one.",
                 code="invalid_api_key",
             )
-        models = _load_models(row.models)
-        return Principal(
-            account_id=row.account_id,
-            account_name=row.account_name,
-            key_id=row.id,
-            models=frozenset(models) if models is not None else None,
-            rpm=row.rpm,
-            tpm=row.tpm,
-            max_concurrent=row.max_concurrent,
-            balance=int(row.account_balance),
-        )
+        return _principal(row)
 
     async def principal_for(self, key_id: str) -> Principal | None:
         """The `Principal` of the live key `key_id`, or None if it does not exist or is revoked.
@@ -154,31 +134,10 @@ class KeyStore:
         For sessions that proved the key's secret when they began (the console) and check the key again
         on every request, so that revoking the key ends them.
         """
+        live = _principal_query().where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
         async with self._db.read() as conn:
-            row = (
-                await conn.execute(
-                    select(
-                        api_keys,
-                        accounts.c.name.label("account_name"),
-                        accounts.c.balance.label("account_balance"),
-                    )
-                    .join(accounts, accounts.c.id == api_keys.c.account_id)
-                    .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
-                )
-            ).first()
-        if row is None:
-            return None
-        models = _load_models(row.models)
-        return Principal(
-            account_id=row.account_id,
-            account_name=row.account_name,
-            key_id=row.id,
-            models=frozenset(models) if models is not None else None,
-            rpm=row.rpm,
-            tpm=row.tpm,
-            max_concurrent=row.max_concurrent,
-            balance=int(row.account_balance),
-        )
+            row = (await conn.execute(live)).first()
+        return _principal(row) if row is not None else None
 
     async def create_key(
         self,
@@ -296,6 +255,27 @@ class KeyStore:
             else:
                 statement = select(api_keys.c.id).where(*live)
             return (await conn.execute(statement)).first() is not None
+
+
+def _principal_query() -> Select[Any]:
+    """Keys joined with their account's name and balance: what a `Principal` is made of."""
+    return select(
+        api_keys, accounts.c.name.label("account_name"), accounts.c.balance.label("account_balance")
+    ).join(accounts, accounts.c.id == api_keys.c.account_id)
+
+
+def _principal(row: Any) -> Principal:
+    models = _load_models(row.models)
+    return Principal(
+        account_id=row.account_id,
+        account_name=row.account_name,
+        key_id=row.id,
+        models=frozenset(models) if models is not None else None,
+        rpm=row.rpm,
+        tpm=row.tpm,
+        max_concurrent=row.max_concurrent,
+        balance=int(row.account_balance),
+    )
 
 
 def _key_info(r: Any) -> KeyInfo:

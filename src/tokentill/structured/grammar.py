@@ -14,7 +14,8 @@ integers with `minimum` 0 or 1; annotations (`title`, `description`, `default`, 
 
 Layout of the text: compact JSON, one optional space after `:` and `,`, nothing else: a grammar that
 admits unbounded whitespace lets a small model loop on newlines until its budget runs out. Numbers have
-bounded digits for the same reason. Objects list required properties first (in schema order), then the
+bounded digits, and the keys of free-form objects (json_object, untyped values) at most 64 characters,
+for the same reason. Objects list required properties first (in schema order), then the
 optional ones in schema order, each optional.
 """
 
@@ -54,7 +55,8 @@ _BASE_RULES = {
     "boolean": '"true" | "false"',
     "null": '"null"',
     "value": "object | array | string | number | boolean | null",
-    "object": '"{" ( string ":" sp value ( "," sp string ":" sp value )* )? "}"',
+    "key": r'"\"" char{0,64} "\""',
+    "object": '"{" ( key ":" sp value ( "," sp key ":" sp value )* )? "}"',
     "array": '"[" ( value ( "," sp value )* )? "]"',
 }
 _FORMATS = {
@@ -89,8 +91,11 @@ def gbnf_literal(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def _json_text(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+def _json_text(value: Any, param: str = "") -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # NaN / Infinity, which json.loads accepts but JSON does not have
+        raise _refuse(param, "NaN and Infinity are not JSON values.") from None
 
 
 def _refuse(param: str, what: str) -> InvalidRequest:
@@ -104,6 +109,9 @@ class GrammarBuilder:
         self._rules: dict[str, str] = {}
         self._refs: dict[tuple[int, str], str] = {}
         self._documents: list[Any] = []  # keeps each compiled document alive (ids key `_refs`)
+        # References being compiled since the last `{` or `[`: meeting one again would be left recursion,
+        # a grammar llama.cpp cannot run (`{"$defs": {"A": {"$ref": "#/$defs/A"}}}`).
+        self._head: set[tuple[int, str]] = set()
 
     def rule(self, name: str, body: str) -> str:
         """Add (or replace) rule `name`; returns the name."""
@@ -118,7 +126,7 @@ class GrammarBuilder:
     def fresh(self, hint: str) -> str:
         base = "".join(c if c.isalnum() else "-" for c in hint).strip("-").lower() or "r"
         name, n = base, 1
-        while name in self._rules or name in _BASE_RULES or name in {"time-body", "date-body"}:
+        while name in self._rules or name in _BASE_RULES or name in {"time-body", "date-body", "key"}:
             n += 1
             name = f"{base}-{n}"
         self._rules[name] = ""  # reserved (recursive references may name it before its body exists)
@@ -127,7 +135,10 @@ class GrammarBuilder:
     def schema(self, schema: Any, param: str) -> str:
         """The rule matching `schema` (a whole document: `$ref`s resolve against it)."""
         self._documents.append(schema)
-        return self._compile(schema, param, schema, param, "root-value")
+        try:
+            return self._compile(schema, param, schema, param, "root-value")
+        except RecursionError:
+            raise _refuse(param, "the schema is nested too deeply.") from None
 
     def render(self, root_body: str) -> str:
         """The grammar text: `root` first, then the collected rules and the shared base rules."""
@@ -156,12 +167,12 @@ class GrammarBuilder:
                 raise _refuse(f"{param}.{others[0]}", "'$ref' cannot be combined with other keywords.")
             return self._ref(schema["$ref"], f"{param}.$ref", doc, doc_param)
         if "const" in schema:
-            return self.rule(self.fresh(hint), gbnf_literal(_json_text(schema["const"])))
+            return self.rule(self.fresh(hint), gbnf_literal(_json_text(schema["const"], f"{param}.const")))
         if "enum" in schema:
             values = schema["enum"]
             if not isinstance(values, list) or not values:
                 raise _refuse(f"{param}.enum", "'enum' must be a non-empty array.")
-            body = " | ".join(gbnf_literal(_json_text(v)) for v in values)
+            body = " | ".join(gbnf_literal(_json_text(v, f"{param}.enum")) for v in values)
             return self.rule(self.fresh(hint), body)
         if "anyOf" in schema or "allOf" in schema:
             key = "anyOf" if "anyOf" in schema else "allOf"
@@ -177,13 +188,16 @@ class GrammarBuilder:
                 for i, m in enumerate(members)
             ]
             return self.rule(self.fresh(hint), " | ".join(names))
-        if not types:
-            if "properties" in schema or "additionalProperties" in schema or "required" in schema:
-                types = ["object"]
-            elif "items" in schema:
-                types = ["array"]
-            else:
+        if not types:  # the keywords name the type (a value of another type would skip them, but the
+            # grammar generates the type they describe, so they are enforced rather than dodged)
+            implied = [t for t in ("object", "array", "string") if _TYPE_KEYWORDS[t] & schema.keys()]
+            if not implied:
+                if "minimum" in schema:
+                    raise _refuse(f"{param}.minimum", "'minimum' needs 'type': 'integer'.")
                 return "value"
+            if len(implied) > 1:
+                raise _refuse(param, f"keywords of several types ({', '.join(implied)}) without 'type'.")
+            types = implied
         names = [self._typed(t, schema, param, doc, doc_param, hint) for t in types]
         return names[0] if len(names) == 1 else self.rule(self.fresh(hint), " | ".join(names))
 
@@ -193,7 +207,7 @@ class GrammarBuilder:
             return []
         kinds = kind if isinstance(kind, list) else [kind]
         for i, k in enumerate(kinds):
-            if k not in _TYPE_KEYWORDS:
+            if not isinstance(k, str) or k not in _TYPE_KEYWORDS:
                 where = f"{param}.type" if not isinstance(kind, list) else f"{param}.type[{i}]"
                 raise _refuse(where, f"unknown type {k!r}.")
         return list(dict.fromkeys(kinds))
@@ -202,6 +216,8 @@ class GrammarBuilder:
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise _refuse(param, "only local references ('#', '#/$defs/…') are supported.")
         key = (id(doc), ref)
+        if key in self._head:
+            raise _refuse(param, f"the reference {ref!r} refers to itself before any content.")
         if key in self._refs:
             return self._refs[key]
         target, where = doc, doc_param
@@ -212,17 +228,25 @@ class GrammarBuilder:
             target, where = target[part], f"{where}.{part}"
         name = self.fresh("ref-" + (ref.rsplit("/", 1)[-1] or "root"))
         self._refs[key] = name
-        body = self._compile(target, where, doc, doc_param, name + "-body")
+        self._head.add(key)
+        try:
+            body = self._compile(target, where, doc, doc_param, name + "-body")
+        finally:
+            self._head.discard(key)
         self.rule(name, body)
         return name
 
     def _typed(
         self, kind: str, schema: dict[str, Any], param: str, doc: Any, doc_param: str, hint: str
     ) -> str:
-        if kind == "object":
-            return self._object(schema, param, doc, doc_param, hint)
-        if kind == "array":
-            return self._array(schema, param, doc, doc_param, hint)
+        if kind in ("object", "array"):
+            head, self._head = self._head, set()  # `{` / `[` comes first: recursion below is fine
+            try:
+                if kind == "object":
+                    return self._object(schema, param, doc, doc_param, hint)
+                return self._array(schema, param, doc, doc_param, hint)
+            finally:
+                self._head = head
         if kind == "string":
             return self._string(schema, param, hint)
         if kind == "integer" and "minimum" in schema:
@@ -292,7 +316,7 @@ class GrammarBuilder:
     def _string(self, schema: dict[str, Any], param: str, hint: str) -> str:
         if "format" in schema:
             fmt = schema["format"]
-            if fmt not in _FORMATS:
+            if not isinstance(fmt, str) or fmt not in _FORMATS:
                 raise _refuse(f"{param}.format", f"the format {fmt!r} is not supported.")
             if "minLength" in schema or "maxLength" in schema:
                 raise _refuse(f"{param}.format", "'format' cannot be combined with lengths.")

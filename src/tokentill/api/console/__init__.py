@@ -2,8 +2,9 @@
 keys and request log, and redeem codes; the operator (signed in with the admin key) sees every account,
 grants credits, creates codes and watches usage, revenue, engines and errors.
 
-`routes` (HTTP), `views` (what each page shows and each form does), `charts` (SVG geometry), `session`
-(signed cookies, CSRF), `forms` (form fields); templates in `templates/`, CSS and JS in `api/static/console/`.
+`routes` (HTTP), `views` and `operator` (what each page shows and each form does), `charts` (SVG
+geometry), `session` (signed cookies, CSRF), `forms` (form fields); templates in `templates/`, CSS and JS
+in `api/static/console/`.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 from tokentill import errors
 from tokentill.api.console.forms import Form
+from tokentill.api.console.operator import OperatorViews
 from tokentill.api.console.session import CSRF_COOKIE, SESSION_COOKIE, SessionCodec
 from tokentill.api.console.views import ConsoleViews
 from tokentill.api.state import services_of
@@ -76,6 +77,7 @@ class Visit:
     codec: SessionCodec
     viewer: Viewer
     views: ConsoleViews
+    operator: OperatorViews
     form: Form
 
 
@@ -173,7 +175,8 @@ async def _enter(request: Request, *, admin: bool | None) -> Visit | Response:
         if isinstance(refused, errors.APIError):
             return _render(request, codec, "error.html", viewer, error=refused)
         form = refused
-    return Visit(codec, viewer, ConsoleViews(services_of(request)), form)
+    services = services_of(request)
+    return Visit(codec, viewer, ConsoleViews(services), OperatorViews(services), form)
 
 
 async def _check_post(request: Request, codec: SessionCodec) -> Form | errors.APIError:
@@ -206,12 +209,10 @@ async def index(request: Request) -> Response:
     viewer = await _viewer(request, codec)
     if viewer is None:
         return _render(request, codec, "signin.html", None)
-    views = ConsoleViews(services_of(request))
     if viewer.admin:
-        return _render(
-            request, codec, "operator/overview.html", viewer, **await views.operator_overview(_today())
-        )
-    page = await views.customer_overview(viewer.customer, _today())
+        overview = await OperatorViews(services_of(request)).operator_overview(_today())
+        return _render(request, codec, "operator/overview.html", viewer, **overview)
+    page = await ConsoleViews(services_of(request)).customer_overview(viewer.customer, _today())
     return _render(request, codec, "customer/overview.html", viewer, **page)
 
 
@@ -339,7 +340,7 @@ async def requests_csv(request: Request) -> Response:
 
 
 async def _accounts_page(request: Request, visit: Visit, error: errors.APIError | None = None) -> Response:
-    page = await visit.views.operator_accounts(_today())
+    page = await visit.operator.operator_accounts(_today())
     return _render(request, visit.codec, "operator/accounts.html", visit.viewer, error=error, **page)
 
 
@@ -355,7 +356,7 @@ async def create_account(request: Request) -> Response:
     if not isinstance(visit, Visit):
         return visit
     try:
-        await visit.views.create_account(visit.form)
+        await visit.operator.create_account(visit.form)
     except errors.APIError as exc:
         return await _accounts_page(request, visit, exc)
     return _redirect(request, "accounts?notice=account")
@@ -367,7 +368,7 @@ async def grant_credits(request: Request) -> Response:
     if not isinstance(visit, Visit):
         return visit
     try:
-        await visit.views.grant(visit.form)
+        await visit.operator.grant(visit.form)
     except errors.APIError as exc:
         return await _accounts_page(request, visit, exc)
     return _redirect(request, "accounts?notice=granted")
@@ -378,7 +379,7 @@ async def codes_page(request: Request) -> Response:
     visit = await _enter(request, admin=True)
     if not isinstance(visit, Visit):
         return visit
-    page = await visit.views.operator_codes()
+    page = await visit.operator.operator_codes()
     return _render(request, visit.codec, "operator/codes.html", visit.viewer, created=[], **page)
 
 
@@ -390,10 +391,10 @@ async def create_codes(request: Request) -> Response:
     error: errors.APIError | None = None
     created = []
     try:
-        created = await visit.views.create_codes(visit.form)
+        created = await visit.operator.create_codes(visit.form)
     except errors.APIError as exc:
         error = exc
-    page = await visit.views.operator_codes()
+    page = await visit.operator.operator_codes()
     return _render(
         request, visit.codec, "operator/codes.html", visit.viewer, error=error, created=created, **page
     )
@@ -404,4 +405,6 @@ async def models_page(request: Request) -> Response:
     visit = await _enter(request, admin=True)
     if not isinstance(visit, Visit):
         return visit
-    return _render(request, visit.codec, "operator/models.html", visit.viewer, engines=visit.views.engines())
+    return _render(
+        request, visit.codec, "operator/models.html", visit.viewer, engines=visit.operator.engines()
+    )

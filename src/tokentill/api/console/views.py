@@ -1,5 +1,6 @@
 """The console's view models and actions: what each page shows, computed from the services, and what each
-form does, with its fields checked. No framework here: `routes.py` reads the request and renders.
+form does, with its fields checked; the customer's pages and sign-in here, the operator's in `operator.py`.
+No framework here: `routes.py` reads the request and renders.
 
 A customer page only ever reads the account of the session's key (`Principal.account_id`, never a value
 from the request); an action on a key goes through `KeyStore.revoke(..., account_name=...)`, which cannot
@@ -17,15 +18,14 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
-from tokentill import errors, metrics
+from tokentill import errors
 from tokentill.api.console.charts import Chart, stacked_bars
-from tokentill.api.console.forms import Form, credits_field, limit_field, name_field
+from tokentill.api.console.forms import Form, limit_field, name_field
 from tokentill.auth.service import CreatedKey, Principal
-from tokentill.billing.codes import MAX_CODES_PER_BATCH, CreatedCode, Redemption
+from tokentill.billing.codes import Redemption
 from tokentill.billing.money import format_credits
-from tokentill.billing.records import Account, AccountExists, UsageRow
+from tokentill.billing.records import UsageRow
 from tokentill.billing.reports import MAX_PAGE, UsageBucket, UsageQuery, UsageTotals
-from tokentill.engines.base import engine_health
 from tokentill.limits import KeyLimits
 from tokentill.services import Services
 
@@ -107,7 +107,7 @@ def last_days(today: date, group_by: tuple[str, ...], n: int = CHART_DAYS) -> Wi
     )
 
 
-def _by(buckets: list[UsageBucket], field: str) -> dict[str, UsageTotals]:
+def by_group(buckets: list[UsageBucket], field: str) -> dict[str, UsageTotals]:
     sums: dict[str, UsageTotals] = {}
     for b in buckets:
         name = b.group.get(field) or "(none)"
@@ -115,7 +115,7 @@ def _by(buckets: list[UsageBucket], field: str) -> dict[str, UsageTotals]:
     return sums
 
 
-def _points(buckets: list[UsageBucket], series: str, value: str) -> dict[tuple[str, str], int]:
+def day_points(buckets: list[UsageBucket], series: str, value: str) -> dict[tuple[str, str], int]:
     points: dict[tuple[str, str], int] = {}
     for b in buckets:
         key = (b.group["day"] or "", b.group.get(series) or "(none)")
@@ -125,7 +125,7 @@ def _points(buckets: list[UsageBucket], series: str, value: str) -> dict[tuple[s
     return points
 
 
-def _kind_points(buckets: list[UsageBucket]) -> dict[tuple[str, str], int]:
+def _kindday_points(buckets: list[UsageBucket]) -> dict[tuple[str, str], int]:
     """Tokens per day by kind, stacked without counting one token twice: cached and image tokens are
     part of the prompt, reasoning part of the completion."""
     points: dict[tuple[str, str], int] = {}
@@ -144,7 +144,7 @@ def _kind_points(buckets: list[UsageBucket]) -> dict[tuple[str, str], int]:
     return points
 
 
-def _chart(
+def day_chart(
     chart_id: str, title: str, window: Window, points: dict[tuple[str, str], int], money: bool
 ) -> Chart:
     return stacked_bars(
@@ -158,7 +158,7 @@ def _chart(
 
 
 class ConsoleViews:
-    """The console's reads and actions over the running `Services`."""
+    """Sign-in and the customer's reads and actions over the running `Services`."""
 
     def __init__(self, services: Services) -> None:
         self.services = services
@@ -200,19 +200,23 @@ class ConsoleViews:
         window = last_days(today, ("day", "model"))
         buckets, total = await self.services.reports.usage(principal.account_id, window.query)
         charts = [
-            _chart("credits", "Credits per day, by model", window, _points(buckets, "model", "cost"), True),
-            _chart("tokens", "Tokens per day, by model", window, _points(buckets, "model", "tokens"), False),
+            day_chart(
+                "credits", "Credits per day, by model", window, day_points(buckets, "model", "cost"), True
+            ),
+            day_chart(
+                "tokens", "Tokens per day, by model", window, day_points(buckets, "model", "tokens"), False
+            ),
             stacked_bars(
                 chart_id="kinds",
                 title="Tokens per day, by kind",
                 unit="tokens",
                 days=window.days,
-                points=_kind_points(buckets),
+                points=_kindday_points(buckets),
                 fmt=tokens_text,
                 series=KINDS,
             ),
         ]
-        models = sorted(_by(buckets, "model").items())
+        models = sorted(by_group(buckets, "model").items())
         return {
             "balance": format_credits(principal.balance),
             "charts": charts,
@@ -225,7 +229,7 @@ class ConsoleViews:
     async def customer_keys(self, principal: Principal, today: date) -> dict[str, Any]:
         window = last_days(today, ("key",))
         buckets, _ = await self.services.reports.usage(principal.account_id, window.query)
-        usage = _by(buckets, "key")
+        usage = by_group(buckets, "key")
         keys = await self.services.keys.list_keys(principal.account_name)
         rows = [
             {
@@ -329,138 +333,3 @@ class ConsoleViews:
         if not code:
             raise errors.InvalidRequest("Missing required parameter: 'code'.", param="code")
         return await self.services.codes.redeem(principal.account_id, principal.key_id, code[:256])
-
-    # ---------------------------------------------------------------- operator
-
-    async def operator_overview(self, today: date) -> dict[str, Any]:
-        by_model = last_days(today, ("day", "model"))
-        by_account = last_days(today, ("day", "account"))
-        model_buckets, total = await self.services.reports.operator_usage(by_model.query)
-        account_buckets, _ = await self.services.reports.operator_usage(by_account.query)
-        accounts = await self.services.ledger.list_accounts()
-        errors_page = await self.services.reports.operator_requests(limit=20, failed_only=True)
-        counted = metrics.summary(metrics.registry(self.services.settings.metrics_multiproc_dir))
-        charts = [
-            _chart(
-                "revenue-model",
-                "Revenue per day, by model",
-                by_model,
-                _points(model_buckets, "model", "cost"),
-                True,
-            ),
-            _chart(
-                "revenue-account",
-                "Revenue per day, by account",
-                by_account,
-                _points(account_buckets, "account", "cost"),
-                True,
-            ),
-            _chart(
-                "usage-model",
-                "Tokens per day, by model",
-                by_model,
-                _points(model_buckets, "model", "tokens"),
-                False,
-            ),
-            _chart(
-                "usage-account",
-                "Tokens per day, by account",
-                by_account,
-                _points(account_buckets, "account", "tokens"),
-                False,
-            ),
-        ]
-        return {
-            "charts": charts,
-            "total": totals_view(total),
-            "accounts": len(accounts),
-            "balances": format_credits(sum(a.balance for a in accounts)),
-            "responses": [
-                {"status": status, "code": code or "–", "count": tokens_text(n)}
-                for (status, code), n in sorted(counted.responses.items())
-            ],
-            "responses_total": tokens_text(counted.total_responses),
-            "errors": [row_view(r) for r in errors_page.rows],
-            "engines": self.engines(),
-            "start": by_model.days[0],
-            "end": by_model.days[-1],
-        }
-
-    def engines(self) -> list[dict[str, Any]]:
-        rows = []
-        for spec in self.services.catalog:
-            health = engine_health(self.services.engines.get(spec.id))
-            rows.append(
-                {
-                    "id": spec.id,
-                    "engine": spec.engine,
-                    "price_input": tokens_text(spec.price_input),
-                    "price_output": tokens_text(spec.price_output),
-                    "context": tokens_text(spec.context),
-                    "reasoning": spec.reasoning,
-                    "vision": spec.vision or spec.mmproj is not None,
-                    "known": health is not None,
-                    "up": health.replicas_up if health else 0,
-                    "replicas": health.replicas if health else 0,
-                    "queued": health.queued if health else 0,
-                    "running": health.running if health else 0,
-                    "healthy": health is not None and health.replicas_up > 0,
-                }
-            )
-        return rows
-
-    async def operator_accounts(self, today: date) -> dict[str, Any]:
-        window = last_days(today, ("account",))
-        buckets, _ = await self.services.reports.operator_usage(window.query)
-        usage = _by(buckets, "account")
-        accounts = await self.services.ledger.list_accounts()
-        rows = [
-            {
-                "name": a.name,
-                "balance": format_credits(a.balance),
-                **totals_view(usage.get(a.name, UsageTotals())),
-            }
-            for a in accounts
-        ]
-        return {"accounts": rows, "start": window.days[0], "end": window.days[-1]}
-
-    async def operator_codes(self) -> dict[str, Any]:
-        codes = await self.services.codes.list_codes(limit=200)
-        return {
-            "codes": [
-                {
-                    "id": c.id,
-                    "credits": format_credits(c.credits),
-                    "status": c.status,
-                    "created": c.created_at.strftime("%Y-%m-%d %H:%M"),
-                    "expires": c.expires_at.strftime("%Y-%m-%d") if c.expires_at else "never",
-                    "redeemed_by": c.redeemed_by or "",
-                }
-                for c in codes
-            ],
-            "max_count": MAX_CODES_PER_BATCH,
-        }
-
-    async def create_account(self, form: Form) -> Account:
-        name = name_field(form.one("name"), "name", required=True)
-        assert name is not None
-        amount = credits_field(form.one("credits"), allow_zero=True)
-        try:
-            return await self.services.ledger.create_account(name, amount)
-        except AccountExists as exc:
-            raise errors.Conflict(f"Account {name!r} already exists.", code="account_exists") from exc
-
-    async def grant(self, form: Form) -> tuple[str, int]:
-        name = name_field(form.one("account"), "account", required=True)
-        assert name is not None
-        amount = credits_field(form.one("credits"))
-        try:
-            return name, await self.services.ledger.add_credits(name, amount, note="console")
-        except LookupError as exc:
-            raise errors.NotFound(f"No account named {name!r}.", code="account_not_found") from exc
-
-    async def create_codes(self, form: Form) -> list[CreatedCode]:
-        amount = credits_field(form.one("credits"))
-        count = limit_field(form.one("count"), "count", maximum=MAX_CODES_PER_BATCH) or 1
-        expires = limit_field(form.one("expires_days"), "expires_days", maximum=36500)
-        return await self.services.codes.create_codes(amount, count, expires)
