@@ -252,19 +252,47 @@ class IdempotencyStore:
     async def _close(self, claim: Claim, **values: Any) -> None:
         self._stop_heartbeat(claim)
         try:
-            async with self._db.begin() as conn:
-                now = await self._now(conn)
-                result = await conn.execute(
-                    update(idempotency_keys)
-                    .where(*self._running(claim))
-                    .values(expires_at=now + self._ttl, **values)
-                )
-            if result.rowcount != 1:
-                log.warning("idempotency claim was taken over before it finished; its answer is not kept")
+            await self._store(claim, values)
         except errors.ServiceUnavailable:
-            log.warning("could not store the answer of an idempotent request (database unavailable)")
+            # The answer was given (and billed): keep trying to store it, so that the client's retry
+            # finds it rather than running again once the lease has run out.
+            log.warning(
+                "could not store the answer of an idempotent request (database unavailable); retrying"
+            )
+            task = asyncio.create_task(self._store_later(claim, values), name="idempotency-store")
+            self._heartbeats[claim.token] = task
         except Exception:
             log.exception("could not store the answer of an idempotent request")
+
+    async def _store(self, claim: Claim, values: dict[str, Any]) -> None:
+        async with self._db.begin() as conn:
+            now = await self._now(conn)
+            result = await conn.execute(
+                update(idempotency_keys)
+                .where(*self._running(claim))
+                .values(expires_at=now + self._ttl, **values)
+            )
+        if result.rowcount != 1:
+            log.warning("idempotency claim was taken over before it finished; its answer is not kept")
+
+    async def _store_later(self, claim: Claim, values: dict[str, Any]) -> None:
+        """Retry `_store` every second at most (the lease is running out) until `max_claim_s`."""
+        deadline = time.monotonic() + self._max_claim_s
+        delay = 0.2
+        try:
+            while time.monotonic() < deadline:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                try:
+                    await self._store(claim, values)
+                except errors.ServiceUnavailable:
+                    continue
+                except Exception:
+                    log.exception("could not store the answer of an idempotent request")
+                return
+        finally:
+            if self._heartbeats.get(claim.token) is asyncio.current_task():
+                del self._heartbeats[claim.token]
 
     def _times(self, now: datetime) -> dict[str, datetime]:
         return {"created_at": now, "expires_at": now + self._abandon}

@@ -13,7 +13,9 @@ from urllib.parse import quote
 import pytest
 from starlette.testclient import TestClient
 
+from tokentill.api.console.forms import name_field
 from tokentill.app import create_app
+from tokentill.errors import InvalidRequest
 from tokentill.names import check_models, check_name, name_problem
 from tokentill.settings import Settings
 
@@ -100,5 +102,8 @@ def test_good_input_still_works(admin: TestClient) -> None:
 def test_one_rule_for_every_caller() -> None:
     for bad in [*NOT_NAMES, "n" * 65]:
         assert name_problem(bad) is not None, ascii(bad)
+        if bad:  # the console's forms ("" there means "not given")
+            with pytest.raises(InvalidRequest):
+                name_field(bad, "name", required=True)
     assert name_problem("a b") is None and check_name("ok") == "ok"
     assert check_models(["a", "b", "a"]) == ["a", "b"] and check_models(None) is None
