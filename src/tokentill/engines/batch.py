@@ -6,9 +6,18 @@ sequences): `parallel` slots, slot i = llama.cpp sequence id i, each with its ow
 sequence can never run another out of cells). Total KV = parallel × n_ctx_seq cells.
 
 Per step (see `scheduler.py`): every generating sequence queues its sampled token and every new sequence
-queues a chunk of its prompt into one `llama_batch`; `flush` evaluates it with one `llama_decode`, asking
-logits only for each sequence's last token; `sample` then reads row `logits_index` of that output with the
+queues a chunk of its prompt; `flush` evaluates each prompt chunk in a `llama_decode` of its own (one
+sequence, no logits), then every sequence's one token (a sampled token, or a prompt's last token) in one
+`llama_decode` asking logits for each row; `sample` reads row `logits_index` of that output with the
 sequence's own sampler chain (`llama_sampler_sample(chain, ctx, i)`).
+
+Batch invariance, by construction: a sequence's greedy tokens do not depend on the company it keeps.
+The CPU kernels compute each row alike whatever the other rows, except where the shape of a sequence's
+rows in a ubatch picks the kernel: llama.cpp splits a multi-sequence batch into ubatches by sequence, so a
+prompt chunk mixed with other sequences' rows was evaluated in pieces that depended on them, and the flash
+attention kernel changes path (and rounding) with the number of query rows. So prompt chunks never share a
+`llama_decode`, flash attention is off (then chunk sizes do not matter either), and the decode step has
+exactly one row per sequence (tests/engines/test_batch_invariance.py varies the company on purpose).
 
 Prefix reuse: a slot keeps the tokens of its last request after it leaves (its KV cells stay). A new
 request takes the free slot whose cached tokens share the longest prefix with its prompt, unless that slot
@@ -165,6 +174,9 @@ class BatchedLlamaRunner:
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.no_perf = True
+        # Batch invariance: ggml's CPU flash attention changes path (and rounding) with the number of query
+        # rows of a sequence in a ubatch; see the module docstring.
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ctx = lib.llama_init_from_model(llm.model, params)
         if not ctx:
             raise RuntimeError(f"llama.cpp could not create a context of {parallel} × {n_ctx_seq} tokens")
@@ -172,9 +184,10 @@ class BatchedLlamaRunner:
         self._memory: Any = lib.llama_get_memory(ctx)
         self.n_ctx_seq = min(n_ctx_seq, int(lib.llama_n_ctx_seq(ctx)))
         self._batch: Any = lib.llama_batch_init(self._capacity, 0, 1)
-        self._n_queued = 0
-        self._decoding = 0  # sequences whose sampled token is queued in this step's batch
-        self._prefill_queued = 0  # prompt tokens queued in this step's batch
+        self._rows: list[tuple[_Slot, int, int]] = []  # this step's one-token rows: (slot, token, position)
+        self._chunks: list[tuple[_Slot, int, list[int]]] = []  # prompt chunks (slot, first position, tokens)
+        self._decoding = 0  # sequences whose sampled token is queued in this step
+        self._prefill_queued = 0  # prompt tokens queued in this step
         self._slots = [_Slot(seq_id=i) for i in range(parallel)]
         self._by_seq: dict[Sequence, _Slot] = {}
         self._shown = shown_control_tokens(llm, (THINK_OPEN, THINK_CLOSE))
@@ -199,14 +212,19 @@ class BatchedLlamaRunner:
             slot = self._admit(seq)
         # Sampled tokens were queued first (see scheduler). While other sequences generate, all prompts
         # together get PREFILL_CHUNK tokens per step, so running streams stall for one chunk at most.
+        # The last prompt token joins the step's one-token rows (its logits start sampling), the rest go
+        # in chunks of their own (see the module docstring).
         budget = (PREFILL_CHUNK if self._decoding else N_BATCH) - self._prefill_queued
-        take = max(0, min(len(slot.pending), budget, self._capacity - self._n_queued))
-        self._prefill_queued += take
-        chunk, slot.pending = slot.pending[:take], slot.pending[take:]
-        done = not slot.pending
-        for i, token in enumerate(chunk):
-            self._queue(slot, token, logits=done and i == take - 1)
-        return done
+        take = max(0, min(len(slot.pending) - 1, budget))
+        if take:
+            self._prefill_queued += take
+            chunk, slot.pending = slot.pending[:take], slot.pending[take:]
+            self._chunks.append((slot, len(slot.tokens), chunk))
+            slot.tokens.extend(chunk)
+        if len(slot.pending) != 1:
+            return False
+        self._queue(slot, slot.pending.pop())
+        return True
 
     def sample(self, seq: Sequence) -> int:
         slot = self._by_seq[seq]
@@ -221,17 +239,18 @@ class BatchedLlamaRunner:
         return bytes(self._llm.detokenize([token], special=token in self._shown))
 
     def decode(self, seq: Sequence, token: int) -> None:
-        self._queue(self._by_seq[seq], token, logits=True)
+        self._queue(self._by_seq[seq], token)
         self._decoding += 1
 
     def flush(self) -> None:
-        n, self._n_queued, self._decoding, self._prefill_queued = self._n_queued, 0, 0, 0
-        if n == 0:
-            return
-        self._batch.n_tokens = n
-        rc = int(self._lib.llama_decode(self._ctx, self._batch))
-        if rc != 0:  # 1 = no KV slot (cannot happen within n_ctx_seq), < 0 = error; outputs are undefined
-            raise RuntimeError(f"llama_decode returned {rc} for a batch of {n} tokens")
+        chunks, rows = self._chunks, self._rows
+        self._chunks, self._rows, self._decoding, self._prefill_queued = [], [], 0, 0
+        for slot, start, chunk in chunks:  # before the rows: a prompt's last token follows its chunk
+            self._decode([(slot.seq_id, token, start + i, False) for i, token in enumerate(chunk)])
+        if rows:
+            self._decode([(slot.seq_id, token, pos, True) for slot, token, pos in rows])
+            for i, (slot, _, _) in enumerate(rows):
+                slot.logits_index = i
 
     def release(self, seq: Sequence) -> None:
         """Free the sampler and the slot; its KV cells stay for prefix reuse by a later request."""
@@ -253,7 +272,8 @@ class BatchedLlamaRunner:
     def reset(self) -> None:
         """Forget every slot's cache (after a failed batch); active sequences are failed by the caller."""
         self._lib.llama_memory_clear(self._memory, True)
-        self._n_queued = self._decoding = self._prefill_queued = 0
+        self._rows, self._chunks = [], []
+        self._decoding = self._prefill_queued = 0
         for slot in self._slots:
             slot.tokens = []
             slot.pending = []
@@ -272,17 +292,24 @@ class BatchedLlamaRunner:
 
     # --- helpers ---------------------------------------------------------------------------------------
 
-    def _queue(self, slot: _Slot, token: int, *, logits: bool) -> None:
-        batch, i = self._batch, self._n_queued
-        batch.token[i] = token
-        batch.pos[i] = len(slot.tokens)
-        batch.n_seq_id[i] = 1
-        batch.seq_id[i][0] = slot.seq_id
-        batch.logits[i] = logits
-        if logits:
-            slot.logits_index = i
+    def _queue(self, slot: _Slot, token: int) -> None:
+        """One row of this step's decode: `token` at the slot's next position, logits wanted."""
+        self._rows.append((slot, token, len(slot.tokens)))
         slot.tokens.append(token)
-        self._n_queued = i + 1
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
+        """One `llama_decode` of (sequence id, token, position, logits) rows; raising fails them all."""
+        batch = self._batch
+        for i, (seq_id, token, pos, logits) in enumerate(items):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq_id
+            batch.logits[i] = logits
+        batch.n_tokens = len(items)
+        rc = int(self._lib.llama_decode(self._ctx, batch))
+        if rc != 0:  # 1 = no KV slot (cannot happen within n_ctx_seq), < 0 = error; outputs are undefined
+            raise RuntimeError(f"llama_decode returned {rc} for a batch of {len(items)} tokens")
 
     def _admit(self, seq: Sequence) -> _Slot:
         """Bind `seq` to the free slot sharing the longest prefix; evaluate images now (on their own)."""
