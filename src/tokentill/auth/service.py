@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, insert, select, update
+from sqlalchemy import Select, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tokentill.auth.keys import generate_key, hash_secret, mask_key, parse_key
@@ -117,7 +117,7 @@ class KeyStore:
         row = None
         if parsed is not None:
             async with self._db.read() as conn:
-                row = (await conn.execute(_principal_query().where(api_keys.c.id == parsed[0]))).first()
+                row = (await conn.execute(_PRINCIPAL_BY_ID, {"b_key": parsed[0]})).first()
         stored = row.secret_sha256 if row is not None else _DUMMY_HASH
         given = hash_secret(parsed[1] if parsed is not None else raw_key)
         if row is None or not hmac.compare_digest(stored, given) or row.revoked_at is not None:
@@ -262,6 +262,10 @@ def _principal_query() -> Select[Any]:
     return select(
         api_keys, accounts.c.name.label("account_name"), accounts.c.balance.label("account_balance")
     ).join(accounts, accounts.c.id == api_keys.c.account_id)
+
+
+# Built once: the statement every request runs (see billing/statements.py on why).
+_PRINCIPAL_BY_ID = _principal_query().where(api_keys.c.id == bindparam("b_key"))
 
 
 def _principal(row: Any) -> Principal:

@@ -46,7 +46,9 @@ from tokentill.billing.statements import (
     append_ledger,
     balance_of,
     close_hold,
+    open_hold,
     record_usage,
+    reserve_from_balance,
     usage_row_from,
 )
 from tokentill.errors import InsufficientCredits
@@ -217,15 +219,8 @@ class Ledger:
             # The database's clock: the sweeper of another replica compares this expiry with it.
             now = await self._db.now(conn)
             expires_at = now + timedelta(seconds=ttl_s)
-            row = (
-                await conn.execute(
-                    update(accounts)
-                    .where(accounts.c.id == account_id, accounts.c.balance >= amount)
-                    .values(balance=accounts.c.balance - amount)
-                    .returning(accounts.c.balance)
-                )
-            ).first()
-            if row is None:
+            balance_after = await reserve_from_balance(conn, account_id, amount)
+            if balance_after is None:
                 balance = await balance_of(conn, account_id)
                 detail = f" ({need_description})" if need_description else ""
                 raise InsufficientCredits(
@@ -233,25 +228,15 @@ class Ledger:
                     f"{detail} but the balance is {format_credits(balance)}. Add credits or lower "
                     "max_completion_tokens."
                 )
-            await conn.execute(
-                insert(holds).values(
-                    id=request_id,
-                    account_id=account_id,
-                    key_id=key_id,
-                    amount=amount,
-                    status="open",
-                    created_at=now,
-                    expires_at=expires_at,
-                )
-            )
-            await append_ledger(conn, account_id, "hold", -amount, row.balance, ref=request_id, now=now)
+            await open_hold(conn, request_id, account_id, key_id, amount, now, expires_at)
+            await append_ledger(conn, account_id, "hold", -amount, balance_after, ref=request_id, now=now)
         return Hold(
             id=request_id,
             account_id=account_id,
             key_id=key_id,
             amount=amount,
             expires_at=expires_at,
-            balance_after=int(row.balance),
+            balance_after=balance_after,
         )
 
     async def settle(self, hold: Hold, *, cost: int, usage: UsageRecord) -> int:
