@@ -128,6 +128,26 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def serve_profiled(path: Path) -> None:
+    """`tokentill serve` under cProfile; the profile is written when SIGTERM arrives (uvicorn restores
+    this handler after its graceful shutdown and raises the signal again)."""
+    import cProfile
+    import runpy
+    import signal
+
+    profiler = cProfile.Profile()
+
+    def stop(_signum: int, _frame: Any) -> None:
+        profiler.disable()
+        profiler.dump_stats(path)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    sys.argv = ["tokentill", "serve"]
+    profiler.enable()
+    runpy.run_module("tokentill", run_name="__main__")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -212,8 +232,12 @@ def main() -> None:
     parser.add_argument("--database-url", help="tokentill's database (default: SQLite in a temporary folder)")
     parser.add_argument("--redis-url", help="tokentill's Redis (rate limits); default: in-memory limits")
     parser.add_argument("--profile", type=Path, help="run tokentill serve under cProfile, writing FILE")
+    parser.add_argument("--serve-profiled", type=Path, metavar="FILE", help=argparse.SUPPRESS)
     parser.add_argument("--serve-responder", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_profiled:
+        serve_profiled(args.serve_profiled)
+        return
     if args.serve_responder:
         import uvicorn
 
