@@ -290,16 +290,10 @@ def main() -> None:
             tokentill_cli(env, "accounts", "create", account, "--credits", "1000000")
             key = tokentill_cli(env, "keys", "create", "--account", account, "--rpm", "1000000")["key"]
             log = folder / "tokentill.log"
-            profile = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
+            profiled = [__file__, "--serve-profiled", str(args.profile)]
+            serve = profiled if args.profile else ["-m", "tokentill", "serve"]
             with log.open("ab") as out:
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, *profile, "-m", "tokentill", "serve"],
-                        env=env,
-                        stdout=out,
-                        stderr=out,
-                    )
-                )
+                procs.append(subprocess.Popen([sys.executable, *serve], env=env, stdout=out, stderr=out))
             wait_ready(gateway_url + "/readyz", procs[-1], log)
             run(args.requests, args.concurrency, responder_url, gateway_url, key, procs[-1].pid)
         finally:
