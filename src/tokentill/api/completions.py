@@ -91,7 +91,9 @@ async def complete(
         payload=payload,
     )
     if isinstance(admitted, Replayed):
-        return _replay(admitted, body, format_credits(principal.balance))
+        # Read now: a principal from the key cache carries a balance up to a second old.
+        now = await services_of(request).chat.balance(principal.account_id)
+        return _replay(admitted, body, format_credits(now))
     if not body.stream:
         collected = await admitted.collect()
         if collected is None:  # the client went away; nobody reads this response

@@ -37,6 +37,8 @@ from tokentill.billing.records import (
     Audit,
     BalanceRefused,
     Hold,
+    KeyChanged,
+    KeyTerms,
     UsageRecord,
     UsageRow,
 )
@@ -46,6 +48,7 @@ from tokentill.billing.statements import (
     append_ledger,
     balance_of,
     close_hold,
+    key_is_as_admitted,
     open_hold,
     record_usage,
     reserve_from_balance,
@@ -57,7 +60,18 @@ from tokentill.storage.db import Database
 from tokentill.storage.schema import accounts, holds, ledger, utcnow
 from tokentill.storage.schema import usage as usage_table
 
-__all__ = ["Account", "AccountExists", "Audit", "BalanceRefused", "Hold", "Ledger", "UsageRecord", "UsageRow"]
+__all__ = [
+    "Account",
+    "AccountExists",
+    "Audit",
+    "BalanceRefused",
+    "Hold",
+    "KeyChanged",
+    "KeyTerms",
+    "Ledger",
+    "UsageRecord",
+    "UsageRow",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -206,11 +220,14 @@ class Ledger:
         amount: int,
         ttl_s: float,
         need_description: str | None = None,
+        key: KeyTerms | None = None,
     ) -> Hold:
         """Hold `amount` µcr for request `request_id` until settled, released or `ttl_s` passes.
 
         Raises `InsufficientCredits` (402) if the balance is below `amount`; its message states both,
         with `need_description` (e.g. "32 prompt + 8 completion tokens") in parentheses.
+        With `key`, only while that key is live on those terms (`KeyChanged` otherwise, checked before the
+        balance), in the same statement: a key revoked on any replica takes no credit after the commit.
         `LookupError` for an unknown account; `ValueError` for a negative amount.
         """
         if amount < 0:
@@ -219,8 +236,10 @@ class Ledger:
             # The database's clock: the sweeper of another replica compares this expiry with it.
             now = await self._db.now(conn)
             expires_at = now + timedelta(seconds=ttl_s)
-            balance_after = await reserve_from_balance(conn, account_id, amount)
+            balance_after = await reserve_from_balance(conn, account_id, amount, key)
             if balance_after is None:
+                if key is not None and not await key_is_as_admitted(conn, key):
+                    raise KeyChanged(f"key {key.key_id} was revoked or its limits changed")
                 balance = await balance_of(conn, account_id)
                 detail = f" ({need_description})" if need_description else ""
                 raise InsufficientCredits(

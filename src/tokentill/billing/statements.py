@@ -13,12 +13,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Insert, bindparam, insert, select, update
+from sqlalchemy import Insert, bindparam, exists, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tokentill.billing.records import Account, UsageRecord, UsageRow
-from tokentill.storage.schema import accounts, holds, ledger, usage, usage_hourly
+from tokentill.billing.records import Account, KeyTerms, UsageRecord, UsageRow
+from tokentill.storage.schema import accounts, api_keys, holds, ledger, usage, usage_hourly
 
 __all__ = [
     "account_from_row",
@@ -27,6 +27,7 @@ __all__ = [
     "append_ledger",
     "balance_of",
     "close_hold",
+    "key_is_as_admitted",
     "open_hold",
     "record_usage",
     "reserve_from_balance",
@@ -46,6 +47,15 @@ _TAKE_FROM_BALANCE = (
     .values(balance=accounts.c.balance - bindparam("b_amount"))
     .returning(accounts.c.balance)
 )
+_KEY_AS_ADMITTED = (
+    (api_keys.c.id == bindparam("b_key"))
+    & api_keys.c.revoked_at.is_(None)
+    & api_keys.c.rpm.is_not_distinct_from(bindparam("b_rpm"))
+    & api_keys.c.tpm.is_not_distinct_from(bindparam("b_tpm"))
+    & api_keys.c.max_concurrent.is_not_distinct_from(bindparam("b_max_concurrent"))
+)
+_TAKE_FROM_BALANCE_FOR_KEY = _TAKE_FROM_BALANCE.where(exists().where(_KEY_AS_ADMITTED))
+_KEY_IS_AS_ADMITTED = select(api_keys.c.id).where(_KEY_AS_ADMITTED)
 _LEDGER_ROW = insert(ledger)
 _OPEN_HOLD = insert(holds)
 _CLOSE_HOLD = (
@@ -121,10 +131,27 @@ async def add_to_balance(conn: AsyncConnection, account_id: int, delta: int) -> 
     return int(row.balance)
 
 
-async def reserve_from_balance(conn: AsyncConnection, account_id: int, amount: int) -> int | None:
-    """balance -= amount if the balance covers it: the balance after, or None (refused or no account)."""
-    row = (await conn.execute(_TAKE_FROM_BALANCE, {"b_account": account_id, "b_amount": amount})).first()
+async def reserve_from_balance(
+    conn: AsyncConnection, account_id: int, amount: int, key: KeyTerms | None = None
+) -> int | None:
+    """balance -= amount if the balance covers it (and, given `key`, the key is live on those terms): the
+    balance after, or None (refused, or no account)."""
+    if key is None:
+        values: dict[str, Any] = {"b_account": account_id, "b_amount": amount}
+        row = (await conn.execute(_TAKE_FROM_BALANCE, values)).first()
+    else:
+        values = {"b_account": account_id, "b_amount": amount, **_key_values(key)}
+        row = (await conn.execute(_TAKE_FROM_BALANCE_FOR_KEY, values)).first()
     return int(row.balance) if row is not None else None
+
+
+async def key_is_as_admitted(conn: AsyncConnection, key: KeyTerms) -> bool:
+    """Whether `key` is live with exactly its `KeyTerms` limits."""
+    return (await conn.execute(_KEY_IS_AS_ADMITTED, _key_values(key))).first() is not None
+
+
+def _key_values(key: KeyTerms) -> dict[str, Any]:
+    return {"b_key": key.key_id, "b_rpm": key.rpm, "b_tpm": key.tpm, "b_max_concurrent": key.max_concurrent}
 
 
 async def append_ledger(
