@@ -30,12 +30,7 @@ from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits
 from tokentill.lifecycle import Answer, Replayed, first_error
 from tokentill.protocol.response_objects import ResponseBuilder, replay_events
-from tokentill.protocol.responses_api import (
-    ResponsesRequest,
-    continued,
-    decode_responses_body,
-    to_chat,
-)
+from tokentill.protocol.responses_api import ResponsesRequest, decode_responses_body, to_chat
 from tokentill.types import Finished
 
 __all__ = ["responses_router"]
@@ -86,18 +81,9 @@ async def _respond(request: Request, principal: Principal, body: ResponsesReques
         return builder().from_answer(answer)
 
     async def keep(made: ResponseBuilder) -> None:
-        if not body.stored:
-            return
-        conversation = continued(history, body, made.output_text, made.tool_calls())
-        try:
-            await services.responses.save(
-                account_id=principal.account_id,
-                key_id=principal.key_id,
-                body=made.response(),
-                conversation=conversation,
-            )
-        except Exception:  # the answer is delivered and billed; only the copy for `retrieve` is lost
-            log.exception("storing response %s failed", response_id)
+        await services.responses.keep(
+            made, request=body, history=history, account_id=principal.account_id, key_id=principal.key_id
+        )
 
     admitted = await services.lifecycle.admit(
         principal,

@@ -191,7 +191,7 @@ class ReasoningConfig(_Strict):
         return self.summary or self.generate_summary
 
 
-class StreamOptions(_Strict):
+class ResponsesStreamOptions(_Strict):
     include_obfuscation: StrictBool | None = None  # nothing is obfuscated here; accepted and ignored
 
 
@@ -208,7 +208,7 @@ class ResponsesRequest(_Strict):
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
     stream: StrictBool | None = None
-    stream_options: StreamOptions | None = None
+    stream_options: ResponsesStreamOptions | None = None
     store: StrictBool | None = None
     previous_response_id: StrictStr | None = Field(default=None, max_length=64)
     metadata: dict[StrictStr, StrictStr] | None = None
