@@ -38,6 +38,7 @@ from tokentill.services import Services
 from tokentill.settings import Settings
 from tokentill.storage.db import open_database
 from tokentill.storage.spool import Spool
+from tokentill.stored_responses import ResponseStore
 
 __all__ = ["create_app", "create_app_from_env", "http_protocol", "log_config"]
 
@@ -155,6 +156,7 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
                 reports=UsageReports(db),
                 codes=RedemptionCodes(db, limiter, settings.redeem_attempts_per_minute),
                 lifecycle=Lifecycle(chat, idempotency),
+                responses=ResponseStore(db),
                 started=int(time.time()),
                 ready=True,
                 redact=redact,

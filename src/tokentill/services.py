@@ -19,6 +19,7 @@ from tokentill.media.service import MediaService
 from tokentill.redact import Redactor
 from tokentill.settings import Settings
 from tokentill.storage.db import Database
+from tokentill.stored_responses import ResponseStore
 
 __all__ = ["Services"]
 
@@ -39,6 +40,7 @@ class Services:
     reports: UsageReports
     codes: RedemptionCodes
     lifecycle: Lifecycle  # admits, runs, settles and releases billable requests
+    responses: ResponseStore
     started: int  # unix time the service started; `created` of every model object
     ready: bool = False
     redact: Redactor = field(default_factory=Redactor)  # every configured secret; see tokentill.redact

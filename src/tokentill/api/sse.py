@@ -37,7 +37,15 @@ from tokentill.lifecycle import first_error
 from tokentill.protocol import responses
 from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta
 
-__all__ = ["KEEPALIVE", "EventStreamResponse", "sse_frames"]
+__all__ = [
+    "KEEPALIVE",
+    "KEEPALIVE_S",
+    "EventStreamResponse",
+    "Item",
+    "PumpedEventStream",
+    "receive_until",
+    "sse_frames",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +76,14 @@ async def _pump(events: AsyncGenerator[EngineEvent, None], send: MemoryObjectSen
                 await events.aclose()
 
 
+async def receive_until(items: MemoryObjectReceiveStream[Item], deadline: float) -> Item | None:
+    """The next item, or None when `deadline` (anyio time: a keep-alive is due) comes first; raises
+    `anyio.EndOfStream` after the last. The cancel scope closes before the caller yields anything."""
+    with anyio.move_on_after(deadline - anyio.current_time()):
+        return await items.receive()
+    return None
+
+
 async def sse_frames(
     items: MemoryObjectReceiveStream[Item],
     *,
@@ -89,13 +105,10 @@ async def sse_frames(
         yield chunk({"role": "assistant", "content": "", "refusal": None})
         last_sent = anyio.current_time()
         while True:
-            item: Item | None = None
-            # Wait at most until the next keep-alive is due; the scope closes before any yield.
-            with anyio.move_on_after(last_sent + keepalive_s - anyio.current_time()):
-                try:
-                    item = await items.receive()
-                except anyio.EndOfStream:
-                    break
+            try:
+                item = await receive_until(items, last_sent + keepalive_s)
+            except anyio.EndOfStream:
+                break
             if isinstance(item, Exception):
                 yield _error(item, completion_id)
                 return
@@ -128,12 +141,46 @@ def _error(exc: BaseException, completion_id: str) -> bytes:
     return _data(errors.InternalError("The server had an error while streaming the response.").body())
 
 
-class EventStreamResponse(StreamingResponse):
-    """`text/event-stream` of `events` (already known to have started), rendered by `sse_frames`.
+Frames = Callable[[MemoryObjectReceiveStream[Item]], AsyncGenerator[bytes, None]]
+"""Renders what the pump sends (events, possibly ending with an error) as SSE bytes."""
+
+
+class PumpedEventStream(StreamingResponse):
+    """`text/event-stream` of `events` (already known to have started), rendered by `frames`.
 
     The pump runs in a task group that spans the whole response, never a generator; on any exit (done,
     client gone, send failed) the group is cancelled and the body generator closed, both in this task.
     """
+
+    def __init__(
+        self,
+        events: AsyncGenerator[EngineEvent, None],
+        frames: Frames,
+        *,
+        headers: Mapping[str, str] | None = None,
+        on_close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._events = events
+        self._on_close = on_close
+        self._send, receive = anyio.create_memory_object_stream[Item](math.inf)
+        self._frames = frames(receive)
+        super().__init__(self._frames, media_type="text/event-stream", headers=headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_pump, self._events, self._send)
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                tg.cancel_scope.cancel()  # a no-op when the pump already ended (the usual case)
+                with anyio.CancelScope(shield=True):
+                    await self._frames.aclose()
+                    if self._on_close is not None:
+                        await self._on_close()
+
+
+class EventStreamResponse(PumpedEventStream):
+    """The chat completion chunks of `events` (see `sse_frames`)."""
 
     def __init__(
         self,
@@ -148,28 +195,15 @@ class EventStreamResponse(StreamingResponse):
         keepalive_s: float = KEEPALIVE_S,
         on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        self._events = events
-        self._on_close = on_close
-        self._send, receive = anyio.create_memory_object_stream[Item](math.inf)
-        self._frames = sse_frames(
-            receive,
-            completion_id=completion_id,
-            created=created,
-            model=model,
-            include_usage=include_usage,
-            include_reasoning=include_reasoning,
-            keepalive_s=keepalive_s,
-        )
-        super().__init__(self._frames, media_type="text/event-stream", headers=headers)
+        def frames(items: MemoryObjectReceiveStream[Item]) -> AsyncGenerator[bytes, None]:
+            return sse_frames(
+                items,
+                completion_id=completion_id,
+                created=created,
+                model=model,
+                include_usage=include_usage,
+                include_reasoning=include_reasoning,
+                keepalive_s=keepalive_s,
+            )
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_pump, self._events, self._send)
-            try:
-                await super().__call__(scope, receive, send)
-            finally:
-                tg.cancel_scope.cancel()  # a no-op when the pump already ended (the usual case)
-                with anyio.CancelScope(shield=True):
-                    await self._frames.aclose()
-                    if self._on_close is not None:
-                        await self._on_close()
+        super().__init__(events, frames, headers=headers, on_close=on_close)
