@@ -22,7 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from tokentill import errors
-from tokentill.api.completions import HTTPClient, limit_headers_on_errors
+from tokentill.api.completions import HTTPClient, limit_headers_on_errors, replay_headers, stream_headers
 from tokentill.api.routes import THREAD_PARSE_BYTES, Authenticated, _with_balance
 from tokentill.api.sse import KEEPALIVE, KEEPALIVE_S, Item, PumpedEventStream, receive_until
 from tokentill.api.state import services_of
@@ -38,8 +38,6 @@ __all__ = ["responses_router"]
 log = logging.getLogger(__name__)
 
 responses_router = APIRouter()
-
-_STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 @responses_router.post("/v1/responses")
@@ -98,14 +96,9 @@ async def _respond(request: Request, principal: Principal, body: ResponsesReques
     )
     if isinstance(admitted, Replayed):
         stored = admitted.stored
-        headers = {
-            **stored.headers,
-            **admitted.limit_headers,
-            "x-remaining-credits": format_credits(principal.balance),
-            "idempotent-replayed": "true",
-        }
+        headers = replay_headers(admitted, format_credits(principal.balance))
         if stored.streamed:
-            return _replay_stream(stored.body, {**headers, **_STREAM_HEADERS})
+            return _replay_stream(stored.body, headers)
         return JSONResponse(stored.body, status_code=stored.status, headers=headers)
     if not body.stream:
         collected = await admitted.collect()
@@ -119,17 +112,12 @@ async def _respond(request: Request, principal: Principal, body: ResponsesReques
     events = await admitted.stream()
     if events is None:
         return Response(status_code=499)
-    headers = {
-        "x-remaining-credits": format_credits(admitted.prepared.balance_after_hold),
-        **_STREAM_HEADERS,
-        **admitted.headers,
-    }
     made = builder()
 
     def frames(items: MemoryObjectReceiveStream[Item]) -> AsyncGenerator[bytes, None]:
         return _frames(items, made, keep)
 
-    return PumpedEventStream(events, frames, headers=headers, on_close=admitted.aclose)
+    return PumpedEventStream(events, frames, headers=stream_headers(admitted), on_close=admitted.aclose)
 
 
 def _sse(event: dict[str, Any]) -> bytes:

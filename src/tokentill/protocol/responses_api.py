@@ -37,12 +37,11 @@ from tokentill.protocol.chat import (
     MAX_TOKENS,
     MAX_USER_CHARS,
     ChatCompletionRequest,
-    find_invalid_unicode,
+    deepest_error,
+    invalid_request,
+    known_arguments,
     parse_chat_request,
 )
-from tokentill.protocol.chat import _code_for as _chat_code_for
-from tokentill.protocol.chat import _json_path as _chat_json_path
-from tokentill.protocol.chat import _message_for as _chat_message_for
 
 __all__ = [
     "MAX_INPUT_ITEMS",
@@ -241,10 +240,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 _KNOWN = set(ResponsesRequest.model_fields)
 
 
-def _neutral(name: str, value: Any) -> bool:
-    return any(type(value) is type(neutral) and value == neutral for neutral in _NEUTRAL[name])
-
-
 def decode_responses_body(raw: bytes) -> tuple[Any, ResponsesRequest]:
     """Raw request bytes → (decoded JSON, validated request); every failure is an `InvalidRequest`.
     Pure CPU work with no I/O, so the API runs it in a worker thread for large bodies."""
@@ -265,46 +260,20 @@ def decode_responses_body(raw: bytes) -> tuple[Any, ResponsesRequest]:
 
 def parse_responses_request(body: Any) -> ResponsesRequest:
     """Validate a decoded JSON body; every failure is an `InvalidRequest` naming the parameter."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_type")
-    bad = find_invalid_unicode(body)
-    if bad is not None:
-        raise InvalidRequest(
-            f"Invalid value for '{bad or 'body'}': the text contains a lone UTF-16 surrogate (such as "
-            "\\ud800), which is not valid Unicode.",
-            code="invalid_value",
-            param=bad or None,
-        )
-    for name, value in body.items():
-        if name in _KNOWN:
-            continue
-        if name in _NEUTRAL:
-            if _neutral(name, value):
-                continue
-            raise InvalidRequest(
-                f"Unsupported parameter: '{name}' is not supported with this model.",
-                code="unsupported_parameter",
-                param=name,
-            )
-        raise InvalidRequest(
-            f"Unrecognized request argument supplied: {name}", code="unknown_parameter", param=name
-        )
-    _check_sizes(body.get("input"))
+    known = known_arguments(body, _KNOWN, _NEUTRAL)
+    _check_sizes(known.get("input"))
     try:
-        request = ResponsesRequest.model_validate({k: v for k, v in body.items() if k in _KNOWN})
+        request = ResponsesRequest.model_validate(known)
     except ValidationError as exc:
-        error = max(exc.errors(), key=lambda e: len(e["loc"]))
-        param = _chat_json_path(_without_item_tags(error["loc"]))
-        message = _chat_message_for(error, param)
-        if error["type"] == "union_tag_invalid":
-            param += ".type"
-            if len(error["loc"]) == 2:  # an input item of a kind this service does not take
-                kind = (error.get("ctx") or {}).get("tag")
-                message = (
-                    f"Invalid value: '{kind}'. Supported values are: 'message', 'function_call', "
-                    "'function_call_output' and 'reasoning'."
-                )
-        raise InvalidRequest(message, code=_chat_code_for(error["type"]), param=param) from exc
+        error = deepest_error(exc)
+        message = None
+        if error["type"] == "union_tag_invalid" and len(error["loc"]) == 2:  # an item kind not taken
+            kind = (error.get("ctx") or {}).get("tag")
+            message = (
+                f"Invalid value: '{kind}'. Supported values are: 'message', 'function_call', "
+                "'function_call_output' and 'reasoning'."
+            )
+        raise invalid_request(error, _without_item_tags(error["loc"]), message) from exc
     _check(request)
     return request
 
