@@ -37,11 +37,14 @@ from tokentill.protocol.chat import (
     MAX_TOKENS,
     MAX_USER_CHARS,
     ChatCompletionRequest,
+    JSONObjectFormat,
+    NamedFunction,
     deepest_error,
     invalid_request,
     known_arguments,
     parse_chat_request,
 )
+from tokentill.protocol.chat import TextFormat as TextFormatText
 
 __all__ = [
     "MAX_INPUT_ITEMS",
@@ -143,6 +146,9 @@ InputItem = Annotated[
 
 
 class FunctionTool(_Strict):
+    """A function tool, flat: chat's `function` object with `type` beside its fields (`type` first, so a
+    tool of another kind is refused for its type, not for a missing name)."""
+
     type: Literal["function"]
     name: StrictStr
     description: StrictStr | None = None
@@ -150,17 +156,8 @@ class FunctionTool(_Strict):
     strict: StrictBool | None = None
 
 
-class FunctionChoice(_Strict):
+class FunctionChoice(NamedFunction):
     type: Literal["function"]
-    name: StrictStr
-
-
-class TextFormatText(_Strict):
-    type: Literal["text"]
-
-
-class TextFormatJSONObject(_Strict):
-    type: Literal["json_object"]
 
 
 class TextFormatJSONSchema(_Strict):
@@ -171,9 +168,7 @@ class TextFormatJSONSchema(_Strict):
     strict: StrictBool | None = None
 
 
-TextFormat = Annotated[
-    TextFormatText | TextFormatJSONObject | TextFormatJSONSchema, Field(discriminator="type")
-]
+TextFormat = Annotated[TextFormatText | JSONObjectFormat | TextFormatJSONSchema, Field(discriminator="type")]
 
 
 class TextConfig(_Strict):
@@ -396,7 +391,7 @@ def input_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
 
 def _response_format(request: ResponsesRequest) -> dict[str, Any] | None:
     fmt = request.text.format if request.text is not None else None
-    if isinstance(fmt, TextFormatJSONObject):
+    if isinstance(fmt, JSONObjectFormat):
         return {"type": "json_object"}
     if isinstance(fmt, TextFormatJSONSchema):
         spec: dict[str, Any] = {"name": fmt.name, "schema": fmt.schema_}
