@@ -32,6 +32,7 @@ from pydantic import (
 
 from tokentill.errors import InvalidRequest
 from tokentill.protocol.chat import (
+    MAX_CONTENT_PARTS,
     MAX_JSON_COMMAS,
     MAX_TOKENS,
     MAX_USER_CHARS,
@@ -288,14 +289,7 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
         raise InvalidRequest(
             f"Unrecognized request argument supplied: {name}", code="unknown_parameter", param=name
         )
-    items = body.get("input")
-    if isinstance(items, list) and len(items) > MAX_INPUT_ITEMS:
-        raise InvalidRequest(
-            f"Invalid 'input': array too long. Expected an array with maximum length {MAX_INPUT_ITEMS}, "
-            f"but got an array with length {len(items)} instead.",
-            code="invalid_value",
-            param="input",
-        )
+    _check_sizes(body.get("input"))
     try:
         request = ResponsesRequest.model_validate({k: v for k, v in body.items() if k in _KNOWN})
     except ValidationError as exc:
@@ -313,6 +307,30 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
         raise InvalidRequest(message, code=_chat_code_for(error["type"]), param=param) from exc
     _check(request)
     return request
+
+
+def _check_sizes(items: Any) -> None:
+    """Refuse oversized `input` before validation, whose cost grows with it (as chat's `_check_sizes`)."""
+    if not isinstance(items, list):
+        return
+    if len(items) > MAX_INPUT_ITEMS:
+        raise InvalidRequest(
+            f"Invalid 'input': array too long. Expected an array with maximum length {MAX_INPUT_ITEMS}, "
+            f"but got an array with length {len(items)} instead.",
+            code="invalid_value",
+            param="input",
+        )
+    parts = 0
+    for i, item in enumerate(items):
+        content = item.get("content") if isinstance(item, dict) else None
+        parts += len(content) if isinstance(content, list) else 0
+        if parts > MAX_CONTENT_PARTS:
+            raise InvalidRequest(
+                f"Invalid 'input[{i}].content': a request takes at most {MAX_CONTENT_PARTS} content parts "
+                "in all.",
+                code="invalid_value",
+                param=f"input[{i}].content",
+            )
 
 
 _ITEM_TAGS = {"message", "function_call", "function_call_output", "reasoning", "?"}
