@@ -22,6 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from tokentill import errors
+from tokentill.api.account import parse_limit
 from tokentill.api.completions import HTTPClient, limit_headers_on_errors, replay_headers, stream_headers
 from tokentill.api.routes import THREAD_PARSE_BYTES, Authenticated, _with_balance
 from tokentill.api.sse import KEEPALIVE, KEEPALIVE_S, Item, PumpedEventStream, receive_until
@@ -29,7 +30,7 @@ from tokentill.api.state import services_of
 from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits
 from tokentill.lifecycle import Answer, Replayed, first_error
-from tokentill.protocol.response_objects import ResponseBuilder, replay_events
+from tokentill.protocol.response_objects import ResponseBuilder, input_items, item_page, replay_events
 from tokentill.protocol.responses_api import ResponsesRequest, decode_responses_body, to_chat
 from tokentill.types import Finished
 
@@ -38,6 +39,8 @@ __all__ = ["responses_router"]
 log = logging.getLogger(__name__)
 
 responses_router = APIRouter()
+
+MAX_PAGE = 100  # input items per page (OpenAI's limit)
 
 
 @responses_router.post("/v1/responses")
@@ -55,6 +58,26 @@ async def create_response(request: Request, principal: Authenticated) -> Respons
 async def retrieve_response(request: Request, principal: Authenticated, response_id: str) -> JSONResponse:
     found = await services_of(request).responses.get(principal.account_id, response_id)
     return _with_balance(request, found.body)
+
+
+@responses_router.get("/v1/responses/{response_id}/input_items")
+async def list_input_items(
+    request: Request,
+    principal: Authenticated,
+    response_id: str,
+    limit: str | None = None,
+    order: str = "desc",
+    after: str | None = None,
+) -> JSONResponse:
+    count = 20 if limit is None else parse_limit(limit)
+    if not 1 <= count <= MAX_PAGE or order not in {"asc", "desc"}:
+        bad = "limit" if order in {"asc", "desc"} else "order"
+        raise errors.InvalidRequest(
+            f"Invalid '{bad}': 'limit' is 1 to {MAX_PAGE}, 'order' is 'asc' or 'desc'.", param=bad
+        )
+    found = await services_of(request).responses.get(principal.account_id, response_id)
+    items = input_items(found.conversation, response_id)
+    return _with_balance(request, item_page(items, order=order, limit=count, after=after))
 
 
 @responses_router.delete("/v1/responses/{response_id}")
