@@ -89,9 +89,11 @@ def read_report(path: Path, label: str) -> Outcome:
                     outcome.failures[check["name"]] += 1
                     if len(outcome.examples) < 5:
                         case = recorder["cases"].get(case_id, {}).get("value", {})
+                        response = recorder["interactions"].get(case_id, {}).get("response") or {}
                         outcome.examples.append(
                             f"{check['name']}: {case.get('method')} {case.get('path')} "
-                            f"{json.dumps(case.get('body'))[:160] if 'body' in case else ''}"
+                            f"path={case.get('path_parameters')} query={case.get('query')} "
+                            f"body={json.dumps(case.get('body'))[:160]} -> {response.get('status_code')}"
                         )
     return outcome
 

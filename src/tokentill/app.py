@@ -30,6 +30,7 @@ from tokentill.engines.base import Engine
 from tokentill.engines.reasoning import with_reasoning
 from tokentill.errors import ServiceUnavailable
 from tokentill.idempotency import IdempotencyStore
+from tokentill.lifecycle import Lifecycle
 from tokentill.limits import create_limiter
 from tokentill.media.service import MediaPolicy, MediaService
 from tokentill.redact import Redactor, redacted_logs, settings_secrets
@@ -37,6 +38,7 @@ from tokentill.services import Services
 from tokentill.settings import Settings
 from tokentill.storage.db import open_database
 from tokentill.storage.spool import Spool
+from tokentill.stored_responses import ResponseStore
 
 __all__ = ["create_app", "create_app_from_env", "http_protocol", "log_config"]
 
@@ -153,6 +155,8 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
                 idempotency=idempotency,
                 reports=UsageReports(db),
                 codes=RedemptionCodes(db, limiter, settings.redeem_attempts_per_minute),
+                lifecycle=Lifecycle(chat, idempotency),
+                responses=ResponseStore(db),
                 started=int(time.time()),
                 ready=True,
                 redact=redact,

@@ -1,22 +1,22 @@
 """One chat completion from validated request to settled bill: the service behind both chat routes.
 
 `ChatService.prepare` runs every check that can refuse a request (model, permission, images, context,
-rate limits, credits) and ends holding a credit reservation and a rate-limit lease. `ChatService.run` then
-streams the engine's events and, in a `finally` that survives cancellation, settles exactly once:
+rate limits, credits) and ends holding a credit reservation and a rate-limit lease. `ChatService.settle`
+closes both with what the run came to:
 
     finished                             → charge the real usage, release the rest
     client went away (499)               → charge the tokens generated so far
     engine failed (timeout, 5xx)         → charge nothing, unless tokens were already streamed: those
 
-Nothing here knows about HTTP; the api package renders the events as JSON or SSE.
+Who runs the engine and calls `settle` exactly once, on every exit, is `lifecycle.Run`. Nothing here
+knows about HTTP; the api package renders the events as JSON or SSE.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, Mapping
-from contextlib import aclosing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import anyio
@@ -33,7 +33,7 @@ from tokentill.limits import KeyLimits, Lease, RateLimiter
 from tokentill.media.service import ImageRef, MediaService
 from tokentill.protocol.chat import ChatCompletionRequest, ImagePart
 from tokentill.structured.tools import constraint
-from tokentill.types import EngineEvent, Finished, ImageInput, Message, TextDelta, ToolCallDelta
+from tokentill.types import Finished, ImageInput, Message
 
 __all__ = ["ChatService", "PreparedChat"]
 
@@ -52,9 +52,9 @@ def _limits(principal: Principal) -> KeyLimits:
     return KeyLimits(rpm=principal.rpm, tpm=principal.tpm, max_concurrent=principal.max_concurrent)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PreparedChat:
-    """A request that passed every check and holds its reservations; `run` must be called to settle."""
+    """A request that passed every check and holds its reservations until `ChatService.settle`."""
 
     request_id: str
     principal: Principal
@@ -68,9 +68,6 @@ class PreparedChat:
     started: float = field(default_factory=time.monotonic)
     include_reasoning: bool = False
     stream: bool = False  # tokens reach the client as they are made (decides what a failure costs)
-    run_started: bool = False  # `ChatService.run` has begun: its `finally` settles
-    settled: bool = False  # the hold and the lease have been settled or released (exactly once)
-    balance_after: int | None = None  # the balance the settlement left (None: not settled, or it failed)
 
 
 class ChatService:
@@ -188,42 +185,13 @@ class ChatService:
             stream=bool(request.stream),
         )
 
-    async def run(self, chat: PreparedChat) -> AsyncGenerator[EngineEvent, None]:
-        """The engine's events; settles in `finally` whether the consumer finishes, fails or goes away."""
-        generated = 0
-        reasoning = 0
-        finished: Finished | None = None
-        status = 499  # until proven otherwise: the consumer stopped listening
-        chat.run_started = True
-        try:
-            # Closed as soon as this generator is: a client that leaves stops the engine (and closes an
-            # upstream's response) at once, not when the garbage collector gets to it.
-            async with aclosing(chat.engine.generate(chat.engine_request)) as events:
-                async for event in events:
-                    if isinstance(event, TextDelta):
-                        generated += event.tokens
-                        if event.reasoning:
-                            reasoning += event.tokens
-                    elif isinstance(event, ToolCallDelta):
-                        generated += event.tokens
-                    else:
-                        finished = event
-                        status = 200
-                    yield event
-        except errors.APIError as exc:
-            status = exc.status
-            raise
-        except Exception:
-            status = 500
-            raise
-        finally:
-            # Starlette cancels the body iterator when the client disconnects: the money must still move.
-            with anyio.CancelScope(shield=True):
-                await self._settle(chat, finished, generated, reasoning, status)
-
-    async def _settle(
+    async def settle(
         self, chat: PreparedChat, finished: Finished | None, generated: int, reasoning: int, status: int
-    ) -> None:
+    ) -> int | None:
+        """Charge what the run came to (`finished`, or `generated` tokens of which `reasoning` hidden, and
+        the response `status`), close the hold and return the lease; the balance after it (while the database
+        is out: what the spooled settlement will leave), or None when it failed (logged; the hold is then
+        left to the sweeper). Call exactly once per prepared chat."""
         image_tokens = 0
         if finished is not None:
             usage = finished.usage
@@ -252,7 +220,7 @@ class ChatService:
         # it; an engine failure costs nothing unless those tokens were already streamed to the client.
         free = finished is None and (generated == 0 or (status != 499 and not chat.stream))
         cost = 0
-        chat.settled = True
+        balance: int | None = None
         try:
             if free:
                 record = replace(record, completion_tokens=0, reasoning_tokens=0)
@@ -270,23 +238,21 @@ class ChatService:
                 )
                 record = replace(record, cached_saving=saving)
             if self._settlements is None:
-                chat.balance_after = await (
+                balance = await (
                     self._ledger.release(chat.hold, usage=record)
                     if free
                     else self._ledger.settle(chat.hold, cost=cost, usage=record)
                 )
             else:
-                chat.balance_after = await (
+                balance = await (
                     self._settlements.release(chat.hold, usage=record)
                     if free
                     else self._settlements.settle(chat.hold, cost=cost, usage=record)
                 )
-                if chat.balance_after is None:
+                if balance is None:
                     # Spooled while the database is out: the header shows what the settlement will
                     # leave (the hold's balance plus what it gives back), not a 503 for a delivered answer.
-                    chat.balance_after = (
-                        chat.balance_after_hold + chat.hold.amount - min(cost, chat.hold.amount)
-                    )
+                    balance = chat.balance_after_hold + chat.hold.amount - min(cost, chat.hold.amount)
             metrics.observe_request(record, cost, time.monotonic() - chat.started)
         except Exception:
             # The hold stays open and the sweeper releases it after hold_ttl_s: logged, never lost.
@@ -301,14 +267,7 @@ class ChatService:
                     await chat.lease.settle(prompt + completion)
             except Exception:
                 log.exception("returning the rate-limit lease of request %s failed", chat.request_id)
-
-    async def abandon(self, chat: PreparedChat) -> None:
-        """Release a prepared request whose `run` never started (the client left first); a no-op once
-        `run` has begun, since its own `finally` settles. Safe to call in any `finally`."""
-        if chat.settled or chat.run_started:
-            return
-        with anyio.CancelScope(shield=True):
-            await self._settle(chat, None, 0, 0, 499)
+        return balance
 
     async def balance(self, account_id: int) -> int:
         return await self._ledger.balance(account_id)

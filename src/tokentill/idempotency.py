@@ -39,24 +39,20 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import anyio
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokentill import errors
-from tokentill.protocol.responses import Answer
 from tokentill.storage.db import Database
 from tokentill.storage.schema import idempotency_keys
-from tokentill.types import EngineEvent
 
-__all__ = ["Claim", "IdempotencyStore", "Replay", "check_key", "fingerprint", "track_stream"]
+__all__ = ["Claim", "IdempotencyStore", "Replay", "check_key", "fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -256,19 +252,47 @@ class IdempotencyStore:
     async def _close(self, claim: Claim, **values: Any) -> None:
         self._stop_heartbeat(claim)
         try:
-            async with self._db.begin() as conn:
-                now = await self._now(conn)
-                result = await conn.execute(
-                    update(idempotency_keys)
-                    .where(*self._running(claim))
-                    .values(expires_at=now + self._ttl, **values)
-                )
-            if result.rowcount != 1:
-                log.warning("idempotency claim was taken over before it finished; its answer is not kept")
+            await self._store(claim, values)
         except errors.ServiceUnavailable:
-            log.warning("could not store the answer of an idempotent request (database unavailable)")
+            # The answer was given (and billed): keep trying to store it, so that the client's retry
+            # finds it rather than running again once the lease has run out.
+            log.warning(
+                "could not store the answer of an idempotent request (database unavailable); retrying"
+            )
+            task = asyncio.create_task(self._store_later(claim, values), name="idempotency-store")
+            self._heartbeats[claim.token] = task
         except Exception:
             log.exception("could not store the answer of an idempotent request")
+
+    async def _store(self, claim: Claim, values: dict[str, Any]) -> None:
+        async with self._db.begin() as conn:
+            now = await self._now(conn)
+            result = await conn.execute(
+                update(idempotency_keys)
+                .where(*self._running(claim))
+                .values(expires_at=now + self._ttl, **values)
+            )
+        if result.rowcount != 1:
+            log.warning("idempotency claim was taken over before it finished; its answer is not kept")
+
+    async def _store_later(self, claim: Claim, values: dict[str, Any]) -> None:
+        """Retry `_store` every second at most (the lease is running out) until `max_claim_s`."""
+        deadline = time.monotonic() + self._max_claim_s
+        delay = 0.2
+        try:
+            while time.monotonic() < deadline:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                try:
+                    await self._store(claim, values)
+                except errors.ServiceUnavailable:
+                    continue
+                except Exception:
+                    log.exception("could not store the answer of an idempotent request")
+                return
+        finally:
+            if self._heartbeats.get(claim.token) is asyncio.current_task():
+                del self._heartbeats[claim.token]
 
     def _times(self, now: datetime) -> dict[str, datetime]:
         return {"created_at": now, "expires_at": now + self._abandon}
@@ -315,33 +339,3 @@ class IdempotencyStore:
             headers=dict(json.loads(row.response_headers or "{}")),
             streamed=row.status == "streamed",
         )
-
-
-async def track_stream(
-    events: AsyncGenerator[EngineEvent, None],
-    store: IdempotencyStore,
-    claim: Claim,
-    answer: Callable[[Answer], Any],
-    headers: dict[str, str],
-) -> AsyncGenerator[EngineEvent, None]:
-    """Pass `events` through; at the end store the answer if the stream finished, else release the key.
-
-    `answer(collected)` builds the `chat.completion` object that the stream added up to; it is stored with
-    `headers` for replay. "Finished" is exactly when `ChatService.run` charges the full answer, so the key
-    keeps an answer if and only if the client was charged for one. The inner stream is closed first (it
-    settles the money under its own shield), then the claim is closed under a shield too: Starlette
-    cancels the body iterator when the client disconnects.
-    """
-    collected = Answer()
-    try:
-        async with aclosing(events):
-            async for event in events:
-                collected.add(event)
-                yield event
-    finally:
-        with anyio.CancelScope(shield=True):
-            if collected.finished is not None:
-                body = answer(collected)
-                await store.complete(claim, status=200, body=body, headers=headers, streamed=True)
-            else:
-                await store.release(claim)

@@ -13,11 +13,13 @@ from tokentill.catalog import Catalog
 from tokentill.chat import ChatService
 from tokentill.engines.base import Engine
 from tokentill.idempotency import IdempotencyStore
+from tokentill.lifecycle import Lifecycle
 from tokentill.limits import RateLimiter
 from tokentill.media.service import MediaService
 from tokentill.redact import Redactor
 from tokentill.settings import Settings
 from tokentill.storage.db import Database
+from tokentill.stored_responses import ResponseStore
 
 __all__ = ["Services"]
 
@@ -37,6 +39,8 @@ class Services:
     idempotency: IdempotencyStore
     reports: UsageReports
     codes: RedemptionCodes
+    lifecycle: Lifecycle  # admits, runs, settles and releases billable requests
+    responses: ResponseStore
     started: int  # unix time the service started; `created` of every model object
     ready: bool = False
     redact: Redactor = field(default_factory=Redactor)  # every configured secret; see tokentill.redact

@@ -98,7 +98,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(
         default_factory=_default_data_dir,
-        description="Folder for the SQLite database and downloaded models (default: the user data folder).",
+        description="Folder for the SQLite database, downloaded models and the settlement spool (keep it on "
+        "persistent storage; default: the user data folder).",
     )
     database_url: str | None = Field(
         default=None,

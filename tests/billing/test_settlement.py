@@ -209,3 +209,29 @@ def test_settlement_is_spooled_before_its_first_attempt(
             await db.aclose()
 
     run(body())
+
+
+def test_a_spooled_settlement_that_cannot_apply_does_not_stop_the_start(
+    sqlite_database_url: str, tmp_path: Path
+) -> None:
+    async def body(db: Database) -> None:
+        book = Ledger(db)
+        stale = _spool(tmp_path)  # a spool from another database: its account does not exist here
+        stale.append(
+            {
+                "op": "release",
+                "id": "req_elsewhere",
+                "account_id": 999,
+                "key_id": None,
+                "amount": 5,
+                "expires_at": utcnow().isoformat(),
+                "usage": None,
+            }
+        )
+        stale.close()
+        settlements = Settlements(book, _spool(tmp_path), retry_s=5)
+        assert await settlements.replay() == 1
+        assert settlements.pending == set()
+        await settlements.aclose()
+
+    run_with_db(sqlite_database_url, body)

@@ -56,9 +56,15 @@ def test_crash_releases_hold(tmp_path: Path) -> None:
     from tests.e2e.conftest import llama_available
 
     llama_available()
-    # Holds expire after 20 s; the deadline must be shorter (a live request never loses its hold).
+    # Holds expire after HOLD_TTL_S; the request deadline must be shorter (a live request never loses its
+    # hold). The kill must come before that deadline: it follows the hold's appearance at once.
+    hold_ttl_s, sweep_s = 20, 1
     server = TokentillServer(
-        tmp_path, None, TOKENTILL_HOLD_TTL_S="20", TOKENTILL_REQUEST_TIMEOUT_S="19"
+        tmp_path,
+        None,
+        TOKENTILL_HOLD_TTL_S=str(hold_ttl_s),
+        TOKENTILL_REQUEST_TIMEOUT_S=str(hold_ttl_s - 1),
+        TOKENTILL_HOLD_SWEEP_INTERVAL_S=str(sweep_s),
     ).start()
     try:
         key = server.new_key("crash", credits="1")
@@ -68,6 +74,7 @@ def test_crash_releases_hold(tmp_path: Path) -> None:
             ],
             "max_completion_tokens": 2000,
             "temperature": 1.0,
+            "logit_bias": {"0": -100, "2": -100},  # no end token: it cannot finish before the kill
         }
 
         def doomed_request() -> None:
@@ -78,22 +85,54 @@ def test_crash_releases_hold(tmp_path: Path) -> None:
 
         thread = threading.Thread(target=doomed_request, daemon=True)
         thread.start()
-        deadline = time.monotonic() + 30
-        while Decimal(server.balance("crash")) == Decimal(1):
+        deadline = time.monotonic() + 60
+        while not server.hold_statuses("crash"):  # read from the database file: no process to start
             assert time.monotonic() < deadline, "the hold never appeared"
-            time.sleep(0.1)
+            time.sleep(0.05)
+        server.kill()  # SIGKILL mid-generation: no settlement ran
+        assert server.hold_statuses("crash") == ["open"]
         held = Decimal(1) - Decimal(server.balance("crash"))
         assert held >= Decimal(2000 * 60) / 1_000_000  # the worst case is reserved up front
-        server.kill()  # SIGKILL mid-generation: no settlement ran
-        assert Decimal(server.balance("crash")) < 1
         server.start()
-        deadline = time.monotonic() + 45
-        while Decimal(server.balance("crash")) != Decimal(1):
+        deadline = time.monotonic() + hold_ttl_s + sweep_s + 60  # expiry + a sweep, with room to spare
+        while server.hold_statuses("crash") == ["open"]:
             assert time.monotonic() < deadline, "the stranded hold was never released"
-            time.sleep(0.5)
+            time.sleep(0.2)
+        assert server.hold_statuses("crash") == ["expired"]
+        assert Decimal(server.balance("crash")) == Decimal(1)
         thread.join(timeout=10)
     finally:
         server.stop()
+
+
+def _wait_for_a_token_after(server: TokentillServer) -> None:
+    """Return once a streamed request admitted now has its first token.
+
+    The engine admits requests in order and decodes all of them in each step (continuous batching), so a
+    request admitted earlier has generated at least one token by then, without guessing how long a token
+    takes on this machine.
+    """
+    probe_key = server.new_key("json-leaver-probe", credits="1")
+    with requests.post(
+        server.url + "/v1/o1-preview",
+        json={
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_completion_tokens": 16,
+            "stream": True,
+            "include_reasoning": True,
+        },
+        headers={"Authorization": f"Bearer {probe_key}"},
+        stream=True,
+        timeout=server.request_timeout_s + 30,
+    ) as probe:
+        assert probe.status_code == 200, probe.text
+        for line in probe.iter_lines():
+            if line.startswith(b"data: {"):
+                choices = json.loads(line[len(b"data: ") :])["choices"]
+                delta = choices[0]["delta"] if choices else {}
+                if delta.get("content") or delta.get("reasoning_content"):
+                    return
+    raise AssertionError("the probe request ended without a token")
 
 
 def test_client_leaving_a_json_request_pays_for_what_was_generated(sqlite_server: TokentillServer) -> None:
@@ -114,10 +153,10 @@ def test_client_leaving_a_json_request_pays_for_what_was_generated(sqlite_server
         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
     )
     deadline = time.monotonic() + 60
-    while Decimal(sqlite_server.balance("json-leaver")) == 1:  # the hold is taken: it is generating
+    while not sqlite_server.hold_statuses("json-leaver"):  # the hold is taken: it is admitted
         assert time.monotonic() < deadline, "the request never started"
-        time.sleep(0.1)
-    time.sleep(2)
+        time.sleep(0.05)
+    _wait_for_a_token_after(sqlite_server)  # so it has generated some, however slow the machine
     conn.close()  # the client goes away before any byte of the answer
     rows: list[dict[str, Any]] = []
     deadline = time.monotonic() + 60

@@ -1,4 +1,8 @@
-"""The CLI against a real database: bootstrap on first serve, accounts, credits, keys, usage."""
+"""The CLI against a real database: bootstrap on first serve, accounts, credits, keys, usage.
+
+Most commands run in-process (`TokentillServer.cli`); the ones marked `in_process=False`, and every
+`serve`, run the real executable, so its exit status, output and error lines are checked as a shell sees them.
+"""
 
 from __future__ import annotations
 
@@ -19,11 +23,11 @@ def test_accounts_credits_keys(tmp_path: Path) -> None:
     cli = TokentillServer(tmp_path, None)
     database = tmp_path / "data" / "tokentill.db"
     # Before `init` (or a first `serve`) there is no database, and the CLI does not quietly make one.
-    refused = cli.cli("accounts", "list", check=False)
+    refused = cli.cli("accounts", "list", check=False, in_process=False)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
     assert f"no tokentill database at {database}" in refused.stderr, refused.stderr
     assert "tokentill init" in refused.stderr and not (tmp_path / "data").exists()
-    assert cli.cli("init").stdout.strip() == f"database {database}: created"
+    assert cli.cli("init", in_process=False).stdout.strip() == f"database {database}: created"
     assert cli.cli_json("init") == {"database": str(database), "created": False}
     listed = cli.cli("accounts", "list")
     assert listed.stdout.strip() == "no accounts" and f"database: {database}" in listed.stderr
@@ -31,7 +35,7 @@ def test_accounts_credits_keys(tmp_path: Path) -> None:
         "account": "acme",
         "balance": "0.25",
     }
-    assert cli.cli("accounts", "create", "acme", check=False).returncode != 0
+    assert cli.cli("accounts", "create", "acme", check=False, in_process=False).returncode != 0
     assert cli.cli_json("credits", "add", "acme", "1.000001")["balance"] == "1.250001"
     assert cli.cli("credits", "add", "acme", "0.0000001", check=False).returncode != 0  # below 1 µcr
     assert cli.cli("credits", "add", "nobody", "1", check=False).returncode != 0
@@ -49,7 +53,7 @@ def test_accounts_credits_keys(tmp_path: Path) -> None:
     listed = cli.cli_json("keys", "list")["keys"]
     assert [k["id"] for k in listed] == [created["id"]]
     assert listed[0]["models"] == ["o1-preview"] and not listed[0]["revoked"]
-    assert created["key"] not in cli.cli("keys", "list").stdout  # secrets are shown once
+    assert created["key"] not in cli.cli("keys", "list", in_process=False).stdout  # secrets are shown once
     assert cli.cli_json("keys", "revoke", created["id"]) == {"revoked": created["id"]}
     assert cli.cli_json("keys", "list")["keys"][0]["revoked"] is True
     assert cli.cli_json("accounts", "list")["accounts"] == [{"name": "acme", "balance": "1.250001"}]
@@ -161,7 +165,7 @@ def test_admin_refunds_and_debits_over_http(tmp_path: Path) -> None:
 
 def test_bad_environment_names_the_variable(tmp_path: Path) -> None:
     cli = TokentillServer(tmp_path, None, TOKENTILL_PORT="abc")
-    result = cli.cli("accounts", "list", check=False)
+    result = cli.cli("accounts", "list", check=False, in_process=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "TOKENTILL_PORT='abc'" in result.stderr, result.stderr
     cli = _echo_server(tmp_path / "credits", TOKENTILL_INITIAL_CREDITS="lots")

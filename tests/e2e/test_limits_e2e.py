@@ -35,11 +35,13 @@ SHORT: dict[str, Any] = {
 
 @pytest.fixture(scope="module", params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 def limited_server(request: pytest.FixtureRequest, module_dir: Path) -> Iterator[TokentillServer]:
-    """One server per limiter: in-process (the default), and Redis (TOKENTILL_REDIS_URL)."""
+    """One server per limiter: in-process (the default: the session's SQLite server), and Redis
+    (TOKENTILL_REDIS_URL)."""
     llama_available()
-    env = {}
-    if request.param == "redis":
-        env["TOKENTILL_REDIS_URL"] = request.getfixturevalue("redis_url")
+    if request.param == "memory":
+        yield request.getfixturevalue("sqlite_server")
+        return
+    env = {"TOKENTILL_REDIS_URL": request.getfixturevalue("redis_url")}
     server = TokentillServer(module_dir / f"limits-{request.param}", None, **env).start()
     yield server
     server.stop()

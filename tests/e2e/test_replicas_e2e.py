@@ -106,11 +106,14 @@ def _open_holds(pair: Pair) -> int:
 
 def test_rpm_is_exact_across_replicas(pair: Pair) -> None:
     key = pair.a.new_key("rep-rpm", rpm="5")
-    responses = _hammer(pair, key, 16)
+    # One admitted request on each replica first, so that both provably serve this key; the other three
+    # of the five go to whichever replica wins the race.
+    for server in (pair.a, pair.b):
+        first = _post(server, key)
+        assert first.status_code == 200, (server.url, first.text)
+    responses = _hammer(pair, key, 14)
     statuses = sorted(r.status_code for r in responses)
-    assert statuses == [200] * 5 + [429] * 11, statuses
-    served_by = {r.url.split("/v1")[0] for r in responses if r.status_code == 200}
-    assert served_by <= {pair.a.url, pair.b.url}
+    assert statuses == [200] * 3 + [429] * 11, statuses  # per-replica limits would admit 4 more each
 
 
 def test_account_is_never_overdrawn_and_exact(pair: Pair) -> None:
@@ -139,11 +142,10 @@ def test_revocation_on_one_is_refused_by_both_within_a_second(pair: Pair) -> Non
     revoked_at = time.monotonic()
     for server in (pair.a, pair.b):
         while True:
-            status = _post(server, key).status_code
-            if status == 401:
+            sent_at = time.monotonic()  # a request sent a second after the revocation must be refused
+            if _post(server, key).status_code == 401:
                 break
-            assert time.monotonic() - revoked_at < 1.0, f"{server.url} still accepts a revoked key"
-    assert time.monotonic() - revoked_at < 1.0 + 1.0  # both refused; the loop itself bounds the wait
+            assert sent_at - revoked_at < 1.0, f"{server.url} still accepts a revoked key"
 
 
 def test_limit_change_on_one_is_honoured_by_the_other_within_a_second(pair: Pair) -> None:
@@ -152,8 +154,11 @@ def test_limit_change_on_one_is_honoured_by_the_other_within_a_second(pair: Pair
     pair.a.cli("keys", "update", key.split("-")[1], "--rpm", "1")
     changed_at = time.monotonic()
     # A 400 after authentication runs no model but carries the key's limits as B sees them now.
-    while "x-ratelimit-limit-requests" not in (seen := _post(pair.b, key, {**SHORT, "n": 2})).headers:
-        assert time.monotonic() - changed_at < 1.0, "B did not see the new limit within a second"
+    while True:
+        sent_at = time.monotonic()
+        if "x-ratelimit-limit-requests" in (seen := _post(pair.b, key, {**SHORT, "n": 2})).headers:
+            break
+        assert sent_at - changed_at < 1.0, "B did not see the new limit within a second"
     assert seen.headers["x-ratelimit-limit-requests"] == "1"
     first = _post(pair.b, key)
     assert first.status_code == 200 and first.headers["x-ratelimit-remaining-requests"] == "0"
@@ -229,15 +234,16 @@ def test_sigkill_during_load_strands_nothing(pair: Pair) -> None:
         for future in in_flight:
             with pytest.raises(requests.ConnectionError):
                 future.result()
+        # The dead replica's two concurrency slots block the key until their lease TTL, not forever
+        # (asked at once: on a busy machine the wait below could outlast the lease).
+        first = _post(pair.b, key)
+        assert first.status_code == 429 and "concurrent" in first.json()["error"]["message"]
         while len(on_b) < sent_before_kill + 3 and time.monotonic() - killed_at < 30:
             time.sleep(0.1)
         stop.set()
         steady.result()  # no connection error from B at any time
     assert len(on_b) >= sent_before_kill + 3, "B answered nothing after A died"
     assert set(on_b) == {200}, on_b  # B kept serving, before, during and after the kill
-    # The dead replica's two concurrency slots block the key until their lease TTL, not forever.
-    first = _post(pair.b, key)
-    assert first.status_code == 429 and "concurrent" in first.json()["error"]["message"]
     while (status := _post(pair.b, key).status_code) == 429:
         assert time.monotonic() - killed_at < LEASE_TTL_S + 10, "slots of the dead replica never freed"
         time.sleep(1)

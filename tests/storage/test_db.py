@@ -19,7 +19,7 @@ from tokentill.storage import Database, open_database
 from tokentill.storage.db import DatabaseMissing
 from tokentill.storage.schema import accounts, metadata
 
-HEAD_REVISION = "0004"  # the newest file in storage/migrations/versions
+HEAD_REVISION = "0005"  # the newest file in storage/migrations/versions
 
 
 def _schema_diff(connection: Connection) -> list[object]:

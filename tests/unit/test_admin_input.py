@@ -13,11 +13,10 @@ from urllib.parse import quote
 import pytest
 from starlette.testclient import TestClient
 
-from tokentill.app import create_app
+from tests.unit._admin_client import admin_client
+from tokentill.api.console.forms import name_field
+from tokentill.errors import InvalidRequest
 from tokentill.names import check_models, check_name, name_problem
-from tokentill.settings import Settings
-
-ADMIN = "admin-key-for-input-tests-0123456789"
 
 NOT_NAMES = [
     "",
@@ -34,18 +33,9 @@ NOT_NAMES = [
 
 @pytest.fixture
 def admin(tmp_path: Path, database_url: str) -> Iterator[TestClient]:
-    catalogue = tmp_path / "models.toml"
-    catalogue.write_text('[[models]]\nid = "echo"\nengine = "echo"\n')
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        config=catalogue,
-        database_url=database_url,
-        admin_key=ADMIN,  # type: ignore[arg-type]
-    )
-    app = create_app(settings)
-    with TestClient(app, headers={"Authorization": f"Bearer {ADMIN}"}, raise_server_exceptions=False) as c:
-        assert c.post("/admin/accounts", json={"name": "team", "credits": "1"}).status_code == 201
-        yield c
+    with admin_client(tmp_path, database_url) as client:
+        assert client.post("/admin/accounts", json={"name": "team", "credits": "1"}).status_code == 201
+        yield client
 
 
 def post_json(client: TestClient, path: str, body: Any) -> Any:
@@ -100,5 +90,8 @@ def test_good_input_still_works(admin: TestClient) -> None:
 def test_one_rule_for_every_caller() -> None:
     for bad in [*NOT_NAMES, "n" * 65]:
         assert name_problem(bad) is not None, ascii(bad)
+        if bad:  # the console's forms ("" there means "not given")
+            with pytest.raises(InvalidRequest):
+                name_field(bad, "name", required=True)
     assert name_problem("a b") is None and check_name("ok") == "ok"
     assert check_models(["a", "b", "a"]) == ["a", "b"] and check_models(None) is None

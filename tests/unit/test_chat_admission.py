@@ -9,10 +9,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from starlette.testclient import TestClient
 
 from tokentill.app import create_app
+from tokentill.lifecycle import Run
 from tokentill.protocol.chat import ChatCompletionRequest
 from tokentill.services import Services
 from tokentill.settings import Settings
@@ -64,6 +66,16 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
     settings = Settings(data_dir=tmp_path / "data", config=catalogue)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield Harness(client, client.app.state.services)  # type: ignore[attr-defined]
+
+
+class _Listening:
+    """A client that never hangs up."""
+
+    async def gone(self) -> None:
+        await anyio.sleep_forever()
+
+    def show_balance(self, ucr: int) -> None:
+        pass
 
 
 def post(h: Harness, key: str, model: str, body: dict[str, Any]) -> Any:
@@ -138,9 +150,12 @@ def test_an_abandoned_request_releases_its_hold_and_lease(harness: Harness) -> N
         body = ChatCompletionRequest.model_validate(
             {"messages": [{"role": "user", "content": "hello"}], "max_completion_tokens": 5}
         )
-        prepared = await services.chat.prepare(principal, "echo", body, "req_abandoned")
-        await services.chat.abandon(prepared)
-        await services.chat.abandon(prepared)  # idempotent
+        run = await services.lifecycle.admit(
+            principal, "echo", body, request_id="req_abandoned", client=_Listening(), render=repr
+        )
+        assert isinstance(run, Run)
+        await run.aclose()
+        await run.aclose()  # idempotent
 
     harness.call(prepare_and_abandon)
     assert harness.open_holds() == 0

@@ -10,14 +10,28 @@ import asyncio
 import time
 
 import pytest
+from sqlalchemy import select
 
-from tests._services import run_with_db
+from tests._services import run, run_with_db
+from tests.faults.proxy import TcpProxy, through
 from tokentill import errors
 from tokentill.billing.ledger import Ledger
 from tokentill.idempotency import Claim, IdempotencyStore, Replay
-from tokentill.storage.db import Database
+from tokentill.storage.db import Database, open_database
+from tokentill.storage.schema import idempotency_keys
 
 LEASE_S = 1.0
+
+
+async def _status(db: Database, account: int, key: str) -> str | None:
+    try:
+        async with db.read() as conn:
+            query = select(idempotency_keys.c.status).where(
+                idempotency_keys.c.account_id == account, idempotency_keys.c.key == key
+            )
+            return (await conn.execute(query)).scalar_one_or_none()
+    except errors.ServiceUnavailable:
+        return None
 
 
 def _store(db: Database) -> IdempotencyStore:
@@ -67,3 +81,36 @@ def test_claim_of_a_dead_request_is_taken_over_after_the_lease(database_url: str
         await survivor.aclose()
 
     run_with_db(database_url, body)
+
+
+@pytest.mark.postgres
+def test_an_answer_given_during_an_outage_is_stored_once_the_database_returns(
+    pg_database_url: str, pg_proxy: TcpProxy
+) -> None:
+    """An answer stored while the database was out is stored once it returns (the close is retried), so
+    the client's retry replays the answer it paid for instead of running again."""
+
+    async def body() -> None:
+        db = await open_database(
+            through(pg_database_url, pg_proxy), connect_timeout_s=1, pool_timeout_s=1, statement_timeout_s=2
+        )
+        try:
+            account = (await Ledger(db).create_account("outage", 1000)).id
+            store = _store(db)
+            claim = await store.claim(account, "k3", "fp", "req_1")
+            assert isinstance(claim, Claim)
+            pg_proxy.cut()
+            await store.complete(claim, status=200, body={"paid": 1}, headers={})  # never raises
+            await asyncio.sleep(3 * LEASE_S)  # the outage outlasts the lease
+            pg_proxy.restore()
+            started = time.monotonic()
+            while await _status(db, account, "k3") != "completed":  # stored by the retrying close
+                assert time.monotonic() - started < 10, "the answer was never stored"
+                await asyncio.sleep(LEASE_S / 10)
+            replay = await _store(db).claim(account, "k3", "fp", "req_2")
+            assert isinstance(replay, Replay) and replay.body == {"paid": 1}
+            await store.aclose()
+        finally:
+            await db.aclose()
+
+    run(body())

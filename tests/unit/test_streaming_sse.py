@@ -116,14 +116,14 @@ async def test_a_bug_is_a_generic_internal_error() -> None:
 
 
 async def test_disconnect_cancels_the_events_and_closes_them() -> None:
+    """The events wait for the engine (as they do between tokens) when the client leaves: cancelled there."""
     closed: list[bool] = []
     cancelled: list[bool] = []
 
-    async def endless() -> AsyncGenerator[EngineEvent, None]:
+    async def waiting() -> AsyncGenerator[EngineEvent, None]:
         try:
-            while True:
-                yield TextDelta("x", reasoning=True)
-                await anyio.sleep(0.01)
+            yield TextDelta("x", reasoning=True)
+            await anyio.sleep_forever()  # the engine computing the next token
         except anyio.get_cancelled_exc_class():
             cancelled.append(True)
             raise
@@ -131,6 +131,26 @@ async def test_disconnect_cancels_the_events_and_closes_them() -> None:
             closed.append(True)
 
     with anyio.fail_after(5):
-        body, _ = await _serve(_response(endless()), disconnect_after=0.2)
+        body, _ = await _serve(_response(waiting()), disconnect_after=0.2)
     assert closed == [True] and cancelled == [True]
+    assert b"[DONE]" not in body and KEEPALIVE in body
+
+
+async def test_disconnect_closes_events_that_keep_coming() -> None:
+    """Events produced without pause: the pump is cancelled inside them or between two of them (then
+    `aclose()` ends them at their `yield`); either way they end at once, exactly once."""
+    ended: list[type[BaseException]] = []
+
+    async def endless() -> AsyncGenerator[EngineEvent, None]:
+        try:
+            while True:
+                yield TextDelta("x", reasoning=True)
+                await anyio.sleep(0.01)
+        except BaseException as exc:
+            ended.append(type(exc))
+            raise
+
+    with anyio.fail_after(5):
+        body, _ = await _serve(_response(endless()), disconnect_after=0.2)
+    assert len(ended) == 1 and ended[0] in {anyio.get_cancelled_exc_class(), GeneratorExit}, ended
     assert b"[DONE]" not in body and KEEPALIVE in body

@@ -18,6 +18,7 @@ from tokentill.api.docs import STATIC_DIR, docs_router
 from tokentill.api.errors import install_error_handlers
 from tokentill.api.middleware import RequestContextMiddleware, ResponseMetricsMiddleware
 from tokentill.api.openapi import install_openapi
+from tokentill.api.responses import responses_router
 from tokentill.api.routes import router
 from tokentill.settings import Settings
 
@@ -50,6 +51,7 @@ def build_api(
     app.include_router(admin_router)
     app.include_router(console_router)
     app.include_router(account_router)  # before `router`, whose POST /v1/{model} takes any /v1/<name>
+    app.include_router(responses_router)  # before `router` too
     app.include_router(router)
     install_openapi(app)
     return app

@@ -100,7 +100,7 @@ def parse_limit(text: str | None) -> int:
     """The `limit` query parameter: default 50; not digits → 400 (the service checks the range)."""
     if text is None:
         return 50
-    if not text.isdigit() or len(text) > 6:
+    if not (text.isascii() and text.isdigit()) or len(text) > 6:  # "²" is a digit to isdigit(), not int()
         raise errors.InvalidRequest(
             f"Invalid 'limit': expected an integer, got {text[:32]!r}.", param="limit"
         )

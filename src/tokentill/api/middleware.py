@@ -72,7 +72,7 @@ class RequestContextMiddleware:
 
         try:
             declared = Headers(scope=scope).get("content-length", "")
-            if declared.isdigit() and int(declared) > self.max_body_bytes:
+            if declared.isascii() and declared.isdigit() and int(declared) > self.max_body_bytes:
                 await self._too_large(scope, send_with_id)
                 return
             await self.app(scope, receive, send_with_id)

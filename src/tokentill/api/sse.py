@@ -33,10 +33,19 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tokentill import errors
+from tokentill.lifecycle import first_error
 from tokentill.protocol import responses
 from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta
 
-__all__ = ["KEEPALIVE", "EventStreamResponse", "first_error", "sse_frames"]
+__all__ = [
+    "KEEPALIVE",
+    "KEEPALIVE_S",
+    "EventStreamResponse",
+    "Item",
+    "PumpedEventStream",
+    "receive_until",
+    "sse_frames",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +76,14 @@ async def _pump(events: AsyncGenerator[EngineEvent, None], send: MemoryObjectSen
                 await events.aclose()
 
 
+async def receive_until(items: MemoryObjectReceiveStream[Item], deadline: float) -> Item | None:
+    """The next item, or None when `deadline` (anyio time: a keep-alive is due) comes first; raises
+    `anyio.EndOfStream` after the last. The cancel scope closes before the caller yields anything."""
+    with anyio.move_on_after(deadline - anyio.current_time()):
+        return await items.receive()
+    return None
+
+
 async def sse_frames(
     items: MemoryObjectReceiveStream[Item],
     *,
@@ -88,13 +105,10 @@ async def sse_frames(
         yield chunk({"role": "assistant", "content": "", "refusal": None})
         last_sent = anyio.current_time()
         while True:
-            item: Item | None = None
-            # Wait at most until the next keep-alive is due; the scope closes before any yield.
-            with anyio.move_on_after(last_sent + keepalive_s - anyio.current_time()):
-                try:
-                    item = await items.receive()
-                except anyio.EndOfStream:
-                    break
+            try:
+                item = await receive_until(items, last_sent + keepalive_s)
+            except anyio.EndOfStream:
+                break
             if isinstance(item, Exception):
                 yield _error(item, completion_id)
                 return
@@ -127,8 +141,12 @@ def _error(exc: BaseException, completion_id: str) -> bytes:
     return _data(errors.InternalError("The server had an error while streaming the response.").body())
 
 
-class EventStreamResponse(StreamingResponse):
-    """`text/event-stream` of `events` (already known to have started), rendered by `sse_frames`.
+Frames = Callable[[MemoryObjectReceiveStream[Item]], AsyncGenerator[bytes, None]]
+"""Renders what the pump sends (events, possibly ending with an error) as SSE bytes."""
+
+
+class PumpedEventStream(StreamingResponse):
+    """`text/event-stream` of `events` (already known to have started), rendered by `frames`.
 
     The pump runs in a task group that spans the whole response, never a generator; on any exit (done,
     client gone, send failed) the group is cancelled and the body generator closed, both in this task.
@@ -137,28 +155,15 @@ class EventStreamResponse(StreamingResponse):
     def __init__(
         self,
         events: AsyncGenerator[EngineEvent, None],
+        frames: Frames,
         *,
-        completion_id: str,
-        created: int,
-        model: str,
-        include_usage: bool,
-        include_reasoning: bool,
         headers: Mapping[str, str] | None = None,
-        keepalive_s: float = KEEPALIVE_S,
         on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._events = events
         self._on_close = on_close
         self._send, receive = anyio.create_memory_object_stream[Item](math.inf)
-        self._frames = sse_frames(
-            receive,
-            completion_id=completion_id,
-            created=created,
-            model=model,
-            include_usage=include_usage,
-            include_reasoning=include_reasoning,
-            keepalive_s=keepalive_s,
-        )
+        self._frames = frames(receive)
         super().__init__(self._frames, media_type="text/event-stream", headers=headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -174,8 +179,31 @@ class EventStreamResponse(StreamingResponse):
                         await self._on_close()
 
 
-def first_error(exc: BaseException) -> BaseException:
-    """The first real error inside (nested) exception groups from a task group."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
+class EventStreamResponse(PumpedEventStream):
+    """The chat completion chunks of `events` (see `sse_frames`)."""
+
+    def __init__(
+        self,
+        events: AsyncGenerator[EngineEvent, None],
+        *,
+        completion_id: str,
+        created: int,
+        model: str,
+        include_usage: bool,
+        include_reasoning: bool,
+        headers: Mapping[str, str] | None = None,
+        keepalive_s: float = KEEPALIVE_S,
+        on_close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        def frames(items: MemoryObjectReceiveStream[Item]) -> AsyncGenerator[bytes, None]:
+            return sse_frames(
+                items,
+                completion_id=completion_id,
+                created=created,
+                model=model,
+                include_usage=include_usage,
+                include_reasoning=include_reasoning,
+                keepalive_s=keepalive_s,
+            )
+
+        super().__init__(events, frames, headers=headers, on_close=on_close)

@@ -73,18 +73,24 @@ class Settlements:
                 await self._commit(record)
             except ServiceUnavailable:
                 self._retry_later(record)
+            except Exception:
+                # Cannot apply here (say, a spool from another database): keep the start-up going and
+                # leave the whole record in the log for the operator.
+                log.exception("spooled settlement cannot be applied and is dropped: %s", record)
+                self._finished(str(record["id"]))
         if records:
             log.warning("replayed %d spooled settlement(s) at start-up", len(records))
         return len(records)
 
     async def aclose(self) -> None:
         """Stop retrying; what is still pending stays in the spool for the next start."""
-        for task in self._tasks.values():
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-            log.warning("%d settlement(s) still pending at shutdown; kept in the spool", len(self._tasks))
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.pending:
+            log.warning("%d settlement(s) still pending at shutdown; kept in the spool", len(self.pending))
 
     async def _apply(self, record: dict[str, Any]) -> int | None:
         hold_id = str(record["id"])

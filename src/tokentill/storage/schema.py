@@ -15,9 +15,11 @@ Tables:
     usage_hourly  the usage rows summed per (account, UTC hour, model, key), written in the same
                   transaction as each usage row, so it always equals the raw rows summed
     server_secrets  named random secrets shared by every replica (e.g. the console's cookie key)
+    responses  Responses API objects kept with `store: true`: the object, and the conversation (chat
+               messages) that a later `previous_response_id` continues
 
-The Alembic revisions `0001_initial`, `0002_idempotency`, `0003_console` and `0004_cached_pricing` create
-exactly these tables;
+The Alembic revisions `0001_initial`, `0002_idempotency`, `0003_console`, `0004_cached_pricing` and
+`0005_responses` create exactly these tables;
 change both together.
 """
 
@@ -56,6 +58,7 @@ __all__ = [
     "ledger",
     "metadata",
     "redemption_codes",
+    "responses",
     "server_secrets",
     "usage",
     "usage_hourly",
@@ -264,4 +267,20 @@ server_secrets = Table(
     Column("name", String(64), primary_key=True),
     Column("value", Text, nullable=False),
     Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+)
+
+# One row per stored Responses API object. `body` is the `response` JSON as the client got it;
+# `conversation` the chat messages it ended with (input, then the answer), which `previous_response_id`
+# puts before a new request's input. Reads always name the account: another account's id is not found.
+responses = Table(
+    "responses",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("key_id", String(8), nullable=True),
+    Column("model", String(128), nullable=False),
+    Column("body", Text, nullable=False),  # JSON object text
+    Column("conversation", Text, nullable=False),  # JSON list text
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    Index(None, "account_id", "created_at"),
 )

@@ -68,7 +68,13 @@ class Spool:
 
     def sync(self) -> None:
         """fsync this process's file: every record appended so far survives a power cut."""
-        os.fsync(self._writer().fileno())
+        file = self._writer()
+        try:
+            os.fsync(file.fileno())
+        except (OSError, ValueError):
+            if file is self._file:
+                raise
+            # Compacted meanwhile (from another thread): the new file was fsynced with every pending record.
 
     def done(self, record_id: str) -> None:
         """Mark `record_id` finished; the file is emptied once nothing in it is pending."""

@@ -6,12 +6,12 @@ as the JSON API would answer it. No multipart: the console uploads nothing.
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 from tokentill.errors import InvalidRequest
+from tokentill.names import check_name
 from tokentill.settings import parse_credits
 
 __all__ = ["MAX_FORM_BYTES", "Form", "credits_field", "limit_field", "name_field"]
@@ -44,22 +44,14 @@ class Form:
         return [v.strip() for v in self.values.get(name, []) if v.strip()]
 
 
-def _printable(text: str) -> bool:
-    return not any(unicodedata.category(c) in {"Cc", "Cs", "Cf", "Zl", "Zp"} for c in text)
-
-
 def name_field(text: str, param: str, *, required: bool) -> str | None:
-    """A name or label: 1–64 printable characters (control characters and NUL refused); "" → None unless
-    `required`."""
+    """A name or label, by the rule every entry point shares (`tokentill.names.check_name`: 1-64
+    printable characters without surrounding whitespace); "" → None unless `required`."""
     if not text:
         if required:
             raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
         return None
-    if len(text) > 64 or not _printable(text):
-        raise InvalidRequest(
-            f"Invalid '{param}': use 1 to 64 printable characters.", param=param, code="invalid_value"
-        )
-    return text
+    return check_name(text, param=param)
 
 
 def credits_field(text: str, param: str = "credits", *, allow_zero: bool = False) -> int:
