@@ -115,6 +115,14 @@ def test_items_become_messages_tool_calls_and_tool_results() -> None:
         ({}, "input", "missing_required_parameter"),
         ({"input": 5}, "input", "invalid_type"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", "invalid_value"),
+        ({"input": [{"role": "user", "content": "x"}] * 2049}, "input", "invalid_value"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_text", "text": "x"}] * 5000}] * 2},
+            "input[1].content",
+            "invalid_value",
+        ),
+        ({"input": "x", "metadata": {"k": "v" * 513}}, "metadata.k", "invalid_value"),
+        ({"input": "x", "temperature": 3}, "temperature", "invalid_value"),
     ],
 )
 def test_refusals_name_this_requests_parameter(body: dict[str, Any], param: str, code: str) -> None:

@@ -23,7 +23,15 @@ from tokentill.protocol.responses import Answer
 from tokentill.protocol.responses_api import FunctionChoice, ResponsesRequest
 from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta, Usage
 
-__all__ = ["ResponseBuilder", "answer_events", "replay_events", "summarize", "usage_object"]
+__all__ = [
+    "ResponseBuilder",
+    "answer_events",
+    "input_items",
+    "item_page",
+    "replay_events",
+    "summarize",
+    "usage_object",
+]
 
 SUMMARY_SENTENCES = {"concise": 2, "auto": 3}
 SUMMARY_MAX_CHARS = {"concise": 300, "auto": 600, "detailed": 2000}
@@ -347,3 +355,77 @@ def replay_events(stored: dict[str, Any]) -> list[dict[str, Any]]:
     kind = "response.incomplete" if stored["status"] == "incomplete" else "response.completed"
     out.append(event(kind, response=stored))
     return out
+
+
+def _input_parts(content: Any, kind: str) -> list[dict[str, Any]]:
+    if not isinstance(content, list):
+        return [{"type": kind, "text": content or ""}]
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        if part["type"] == "image_url":
+            image = part["image_url"]
+            parts.append(
+                {"type": "input_image", "image_url": image["url"], "detail": image.get("detail", "auto")}
+            )
+        else:
+            parts.append({"type": kind, "text": part["text"]})
+    return parts
+
+
+def input_items(conversation: list[dict[str, Any]], response_id: str) -> list[dict[str, Any]]:
+    """The input items a stored response was made from (earlier turns included, `instructions` not), in
+    order: its conversation without the answer, as Responses items with ids derived from the response's."""
+    hexed = response_id.removeprefix("resp_")
+    items: list[dict[str, Any]] = []
+    for n, message in enumerate(conversation[:-1]):
+        role = message["role"]
+        if role == "tool":
+            items.append(
+                {
+                    "id": f"fco_{hexed}_{n}",
+                    "type": "function_call_output",
+                    "call_id": message["tool_call_id"],
+                    "output": message["content"],
+                    "status": "completed",
+                }
+            )
+            continue
+        if message.get("content") is not None or not message.get("tool_calls"):
+            kind = "output_text" if role == "assistant" else "input_text"
+            items.append(
+                {
+                    "id": f"msg_{hexed}_{n}",
+                    "type": "message",
+                    "role": role,
+                    "status": "completed",
+                    "content": _input_parts(message.get("content"), kind),
+                }
+            )
+        for c, call in enumerate(message.get("tool_calls") or ()):
+            items.append(
+                {
+                    "id": f"fc_{hexed}_{n}_{c}",
+                    "type": "function_call",
+                    "call_id": call["id"],
+                    "name": call["function"]["name"],
+                    "arguments": call["function"]["arguments"],
+                    "status": "completed",
+                }
+            )
+    return items
+
+
+def item_page(items: list[dict[str, Any]], *, order: str, limit: int, after: str | None) -> dict[str, Any]:
+    """OpenAI's list object of `items` (oldest first) in `order`, `limit` of them after the id `after`."""
+    ordered = items if order == "asc" else items[::-1]
+    if after is not None:
+        ids = [item["id"] for item in ordered]
+        ordered = ordered[ids.index(after) + 1 :] if after in ids else []
+    page = ordered[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(ordered) > limit,
+    }
