@@ -30,8 +30,9 @@ from tokentill.api.state import services_of
 from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits
 from tokentill.lifecycle import Answer, Replayed, first_error
-from tokentill.protocol.response_objects import ResponseBuilder, input_items, item_page, replay_events
+from tokentill.protocol.response_objects import ResponseBuilder
 from tokentill.protocol.responses_api import ResponsesRequest, decode_responses_body, to_chat
+from tokentill.protocol.stored_objects import input_items, item_page, replay_events
 from tokentill.types import Finished
 
 __all__ = ["responses_router"]
