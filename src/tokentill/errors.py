@@ -5,7 +5,8 @@
     ├── AuthenticationFailed      401 invalid_request_error   missing_api_key / invalid_api_key
     ├── InsufficientCredits       402 insufficient_credits    insufficient_credits
     ├── PermissionDenied          403 permission_error        model_not_permitted / admin_required
-    ├── NotFound                  404 invalid_request_error   model_not_found / unknown_url
+    ├── NotFound                  404 invalid_request_error   model_not_found / unknown_url /
+    │                                                         response_not_found
     │   └── CodeNotFound          404 invalid_request_error   code_not_found
     ├── MethodNotAllowed          405 invalid_request_error   method_not_allowed
     ├── RequestTimeout            408 invalid_request_error   request_timeout      (+ Connection: close)

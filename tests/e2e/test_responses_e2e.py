@@ -200,6 +200,8 @@ def test_retrieve_and_delete(client: openai.OpenAI) -> None:
     response = client.responses.create(model="smol", input="Hello.", max_output_tokens=4, metadata={"k": "v"})
     assert client.responses.retrieve(response.id).model_dump() == response.model_dump()
     assert response.metadata == {"k": "v"}
+    items = list(client.responses.input_items.list(response.id))
+    assert [(item.type, item.role) for item in items] == [("message", "user")]  # type: ignore[union-attr]
     deleted = client.responses.with_raw_response.delete(response.id)
     assert deleted.status_code == 200
     assert json.loads(deleted.text) == {"id": response.id, "object": "response.deleted", "deleted": True}

@@ -130,3 +130,43 @@ def test_an_error_after_the_start_ends_the_stream_with_response_failed() -> None
     assert events[-1]["response"]["error"] == {"code": "timeout", "message": "The request took too long."}
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     assert kept == []  # a failed response is not stored
+
+
+def test_input_items_list_the_context_a_response_was_made_from(app: tuple[TestClient, Services]) -> None:
+    client, services = app
+    headers = _key(client, services)
+    first = client.post("/v1/responses", json={"model": "echo", "input": "one two"}, headers=headers).json()
+    items_in = [
+        {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "42"},
+        {"role": "user", "content": [{"type": "input_text", "text": "three four"}]},
+    ]
+    body = {
+        "model": "echo",
+        "input": items_in,
+        "previous_response_id": first["id"],
+        "instructions": "Be brief.",
+    }
+    second = client.post("/v1/responses", json=body, headers=headers).json()
+    url = f"/v1/responses/{second['id']}/input_items"
+    page = client.get(url, params={"order": "asc"}, headers=headers).json()
+    assert page["object"] == "list" and page["has_more"] is False
+    assert [(i["type"], i.get("role")) for i in page["data"]] == [
+        ("message", "user"),  # the first turn's input and answer; the instructions are not an item
+        ("message", "assistant"),
+        ("function_call", None),
+        ("function_call_output", None),
+        ("message", "user"),
+    ]
+    assert page["data"][1]["content"] == [{"type": "output_text", "text": "one two"}]
+    assert page["data"][3]["output"] == "42"
+    assert (page["first_id"], page["last_id"]) == (page["data"][0]["id"], page["data"][-1]["id"])
+    newest = client.get(url, params={"limit": 2}, headers=headers).json()  # desc by default, as OpenAI
+    assert [i["id"] for i in newest["data"]] == [i["id"] for i in page["data"][::-1][:2]]
+    assert newest["has_more"] is True
+    rest = client.get(url, params={"limit": 10, "after": newest["last_id"]}, headers=headers).json()
+    assert [i["id"] for i in rest["data"]] == [i["id"] for i in page["data"][::-1][2:]]
+    refused = client.get(url, params={"limit": 0}, headers=headers)
+    assert (refused.status_code, refused.json()["error"]["param"]) == (400, "limit")
+    stranger = _key(client, services, "b")
+    assert client.get(url, headers=stranger).status_code == 404

@@ -22,6 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from tokentill import errors
+from tokentill.api.account import parse_limit
 from tokentill.api.completions import HTTPClient, limit_headers_on_errors, replay_headers, stream_headers
 from tokentill.api.routes import THREAD_PARSE_BYTES, Authenticated, _with_balance
 from tokentill.api.sse import KEEPALIVE, KEEPALIVE_S, Item, PumpedEventStream, receive_until
@@ -29,8 +30,9 @@ from tokentill.api.state import services_of
 from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits
 from tokentill.lifecycle import Answer, Replayed, first_error
-from tokentill.protocol.response_objects import ResponseBuilder, replay_events
+from tokentill.protocol.response_objects import ResponseBuilder
 from tokentill.protocol.responses_api import ResponsesRequest, decode_responses_body, to_chat
+from tokentill.protocol.stored_objects import input_items, item_page, replay_events
 from tokentill.types import Finished
 
 __all__ = ["responses_router"]
@@ -38,6 +40,8 @@ __all__ = ["responses_router"]
 log = logging.getLogger(__name__)
 
 responses_router = APIRouter()
+
+MAX_PAGE = 100  # input items per page (OpenAI's limit)
 
 
 @responses_router.post("/v1/responses")
@@ -55,6 +59,26 @@ async def create_response(request: Request, principal: Authenticated) -> Respons
 async def retrieve_response(request: Request, principal: Authenticated, response_id: str) -> JSONResponse:
     found = await services_of(request).responses.get(principal.account_id, response_id)
     return _with_balance(request, found.body)
+
+
+@responses_router.get("/v1/responses/{response_id}/input_items")
+async def list_input_items(
+    request: Request,
+    principal: Authenticated,
+    response_id: str,
+    limit: str | None = None,
+    order: str = "desc",
+    after: str | None = None,
+) -> JSONResponse:
+    count = 20 if limit is None else parse_limit(limit)
+    if not 1 <= count <= MAX_PAGE or order not in {"asc", "desc"}:
+        bad = "limit" if order in {"asc", "desc"} else "order"
+        raise errors.InvalidRequest(
+            f"Invalid '{bad}': 'limit' is 1 to {MAX_PAGE}, 'order' is 'asc' or 'desc'.", param=bad
+        )
+    found = await services_of(request).responses.get(principal.account_id, response_id)
+    items = input_items(found.conversation, response_id)
+    return _with_balance(request, item_page(items, order=order, limit=count, after=after))
 
 
 @responses_router.delete("/v1/responses/{response_id}")
@@ -75,8 +99,12 @@ async def _respond(request: Request, principal: Principal, body: ResponsesReques
     def builder() -> ResponseBuilder:
         return ResponseBuilder(response_id=response_id, created_at=created, model=body.model, request=body)
 
+    rendered: list[ResponseBuilder] = []  # the finished answer, once the lifecycle rendered it
+
     def render(answer: Answer) -> dict[str, Any]:
-        return builder().from_answer(answer)
+        made = builder()
+        rendered.append(made)
+        return made.from_answer(answer)
 
     async def keep(made: ResponseBuilder) -> None:
         await services.responses.keep(
@@ -102,11 +130,13 @@ async def _respond(request: Request, principal: Principal, body: ResponsesReques
         return JSONResponse(stored.body, status_code=stored.status, headers=headers)
     if not body.stream:
         collected = await admitted.collect()
+        if rendered:
+            # Also when the client left: an Idempotency-Key's answer runs to its end and is replayed
+            # to the retry, whose `retrieve` must then find it.
+            with anyio.CancelScope(shield=True):
+                await keep(rendered[-1])
         if collected is None:  # the client went away; nobody reads this response
             return Response(status_code=499)
-        made = builder()
-        made.from_answer(collected.answer)
-        await keep(made)
         balance = format_credits(collected.balance)
         return JSONResponse(collected.body, headers={"x-remaining-credits": balance, **admitted.headers})
     events = await admitted.stream()
