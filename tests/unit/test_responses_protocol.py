@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 
 from tokentill.errors import InvalidRequest
-from tokentill.protocol.response_objects import ResponseBuilder, replay_events, summarize
+from tokentill.protocol.response_objects import ResponseBuilder, summarize
 from tokentill.protocol.responses import Answer
 from tokentill.protocol.responses_api import continued, parse_responses_request, to_chat
+from tokentill.protocol.stored_objects import replay_events
 from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta, Usage
 
 

@@ -30,8 +30,9 @@ from tokentill.api.state import services_of
 from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits
 from tokentill.lifecycle import Answer, Replayed, first_error
-from tokentill.protocol.response_objects import ResponseBuilder, input_items, item_page, replay_events
+from tokentill.protocol.response_objects import ResponseBuilder
 from tokentill.protocol.responses_api import ResponsesRequest, decode_responses_body, to_chat
+from tokentill.protocol.stored_objects import input_items, item_page, replay_events
 from tokentill.types import Finished
 
 __all__ = ["responses_router"]
@@ -98,8 +99,12 @@ async def _respond(request: Request, principal: Principal, body: ResponsesReques
     def builder() -> ResponseBuilder:
         return ResponseBuilder(response_id=response_id, created_at=created, model=body.model, request=body)
 
+    rendered: list[ResponseBuilder] = []  # the finished answer, once the lifecycle rendered it
+
     def render(answer: Answer) -> dict[str, Any]:
-        return builder().from_answer(answer)
+        made = builder()
+        rendered.append(made)
+        return made.from_answer(answer)
 
     async def keep(made: ResponseBuilder) -> None:
         await services.responses.keep(
@@ -125,11 +130,13 @@ async def _respond(request: Request, principal: Principal, body: ResponsesReques
         return JSONResponse(stored.body, status_code=stored.status, headers=headers)
     if not body.stream:
         collected = await admitted.collect()
+        if rendered:
+            # Also when the client left: an Idempotency-Key's answer runs to its end and is replayed
+            # to the retry, whose `retrieve` must then find it.
+            with anyio.CancelScope(shield=True):
+                await keep(rendered[-1])
         if collected is None:  # the client went away; nobody reads this response
             return Response(status_code=499)
-        made = builder()
-        made.from_answer(collected.answer)
-        await keep(made)
         balance = format_credits(collected.balance)
         return JSONResponse(collected.body, headers={"x-remaining-credits": balance, **admitted.headers})
     events = await admitted.stream()
