@@ -22,7 +22,8 @@ tokentill's CPU time per request: user + system time of the `tokentill serve` pr
 how loaded the machine is.
 
     --database-url postgresql+asyncpg://postgres@127.0.0.1:5432/NAME --redis-url redis://127.0.0.1:6379/0
-runs tokentill on PostgreSQL + Redis instead (the database must exist; it is used as it is).
+runs tokentill on PostgreSQL + Redis instead (the database must exist; it is used as it is), and
+    --workers 2  (with Redis) runs two worker processes; the CPU figure sums the whole process tree.
     --profile FILE  runs `tokentill serve` under cProfile and writes its profile to FILE on exit
 (`python -m pstats FILE`, then `sort cumulative` / `sort tottime`, `stats 30`).
 """
@@ -231,6 +232,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--database-url", help="tokentill's database (default: SQLite in a temporary folder)")
     parser.add_argument("--redis-url", help="tokentill's Redis (rate limits); default: in-memory limits")
+    parser.add_argument("--workers", type=int, default=1, help="tokentill serve --workers (>1 needs Redis)")
     parser.add_argument("--profile", type=Path, help="run tokentill serve under cProfile, writing FILE")
     parser.add_argument("--serve-profiled", type=Path, metavar="FILE", help=argparse.SUPPRESS)
     parser.add_argument("--serve-responder", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -273,6 +275,7 @@ def main() -> None:
             env["TOKENTILL_DATABASE_URL"] = args.database_url
         if args.redis_url:
             env["TOKENTILL_REDIS_URL"] = args.redis_url
+        env["TOKENTILL_WORKERS"] = str(args.workers)
         procs: list[subprocess.Popen[bytes]] = []
         try:
             log = folder / "responder.log"
