@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -62,7 +63,7 @@ async def _answer(
     """`answer(principal)`, where `principal` may come from the key cache: a refusal is given only once
     the key is read afresh. A key revoked meanwhile is then the 401; a hold refused because the key
     changed (`StaleKey`), or a 429 under limits that have changed since, is admitted once more under the
-    key as it is now. Every error shows the balance as it is now."""
+    key as it is now. Every error shows the balance, and the rate limits, as they are now."""
     try:
         return await answer(principal)
     except errors.APIError as exc:
@@ -80,9 +81,14 @@ async def _answer(
             principal.tpm,
             principal.max_concurrent,
         )
-        if not (isinstance(exc, errors.StaleKey) or (isinstance(exc, errors.RateLimited) and limits_changed)):
-            raise
-    return await answer(fresh)
+        if isinstance(exc, errors.StaleKey) or (isinstance(exc, errors.RateLimited) and limits_changed):
+            return await answer(fresh)
+        if limits_changed:  # the refusal stands; its x-ratelimit-* headers are the key's as it is now
+            for name in [name for name in exc.headers if name.startswith("x-ratelimit-")]:
+                del exc.headers[name]
+            with anyio.CancelScope(shield=True), contextlib.suppress(errors.APIError):
+                exc.headers.update(await services_of(request).chat.limit_headers(fresh))
+        raise
 
 
 # Bodies above this are decoded and validated in a worker thread: a 32 MiB body of a million tiny parts
