@@ -16,7 +16,16 @@ Then, per mode (`json`: client stream false, `sse`: client stream true with incl
 level, a warm-up and `--requests` timed requests to each target; every answer must be 200 and complete
 (a streamed one must end with `[DONE]`). Latency is to the last byte. A third row, `tt+echo`, sends the
 same requests to a built-in `echo` model on the same tokentill: the gateway's cost without the upstream
-hop, so the two can be told apart. Prints requests/s, p50 and p95 latency, and the ratios gateway / direct.
+hop, so the two can be told apart. Prints requests/s, p50 and p95 latency, the ratios gateway / direct, and
+tokentill's CPU time per request: user + system time of the `tokentill serve` process tree (read from
+/proc/<pid>/stat before and after the timed requests), which, unlike wall-clock figures, does not depend on
+how loaded the machine is.
+
+    --database-url postgresql+asyncpg://postgres@127.0.0.1:5432/NAME --redis-url redis://127.0.0.1:6379/0
+runs tokentill on PostgreSQL + Redis instead (the database must exist; it is used as it is), and
+    --workers 2  (with Redis) runs two worker processes; the CPU figure sums the whole process tree.
+    --profile FILE  runs `tokentill serve` under cProfile and writes its profile to FILE on exit
+(`python -m pstats FILE`, then `sort cumulative` / `sort tottime`, `stats 30`).
 """
 
 from __future__ import annotations
@@ -102,6 +111,44 @@ async def responder_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` and its live descendants (uvicorn's worker processes)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited meanwhile
+    return total
+
+
+def serve_profiled(path: Path) -> None:
+    """`tokentill serve` under cProfile; the profile is written when SIGTERM arrives (uvicorn restores
+    this handler after its graceful shutdown and raises the signal again)."""
+    import cProfile
+    import runpy
+    import signal
+
+    profiler = cProfile.Profile()
+
+    def stop(_signum: int, _frame: Any) -> None:
+        profiler.disable()
+        profiler.dump_stats(path)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    sys.argv = ["tokentill", "serve"]
+    profiler.enable()
+    runpy.run_module("tokentill", run_name="__main__")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -134,9 +181,15 @@ def tokentill_cli(env: dict[str, str], *args: str) -> Any:
 
 
 async def load(
-    url: str, headers: dict[str, str], body: dict[str, Any], n: int, concurrency: int
+    url: str,
+    headers: dict[str, str],
+    body: dict[str, Any],
+    n: int,
+    concurrency: int,
+    server_pid: int | None = None,
 ) -> dict[str, float]:
-    """`n` POSTs with `concurrency` in flight; latencies in ms, throughput in requests/s."""
+    """`n` POSTs with `concurrency` in flight; latencies in ms, throughput in requests/s, and (given the
+    server's `server_pid`) its CPU ms per request over the timed part."""
     latencies: list[float] = []
     limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx2.AsyncClient(timeout=httpx2.Timeout(30.0), limits=limits, trust_env=False) as client:
@@ -157,11 +210,18 @@ async def load(
                 latencies.append((time.perf_counter() - started) * 1000)
                 check(response)
 
+        cpu_before = cpu_seconds(server_pid) if server_pid is not None else 0.0
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
+        cpu = cpu_seconds(server_pid) - cpu_before if server_pid is not None else float("nan")
     cuts = statistics.quantiles(latencies, n=20)
-    return {"rps": n / wall, "p50": statistics.median(latencies), "p95": cuts[18]}
+    return {
+        "rps": n / wall,
+        "p50": statistics.median(latencies),
+        "p95": cuts[18],
+        "cpu_ms": cpu * 1000 / n,
+    }
 
 
 def main() -> None:
@@ -170,8 +230,16 @@ def main() -> None:
     )
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--database-url", help="tokentill's database (default: SQLite in a temporary folder)")
+    parser.add_argument("--redis-url", help="tokentill's Redis (rate limits); default: in-memory limits")
+    parser.add_argument("--workers", type=int, default=1, help="tokentill serve --workers (>1 needs Redis)")
+    parser.add_argument("--profile", type=Path, help="run tokentill serve under cProfile, writing FILE")
+    parser.add_argument("--serve-profiled", type=Path, metavar="FILE", help=argparse.SUPPRESS)
     parser.add_argument("--serve-responder", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_profiled:
+        serve_profiled(args.serve_profiled)
+        return
     if args.serve_responder:
         import uvicorn
 
@@ -203,6 +271,11 @@ def main() -> None:
             "TOKENTILL_CONFIG": str(catalogue),
             "TOKENTILL_QUEUE_SIZE": "64",
         }
+        if args.database_url:
+            env["TOKENTILL_DATABASE_URL"] = args.database_url
+        if args.redis_url:
+            env["TOKENTILL_REDIS_URL"] = args.redis_url
+        env["TOKENTILL_WORKERS"] = str(args.workers)
         procs: list[subprocess.Popen[bytes]] = []
         try:
             log = folder / "responder.log"
@@ -216,26 +289,28 @@ def main() -> None:
                 )
             wait_ready(responder_url + "/v1/models", procs[-1], log)
             tokentill_cli(env, "init")  # the CLI creates no database by itself; `serve` would, later
-            tokentill_cli(env, "accounts", "create", "bench", "--credits", "1000000")
-            key = tokentill_cli(env, "keys", "create", "--account", "bench", "--rpm", "1000000")["key"]
+            account = f"bench-{os.getpid()}"  # a database given with --database-url may be reused
+            tokentill_cli(env, "accounts", "create", account, "--credits", "1000000")
+            key = tokentill_cli(env, "keys", "create", "--account", account, "--rpm", "1000000")["key"]
             log = folder / "tokentill.log"
+            profiled = [__file__, "--serve-profiled", str(args.profile)]
+            serve = profiled if args.profile else ["-m", "tokentill", "serve"]
             with log.open("ab") as out:
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "tokentill", "serve"], env=env, stdout=out, stderr=out
-                    )
-                )
+                procs.append(subprocess.Popen([sys.executable, *serve], env=env, stdout=out, stderr=out))
             wait_ready(gateway_url + "/readyz", procs[-1], log)
-            run(args.requests, args.concurrency, responder_url, gateway_url, key)
+            run(args.requests, args.concurrency, responder_url, gateway_url, key, procs[-1].pid)
         finally:
             for proc in reversed(procs):
                 proc.terminate()
                 proc.wait(timeout=20)
 
 
-def run(n: int, levels: list[int], responder_url: str, gateway_url: str, key: str) -> None:
+def run(n: int, levels: list[int], responder_url: str, gateway_url: str, key: str, pid: int) -> None:
     print(f"{n} requests per row, 127.0.0.1, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
-    print(f"{'mode':<5} {'target':<10} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8}")
+    print("cpu ms/req: tokentill's own CPU time (all its threads and processes) per request")
+    print(
+        f"{'mode':<5} {'target':<10} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'cpu ms/req':>10}"
+    )
     summary: list[str] = []
     auth = {"Authorization": f"Bearer {key}"}
     chat = "/v1/chat/completions"
@@ -249,14 +324,15 @@ def run(n: int, levels: list[int], responder_url: str, gateway_url: str, key: st
                 load(responder_url + chat, {}, {"model": "responder", **BODY, **extra}, n, concurrency)
             )
             gateway = asyncio.run(
-                load(gateway_url + chat, auth, {"model": "bench", **BODY, **extra}, n, concurrency)
+                load(gateway_url + chat, auth, {"model": "bench", **BODY, **extra}, n, concurrency, pid)
             )
             echo = asyncio.run(
-                load(gateway_url + chat, auth, {"model": "bench-echo", **BODY, **extra}, n, concurrency)
+                load(gateway_url + chat, auth, {"model": "bench-echo", **BODY, **extra}, n, concurrency, pid)
             )
             for name, figures in (("direct", direct), ("tokentill", gateway), ("tt+echo", echo)):
-                rps, p50, p95 = figures["rps"], figures["p50"], figures["p95"]
-                print(f"{mode:<5} {name:<10} {concurrency:>4} {rps:>9.1f} {p50:>8.2f} {p95:>8.2f}")
+                rps, p50, p95, cpu = figures["rps"], figures["p50"], figures["p95"], figures["cpu_ms"]
+                cpu_text = "" if name == "direct" else f"{cpu:>10.2f}"
+                print(f"{mode:<5} {name:<10} {concurrency:>4} {rps:>9.1f} {p50:>8.2f} {p95:>8.2f} {cpu_text}")
             summary.append(
                 f"{mode} concurrency {concurrency}: throughput x{gateway['rps'] / direct['rps']:.3f} of "
                 f"direct, p50 {gateway['p50'] - direct['p50']:+.2f} ms "

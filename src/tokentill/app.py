@@ -146,7 +146,7 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
                 db=db,
                 ledger=ledger,
                 settlements=settlements,
-                keys=KeyStore(db),
+                keys=KeyStore(db, cache_s=settings.key_cache_s),
                 catalog=catalog,
                 engines=engines,
                 limiter=limiter,

@@ -24,7 +24,7 @@ import anyio
 from tokentill import errors, metrics
 from tokentill.auth.service import Principal
 from tokentill.billing import pricing
-from tokentill.billing.ledger import Hold, Ledger, UsageRecord
+from tokentill.billing.ledger import Hold, KeyChanged, KeyTerms, Ledger, UsageRecord
 from tokentill.billing.money import format_credits
 from tokentill.billing.settlement import Settlements
 from tokentill.catalog import Catalog, ModelSpec
@@ -156,14 +156,7 @@ class ChatService:
         hold: Hold | None = None
         try:
             need = pricing.cost(prompt_tokens, budget, spec.price_input, spec.price_output)
-            hold = await self._ledger.reserve(
-                account_id=principal.account_id,
-                key_id=principal.key_id,
-                request_id=request_id,
-                amount=need,
-                ttl_s=self._hold_ttl,
-                need_description=f"{prompt_tokens} prompt + {budget} completion tokens",
-            )
+            hold = await self._reserve(principal, request_id, need, prompt_tokens, budget)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 if hold is not None:
@@ -184,6 +177,29 @@ class ChatService:
             include_reasoning=bool(request.include_reasoning),
             stream=bool(request.stream),
         )
+
+    async def _reserve(
+        self, principal: Principal, request_id: str, need: int, prompt_tokens: int, budget: int
+    ) -> Hold:
+        """The credit hold, taken only while the key is live with the limits this request was admitted
+        under (the principal may come from a replica's key cache): `errors.StaleKey` otherwise."""
+        terms = KeyTerms(principal.key_id, principal.rpm, principal.tpm, principal.max_concurrent)
+        try:
+            return await self._ledger.reserve(
+                account_id=principal.account_id,
+                key_id=principal.key_id,
+                request_id=request_id,
+                amount=need,
+                ttl_s=self._hold_ttl,
+                need_description=f"{prompt_tokens} prompt + {budget} completion tokens",
+                key=terms,
+            )
+        except KeyChanged as exc:
+            raise errors.StaleKey(
+                f"Incorrect API key provided: the key tt-{principal.key_id}-… was revoked or changed. Check "
+                "the key you are using, or ask the operator of this server for a new one.",
+                code="invalid_api_key",
+            ) from exc
 
     async def settle(
         self, chat: PreparedChat, finished: Finished | None, generated: int, reasoning: int, status: int

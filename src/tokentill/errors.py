@@ -3,9 +3,11 @@
     APIError                      (status, type, code fixed by each class)
     ├── InvalidRequest            400 invalid_request_error   invalid_value, invalid_type, ...
     ├── AuthenticationFailed      401 invalid_request_error   missing_api_key / invalid_api_key
+    │   └── StaleKey              401 invalid_request_error   invalid_api_key  (key changed under a hold)
     ├── InsufficientCredits       402 insufficient_credits    insufficient_credits
     ├── PermissionDenied          403 permission_error        model_not_permitted / admin_required
-    ├── NotFound                  404 invalid_request_error   model_not_found / unknown_url
+    ├── NotFound                  404 invalid_request_error   model_not_found / unknown_url /
+    │                                                         response_not_found
     │   └── CodeNotFound          404 invalid_request_error   code_not_found
     ├── MethodNotAllowed          405 invalid_request_error   method_not_allowed
     ├── RequestTimeout            408 invalid_request_error   request_timeout      (+ Connection: close)
@@ -46,6 +48,7 @@ __all__ = [
     "RequestTimeout",
     "RequestTooLarge",
     "ServiceUnavailable",
+    "StaleKey",
     "UpstreamError",
 ]
 
@@ -101,6 +104,12 @@ class AuthenticationFailed(APIError):
     status = 401
     type = "invalid_request_error"
     default_code = "invalid_api_key"
+
+
+class StaleKey(AuthenticationFailed):
+    """The key was revoked, or its limits changed, after the request was authenticated: the credit hold
+    refused it. The chat routes then read the key afresh and admit the request once more (a key cached
+    by this replica may be up to `key_cache_s` old); a revoked key stays this 401."""
 
 
 class InsufficientCredits(APIError):

@@ -251,6 +251,14 @@ class Settings(BaseSettings):
         description="An open connection with no request in progress (a new one that sends nothing, or "
         "one kept alive after a response) is closed after this many idle seconds.",
     )
+    key_cache_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=1.0,
+        description="The chat routes may authenticate a key from this process's cache of keys read at most "
+        "this many seconds ago (0: read the key on every request). A revoked key still takes no credit "
+        "anywhere after the revocation commits: every credit hold checks the key in the database.",
+    )
     max_connections: int = Field(
         default=512,
         ge=1,

@@ -10,16 +10,21 @@ and the conversation it ended with as chat messages (input, then the answer's te
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, insert, select
 
 from tokentill import errors
+from tokentill.protocol.response_objects import ResponseBuilder
+from tokentill.protocol.responses_api import ResponsesRequest, continued
 from tokentill.storage.db import Database
 from tokentill.storage.schema import responses
 
 __all__ = ["ResponseStore", "StoredResponse"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,27 @@ class ResponseStore:
                     conversation=json.dumps(conversation, separators=(",", ":")),
                 )
             )
+
+    async def keep(
+        self,
+        made: ResponseBuilder,
+        *,
+        request: ResponsesRequest,
+        history: list[dict[str, Any]],
+        account_id: int,
+        key_id: str,
+    ) -> None:
+        """Store a finished response when its request asked (`store`), with the conversation it ended
+        with. A failure is logged, not raised: the answer is delivered and billed, only this copy is lost."""
+        if not request.stored:
+            return
+        conversation = continued(history, request, made.output_text, made.tool_calls())
+        try:
+            await self.save(
+                account_id=account_id, key_id=key_id, body=made.response(), conversation=conversation
+            )
+        except Exception:
+            log.exception("storing response %s failed", made.response_id)
 
     async def find(self, account_id: int, response_id: str) -> StoredResponse | None:
         async with self._db.read() as conn:

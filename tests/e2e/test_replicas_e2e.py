@@ -148,6 +148,31 @@ def test_revocation_on_one_is_refused_by_both_within_a_second(pair: Pair) -> Non
             assert sent_at - revoked_at < 1.0, f"{server.url} still accepts a revoked key"
 
 
+def test_a_key_in_a_replicas_cache_takes_nothing_once_revoked(pair: Pair) -> None:
+    """B has just authenticated the key (its key cache holds it for TOKENTILL_KEY_CACHE_S); the key is
+    revoked in the shared database; B's very next request is refused, and nothing is held or charged."""
+    key = pair.a.new_key("rep-cached")
+    assert _post(pair.b, key).status_code == 200
+
+    async def books(revoke: bool) -> tuple[int, int]:
+        conn = await asyncpg.connect(pair.database_url, timeout=5)
+        try:
+            if revoke:
+                await conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = $1", key.split("-")[1])
+            account = "(SELECT id FROM accounts WHERE name = 'rep-cached')"
+            balance = await conn.fetchval(f"SELECT balance FROM accounts WHERE id = {account}")
+            ledger_rows = await conn.fetchval(f"SELECT count(*) FROM ledger WHERE account_id = {account}")
+            return int(balance), int(ledger_rows)
+        finally:
+            await conn.close()
+
+    before = run(books(revoke=True))
+    refused = _post(pair.b, key)
+    assert refused.status_code == 401, refused.text
+    assert refused.json()["error"]["code"] == "invalid_api_key"
+    assert run(books(revoke=False)) == before  # no hold was taken: no ledger row, the same balance
+
+
 def test_limit_change_on_one_is_honoured_by_the_other_within_a_second(pair: Pair) -> None:
     key = pair.a.new_key("rep-relimit")
     assert _post(pair.b, key).status_code == 200  # no limit yet

@@ -200,6 +200,8 @@ def test_retrieve_and_delete(client: openai.OpenAI) -> None:
     response = client.responses.create(model="smol", input="Hello.", max_output_tokens=4, metadata={"k": "v"})
     assert client.responses.retrieve(response.id).model_dump() == response.model_dump()
     assert response.metadata == {"k": "v"}
+    items = list(client.responses.input_items.list(response.id))
+    assert [(item.type, item.role) for item in items] == [("message", "user")]  # type: ignore[union-attr]
     deleted = client.responses.with_raw_response.delete(response.id)
     assert deleted.status_code == 200
     assert json.loads(deleted.text) == {"id": response.id, "object": "response.deleted", "deleted": True}
@@ -341,3 +343,36 @@ def test_idempotency_key_replays_the_same_response(gateway: TokentillServer, key
     usage = first.json()["usage"]
     charged = Decimal(usage["input_tokens"] * PRICE_IN + usage["output_tokens"] * PRICE_OUT) / 1_000_000
     assert _charged(gateway, before) == charged  # once
+
+
+def test_langchain_with_the_responses_api(gateway: TokentillServer, key: str) -> None:
+    """LangChain's `ChatOpenAI(use_responses_api=True)`: invoke, stream, structured output, a tool call."""
+    from langchain_openai import ChatOpenAI
+
+    def chat(max_tokens: int) -> ChatOpenAI:
+        return ChatOpenAI(
+            model="smol",
+            base_url=gateway.url + "/v1",
+            api_key=key,  # type: ignore[arg-type]
+            use_responses_api=True,
+            max_tokens=max_tokens,  # type: ignore[call-arg]
+            temperature=0,
+            max_retries=0,
+        )
+
+    message = chat(6).invoke("Say hi.")
+    assert message.response_metadata["id"].startswith("resp_")
+    assert message.text and message.usage_metadata is not None
+    assert message.usage_metadata["output_tokens"] <= 6
+    chunks = list(chat(6).stream("Say hi."))
+    assert "".join(chunk.text for chunk in chunks) and chunks[-1].usage_metadata is not None
+    picked = chat(30).with_structured_output(Pick).invoke("Pick a colour.")
+    assert isinstance(picked, Pick)
+
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return "sunny"
+
+    called = chat(40).bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Paris?")
+    assert [call["name"] for call in called.tool_calls] == ["get_weather"]
+    assert isinstance(called.tool_calls[0]["args"]["city"], str)

@@ -547,3 +547,22 @@ def test_catalogue_errors() -> None:
         with pytest.raises(CatalogError, match=words) as raised:
             UpstreamEngine(_spec("http://127.0.0.1/v1", headers=headers))
         assert "X-Injected" not in str(raised.value) and "evil" not in str(raised.value)
+
+
+def test_a_finished_stream_leaves_its_connection_for_the_next_request(upstream: ScriptedUpstream) -> None:
+    """A body read to its end after `[DONE]` returns the connection to the pool: the second request
+    arrives on the first one's TCP connection (same client port) instead of opening another."""
+
+    async def main() -> None:
+        engine = UpstreamEngine(_spec(upstream.url + "/ok/v1"), queue_size=4)
+        await engine.start()
+        try:
+            for _ in range(2):
+                deltas, _finished = await _collect(engine, _request())
+                assert _text(deltas) == "Hello world"
+        finally:
+            await engine.aclose()
+
+    run(main())
+    first, second = upstream.seen[-2:]
+    assert first["port"] is not None and first["port"] == second["port"]

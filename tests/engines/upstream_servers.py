@@ -134,7 +134,8 @@ class ScriptedUpstream:
     async def _chat(self, request: Request) -> Response:
         script = request.path_params["script"]
         body = await request.json()
-        self.seen.append({"script": script, "headers": dict(request.headers), "body": body})
+        client = request.client.port if request.client else None  # one port per TCP connection
+        self.seen.append({"script": script, "headers": dict(request.headers), "body": body, "port": client})
         if script.startswith("echo-"):
             return _echo_headers(script, request)
         stream = self._script(script, body)

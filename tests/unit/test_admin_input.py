@@ -13,13 +13,10 @@ from urllib.parse import quote
 import pytest
 from starlette.testclient import TestClient
 
+from tests.unit._admin_client import admin_client
 from tokentill.api.console.forms import name_field
-from tokentill.app import create_app
 from tokentill.errors import InvalidRequest
 from tokentill.names import check_models, check_name, name_problem
-from tokentill.settings import Settings
-
-ADMIN = "admin-key-for-input-tests-0123456789"
 
 NOT_NAMES = [
     "",
@@ -36,18 +33,9 @@ NOT_NAMES = [
 
 @pytest.fixture
 def admin(tmp_path: Path, database_url: str) -> Iterator[TestClient]:
-    catalogue = tmp_path / "models.toml"
-    catalogue.write_text('[[models]]\nid = "echo"\nengine = "echo"\n')
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        config=catalogue,
-        database_url=database_url,
-        admin_key=ADMIN,  # type: ignore[arg-type]
-    )
-    app = create_app(settings)
-    with TestClient(app, headers={"Authorization": f"Bearer {ADMIN}"}, raise_server_exceptions=False) as c:
-        assert c.post("/admin/accounts", json={"name": "team", "credits": "1"}).status_code == 201
-        yield c
+    with admin_client(tmp_path, database_url) as client:
+        assert client.post("/admin/accounts", json={"name": "team", "credits": "1"}).status_code == 201
+        yield client
 
 
 def post_json(client: TestClient, path: str, body: Any) -> Any:

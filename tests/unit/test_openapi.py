@@ -13,23 +13,12 @@ import jsonschema_rs
 import pytest
 from starlette.testclient import TestClient
 
-from tokentill.app import create_app
-from tokentill.settings import Settings
-
-ADMIN = "admin-key-openapi-tests-0123456789"
+from tests.unit._admin_client import admin_client
 
 
 @pytest.fixture
 def client(tmp_path: Path, database_url: str) -> Iterator[TestClient]:
-    catalogue = tmp_path / "models.toml"
-    catalogue.write_text('[[models]]\nid = "echo"\nengine = "echo"\n')
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        config=catalogue,
-        database_url=database_url,
-        admin_key=ADMIN,  # type: ignore[arg-type]
-    )
-    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+    with admin_client(tmp_path, database_url) as c:
         yield c
 
 

@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 
 from tokentill.errors import InvalidRequest
-from tokentill.protocol.response_objects import ResponseBuilder, replay_events, summarize
+from tokentill.protocol.response_objects import ResponseBuilder, summarize
 from tokentill.protocol.responses import Answer
 from tokentill.protocol.responses_api import continued, parse_responses_request, to_chat
+from tokentill.protocol.stored_objects import replay_events
 from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta, Usage
 
 
@@ -115,6 +116,14 @@ def test_items_become_messages_tool_calls_and_tool_results() -> None:
         ({}, "input", "missing_required_parameter"),
         ({"input": 5}, "input", "invalid_type"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", "invalid_value"),
+        ({"input": [{"role": "user", "content": "x"}] * 2049}, "input", "invalid_value"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_text", "text": "x"}] * 5000}] * 2},
+            "input[1].content",
+            "invalid_value",
+        ),
+        ({"input": "x", "metadata": {"k": "v" * 513}}, "metadata.k", "invalid_value"),
+        ({"input": "x", "temperature": 3}, "temperature", "invalid_value"),
     ],
 )
 def test_refusals_name_this_requests_parameter(body: dict[str, Any], param: str, code: str) -> None:

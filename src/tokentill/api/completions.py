@@ -22,12 +22,12 @@ from tokentill.api.sse import EventStreamResponse
 from tokentill.api.state import services_of
 from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits
-from tokentill.lifecycle import Answer, Replayed
+from tokentill.lifecycle import Answer, Replayed, Run
 from tokentill.limits import LimiterUnavailable
 from tokentill.protocol.chat import ChatCompletionRequest
 from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta, Usage
 
-__all__ = ["complete", "limit_headers_on_errors"]
+__all__ = ["HTTPClient", "complete", "limit_headers_on_errors", "replay_headers", "stream_headers"]
 
 
 @asynccontextmanager
@@ -91,7 +91,9 @@ async def complete(
         payload=payload,
     )
     if isinstance(admitted, Replayed):
-        return _replay(admitted, body, format_credits(principal.balance))
+        # Read now: a principal from the key cache carries a balance up to a second old.
+        now = await services_of(request).chat.balance(principal.account_id)
+        return _replay(admitted, body, format_credits(now))
     if not body.stream:
         collected = await admitted.collect()
         if collected is None:  # the client went away; nobody reads this response
@@ -101,11 +103,6 @@ async def complete(
     events = await admitted.stream()
     if events is None:
         return Response(status_code=499)
-    headers = {
-        "x-remaining-credits": format_credits(admitted.prepared.balance_after_hold),
-        **_STREAM_HEADERS,
-        **admitted.headers,
-    }
     return EventStreamResponse(
         events,
         completion_id=completion_id,
@@ -113,22 +110,39 @@ async def complete(
         model=model,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         include_reasoning=bool(body.include_reasoning),
-        headers=headers,
+        headers=stream_headers(admitted),
         on_close=admitted.aclose,
     )
 
 
 def _replay(replayed: Replayed, body: ChatCompletionRequest, balance: str) -> Response:
     stored = replayed.stored
+    headers = replay_headers(replayed, balance)
+    if stored.streamed:
+        return _replay_stream(stored.body, body, headers)
+    return JSONResponse(stored.body, status_code=stored.status, headers=headers)
+
+
+def stream_headers(run: Run) -> dict[str, str]:
+    """A stream's headers: the balance after the hold (the bill comes at its end), no caching, and the
+    run's rate-limit headers."""
+    return {
+        "x-remaining-credits": format_credits(run.prepared.balance_after_hold),
+        **_STREAM_HEADERS,
+        **run.headers,
+    }
+
+
+def replay_headers(replayed: Replayed, balance: str) -> dict[str, str]:
+    """A replayed answer's headers: the first answer's, the key's limits as they stand, `balance`, and
+    `idempotent-replayed`; a stream's are a stream's."""
     headers = {
-        **stored.headers,
+        **replayed.stored.headers,
         **replayed.limit_headers,
         "x-remaining-credits": balance,
         "idempotent-replayed": "true",
     }
-    if stored.streamed:
-        return _replay_stream(stored.body, body, {**headers, **_STREAM_HEADERS})
-    return JSONResponse(stored.body, status_code=stored.status, headers=headers)
+    return {**headers, **_STREAM_HEADERS} if replayed.stored.streamed else headers
 
 
 def _replay_stream(

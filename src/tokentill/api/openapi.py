@@ -21,16 +21,19 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from tokentill.protocol.chat import ChatCompletionRequest
+from tokentill.protocol.responses_api import ResponsesRequest
 
 __all__ = ["install_openapi", "openapi_schema"]
 
 _CHAT_PATHS = frozenset({"/v1/chat/completions", "/v1/{model}"})
+_RESPONSES_PATH = "/v1/responses"  # parses its own body too
 _OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
 
 # Statuses beyond the ones every operation of its kind gets (see `_statuses`).
 _EXTRA: dict[tuple[str, str], set[int]] = {
     ("post", "/v1/chat/completions"): {402, 403, 404, 409, 429, 502, 504},
     ("post", "/v1/{model}"): {402, 403, 404, 409, 429, 502, 504},
+    ("post", _RESPONSES_PATH): {402, 403, 404, 409, 429, 502, 504},
     ("get", "/v1/models/{model_id}"): {403},
     ("post", "/v1/account/redeem"): {404, 409, 429},
     ("post", "/admin/accounts"): {409},
@@ -117,6 +120,20 @@ _CHAT_COMPLETION = {
     },
 }
 
+_RESPONSE = {
+    "type": "object",
+    "required": ["id", "object", "created_at", "status", "model", "output"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "response"},
+        "created_at": {"type": "integer"},
+        "status": {"enum": ["completed", "incomplete", "in_progress", "failed"]},
+        "model": {"type": "string"},
+        "output": {"type": "array", "items": {"type": "object"}},
+        "usage": {"type": ["object", "null"]},
+    },
+}
+
 _MODEL = {
     "type": "object",
     "required": ["id", "object", "created", "owned_by"],
@@ -150,7 +167,7 @@ def _statuses(method: str, path: str, operation: dict[str, Any]) -> set[int]:
     codes = {401, 500, 503}  # a key is needed; a bug; the database (or limiter) unreachable
     if path.startswith("/admin/"):
         codes.add(403)
-    if "requestBody" in operation or path in _CHAT_PATHS:
+    if "requestBody" in operation or path in _CHAT_PATHS or (method, path) == ("post", _RESPONSES_PATH):
         codes |= {400, 408, 413}
     parameters = operation.get("parameters", [])
     if parameters:
@@ -180,6 +197,23 @@ def _fix_operation(method: str, path: str, operation: dict[str, Any]) -> None:
                 "text/event-stream": {"schema": {"type": "string"}},
             },
         }
+    elif (method, path) == ("post", _RESPONSES_PATH):
+        operation["requestBody"] = {"required": True, "content": _json(_ref("ResponsesRequest"))}
+        responses["200"] = {
+            "description": "The response; with `stream: true`, server-sent `response.*` events.",
+            "content": {**_json(_ref("Response")), "text/event-stream": {"schema": {"type": "string"}}},
+        }
+    elif path == "/v1/responses/{response_id}":
+        deleted = {
+            "type": "object",
+            "required": ["id", "object", "deleted"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "response.deleted"},
+                "deleted": {"const": True},
+            },
+        }
+        responses["200"]["content"] = _json(_ref("Response") if method == "get" else deleted)
     elif path == "/v1/models":
         responses["200"]["content"] = _json(
             {
@@ -220,9 +254,13 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
         schemas.pop(name, None)
     chat = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     schemas.update(chat.pop("$defs", {}))
+    responses_request = ResponsesRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(responses_request.pop("$defs", {}))
     schemas.update(
         ChatCompletionRequest=chat,
         ChatCompletion=_CHAT_COMPLETION,
+        ResponsesRequest=responses_request,
+        Response=_RESPONSE,
         Usage=_USAGE,
         Model=_MODEL,
         Error=_ERROR,

@@ -22,20 +22,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from tokentill import errors
-from tokentill.api.completions import HTTPClient, limit_headers_on_errors
+from tokentill.api.account import parse_limit
+from tokentill.api.completions import HTTPClient, limit_headers_on_errors, replay_headers, stream_headers
 from tokentill.api.routes import THREAD_PARSE_BYTES, Authenticated, _with_balance
 from tokentill.api.sse import KEEPALIVE, KEEPALIVE_S, Item, PumpedEventStream, receive_until
 from tokentill.api.state import services_of
 from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits
 from tokentill.lifecycle import Answer, Replayed, first_error
-from tokentill.protocol.response_objects import ResponseBuilder, replay_events
-from tokentill.protocol.responses_api import (
-    ResponsesRequest,
-    continued,
-    decode_responses_body,
-    to_chat,
-)
+from tokentill.protocol.response_objects import ResponseBuilder
+from tokentill.protocol.responses_api import ResponsesRequest, decode_responses_body, to_chat
+from tokentill.protocol.stored_objects import input_items, item_page, replay_events
 from tokentill.types import Finished
 
 __all__ = ["responses_router"]
@@ -44,7 +41,7 @@ log = logging.getLogger(__name__)
 
 responses_router = APIRouter()
 
-_STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+MAX_PAGE = 100  # input items per page (OpenAI's limit)
 
 
 @responses_router.post("/v1/responses")
@@ -62,6 +59,26 @@ async def create_response(request: Request, principal: Authenticated) -> Respons
 async def retrieve_response(request: Request, principal: Authenticated, response_id: str) -> JSONResponse:
     found = await services_of(request).responses.get(principal.account_id, response_id)
     return _with_balance(request, found.body)
+
+
+@responses_router.get("/v1/responses/{response_id}/input_items")
+async def list_input_items(
+    request: Request,
+    principal: Authenticated,
+    response_id: str,
+    limit: str | None = None,
+    order: str = "desc",
+    after: str | None = None,
+) -> JSONResponse:
+    count = 20 if limit is None else parse_limit(limit)
+    if not 1 <= count <= MAX_PAGE or order not in {"asc", "desc"}:
+        bad = "limit" if order in {"asc", "desc"} else "order"
+        raise errors.InvalidRequest(
+            f"Invalid '{bad}': 'limit' is 1 to {MAX_PAGE}, 'order' is 'asc' or 'desc'.", param=bad
+        )
+    found = await services_of(request).responses.get(principal.account_id, response_id)
+    items = input_items(found.conversation, response_id)
+    return _with_balance(request, item_page(items, order=order, limit=count, after=after))
 
 
 @responses_router.delete("/v1/responses/{response_id}")
@@ -82,22 +99,17 @@ async def _respond(request: Request, principal: Principal, body: ResponsesReques
     def builder() -> ResponseBuilder:
         return ResponseBuilder(response_id=response_id, created_at=created, model=body.model, request=body)
 
+    rendered: list[ResponseBuilder] = []  # the finished answer, once the lifecycle rendered it
+
     def render(answer: Answer) -> dict[str, Any]:
-        return builder().from_answer(answer)
+        made = builder()
+        rendered.append(made)
+        return made.from_answer(answer)
 
     async def keep(made: ResponseBuilder) -> None:
-        if not body.stored:
-            return
-        conversation = continued(history, body, made.output_text, made.tool_calls())
-        try:
-            await services.responses.save(
-                account_id=principal.account_id,
-                key_id=principal.key_id,
-                body=made.response(),
-                conversation=conversation,
-            )
-        except Exception:  # the answer is delivered and billed; only the copy for `retrieve` is lost
-            log.exception("storing response %s failed", response_id)
+        await services.responses.keep(
+            made, request=body, history=history, account_id=principal.account_id, key_id=principal.key_id
+        )
 
     admitted = await services.lifecycle.admit(
         principal,
@@ -112,38 +124,30 @@ async def _respond(request: Request, principal: Principal, body: ResponsesReques
     )
     if isinstance(admitted, Replayed):
         stored = admitted.stored
-        headers = {
-            **stored.headers,
-            **admitted.limit_headers,
-            "x-remaining-credits": format_credits(principal.balance),
-            "idempotent-replayed": "true",
-        }
+        headers = replay_headers(admitted, format_credits(principal.balance))
         if stored.streamed:
-            return _replay_stream(stored.body, {**headers, **_STREAM_HEADERS})
+            return _replay_stream(stored.body, headers)
         return JSONResponse(stored.body, status_code=stored.status, headers=headers)
     if not body.stream:
         collected = await admitted.collect()
+        if rendered:
+            # Also when the client left: an Idempotency-Key's answer runs to its end and is replayed
+            # to the retry, whose `retrieve` must then find it.
+            with anyio.CancelScope(shield=True):
+                await keep(rendered[-1])
         if collected is None:  # the client went away; nobody reads this response
             return Response(status_code=499)
-        made = builder()
-        made.from_answer(collected.answer)
-        await keep(made)
         balance = format_credits(collected.balance)
         return JSONResponse(collected.body, headers={"x-remaining-credits": balance, **admitted.headers})
     events = await admitted.stream()
     if events is None:
         return Response(status_code=499)
-    headers = {
-        "x-remaining-credits": format_credits(admitted.prepared.balance_after_hold),
-        **_STREAM_HEADERS,
-        **admitted.headers,
-    }
     made = builder()
 
     def frames(items: MemoryObjectReceiveStream[Item]) -> AsyncGenerator[bytes, None]:
         return _frames(items, made, keep)
 
-    return PumpedEventStream(events, frames, headers=headers, on_close=admitted.aclose)
+    return PumpedEventStream(events, frames, headers=stream_headers(admitted), on_close=admitted.aclose)
 
 
 def _sse(event: dict[str, Any]) -> bytes:

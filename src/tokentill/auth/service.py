@@ -3,6 +3,13 @@
 Only the key id and sha256(secret) are stored; the full key is returned once by `create_key`. Every
 failure to authenticate looks the same to the client (401 `invalid_api_key`, key masked), and the hash
 comparison is constant-time and happens even for unknown ids, so timing tells nothing either.
+
+`authenticate(raw_key, cached=True)` (the chat routes) may answer from this process's key cache, whose
+entries are at most `cache_s` (≤ 1 s) old, so the hot path reads no table to authenticate. What makes that
+exact rather than merely fresh: the credit hold is taken only while the key is still live with the limits
+the request was admitted under (`Ledger.reserve(key=...)`, one statement against the shared database, so
+a revocation on any replica stops the next hold everywhere), and a chat route that refuses a request with
+a cached key reads the key afresh first (api/routes.py), so a refusal never rests on a stale key either.
 """
 
 from __future__ import annotations
@@ -11,11 +18,12 @@ import enum
 import hmac
 import json
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, insert, select, update
+from sqlalchemy import Select, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tokentill.auth.keys import generate_key, hash_secret, mask_key, parse_key
@@ -98,14 +106,23 @@ class KeyInfo:
     revoked_at: datetime | None
 
 
+MAX_CACHED_KEYS = 10_000
+
+
 class KeyStore:
-    """Keys of one `Database`. Holds no cache: a revoked key fails its next request."""
+    """Keys of one `Database`, with a small cache of recently seen live keys (see the module docstring)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, cache_s: float = 0.0) -> None:
+        """`cache_s`: how long a key read from the database may answer `authenticate(cached=True)`
+        (0: never)."""
         self._db = db
+        self._cache_s = cache_s
+        # key id -> (when read, monotonic; sha256 of its secret; its principal); oldest first
+        self._cache: dict[str, tuple[float, str, Principal]] = {}
 
-    async def authenticate(self, raw_key: str | None) -> Principal:
-        """The `Principal` for `raw_key`, the text after `Bearer ` or of `x-api-key`.
+    async def authenticate(self, raw_key: str | None, *, cached: bool = False) -> Principal:
+        """The `Principal` for `raw_key`, the text after `Bearer ` or of `x-api-key`; with `cached`, one
+        read at most `cache_s` ago will do (its `balance` is as old).
 
         Raises `AuthenticationFailed`: code `missing_api_key` for None/empty, `invalid_api_key` for a
         malformed, unknown, revoked or wrong key (the message shows only the masked key).
@@ -114,19 +131,35 @@ class KeyStore:
             raise AuthenticationFailed(_MISSING_KEY, code="missing_api_key")
         raw_key = raw_key.strip()
         parsed = parse_key(raw_key)
+        if cached and parsed is not None:
+            entry = self._cache.get(parsed[0])
+            if entry is not None and time.monotonic() - entry[0] < self._cache_s:
+                if hmac.compare_digest(entry[1], hash_secret(parsed[1])):
+                    return entry[2]
         row = None
         if parsed is not None:
             async with self._db.read() as conn:
-                row = (await conn.execute(_principal_query().where(api_keys.c.id == parsed[0]))).first()
+                row = (await conn.execute(_PRINCIPAL_BY_ID, {"b_key": parsed[0]})).first()
         stored = row.secret_sha256 if row is not None else _DUMMY_HASH
         given = hash_secret(parsed[1] if parsed is not None else raw_key)
         if row is None or not hmac.compare_digest(stored, given) or row.revoked_at is not None:
+            if parsed is not None:
+                self._cache.pop(parsed[0], None)
             raise AuthenticationFailed(
                 f"Incorrect API key provided: {mask_key(raw_key)}. Check the key you are using, or ask "
                 "the operator of this server for a new one.",
                 code="invalid_api_key",
             )
-        return _principal(row)
+        principal = _principal(row)
+        if self._cache_s > 0:
+            self._remember(principal, stored)
+        return principal
+
+    def _remember(self, principal: Principal, secret_sha256: str) -> None:
+        self._cache.pop(principal.key_id, None)  # re-inserted last: the dict stays oldest first
+        if len(self._cache) >= MAX_CACHED_KEYS:
+            del self._cache[next(iter(self._cache))]
+        self._cache[principal.key_id] = (time.monotonic(), secret_sha256, principal)
 
     async def principal_for(self, key_id: str) -> Principal | None:
         """The `Principal` of the live key `key_id`, or None if it does not exist or is revoked.
@@ -225,6 +258,7 @@ class KeyStore:
         async with self._db.begin() as conn:
             result = await conn.execute(statement.values(revoked_at=utcnow()).returning(api_keys.c.id))
             done = result.first() is not None
+        self._cache.pop(key_id, None)
         if done:
             logger.info("revoked key %s", key_id)
         return done
@@ -248,6 +282,7 @@ class KeyStore:
         }
         _check_limits(**changes)
         check_lookup(key_id, param="key_id")
+        self._cache.pop(key_id, None)
         async with self._db.begin() as conn:
             live = api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)
             if changes:
@@ -262,6 +297,10 @@ def _principal_query() -> Select[Any]:
     return select(
         api_keys, accounts.c.name.label("account_name"), accounts.c.balance.label("account_balance")
     ).join(accounts, accounts.c.id == api_keys.c.account_id)
+
+
+# Built once: the statement every request runs (see billing/statements.py on why).
+_PRINCIPAL_BY_ID = _principal_query().where(api_keys.c.id == bindparam("b_key"))
 
 
 def _principal(row: Any) -> Principal:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -37,6 +37,8 @@ from tokentill.billing.records import (
     Audit,
     BalanceRefused,
     Hold,
+    KeyChanged,
+    KeyTerms,
     UsageRecord,
     UsageRow,
 )
@@ -46,7 +48,10 @@ from tokentill.billing.statements import (
     append_ledger,
     balance_of,
     close_hold,
+    key_is_as_admitted,
+    open_hold,
     record_usage,
+    reserve_from_balance,
     usage_row_from,
 )
 from tokentill.errors import InsufficientCredits
@@ -55,7 +60,18 @@ from tokentill.storage.db import Database
 from tokentill.storage.schema import accounts, holds, ledger, utcnow
 from tokentill.storage.schema import usage as usage_table
 
-__all__ = ["Account", "AccountExists", "Audit", "BalanceRefused", "Hold", "Ledger", "UsageRecord", "UsageRow"]
+__all__ = [
+    "Account",
+    "AccountExists",
+    "Audit",
+    "BalanceRefused",
+    "Hold",
+    "KeyChanged",
+    "KeyTerms",
+    "Ledger",
+    "UsageRecord",
+    "UsageRow",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -204,28 +220,26 @@ class Ledger:
         amount: int,
         ttl_s: float,
         need_description: str | None = None,
+        key: KeyTerms | None = None,
     ) -> Hold:
         """Hold `amount` µcr for request `request_id` until settled, released or `ttl_s` passes.
 
         Raises `InsufficientCredits` (402) if the balance is below `amount`; its message states both,
         with `need_description` (e.g. "32 prompt + 8 completion tokens") in parentheses.
+        With `key`, only while that key is live on those terms (`KeyChanged` otherwise, checked before the
+        balance), in the same statement: a key revoked on any replica takes no credit after the commit.
         `LookupError` for an unknown account; `ValueError` for a negative amount.
         """
         if amount < 0:
             raise ValueError("a hold cannot be negative")
+        # The database's clock: the sweeper of another replica compares this expiry with it. PostgreSQL's
+        # comes back with the UPDATE (one round trip fewer); SQLite's is this process's (`Database.now`).
+        on_server_clock = self._db.dialect == "postgresql"
         async with self._db.begin() as conn:
-            # The database's clock: the sweeper of another replica compares this expiry with it.
-            now = await self._db.now(conn)
-            expires_at = now + timedelta(seconds=ttl_s)
-            row = (
-                await conn.execute(
-                    update(accounts)
-                    .where(accounts.c.id == account_id, accounts.c.balance >= amount)
-                    .values(balance=accounts.c.balance - amount)
-                    .returning(accounts.c.balance)
-                )
-            ).first()
-            if row is None:
+            taken = await reserve_from_balance(conn, account_id, amount, key, clock=on_server_clock)
+            if taken is None:
+                if key is not None and not await key_is_as_admitted(conn, key):
+                    raise KeyChanged(f"key {key.key_id} was revoked or its limits changed")
                 balance = await balance_of(conn, account_id)
                 detail = f" ({need_description})" if need_description else ""
                 raise InsufficientCredits(
@@ -233,25 +247,18 @@ class Ledger:
                     f"{detail} but the balance is {format_credits(balance)}. Add credits or lower "
                     "max_completion_tokens."
                 )
-            await conn.execute(
-                insert(holds).values(
-                    id=request_id,
-                    account_id=account_id,
-                    key_id=key_id,
-                    amount=amount,
-                    status="open",
-                    created_at=now,
-                    expires_at=expires_at,
-                )
-            )
-            await append_ledger(conn, account_id, "hold", -amount, row.balance, ref=request_id, now=now)
+            balance_after, server_now = taken
+            now = server_now.astimezone(UTC) if server_now is not None else await self._db.now(conn)
+            expires_at = now + timedelta(seconds=ttl_s)
+            await open_hold(conn, request_id, account_id, key_id, amount, now, expires_at)
+            await append_ledger(conn, account_id, "hold", -amount, balance_after, ref=request_id, now=now)
         return Hold(
             id=request_id,
             account_id=account_id,
             key_id=key_id,
             amount=amount,
             expires_at=expires_at,
-            balance_after=int(row.balance),
+            balance_after=balance_after,
         )
 
     async def settle(self, hold: Hold, *, cost: int, usage: UsageRecord) -> int:

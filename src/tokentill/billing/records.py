@@ -5,7 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-__all__ = ["Account", "AccountExists", "Audit", "BalanceRefused", "Hold", "UsageRecord", "UsageRow"]
+__all__ = [
+    "Account",
+    "AccountExists",
+    "Audit",
+    "BalanceRefused",
+    "Hold",
+    "KeyChanged",
+    "KeyTerms",
+    "UsageRecord",
+    "UsageRow",
+]
 
 MAX_NOTE = 500  # characters in the note of a refund or a debit
 
@@ -21,6 +31,22 @@ class BalanceRefused(Exception):
     def __init__(self, message: str, balance: int) -> None:
         super().__init__(message)
         self.balance = balance
+
+
+class KeyChanged(Exception):
+    """`Ledger.reserve` refused: the key it was given `KeyTerms` of is revoked, gone, or has other limits
+    now. Nothing was reserved."""
+
+
+@dataclass(frozen=True)
+class KeyTerms:
+    """A key as the request was admitted under it: a reservation with these terms is made only while the
+    key is live with exactly these limits (None: no limit), checked in the reserving statement itself."""
+
+    key_id: str
+    rpm: int | None
+    tpm: int | None
+    max_concurrent: int | None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,11 @@
 """The SQL statements the ledger composes; each runs inside the caller's transaction and commits nothing.
 
 Kept apart from `ledger.py` so each money operation there reads as a short sequence of these steps.
+
+The statements every request runs are built once, here, with named bind parameters, and executed with
+the values: SQLAlchemy memoizes a statement object's cache key, so each execution finds its compiled
+form in the engine's compiled cache without building or traversing the statement again (building them
+per call cost about as much CPU as running them; docs/performance.md).
 """
 
 from __future__ import annotations
@@ -8,12 +13,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Insert, bindparam, exists, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tokentill.billing.records import Account, UsageRecord, UsageRow
-from tokentill.storage.schema import accounts, holds, ledger, usage, usage_hourly
+from tokentill.billing.records import Account, KeyTerms, UsageRecord, UsageRow
+from tokentill.storage.schema import accounts, api_keys, holds, ledger, usage, usage_hourly
 
 __all__ = [
     "account_from_row",
@@ -22,8 +27,74 @@ __all__ = [
     "append_ledger",
     "balance_of",
     "close_hold",
+    "key_is_as_admitted",
+    "open_hold",
     "record_usage",
+    "reserve_from_balance",
 ]
+
+_BALANCE = select(accounts.c.balance).where(accounts.c.id == bindparam("b_account"))
+_BALANCE_FOR_UPDATE = _BALANCE.with_for_update()
+_ADD_TO_BALANCE = (
+    update(accounts)
+    .where(accounts.c.id == bindparam("b_account"), accounts.c.balance + bindparam("b_delta") >= 0)
+    .values(balance=accounts.c.balance + bindparam("b_delta"))
+    .returning(accounts.c.balance)
+)
+_TAKE_FROM_BALANCE = (
+    update(accounts)
+    .where(accounts.c.id == bindparam("b_account"), accounts.c.balance >= bindparam("b_amount"))
+    .values(balance=accounts.c.balance - bindparam("b_amount"))
+    .returning(accounts.c.balance)
+)
+_KEY_AS_ADMITTED = (
+    (api_keys.c.id == bindparam("b_key"))
+    & api_keys.c.revoked_at.is_(None)
+    & api_keys.c.rpm.is_not_distinct_from(bindparam("b_rpm"))
+    & api_keys.c.tpm.is_not_distinct_from(bindparam("b_tpm"))
+    & api_keys.c.max_concurrent.is_not_distinct_from(bindparam("b_max_concurrent"))
+)
+_TAKE_FROM_BALANCE_FOR_KEY = _TAKE_FROM_BALANCE.where(exists().where(_KEY_AS_ADMITTED))
+_KEY_IS_AS_ADMITTED = select(api_keys.c.id).where(_KEY_AS_ADMITTED)
+# The same, also returning the database's clock (PostgreSQL's now(): the transaction's start), which
+# saves the hold its own `SELECT now()` round trip.
+_TAKE = {
+    (False, False): _TAKE_FROM_BALANCE,
+    (True, False): _TAKE_FROM_BALANCE_FOR_KEY,
+    (False, True): _TAKE_FROM_BALANCE.returning(func.now().label("now")),
+    (True, True): _TAKE_FROM_BALANCE_FOR_KEY.returning(func.now().label("now")),
+}
+_LEDGER_ROW = insert(ledger)
+_OPEN_HOLD = insert(holds)
+_CLOSE_HOLD = (
+    update(holds)
+    .where(holds.c.id == bindparam("b_hold"), holds.c.status == bindparam("b_from"))
+    .values(status=bindparam("b_to"), closed_at=bindparam("b_now"))
+    .returning(holds.c.account_id, holds.c.amount)
+)
+_COUNTS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "cached_tokens",
+    "image_tokens",
+    "cost",
+    "cached_saving",
+)
+
+
+def _usage_statements(dialect_insert: Any) -> tuple[Insert, Insert]:
+    """The usage row (nothing on a duplicate request id) and its hourly bucket upsert, for one dialect."""
+    row = dialect_insert(usage).on_conflict_do_nothing(index_elements=["request_id"]).returning(usage.c.id)
+    bucket = dialect_insert(usage_hourly)
+    bucket = bucket.on_conflict_do_update(
+        index_elements=["account_id", "hour", "model", "key_id"],
+        set_={name: usage_hourly.c[name] + bucket.excluded[name] for name in (*_COUNTS, "requests")},
+    )
+    return row, bucket
+
+
+_USAGE = {"postgresql": _usage_statements(postgresql.insert), "sqlite": _usage_statements(sqlite.insert)}
 
 
 def account_from_row(row: Any) -> Account:
@@ -52,10 +123,9 @@ def usage_row_from(r: Any) -> UsageRow:
 
 
 async def balance_of(conn: AsyncConnection, account_id: int, *, for_update: bool = False) -> int:
-    query = select(accounts.c.balance).where(accounts.c.id == account_id)
-    if for_update:  # a no-op on SQLite, where BEGIN IMMEDIATE already holds the write lock
-        query = query.with_for_update()
-    balance = (await conn.execute(query)).scalar_one_or_none()
+    # FOR UPDATE is a no-op on SQLite, where BEGIN IMMEDIATE already holds the write lock.
+    query = _BALANCE_FOR_UPDATE if for_update else _BALANCE
+    balance = (await conn.execute(query, {"b_account": account_id})).scalar_one_or_none()
     if balance is None:
         raise LookupError(f"no account with id {account_id}")
     return int(balance)
@@ -63,17 +133,34 @@ async def balance_of(conn: AsyncConnection, account_id: int, *, for_update: bool
 
 async def add_to_balance(conn: AsyncConnection, account_id: int, delta: int) -> int:
     """balance += delta, refused (LookupError) if the account is missing or would go negative."""
-    row = (
-        await conn.execute(
-            update(accounts)
-            .where(accounts.c.id == account_id, accounts.c.balance + delta >= 0)
-            .values(balance=accounts.c.balance + delta)
-            .returning(accounts.c.balance)
-        )
-    ).first()
+    row = (await conn.execute(_ADD_TO_BALANCE, {"b_account": account_id, "b_delta": delta})).first()
     if row is None:
         raise LookupError(f"account {account_id} is missing or cannot cover {-delta} µcr")
     return int(row.balance)
+
+
+async def reserve_from_balance(
+    conn: AsyncConnection, account_id: int, amount: int, key: KeyTerms | None = None, *, clock: bool = False
+) -> tuple[int, datetime | None] | None:
+    """balance -= amount if the balance covers it (and, given `key`, the key is live on those terms):
+    the balance after and (with `clock`, PostgreSQL only) the database's `now()`; None when refused (or
+    no account)."""
+    values: dict[str, Any] = {"b_account": account_id, "b_amount": amount}
+    if key is not None:
+        values.update(_key_values(key))
+    row = (await conn.execute(_TAKE[key is not None, clock], values)).first()
+    if row is None:
+        return None
+    return int(row.balance), row.now if clock else None
+
+
+async def key_is_as_admitted(conn: AsyncConnection, key: KeyTerms) -> bool:
+    """Whether `key` is live with exactly its `KeyTerms` limits."""
+    return (await conn.execute(_KEY_IS_AS_ADMITTED, _key_values(key))).first() is not None
+
+
+def _key_values(key: KeyTerms) -> dict[str, Any]:
+    return {"b_key": key.key_id, "b_rpm": key.rpm, "b_tpm": key.tpm, "b_max_concurrent": key.max_concurrent}
 
 
 async def append_ledger(
@@ -88,15 +175,16 @@ async def append_ledger(
     now: datetime,
 ) -> None:
     await conn.execute(
-        insert(ledger).values(
-            account_id=account_id,
-            kind=kind,
-            amount=amount,
-            balance_after=balance_after,
-            ref=ref,
-            note=note,
-            created_at=now,
-        )
+        _LEDGER_ROW,
+        {
+            "account_id": account_id,
+            "kind": kind,
+            "amount": amount,
+            "balance_after": balance_after,
+            "ref": ref,
+            "note": note,
+            "created_at": now,
+        },
     )
 
 
@@ -104,14 +192,8 @@ async def close_hold(
     conn: AsyncConnection, hold_id: str, from_status: str, to_status: str, now: datetime
 ) -> tuple[int, int] | None:
     """Move the hold from `from_status` to `to_status`; (account_id, amount) if this call did it."""
-    row = (
-        await conn.execute(
-            update(holds)
-            .where(holds.c.id == hold_id, holds.c.status == from_status)
-            .values(status=to_status, closed_at=now)
-            .returning(holds.c.account_id, holds.c.amount)
-        )
-    ).first()
+    values = {"b_hold": hold_id, "b_from": from_status, "b_to": to_status, "b_now": now}
+    row = (await conn.execute(_CLOSE_HOLD, values)).first()
     return (int(row.account_id), int(row.amount)) if row is not None else None
 
 
@@ -140,29 +222,38 @@ async def record_usage(
         "estimated": record.estimated,
         "created_at": now,
     }
-    dialect_insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    inserted = (
-        await conn.execute(
-            dialect_insert(usage)
-            .values(values)
-            .on_conflict_do_nothing(index_elements=["request_id"])
-            .returning(usage.c.id)
-        )
-    ).first()
-    if inserted is None:
+    row_statement, bucket_statement = _USAGE[dialect]
+    if (await conn.execute(row_statement, values)).first() is None:
         return
     # The hourly rollup moves in the same transaction as the row it sums, so the two always agree.
-    counts["requests"] = 1
-    statement = dialect_insert(usage_hourly).values(
-        account_id=account_id,
-        hour=now.replace(minute=0, second=0, microsecond=0),
-        model=record.model,
-        key_id=record.key_id or "",
+    bucket = {
+        "account_id": account_id,
+        "hour": now.replace(minute=0, second=0, microsecond=0),
+        "model": record.model,
+        "key_id": record.key_id or "",
+        "requests": 1,
         **counts,
-    )
-    await conn.execute(
-        statement.on_conflict_do_update(
-            index_elements=["account_id", "hour", "model", "key_id"],
-            set_={name: usage_hourly.c[name] + statement.excluded[name] for name in counts},
-        )
-    )
+    }
+    await conn.execute(bucket_statement, bucket)
+
+
+async def open_hold(
+    conn: AsyncConnection,
+    hold_id: str,
+    account_id: int,
+    key_id: str | None,
+    amount: int,
+    now: datetime,
+    expires_at: datetime,
+) -> None:
+    """Insert the 'open' holds row of a reservation."""
+    values = {
+        "id": hold_id,
+        "account_id": account_id,
+        "key_id": key_id,
+        "amount": amount,
+        "status": "open",
+        "created_at": now,
+        "expires_at": expires_at,
+    }
+    await conn.execute(_OPEN_HOLD, values)

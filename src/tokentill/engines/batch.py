@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,18 +73,25 @@ def shown_control_tokens(llm: Any, texts: tuple[str, ...]) -> frozenset[int]:
 
 
 class _Sampler:
-    """A llama.cpp sampler chain for one sequence: logit bias → grammar → penalties → greedy at
-    temperature 0, else top-p → temp → dist. Penalties count only the tokens this chain sampled (the
-    completion), as OpenAI's do; the chain's memory of them is bounded by the sequence's own budget.
+    """A llama.cpp sampler chain for one sequence: logit bias → penalties → greedy at temperature 0, else
+    top-p → temp → dist. Penalties count only the tokens this chain sampled (the completion), as OpenAI's
+    do; the chain's memory of them is bounded by the sequence's own budget.
 
-    The grammar sampler keeps the sequence's parse state (accepting each sampled token), so every
-    sequence in the batch has its own; it masks every token the grammar does not allow, end-of-generation
-    included until the grammar is complete, and only end-of-generation once it is."""
+    A grammar sampler beside the chain keeps the sequence's parse state (it accepts each sampled token), so
+    every sequence in the batch has its own. It allows only what the grammar allows, end-of-generation
+    included until the grammar is complete, and only end-of-generation once it is. Checking all 49k
+    vocabulary entries against a grammar costs more than a small model's decode, so sampling goes as
+    llama.cpp's own `common_sampler` does: sample without the grammar, check that one token against it,
+    and only if it is refused sample again with the grammar applied first. That is rejection sampling with
+    the exact fallback, so the distribution is the grammar-masked one (top-p cuts the unmasked
+    distribution on the first try, as in llama.cpp)."""
 
     def __init__(
         self, lib: Any, params: SamplingParams, *, vocab: Any, n_vocab: int, max_tokens: int
     ) -> None:
         self._lib = lib
+        self._n_vocab = n_vocab
+        self._grammar: Any = None
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         self._chain: Any = chain  # freed by `close`, also when a later step here raises
         if params.logit_bias:
@@ -95,11 +103,17 @@ class _Sampler:
             )
         if params.grammar is not None:
             try:
-                grammar = _grammar_sampler(lib, vocab, params.grammar)
+                self._grammar = _grammar_sampler(lib, vocab, params.grammar)
             except BaseException:
                 self.close()
                 raise
-            lib.llama_sampler_chain_add(chain, grammar)
+            from llama_cpp._internals import LlamaTokenDataArray
+
+            self._candidates: Any = LlamaTokenDataArray(n_vocab=n_vocab)
+            self._one: Any = (lib.llama_token_data * 1)()
+            self._one_array: Any = lib.llama_token_data_array(
+                data=ctypes.cast(self._one, lib.llama_token_data_p), size=1, selected=-1, sorted=False
+            )
         if params.frequency_penalty or params.presence_penalty:
             penalties = lib.llama_sampler_init_penalties(
                 n_vocab, max(1, max_tokens), 1.0, params.frequency_penalty, params.presence_penalty
@@ -115,13 +129,45 @@ class _Sampler:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
 
     def sample(self, ctx: Any, index: int) -> int:
-        # llama_sampler_sample also "accepts" the token into the chain's state.
-        return int(self._lib.llama_sampler_sample(self._chain, ctx, index))
+        lib = self._lib
+        if self._grammar is None:
+            # llama_sampler_sample also "accepts" the token into the chain's state.
+            return int(lib.llama_sampler_sample(self._chain, ctx, index))
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, index), shape=(self._n_vocab,))
+        token = self._pick(logits, grammar_first=False)
+        if not self._allowed(token):
+            token = self._pick(logits, grammar_first=True)
+        lib.llama_sampler_accept(self._grammar, token)
+        lib.llama_sampler_accept(self._chain, token)
+        return token
+
+    def _pick(self, logits: Any, *, grammar_first: bool) -> int:
+        candidates = self._candidates
+        candidates.copy_logits(logits)
+        candidates.candidates.selected = -1
+        pointer = ctypes.byref(candidates.candidates)
+        if grammar_first:
+            self._lib.llama_sampler_apply(self._grammar, pointer)
+        self._lib.llama_sampler_apply(self._chain, pointer)
+        # `selected` indexes the (possibly re-sorted) data the samplers worked on
+        return int(candidates.candidates_data.id[candidates.candidates.selected])
+
+    def _allowed(self, token: int) -> bool:
+        """Whether the grammar, in its current state, allows `token` next."""
+        self._one[0].id, self._one[0].logit, self._one[0].p = token, 0.0, 0.0
+        self._one_array.size, self._one_array.selected = 1, -1
+        self._lib.llama_sampler_apply(self._grammar, ctypes.byref(self._one_array))
+        return bool(math.isfinite(self._one[0].logit))
 
     def close(self) -> None:
         if self._chain is not None:
             self._lib.llama_sampler_free(self._chain)
             self._chain = None
+        if self._grammar is not None:
+            self._lib.llama_sampler_free(self._grammar)
+            self._grammar = None
 
 
 def _grammar_sampler(lib: Any, vocab: Any, grammar: Grammar) -> Any:

@@ -40,11 +40,13 @@ Contract, beyond `engines/base.py`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
+import anyio
 import httpx2
 
 from tokentill import errors
@@ -305,6 +307,7 @@ class UpstreamEngine:
                 async for data in events:
                     if data == "[DONE]":
                         state.done = True
+                        await _finish_body(events)
                         return
                     obj = parse_json(data)
                     if obj is None:
@@ -327,3 +330,17 @@ class UpstreamEngine:
         except httpx2.HTTPError as exc:
             log.warning("upstream %s broke the answer off: %s", where, type(exc).__name__)
             raise errors.UpstreamError("Bad gateway: the upstream model's answer broke off.") from exc
+
+
+_END_OF_BODY_S = 0.05  # how long the end of a body that said [DONE] may take to arrive
+
+
+async def _finish_body(events: AsyncGenerator[str, None]) -> None:
+    """Read what follows `[DONE]` (normally only the end of the chunked body, already in the same read),
+    so that closing the response returns its connection to the pool: a body closed unread drops the
+    connection, and every request then paid a new TCP connection to the upstream. Anything after
+    `[DONE]` is ignored; an upstream that keeps the body open past `_END_OF_BODY_S` is cut off as before."""
+    ignored = (BadAnswer, httpx2.HTTPError, errors.APIError)  # the answer is complete already
+    with anyio.move_on_after(_END_OF_BODY_S), contextlib.suppress(*ignored):
+        async for _data in events:
+            pass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
@@ -27,7 +28,10 @@ __all__ = [
     "TextPart",
     "ToolParam",
     "decode_chat_body",
+    "deepest_error",
     "find_invalid_unicode",
+    "invalid_request",
+    "known_arguments",
     "parse_chat_request",
 ]
 
@@ -230,11 +234,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 _KNOWN = set(ChatCompletionRequest.model_fields)
 
 
-def _is_neutral(name: str, value: Any) -> bool:
-    # Compare types as well as values: in Python 0 == False and 1 == True, but `store: 0` is not a boolean.
-    return any(type(value) is type(neutral) and value == neutral for neutral in _NEUTRAL[name])
-
-
 # A JSON escape of a UTF-16 surrogate (\\ud800-\\udfff). Pairs of them are fine (emoji escaped by
 # `json.dumps`); only a lone one decodes to a string that cannot be encoded as UTF-8.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -343,8 +342,12 @@ def _message_for(error: ErrorDetails, param: str) -> str:
     return f"Invalid value for '{param}': {error['msg']}."
 
 
-def parse_chat_request(body: Any, *, check_unicode: bool = True) -> ChatCompletionRequest:
-    """Validate a decoded JSON body; every failure is an `InvalidRequest` naming the parameter.
+def known_arguments(
+    body: Any, known: Collection[str], neutral: Mapping[str, tuple[Any, ...]], *, check_unicode: bool = True
+) -> dict[str, Any]:
+    """The top-level arguments of a decoded JSON body that its model knows, once the body is an object,
+    holds valid Unicode, and every other key is one of `neutral`'s with its neutral value (of the same
+    JSON type: `logprobs: false` is neutral, `logprobs: 0` is not). Else an `InvalidRequest` naming it.
 
     `check_unicode=False` skips the lone-surrogate check, for callers that know the raw JSON has no
     surrogate escape (`decode_chat_body`).
@@ -360,10 +363,11 @@ def parse_chat_request(body: Any, *, check_unicode: bool = True) -> ChatCompleti
             param=bad or None,
         )
     for name, value in body.items():
-        if name in _KNOWN:
+        if name in known:
             continue
-        if name in _NEUTRAL:
-            if _is_neutral(name, value):
+        if name in neutral:
+            # Types as well as values: in Python 0 == False and 1 == True, but `store: 0` is not a boolean.
+            if any(type(value) is type(v) and value == v for v in neutral[name]):
                 continue
             raise InvalidRequest(
                 f"Unsupported parameter: '{name}' is not supported with this model.",
@@ -373,18 +377,35 @@ def parse_chat_request(body: Any, *, check_unicode: bool = True) -> ChatCompleti
         raise InvalidRequest(
             f"Unrecognized request argument supplied: {name}", code="unknown_parameter", param=name
         )
-    known = {k: v for k, v in body.items() if k in _KNOWN}
+    return {k: v for k, v in body.items() if k in known}
+
+
+def deepest_error(exc: ValidationError) -> ErrorDetails:
+    """With unions (content: string | parts) pydantic reports every branch; the deepest error is the one
+    about what the client actually sent."""
+    return max(exc.errors(), key=lambda e: len(e["loc"]))
+
+
+def invalid_request(
+    error: ErrorDetails, loc: tuple[int | str, ...] | None = None, message: str | None = None
+) -> InvalidRequest:
+    """A pydantic error as the `InvalidRequest` clients see, `param` the JSON path of `loc` (default: the
+    error's own)."""
+    param = _json_path(error["loc"] if loc is None else loc)
+    text = message or _message_for(error, param)
+    if error["type"] == "union_tag_invalid":
+        param += ".type"
+    return InvalidRequest(text, code=_code_for(error["type"]), param=param)
+
+
+def parse_chat_request(body: Any, *, check_unicode: bool = True) -> ChatCompletionRequest:
+    """Validate a decoded JSON body; every failure is an `InvalidRequest` naming the parameter."""
+    known = known_arguments(body, _KNOWN, _NEUTRAL, check_unicode=check_unicode)
     _check_sizes(known)
     try:
         request = ChatCompletionRequest.model_validate(known)
     except ValidationError as exc:
-        # With unions (content: string | parts) pydantic reports every branch; the deepest error is the
-        # one about what the client actually sent.
-        error = max(exc.errors(), key=lambda e: len(e["loc"]))
-        param = _json_path(error["loc"])
-        if error["type"] == "union_tag_invalid":
-            param += ".type"
-        raise InvalidRequest(_message_for(error, param), code=_code_for(error["type"]), param=param) from exc
+        raise invalid_request(deepest_error(exc)) from exc
     _check_semantics(request)
     return request
 

@@ -23,7 +23,7 @@ from tokentill.protocol.responses import Answer
 from tokentill.protocol.responses_api import FunctionChoice, ResponsesRequest
 from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta, Usage
 
-__all__ = ["ResponseBuilder", "answer_events", "replay_events", "summarize", "usage_object"]
+__all__ = ["ResponseBuilder", "answer_events", "summarize", "usage_object"]
 
 SUMMARY_SENTENCES = {"concise": 2, "auto": 3}
 SUMMARY_MAX_CHARS = {"concise": 300, "auto": 600, "detailed": 2000}
@@ -300,50 +300,3 @@ class ResponseBuilder:
             item["status"] = "completed"
         out.append(self._event("response.output_item.done", output_index=index, item=dict(item)))
         return out
-
-
-def replay_events(stored: dict[str, Any]) -> list[dict[str, Any]]:
-    """A stored final `response` as the stream events that make it (each text in one delta)."""
-    sequence = iter(range(1 << 30))
-
-    def event(kind: str, **fields: Any) -> dict[str, Any]:
-        return {"type": kind, "sequence_number": next(sequence), **fields}
-
-    pending = {**stored, "status": "in_progress", "output": [], "usage": None, "incomplete_details": None}
-    out = [event("response.created", response=pending), event("response.in_progress", response=pending)]
-    for index, item in enumerate(stored["output"]):
-        if item["type"] == "reasoning":
-            out.append(event("response.output_item.added", output_index=index, item={**item, "summary": []}))
-            for s_index, part in enumerate(item["summary"]):
-                where = {"item_id": item["id"], "output_index": index, "summary_index": s_index}
-                empty = {"type": "summary_text", "text": ""}
-                out.append(event("response.reasoning_summary_part.added", **where, part=empty))
-                out.append(event("response.reasoning_summary_text.delta", **where, delta=part["text"]))
-                out.append(event("response.reasoning_summary_text.done", **where, text=part["text"]))
-                out.append(event("response.reasoning_summary_part.done", **where, part=part))
-        elif item["type"] == "message":
-            added: dict[str, Any] = {**item, "status": "in_progress", "content": []}
-            out.append(event("response.output_item.added", output_index=index, item=added))
-            for c_index, part in enumerate(item["content"]):
-                where = {"item_id": item["id"], "output_index": index, "content_index": c_index}
-                out.append(event("response.content_part.added", **where, part={**part, "text": ""}))
-                out.append(event("response.output_text.delta", **where, delta=part["text"], logprobs=[]))
-                out.append(event("response.output_text.done", **where, text=part["text"], logprobs=[]))
-                out.append(event("response.content_part.done", **where, part=part))
-        else:
-            added = {**item, "status": "in_progress", "arguments": ""}
-            out.append(event("response.output_item.added", output_index=index, item=added))
-            where = {"item_id": item["id"], "output_index": index}
-            out.append(event("response.function_call_arguments.delta", **where, delta=item["arguments"]))
-            out.append(
-                event(
-                    "response.function_call_arguments.done",
-                    **where,
-                    name=item["name"],
-                    arguments=item["arguments"],
-                )
-            )
-        out.append(event("response.output_item.done", output_index=index, item=item))
-    kind = "response.incomplete" if stored["status"] == "incomplete" else "response.completed"
-    out.append(event(kind, response=stored))
-    return out

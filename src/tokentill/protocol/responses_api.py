@@ -32,16 +32,19 @@ from pydantic import (
 
 from tokentill.errors import InvalidRequest
 from tokentill.protocol.chat import (
+    MAX_CONTENT_PARTS,
     MAX_JSON_COMMAS,
     MAX_TOKENS,
     MAX_USER_CHARS,
     ChatCompletionRequest,
-    find_invalid_unicode,
+    JSONObjectFormat,
+    NamedFunction,
+    deepest_error,
+    invalid_request,
+    known_arguments,
     parse_chat_request,
 )
-from tokentill.protocol.chat import _code_for as _chat_code_for
-from tokentill.protocol.chat import _json_path as _chat_json_path
-from tokentill.protocol.chat import _message_for as _chat_message_for
+from tokentill.protocol.chat import TextFormat as TextFormatText
 
 __all__ = [
     "MAX_INPUT_ITEMS",
@@ -143,6 +146,9 @@ InputItem = Annotated[
 
 
 class FunctionTool(_Strict):
+    """A function tool, flat: chat's `function` object with `type` beside its fields (`type` first, so a
+    tool of another kind is refused for its type, not for a missing name)."""
+
     type: Literal["function"]
     name: StrictStr
     description: StrictStr | None = None
@@ -150,17 +156,8 @@ class FunctionTool(_Strict):
     strict: StrictBool | None = None
 
 
-class FunctionChoice(_Strict):
+class FunctionChoice(NamedFunction):
     type: Literal["function"]
-    name: StrictStr
-
-
-class TextFormatText(_Strict):
-    type: Literal["text"]
-
-
-class TextFormatJSONObject(_Strict):
-    type: Literal["json_object"]
 
 
 class TextFormatJSONSchema(_Strict):
@@ -171,9 +168,7 @@ class TextFormatJSONSchema(_Strict):
     strict: StrictBool | None = None
 
 
-TextFormat = Annotated[
-    TextFormatText | TextFormatJSONObject | TextFormatJSONSchema, Field(discriminator="type")
-]
+TextFormat = Annotated[TextFormatText | JSONObjectFormat | TextFormatJSONSchema, Field(discriminator="type")]
 
 
 class TextConfig(_Strict):
@@ -191,7 +186,7 @@ class ReasoningConfig(_Strict):
         return self.summary or self.generate_summary
 
 
-class StreamOptions(_Strict):
+class ResponsesStreamOptions(_Strict):
     include_obfuscation: StrictBool | None = None  # nothing is obfuscated here; accepted and ignored
 
 
@@ -208,7 +203,7 @@ class ResponsesRequest(_Strict):
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
     stream: StrictBool | None = None
-    stream_options: StreamOptions | None = None
+    stream_options: ResponsesStreamOptions | None = None
     store: StrictBool | None = None
     previous_response_id: StrictStr | None = Field(default=None, max_length=64)
     metadata: dict[StrictStr, StrictStr] | None = None
@@ -240,10 +235,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 _KNOWN = set(ResponsesRequest.model_fields)
 
 
-def _neutral(name: str, value: Any) -> bool:
-    return any(type(value) is type(neutral) and value == neutral for neutral in _NEUTRAL[name])
-
-
 def decode_responses_body(raw: bytes) -> tuple[Any, ResponsesRequest]:
     """Raw request bytes → (decoded JSON, validated request); every failure is an `InvalidRequest`.
     Pure CPU work with no I/O, so the API runs it in a worker thread for large bodies."""
@@ -264,55 +255,46 @@ def decode_responses_body(raw: bytes) -> tuple[Any, ResponsesRequest]:
 
 def parse_responses_request(body: Any) -> ResponsesRequest:
     """Validate a decoded JSON body; every failure is an `InvalidRequest` naming the parameter."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_type")
-    bad = find_invalid_unicode(body)
-    if bad is not None:
-        raise InvalidRequest(
-            f"Invalid value for '{bad or 'body'}': the text contains a lone UTF-16 surrogate (such as "
-            "\\ud800), which is not valid Unicode.",
-            code="invalid_value",
-            param=bad or None,
-        )
-    for name, value in body.items():
-        if name in _KNOWN:
-            continue
-        if name in _NEUTRAL:
-            if _neutral(name, value):
-                continue
-            raise InvalidRequest(
-                f"Unsupported parameter: '{name}' is not supported with this model.",
-                code="unsupported_parameter",
-                param=name,
+    known = known_arguments(body, _KNOWN, _NEUTRAL)
+    _check_sizes(known.get("input"))
+    try:
+        request = ResponsesRequest.model_validate(known)
+    except ValidationError as exc:
+        error = deepest_error(exc)
+        message = None
+        if error["type"] == "union_tag_invalid" and len(error["loc"]) == 2:  # an item kind not taken
+            kind = (error.get("ctx") or {}).get("tag")
+            message = (
+                f"Invalid value: '{kind}'. Supported values are: 'message', 'function_call', "
+                "'function_call_output' and 'reasoning'."
             )
-        raise InvalidRequest(
-            f"Unrecognized request argument supplied: {name}", code="unknown_parameter", param=name
-        )
-    items = body.get("input")
-    if isinstance(items, list) and len(items) > MAX_INPUT_ITEMS:
+        raise invalid_request(error, _without_item_tags(error["loc"]), message) from exc
+    _check(request)
+    return request
+
+
+def _check_sizes(items: Any) -> None:
+    """Refuse oversized `input` before validation, whose cost grows with it (as chat's `_check_sizes`)."""
+    if not isinstance(items, list):
+        return
+    if len(items) > MAX_INPUT_ITEMS:
         raise InvalidRequest(
             f"Invalid 'input': array too long. Expected an array with maximum length {MAX_INPUT_ITEMS}, "
             f"but got an array with length {len(items)} instead.",
             code="invalid_value",
             param="input",
         )
-    try:
-        request = ResponsesRequest.model_validate({k: v for k, v in body.items() if k in _KNOWN})
-    except ValidationError as exc:
-        error = max(exc.errors(), key=lambda e: len(e["loc"]))
-        param = _chat_json_path(_without_item_tags(error["loc"]))
-        message = _chat_message_for(error, param)
-        if error["type"] == "union_tag_invalid":
-            param += ".type"
-            if len(error["loc"]) == 2:  # an input item of a kind this service does not take
-                kind = (error.get("ctx") or {}).get("tag")
-                message = (
-                    f"Invalid value: '{kind}'. Supported values are: 'message', 'function_call', "
-                    "'function_call_output' and 'reasoning'."
-                )
-        raise InvalidRequest(message, code=_chat_code_for(error["type"]), param=param) from exc
-    _check(request)
-    return request
+    parts = 0
+    for i, item in enumerate(items):
+        content = item.get("content") if isinstance(item, dict) else None
+        parts += len(content) if isinstance(content, list) else 0
+        if parts > MAX_CONTENT_PARTS:
+            raise InvalidRequest(
+                f"Invalid 'input[{i}].content': a request takes at most {MAX_CONTENT_PARTS} content parts "
+                "in all.",
+                code="invalid_value",
+                param=f"input[{i}].content",
+            )
 
 
 _ITEM_TAGS = {"message", "function_call", "function_call_output", "reasoning", "?"}
@@ -409,7 +391,7 @@ def input_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
 
 def _response_format(request: ResponsesRequest) -> dict[str, Any] | None:
     fmt = request.text.format if request.text is not None else None
-    if isinstance(fmt, TextFormatJSONObject):
+    if isinstance(fmt, JSONObjectFormat):
         return {"type": "json_object"}
     if isinstance(fmt, TextFormatJSONSchema):
         spec: dict[str, Any] = {"name": fmt.name, "schema": fmt.schema_}

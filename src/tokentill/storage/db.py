@@ -66,6 +66,7 @@ _SQLITE_PRAGMAS = (
     "PRAGMA foreign_keys = ON",
     "PRAGMA synchronous = NORMAL",
 )
+_NOW = text("SELECT now()")
 RETRY_AFTER_S = 2  # what a 503 tells the client to wait: a restarting server is back in seconds
 # SQLite errors that mean "the file cannot be used now", not "the statement is wrong".
 _SQLITE_OUTAGES = ("database is locked", "unable to open database", "disk i/o error", "database is full")
@@ -200,7 +201,7 @@ class Database:
         """
         if self.dialect == "sqlite":
             return utcnow()
-        value = (await conn.execute(text("SELECT now()"))).scalar_one()
+        value = (await conn.execute(_NOW)).scalar_one()
         if not isinstance(value, datetime):  # pragma: no cover - asyncpg returns an aware datetime
             raise TypeError(f"unexpected now() value {value!r}")
         return value.astimezone(UTC)
