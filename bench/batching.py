@@ -19,7 +19,13 @@ The HTTP client is one asyncio thread reading raw HTTP/1.1 (every stream must en
 being measured.
 
     .venv/bin/python bench/batching.py [--tokens 128] [--threads 2] [--parallel 8] [--streams 1,4,8,16]
-                                       [--rounds 3]
+                                       [--rounds 3] [--contention]
+
+`--contention` adds the busy-machine case: one greedy stream of bare `llama_decode` at 1 thread and at
+all cores, with llama.cpp's OpenMP workers spinning (`OMP_WAIT_POLICY=ACTIVE`) or sleeping (`PASSIVE`,
+tokentill's default, `TOKENTILL_LLAMA_WAIT_POLICY`), on the machine as it is ("quiet") and beside one
+CPU hog per core; each in a fresh process (libgomp reads the policy when it loads). It prints tok/s and
+the hog/quiet ratio per configuration.
 """
 
 from __future__ import annotations
@@ -282,6 +288,60 @@ def tokentill(threads: int, parallel: int, tokens: int, banned: list[int]) -> It
             server.stop()
 
 
+def decode_one(threads: int, tokens: int) -> float:
+    """tok/s of one greedy stream of bare `llama_decode` (run in a fresh process, see `contention`)."""
+    import llama_cpp
+    import numpy as np
+
+    lib: Any = llama_cpp
+    llm = llama_cpp.Llama(
+        model_path=str(default_weights_path()), n_ctx=CONTEXT, n_batch=64, n_threads=threads,
+        n_threads_batch=threads, verbose=False,
+    )  # fmt: skip
+    chat = f"<|im_start|>user\n{prompt(0, 0)}<|im_end|>\n<|im_start|>assistant\n"
+    llm.eval(llm.tokenize(chat.encode(), add_bos=False, special=True))
+    start = time.perf_counter()
+    for _ in range(tokens):
+        row = np.ctypeslib.as_array(lib.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        llm.eval([int(np.argmax(row))])
+    rate = tokens / (time.perf_counter() - start)
+    llm.close()
+    return rate
+
+
+def contention(tokens: int, rounds: int) -> None:
+    """Print the busy-machine table: tok/s quiet and beside one CPU hog per core, per configuration."""
+    cores = os.cpu_count() or 1
+    configs = [(1, "ACTIVE"), (cores, "ACTIVE"), (1, "PASSIVE"), (cores, "PASSIVE")]
+
+    def measure(threads: int, policy: str) -> float:
+        env = {**os.environ, "OMP_WAIT_POLICY": policy}
+        cmd = [sys.executable, __file__, "--decode-one", str(threads), "--tokens", str(tokens)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=600)
+        return float(out.stdout.strip().splitlines()[-1])
+
+    figures: dict[tuple[int, str, bool], list[float]] = {}
+    for _ in range(rounds):
+        for hog in (False, True):
+            hog_cmd = [sys.executable, "-c", "while True: pass"]
+            hogs = [subprocess.Popen(hog_cmd) for _ in range(cores if hog else 0)]
+            try:
+                for threads, policy in configs:
+                    figures.setdefault((threads, policy, hog), []).append(measure(threads, policy))
+            finally:
+                for proc in hogs:
+                    proc.kill()
+                    proc.wait()
+    print(f"\nbusy machine: one stream, {tokens} greedy tokens, median of {rounds} rounds, {cores} cores; "
+          f"'quiet' is the machine as it is (load average now {os.getloadavg()[0]:.2f})")  # fmt: skip
+    print("| threads | OMP_WAIT_POLICY | quiet tok/s | beside a hog per core tok/s | hog/quiet |")
+    print("|---|---|---|---|---|")
+    for threads, policy in configs:
+        quiet = statistics.median(figures[(threads, policy, False)])
+        busy = statistics.median(figures[(threads, policy, True)])
+        print(f"| {threads} | {policy} | {quiet:.1f} | {busy:.1f} | {busy / quiet:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=128)
@@ -290,7 +350,16 @@ def main() -> None:
     parser.add_argument("--streams", default="1,4,8,16")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per figure; the median is printed")
     parser.add_argument("--skip-server", action="store_true", help="leave out llama_cpp.server (slow)")
+    parser.add_argument("--contention", action="store_true", help="add the busy-machine case (see above)")
+    parser.add_argument("--contention-only", action="store_true", help="only the busy-machine case")
+    parser.add_argument("--decode-one", type=int, default=0, help=argparse.SUPPRESS)  # a contention probe
     args = parser.parse_args()
+    if args.decode_one:
+        print(f"{decode_one(args.decode_one, args.tokens):.3f}")
+        return
+    if args.contention_only:
+        contention(args.tokens, args.rounds)
+        return
     streams = [int(s) for s in args.streams.split(",")]
     banned = end_tokens()
 
@@ -341,6 +410,9 @@ def main() -> None:
         if b is not None:
             ratios += f", a/b = {a[n][0] / b[n][0]:.2f}"
         print(f"{n} streams: {ratios}")
+
+    if args.contention:
+        contention(args.tokens, args.rounds)
 
 
 if __name__ == "__main__":

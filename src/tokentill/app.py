@@ -93,6 +93,7 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
         ledger = Ledger(db)
         redact = Redactor([*settings_secrets(settings), *_upstream_secrets(catalog)])
         stack.enter_context(redacted_logs(redact))
+        settings.apply_native_environment()  # before any engine imports llama_cpp
         engines: dict[str, Engine] = {}
         for spec in catalog:
             engine = with_reasoning(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from pydantic import ValidationError
 
@@ -34,3 +36,16 @@ def test_media_allow_hosts_are_checked_as_the_fetcher_reads_them(entry: str) -> 
 def test_media_allow_hosts_accepts_what_the_fetcher_matches() -> None:
     value = "images.internal:80, [::1]:8080,127.0.0.1:9000"
     assert Settings(media_allow_hosts=value).media_allow_hosts == value
+
+
+def test_llama_threads_sleep_at_barriers_unless_the_operator_says_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    Settings().apply_native_environment()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    Settings(llama_wait_policy="passive").apply_native_environment()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the operator's own setting wins
+    with pytest.raises(ValidationError, match="llama_wait_policy"):
+        Settings(llama_wait_policy="spin")
