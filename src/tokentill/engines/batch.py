@@ -41,7 +41,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from tokentill.engines.base import THINK_CLOSE, THINK_OPEN
+from tokentill.engines.sampling import draw
 from tokentill.engines.sequence import SamplingParams, Sequence
 from tokentill.engines.vision import VisionEncoder
 from tokentill.errors import UpstreamError
@@ -92,6 +95,15 @@ class _Sampler:
         self._lib = lib
         self._n_vocab = n_vocab
         self._grammar: Any = None
+        # OpenAI's default (temperature only) is drawn by the runner for all such rows at once (`sampling`)
+        self.vectorised = (
+            params.grammar is None
+            and params.temperature > 0
+            and params.top_p >= 1.0
+            and not (params.logit_bias or params.frequency_penalty or params.presence_penalty)
+        )
+        self.temperature = params.temperature
+        self.rng = np.random.default_rng(None if params.seed is None else params.seed & 0xFFFFFFFF)
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         self._chain: Any = chain  # freed by `close`, also when a later step here raises
         if params.logit_bias:
@@ -133,8 +145,6 @@ class _Sampler:
         if self._grammar is None:
             # llama_sampler_sample also "accepts" the token into the chain's state.
             return int(lib.llama_sampler_sample(self._chain, ctx, index))
-        import numpy as np
-
         logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, index), shape=(self._n_vocab,))
         token = self._pick(logits, grammar_first=False)
         if not self._allowed(token):
@@ -233,6 +243,8 @@ class BatchedLlamaRunner:
         self._rows: list[tuple[_Slot, int, int]] = []  # this step's one-token rows: (slot, token, position)
         self._chunks: list[tuple[_Slot, int, list[int]]] = []  # prompt chunks (slot, first position, tokens)
         self._decoding = 0  # sequences whose sampled token is queued in this step
+        self._row_slots: list[_Slot] = []  # the last decode step's output rows, in order
+        self._drawn: dict[_Slot, int] | None = None  # the vectorised rows' tokens of the last step
         self._prefill_queued = 0  # prompt tokens queued in this step
         self._slots = [_Slot(seq_id=i) for i in range(parallel)]
         self._by_seq: dict[Sequence, _Slot] = {}
@@ -275,7 +287,21 @@ class BatchedLlamaRunner:
     def sample(self, seq: Sequence) -> int:
         slot = self._by_seq[seq]
         assert slot.sampler is not None and slot.logits_index >= 0, "sample before the prompt was evaluated"
-        return slot.sampler.sample(self._ctx, slot.logits_index)
+        if not slot.sampler.vectorised:
+            return slot.sampler.sample(self._ctx, slot.logits_index)
+        if self._drawn is None:
+            self._drawn = self._draw_all()
+        return self._drawn.pop(slot)
+
+    def _draw_all(self) -> dict[_Slot, int]:
+        """The next token of every vectorised row of the last decode step, in one `sampling.draw`."""
+        slots = [s for s in self._row_slots if s.sampler is not None and s.sampler.vectorised]
+        pointer = self._lib.llama_get_logits(self._ctx)
+        logits = np.ctypeslib.as_array(pointer, shape=(len(self._row_slots), self.n_vocab))
+        rows = logits[[s.logits_index for s in slots]]
+        temperature = np.array([s.sampler.temperature for s in slots if s.sampler is not None])
+        uniform = np.array([s.sampler.rng.random() for s in slots if s.sampler is not None])
+        return dict(zip(slots, draw(rows, temperature, uniform), strict=True))
 
     def is_end(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
@@ -293,8 +319,10 @@ class BatchedLlamaRunner:
         self._chunks, self._rows, self._decoding, self._prefill_queued = [], [], 0, 0
         for slot, start, chunk in chunks:  # before the rows: a prompt's last token follows its chunk
             self._decode([(slot.seq_id, token, start + i, False) for i, token in enumerate(chunk)])
+        self._drawn, self._row_slots = None, []
         if rows:
             self._decode([(slot.seq_id, token, pos, True) for slot, token, pos in rows])
+            self._row_slots = [slot for slot, _, _ in rows]
             for i, (slot, _, _) in enumerate(rows):
                 slot.logits_index = i
 
@@ -318,7 +346,7 @@ class BatchedLlamaRunner:
     def reset(self) -> None:
         """Forget every slot's cache (after a failed batch); active sequences are failed by the caller."""
         self._lib.llama_memory_clear(self._memory, True)
-        self._rows, self._chunks = [], []
+        self._rows, self._chunks, self._row_slots, self._drawn = [], [], [], None
         self._decoding = self._prefill_queued = 0
         for slot in self._slots:
             slot.tokens = []
