@@ -180,7 +180,7 @@ class TokentillServer:
             try:
                 if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a busy machine
                 pass
             time.sleep(0.2)
         raise AssertionError(f"server not ready after {timeout_s}s:\n{self.log()}")
