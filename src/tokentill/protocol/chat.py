@@ -32,6 +32,7 @@ __all__ = [
     "find_invalid_unicode",
     "invalid_request",
     "known_arguments",
+    "load_json_body",
     "parse_chat_request",
 ]
 
@@ -275,11 +276,8 @@ def find_invalid_unicode(body: Any) -> str | None:
     return ""
 
 
-def decode_chat_body(raw: bytes) -> tuple[Any, ChatCompletionRequest]:
-    """Raw request bytes → (decoded JSON, validated request); every failure is an `InvalidRequest`.
-
-    Pure CPU work with no I/O, so the API runs it in a worker thread for large bodies.
-    """
+def load_json_body(raw: bytes) -> Any:
+    """Raw request bytes → decoded JSON, refusing bodies too costly to parse; failures are InvalidRequest."""
     if raw.count(b",") > MAX_JSON_COMMAS:  # far more values than any request could use; parsing is costly
         raise InvalidRequest(
             f"The request body holds too many JSON values (over {MAX_JSON_COMMAS} commas).",
@@ -293,6 +291,15 @@ def decode_chat_body(raw: bytes) -> tuple[Any, ChatCompletionRequest]:
             "We could not parse the JSON body of your request. The OpenAI API expects a JSON payload.",
             code="invalid_json",
         ) from exc
+    return payload
+
+
+def decode_chat_body(raw: bytes) -> tuple[Any, ChatCompletionRequest]:
+    """Raw request bytes → (decoded JSON, validated request); every failure is an `InvalidRequest`.
+
+    Pure CPU work with no I/O, so the API runs it in a worker thread for large bodies.
+    """
+    payload = load_json_body(raw)
     # (UTF-16 and UTF-32 bodies, which json.loads also accepts, are always checked.)
     suspect = json.detect_encoding(raw) != "utf-8" or _SURROGATE_ESCAPE.search(raw) is not None
     return payload, parse_chat_request(payload, check_unicode=suspect)

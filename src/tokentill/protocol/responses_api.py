@@ -14,7 +14,6 @@ request (`input[1].content[0].image_url`).
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -33,7 +32,6 @@ from pydantic import (
 from tokentill.errors import InvalidRequest
 from tokentill.protocol.chat import (
     MAX_CONTENT_PARTS,
-    MAX_JSON_COMMAS,
     MAX_TOKENS,
     MAX_USER_CHARS,
     ChatCompletionRequest,
@@ -42,6 +40,7 @@ from tokentill.protocol.chat import (
     deepest_error,
     invalid_request,
     known_arguments,
+    load_json_body,
     parse_chat_request,
 )
 from tokentill.protocol.chat import TextFormat as TextFormatText
@@ -238,18 +237,7 @@ _KNOWN = set(ResponsesRequest.model_fields)
 def decode_responses_body(raw: bytes) -> tuple[Any, ResponsesRequest]:
     """Raw request bytes → (decoded JSON, validated request); every failure is an `InvalidRequest`.
     Pure CPU work with no I/O, so the API runs it in a worker thread for large bodies."""
-    if raw.count(b",") > MAX_JSON_COMMAS:
-        raise InvalidRequest(
-            f"The request body holds too many JSON values (over {MAX_JSON_COMMAS} commas).",
-            code="invalid_value",
-        )
-    try:
-        payload = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidRequest(
-            "We could not parse the JSON body of your request. The OpenAI API expects a JSON payload.",
-            code="invalid_json",
-        ) from exc
+    payload = load_json_body(raw)
     return payload, parse_responses_request(payload)
 
 
