@@ -24,7 +24,7 @@ from tokentill.api.console.operator import OperatorViews
 from tokentill.api.console.session import CSRF_COOKIE, SESSION_COOKIE, SessionCodec
 from tokentill.api.console.views import ConsoleViews
 from tokentill.api.state import services_of
-from tokentill.auth.service import Principal
+from tokentill.auth.service import CreatedKey, Principal
 from tokentill.storage.secrets import get_or_create_secret
 
 __all__ = ["console_router"]
@@ -266,13 +266,19 @@ async def redeem(request: Request) -> Response:
     return _redirect(request, "?notice=redeemed")
 
 
+async def _keys_page(
+    request: Request, visit: Visit, error: errors.APIError | None = None, created: CreatedKey | None = None
+) -> Response:
+    page = await visit.views.customer_keys(visit.viewer.customer, _today())
+    return _render(
+        request, visit.codec, "customer/keys.html", visit.viewer, error=error, created=created, **page
+    )
+
+
 @console_router.get("/keys")
 async def keys_page(request: Request) -> Response:
     visit = await _enter(request, admin=False)
-    if not isinstance(visit, Visit):
-        return visit
-    page = await visit.views.customer_keys(visit.viewer.customer, _today())
-    return _render(request, visit.codec, "customer/keys.html", visit.viewer, created=None, **page)
+    return await _keys_page(request, visit) if isinstance(visit, Visit) else visit
 
 
 @console_router.post("/keys")
@@ -280,16 +286,11 @@ async def create_key(request: Request) -> Response:
     visit = await _enter(request, admin=False)
     if not isinstance(visit, Visit):
         return visit
-    error: errors.APIError | None = None
-    created = None
     try:
         created = await visit.views.create_key(visit.viewer.customer, visit.form)
     except errors.APIError as exc:
-        error = exc
-    page = await visit.views.customer_keys(visit.viewer.customer, _today())
-    return _render(
-        request, visit.codec, "customer/keys.html", visit.viewer, error=error, created=created, **page
-    )
+        return await _keys_page(request, visit, exc)
+    return await _keys_page(request, visit, created=created)
 
 
 @console_router.post("/keys/{key_id}/revoke")
@@ -300,10 +301,7 @@ async def revoke_key(request: Request, key_id: str) -> Response:
     try:
         await visit.views.revoke_key(visit.viewer.customer, key_id)
     except errors.APIError as exc:
-        page = await visit.views.customer_keys(visit.viewer.customer, _today())
-        return _render(
-            request, visit.codec, "customer/keys.html", visit.viewer, error=exc, created=None, **page
-        )
+        return await _keys_page(request, visit, exc)
     return _redirect(request, "keys?notice=revoked")
 
 
