@@ -122,7 +122,7 @@ def test_sign_in_sets_a_strict_session_and_sign_out_ends_it(harness: Harness) ->
     assert done.status_code == 303 and done.headers["location"] == "/console/"
     cookie = done.headers["set-cookie"]
     assert cookie.startswith("tokentill_session=") and "HttpOnly" in cookie and "SameSite=strict" in cookie
-    assert "Path=/console" in cookie and harness.keys["a1"].split("-")[2] not in cookie  # never the secret
+    assert "Path=/console" in cookie and harness.keys["a1"].split("-", 2)[2] not in cookie  # never the secret
     overview = client.get("/console/")
     assert overview.status_code == 200 and 'data-testid="balance">5<' in overview.text
     assert 'data-testid="who">a<' in overview.text
