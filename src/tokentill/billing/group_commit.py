@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from tokentill import metrics
 from tokentill.billing.ledger import Ledger, hold_refused
 from tokentill.billing.records import Hold, KeyChanged, KeyTerms, UsageRecord
 from tokentill.billing.statements import (
@@ -203,6 +204,7 @@ class GroupCommit:
         """Apply `batch` and resolve its futures; never raises (the writer must live on)."""
         self.batches += 1
         self.ops += len(batch)
+        metrics.observe_group_commit(len(batch))
         try:
             if len(batch) == 1:
                 outcomes = [await self._outcome(batch[0])]
