@@ -145,7 +145,7 @@ def serve_profiled(path: Path) -> None:
     if path.suffix == ".txt":
         from pyinstrument import Profiler
 
-        sampler = Profiler(interval=0.0005, async_mode="disabled")
+        sampler = Profiler(interval=0.001, async_mode="disabled")
 
         def stop_profiler() -> None:
             sampler.stop()
@@ -227,10 +227,10 @@ class Target:
         # The warm-up's CPU is in the difference too: counted as requests, it is the same work.
         return figures, (cpu_seconds(self.proc.pid) - cpu_before) * 1000 / (n + warmup)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30) -> None:
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -502,7 +502,7 @@ def bench(args: argparse.Namespace, folder: Path, upstream: Target, responder_ur
             try:
                 row(target)
             finally:
-                target.stop()
+                target.stop(timeout_s=600 if args.profile else 30)  # a profiler writes its file first
             problems = check_ledger(target, env) or [
                 f"holds ({target.sent} requests, {target.sent} usage rows, every balance = its ledger sum, "
                 "no open hold)"
