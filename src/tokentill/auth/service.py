@@ -25,6 +25,7 @@ from typing import Any
 
 from sqlalchemy import Select, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokentill.auth.keys import generate_key, hash_secret, mask_key, parse_key
 from tokentill.errors import AuthenticationFailed, PermissionDenied
@@ -107,6 +108,37 @@ class KeyInfo:
 
 
 MAX_CACHED_KEYS = 10_000
+
+
+async def insert_key(
+    conn: AsyncConnection,
+    account_id: int,
+    *,
+    name: str | None,
+    models: list[str] | None = None,
+    rpm: int | None = None,
+    tpm: int | None = None,
+    max_concurrent: int | None = None,
+) -> tuple[str, str]:
+    """Insert a fresh key for `account_id` inside the caller's transaction; (key_id, full key text).
+
+    The arguments are already checked. An id collision raises `IntegrityError` and spoils the transaction.
+    """
+    key_id, secret, full_key = generate_key()
+    await conn.execute(
+        insert(api_keys).values(
+            id=key_id,
+            account_id=account_id,
+            secret_sha256=hash_secret(secret),
+            name=name,
+            models=json.dumps(models) if models is not None else None,
+            rpm=rpm,
+            tpm=tpm,
+            max_concurrent=max_concurrent,
+            created_at=utcnow(),
+        )
+    )
+    return key_id, full_key
 
 
 class KeyStore:
@@ -192,7 +224,6 @@ class KeyStore:
         models = check_models(models)
         _check_limits(rpm=rpm, tpm=tpm, max_concurrent=max_concurrent)
         for _attempt in range(5):
-            key_id, secret, full_key = generate_key()
             try:
                 async with self._db.begin() as conn:
                     account_id = (
@@ -200,18 +231,14 @@ class KeyStore:
                     ).scalar_one_or_none()
                     if account_id is None:
                         raise LookupError(f"no account named {account_name!r}")
-                    await conn.execute(
-                        insert(api_keys).values(
-                            id=key_id,
-                            account_id=account_id,
-                            secret_sha256=hash_secret(secret),
-                            name=name,
-                            models=json.dumps(models) if models is not None else None,
-                            rpm=rpm,
-                            tpm=tpm,
-                            max_concurrent=max_concurrent,
-                            created_at=utcnow(),
-                        )
+                    key_id, full_key = await insert_key(
+                        conn,
+                        account_id,
+                        name=name,
+                        models=models,
+                        rpm=rpm,
+                        tpm=tpm,
+                        max_concurrent=max_concurrent,
                     )
             except IntegrityError:  # an id collision (36^8 ids): draw again
                 logger.warning("key id collision, drawing another")

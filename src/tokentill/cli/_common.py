@@ -23,7 +23,7 @@ from tokentill.billing.codes import RedemptionCodes
 from tokentill.billing.ledger import Ledger
 from tokentill.errors import InvalidRequest
 from tokentill.settings import Settings
-from tokentill.storage.db import DatabaseMissing, describe_url, open_database
+from tokentill.storage.db import Database, DatabaseMissing, describe_url, open_database
 
 T = TypeVar("T")
 
@@ -32,6 +32,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 
 @dataclass
 class Stores:
+    db: Database
     ledger: Ledger
     keys: KeyStore
     codes: RedemptionCodes
@@ -59,7 +60,7 @@ async def stores(settings: Settings, *, create: bool = False) -> AsyncIterator[S
         ) from None
     click.echo(f"database: {describe_url(url)}", err=True)
     try:
-        yield Stores(ledger=Ledger(db), keys=KeyStore(db), codes=RedemptionCodes(db))
+        yield Stores(db=db, ledger=Ledger(db), keys=KeyStore(db), codes=RedemptionCodes(db))
     finally:
         await db.aclose()
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import click
 import uvicorn
 
-from tokentill.billing.ledger import AccountExists
 from tokentill.billing.money import format_credits, parse_credits
+from tokentill.bootstrap import bootstrap
 from tokentill.catalog import CatalogError, load_catalog
 from tokentill.cli._common import emit, json_option, load_settings, stores
 from tokentill.cli.accounts import accounts, credits
@@ -36,28 +36,13 @@ def cli() -> None:
 
 
 async def _bootstrap(settings: Settings) -> None:
-    """On an empty database: account `default` with the starting credits and one key, printed once.
-
-    Safe when replicas start together: the one whose account insert loses does nothing. The account and
-    its key are two transactions, so a start that finds `default` as the only account and keyless (its
-    bootstrap died in between) creates the key now.
-    """
+    """On an empty database: account `default` with the starting credits and one key, printed once."""
     async with stores(settings, create=True) as s:
-        amount = parse_credits(settings.initial_credits)
-        if await s.ledger.count_accounts() == 0:
-            try:
-                await s.ledger.create_account("default", amount)
-            except AccountExists:
-                return  # another replica is bootstrapping this database
-        else:
-            only = await s.ledger.list_accounts()
-            if [a.name for a in only] != ["default"] or await s.keys.list_keys("default"):
-                return
-            amount = only[0].balance
-        created = await s.keys.create_key("default", name="bootstrap")
+        created = await bootstrap(s.db, parse_credits(settings.initial_credits))
+    if created is not None:
         click.echo(
-            f"Created account 'default' with {format_credits(amount)} credits and its first API key:\n\n"
-            f"    {created.key}\n\nStore it now: it is not shown again.",
+            f"Created account 'default' with {format_credits(created.balance)} credits and its first API "
+            f"key:\n\n    {created.key}\n\nStore it now: it is not shown again.",
             err=True,
         )
 

@@ -9,7 +9,8 @@ Per step (see `scheduler.py`): every generating sequence queues its sampled toke
 queues a chunk of its prompt; `flush` evaluates each prompt chunk in a `llama_decode` of its own (one
 sequence, no logits), then every sequence's one token (a sampled token, or a prompt's last token) in one
 `llama_decode` asking logits for each row; `sample` reads row `logits_index` of that output with the
-sequence's own sampler chain (`llama_sampler_sample(chain, ctx, i)`).
+sequence's own sampler chain (`llama_sampler_sample(chain, ctx, i)`) for greedy and grammar rows, and
+draws every other row of the step at once on the first such call (`sampling.draw`).
 
 Batch invariance, by construction: a sequence's greedy tokens do not depend on the company it keeps.
 The CPU kernels compute each row alike whatever the other rows, except where the shape of a sequence's
@@ -49,13 +50,13 @@ from typing import Any
 import numpy as np
 
 from tokentill.engines.base import THINK_CLOSE, THINK_OPEN
-from tokentill.engines.sampling import draw
+from tokentill.engines.sampling import RowSampler, draw, vectorisable
 from tokentill.engines.sequence import SamplingParams, Sequence
 from tokentill.engines.vision import VisionEncoder
 from tokentill.errors import UpstreamError
 from tokentill.types import Grammar
 
-__all__ = ["BatchedLlamaRunner", "shown_control_tokens"]
+__all__ = ["BatchedLlamaRunner", "sampler_chain", "shown_control_tokens"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +82,11 @@ def shown_control_tokens(llm: Any, texts: tuple[str, ...]) -> frozenset[int]:
 
 
 class _Sampler:
-    """A llama.cpp sampler chain for one sequence: logit bias → penalties → greedy at temperature 0, else
-    top-p → temp → dist. Penalties count only the tokens this chain sampled (the completion), as OpenAI's
-    do; the chain's memory of them is bounded by the sequence's own budget.
+    """The sampler of one sequence. With a temperature and no grammar, a `sampling.RowSampler` that the
+    runner draws with the step's other such rows; otherwise a llama.cpp sampler chain: logit bias →
+    penalties → greedy at temperature 0, else top-p → temp → dist (the distribution `sampling` matches,
+    tests/engines/test_vector_sampler.py). Penalties count only the tokens this sequence sampled (the
+    completion), as OpenAI's do; their memory is bounded by the sequence's own budget.
 
     A grammar sampler beside the chain keeps the sequence's parse state (it accepts each sampled token), so
     every sequence in the batch has its own. It allows only what the grammar allows, end-of-generation
@@ -100,24 +103,13 @@ class _Sampler:
         self._lib = lib
         self._n_vocab = n_vocab
         self._grammar: Any = None
-        # OpenAI's default (temperature only) is drawn by the runner for all such rows at once (`sampling`)
-        self.vectorised = (
-            params.grammar is None
-            and params.temperature > 0
-            and params.top_p >= 1.0
-            and not (params.logit_bias or params.frequency_penalty or params.presence_penalty)
-        )
-        self.temperature = params.temperature
-        self.rng = np.random.default_rng(None if params.seed is None else params.seed & 0xFFFFFFFF)
-        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        self._chain: Any = chain  # freed by `close`, also when a later step here raises
-        if params.logit_bias:
-            biases = (lib.llama_logit_bias * len(params.logit_bias))(
-                *(lib.llama_logit_bias(token, bias) for token, bias in params.logit_bias)
-            )
-            lib.llama_sampler_chain_add(
-                chain, lib.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases)
-            )
+        self._chain: Any = None
+        # Rows with a temperature and no grammar are drawn by the runner, all together (`sampling`), with
+        # this chain's distribution; greedy and grammar rows use the chain.
+        self.row = RowSampler(params, max_tokens=max_tokens) if vectorisable(params) else None
+        if self.row is not None:
+            return
+        self._chain = sampler_chain(lib, params, n_vocab=n_vocab, max_tokens=max_tokens)  # freed by `close`
         if params.grammar is not None:
             try:
                 self._grammar = _grammar_sampler(lib, vocab, params.grammar)
@@ -131,19 +123,6 @@ class _Sampler:
             self._one_array: Any = lib.llama_token_data_array(
                 data=ctypes.cast(self._one, lib.llama_token_data_p), size=1, selected=-1, sorted=False
             )
-        if params.frequency_penalty or params.presence_penalty:
-            penalties = lib.llama_sampler_init_penalties(
-                n_vocab, max(1, max_tokens), 1.0, params.frequency_penalty, params.presence_penalty
-            )
-            lib.llama_sampler_chain_add(chain, penalties)
-        if params.temperature <= 0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
-        else:
-            seed = lib.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
-            if params.top_p < 1.0:
-                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(params.temperature))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
 
     def sample(self, ctx: Any, index: int) -> int:
         lib = self._lib
@@ -183,6 +162,33 @@ class _Sampler:
         if self._grammar is not None:
             self._lib.llama_sampler_free(self._grammar)
             self._grammar = None
+
+
+def sampler_chain(lib: Any, params: SamplingParams, *, n_vocab: int, max_tokens: int) -> Any:
+    """llama.cpp's sampler chain for `params` (the grammar aside): logit bias → penalties → greedy at
+    temperature 0, else top-p → temp → dist. The caller frees it (`llama_sampler_free`)."""
+    chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+    if params.logit_bias:
+        biases = (lib.llama_logit_bias * len(params.logit_bias))(
+            *(lib.llama_logit_bias(token, bias) for token, bias in params.logit_bias)
+        )
+        lib.llama_sampler_chain_add(
+            chain, lib.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases)
+        )
+    if params.frequency_penalty or params.presence_penalty:
+        penalties = lib.llama_sampler_init_penalties(
+            n_vocab, max(1, max_tokens), 1.0, params.frequency_penalty, params.presence_penalty
+        )
+        lib.llama_sampler_chain_add(chain, penalties)
+    if params.temperature <= 0:
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+    else:
+        seed = lib.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
+        if params.top_p < 1.0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(params.temperature))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+    return chain
 
 
 def _grammar_sampler(lib: Any, vocab: Any, grammar: Grammar) -> Any:
@@ -296,7 +302,7 @@ class BatchedLlamaRunner:
     def sample(self, seq: Sequence) -> int:
         slot = self._by_seq[seq]
         assert slot.sampler is not None and slot.logits_index >= 0, "sample before the prompt was evaluated"
-        if not slot.sampler.vectorised:
+        if slot.sampler.row is None:
             return slot.sampler.sample(self._ctx, slot.logits_index)
         if self._drawn is None:
             self._drawn = self._draw_all()
@@ -304,13 +310,26 @@ class BatchedLlamaRunner:
 
     def _draw_all(self) -> dict[_Slot, int]:
         """The next token of every vectorised row of the last decode step, in one `sampling.draw`."""
-        slots = [s for s in self._row_slots if s.sampler is not None and s.sampler.vectorised]
+        slots, samplers = [], []
+        for slot in self._row_slots:
+            if slot.sampler is not None and slot.sampler.row is not None:
+                slots.append(slot)
+                samplers.append(slot.sampler.row)
         pointer = self._lib.llama_get_logits(self._ctx)
         logits = np.ctypeslib.as_array(pointer, shape=(len(self._row_slots), self.n_vocab))
-        rows = logits[[s.logits_index for s in slots]]
-        temperature = np.array([s.sampler.temperature for s in slots if s.sampler is not None])
-        uniform = np.array([s.sampler.rng.random() for s in slots if s.sampler is not None])
-        return dict(zip(slots, draw(rows, temperature, uniform), strict=True))
+        rows = logits[[s.logits_index for s in slots]]  # a copy: the samplers adjust it
+        for i, sampler in enumerate(samplers):
+            if sampler.adjusts:
+                sampler.adjust(rows[i])
+        tokens = draw(
+            rows,
+            np.array([s.temperature for s in samplers]),
+            np.array([s.rng.random() for s in samplers]),
+            np.array([s.top_p for s in samplers]),
+        )
+        for sampler, token in zip(samplers, tokens, strict=True):
+            sampler.accept(token)
+        return dict(zip(slots, tokens, strict=True))
 
     def is_end(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))

@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # Any fixed 64-bit number; only tokentill's migration runs take it.
 _MIGRATION_LOCK_KEY = 0x746F6B656E74696C  # "tokentil"
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 _BEGIN_OPTION = "tokentill_sqlite_begin"
 _VERSION_TABLE = "alembic_version"  # Alembic's own table: present once tokentill has set a database up
 _SQLITE_PRAGMAS = (
@@ -183,6 +184,15 @@ class Database:
         if self._write_lock is None or self._write_lock_loop is not loop:
             self._write_lock, self._write_lock_loop = asyncio.Lock(), loop
         return self._write_lock
+
+    async def serialize(self, conn: AsyncConnection, key: int) -> None:
+        """Make the rest of write transaction `conn` run alone among all processes that pass `key`.
+
+        PostgreSQL: a transaction-scoped advisory lock, released at commit or rollback. SQLite: nothing
+        to do, since `begin()`'s BEGIN IMMEDIATE already admits one writer at a time to the file.
+        """
+        if self.dialect == "postgresql":
+            await conn.execute(_ADVISORY_LOCK, {"key": key})
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -358,7 +368,7 @@ async def open_database(
         async with engine.begin() as conn:
             if engine.dialect.name == "postgresql":
                 # Released at commit/rollback; a second process waits here, then finds nothing to do.
-                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+                await conn.execute(_ADVISORY_LOCK, {"key": _MIGRATION_LOCK_KEY})
             if not create and not await conn.run_sync(_has_schema):
                 raise DatabaseMissing(url)
             await conn.run_sync(_upgrade)
