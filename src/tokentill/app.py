@@ -20,6 +20,7 @@ from tokentill.api import build_api
 from tokentill.api.connections import GuardedHttpProtocol
 from tokentill.auth.service import KeyStore
 from tokentill.billing.codes import RedemptionCodes
+from tokentill.billing.group_commit import GroupCommit, HoldBook
 from tokentill.billing.ledger import Ledger
 from tokentill.billing.reports import UsageReports
 from tokentill.billing.settlement import Settlements
@@ -116,7 +117,12 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
         spool = Spool(settings.data_dir / "spool")
         spool.open()
         stack.callback(spool.close)
-        settlements = Settlements(ledger, spool, retry_s=settings.settlement_retry_s)
+        holds: HoldBook = ledger
+        if settings.group_commit:
+            group = GroupCommit(ledger, db)
+            stack.push_async_callback(group.aclose)  # after the settlements (LIFO): applies what is queued
+            holds = group
+        settlements = Settlements(holds, spool, retry_s=settings.settlement_retry_s)
         stack.push_async_callback(settlements.aclose)
         # Before the sweeper first runs: a hold whose answer was delivered before a crash is billed, not
         # handed back.
@@ -130,6 +136,7 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
             request_timeout_s=settings.request_timeout_s,
             hold_ttl_s=settings.hold_ttl_s,
             settlements=settlements,
+            holds=holds,
         )
         idempotency = IdempotencyStore(
             db,

@@ -24,6 +24,7 @@ import anyio
 from tokentill import errors, metrics
 from tokentill.auth.service import Principal
 from tokentill.billing import pricing
+from tokentill.billing.group_commit import HoldBook
 from tokentill.billing.ledger import Hold, KeyChanged, KeyTerms, Ledger, UsageRecord
 from tokentill.billing.money import format_credits
 from tokentill.billing.settlement import Settlements
@@ -82,11 +83,14 @@ class ChatService:
         request_timeout_s: float,
         hold_ttl_s: float,
         settlements: Settlements | None = None,
+        holds: HoldBook | None = None,
     ) -> None:
         """`settlements` keeps what the database refuses and retries it (the server always gives one);
-        without it a refused settlement is logged and its hold left to the sweeper."""
+        without it a refused settlement is logged and its hold left to the sweeper. `holds` takes the
+        credit holds (`ledger` by default; the server gives its `GroupCommit` when group commit is on)."""
         self._catalog = catalog
         self._settlements = settlements
+        self._holds: HoldBook = holds or ledger
         self._engines = engines
         self._ledger = ledger
         self._limiter = limiter
@@ -163,7 +167,7 @@ class ChatService:
         except BaseException:
             with anyio.CancelScope(shield=True):
                 if hold is not None:
-                    await self._ledger.release(hold)
+                    await self._holds.release(hold)
                 await lease.release()
             raise
         engine_request = replace(draft, max_tokens=budget)
@@ -188,7 +192,7 @@ class ChatService:
         under (the principal may come from a replica's key cache): `errors.StaleKey` otherwise."""
         terms = KeyTerms(principal.key_id, principal.rpm, principal.tpm, principal.max_concurrent)
         try:
-            return await self._ledger.reserve(
+            return await self._holds.reserve(
                 account_id=principal.account_id,
                 key_id=principal.key_id,
                 request_id=request_id,
@@ -258,9 +262,9 @@ class ChatService:
                 record = replace(record, cached_saving=saving)
             if self._settlements is None:
                 balance = await (
-                    self._ledger.release(chat.hold, usage=record)
+                    self._holds.release(chat.hold, usage=record)
                     if free
-                    else self._ledger.settle(chat.hold, cost=cost, usage=record)
+                    else self._holds.settle(chat.hold, cost=cost, usage=record)
                 )
             else:
                 balance = await (

@@ -23,6 +23,7 @@ from tokentill.billing.records import UsageRecord
 __all__ = [
     "MetricsSummary",
     "observe_deferred_settlement",
+    "observe_group_commit",
     "observe_request",
     "observe_response",
     "registry",
@@ -53,6 +54,20 @@ SETTLEMENTS_DEFERRED = Counter(
     "(event=committed, replays at start-up included); spooled minus committed is what is still owed",
     ["event"],
 )
+
+
+GROUP_COMMIT = Counter(
+    "tokentill_group_commit",
+    "Group commit (TOKENTILL_GROUP_COMMIT): credit holds, settlements and releases applied (what=ops) "
+    "and the database transactions they took (what=batches); ops / batches is the mean batch size",
+    ["what"],
+)
+
+
+def observe_group_commit(ops: int) -> None:
+    """Count one group-commit transaction of `ops` operations."""
+    GROUP_COMMIT.labels("batches").inc()
+    GROUP_COMMIT.labels("ops").inc(ops)
 
 
 def observe_deferred_settlement(event: str) -> None:

@@ -268,6 +268,13 @@ class Settings(BaseSettings):
         "this many seconds ago (0: read the key on every request). A revoked key still takes no credit "
         "anywhere after the revocation commits: every credit hold checks the key in the database.",
     )
+    group_commit: bool = Field(
+        default=True,
+        description="Apply the credit holds and settlements of concurrent requests in one database "
+        "transaction per batch (one writer task per process) instead of one transaction each. Same money "
+        "rules and the same guarantee: a request's hold, and its usage and ledger rows, are committed "
+        "before it goes on or its response completes.",
+    )
     max_connections: int = Field(
         default=512,
         ge=1,

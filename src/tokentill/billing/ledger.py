@@ -76,6 +76,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+def hold_refused(amount: int, balance: int, need_description: str | None) -> InsufficientCredits:
+    """The 402 of a hold of `amount` µcr that `balance` cannot cover."""
+    detail = f" ({need_description})" if need_description else ""
+    return InsufficientCredits(
+        f"Insufficient credits: this request needs up to {format_credits(amount)} credits"
+        f"{detail} but the balance is {format_credits(balance)}. Add credits or lower "
+        "max_completion_tokens."
+    )
+
+
 class Ledger:
     """Account and credit operations on one `Database`. Stateless apart from the database handle."""
 
@@ -240,13 +250,7 @@ class Ledger:
             if taken is None:
                 if key is not None and not await key_is_as_admitted(conn, key):
                     raise KeyChanged(f"key {key.key_id} was revoked or its limits changed")
-                balance = await balance_of(conn, account_id)
-                detail = f" ({need_description})" if need_description else ""
-                raise InsufficientCredits(
-                    f"Insufficient credits: this request needs up to {format_credits(amount)} credits"
-                    f"{detail} but the balance is {format_credits(balance)}. Add credits or lower "
-                    "max_completion_tokens."
-                )
+                raise hold_refused(amount, await balance_of(conn, account_id), need_description)
             balance_after, server_now = taken
             now = server_now.astimezone(UTC) if server_now is not None else await self._db.now(conn)
             expires_at = now + timedelta(seconds=ttl_s)

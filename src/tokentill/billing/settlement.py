@@ -31,7 +31,7 @@ from datetime import datetime
 from typing import Any
 
 from tokentill import metrics
-from tokentill.billing.ledger import Ledger
+from tokentill.billing.group_commit import HoldBook
 from tokentill.billing.records import Hold, UsageRecord
 from tokentill.errors import ServiceUnavailable
 from tokentill.storage.spool import Spool
@@ -45,9 +45,10 @@ _MAX_DELAY_S = 5.0
 
 
 class Settlements:
-    """Settle or release holds through `ledger`, keeping what the database refused in `spool`."""
+    """Settle or release holds through `ledger` (a `Ledger`, or a `GroupCommit` that batches them),
+    keeping what the database refused in `spool`."""
 
-    def __init__(self, ledger: Ledger, spool: Spool, *, retry_s: float) -> None:
+    def __init__(self, ledger: HoldBook, spool: Spool, *, retry_s: float) -> None:
         self._ledger = ledger
         self._spool = spool
         self._retry_s = retry_s

@@ -10,6 +10,7 @@ per call cost about as much CPU as running them; docs/performance.md).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
@@ -27,10 +28,17 @@ __all__ = [
     "append_ledger",
     "balance_of",
     "close_hold",
+    "close_holds",
+    "insert_rows",
     "key_is_as_admitted",
+    "live_key_terms",
+    "lock_balances",
     "open_hold",
     "record_usage",
+    "record_usages",
     "reserve_from_balance",
+    "shift_balances",
+    "usage_values",
 ]
 
 _BALANCE = select(accounts.c.balance).where(accounts.c.id == bindparam("b_account"))
@@ -85,7 +93,7 @@ _COUNTS = (
 
 def _usage_statements(dialect_insert: Any) -> tuple[Insert, Insert]:
     """The usage row (nothing on a duplicate request id) and its hourly bucket upsert, for one dialect."""
-    row = dialect_insert(usage).on_conflict_do_nothing(index_elements=["request_id"]).returning(usage.c.id)
+    row = dialect_insert(usage).on_conflict_do_nothing(index_elements=["request_id"])
     bucket = dialect_insert(usage_hourly)
     bucket = bucket.on_conflict_do_update(
         index_elements=["account_id", "hour", "model", "key_id"],
@@ -94,7 +102,41 @@ def _usage_statements(dialect_insert: Any) -> tuple[Insert, Insert]:
     return row, bucket
 
 
-_USAGE = {"postgresql": _usage_statements(postgresql.insert), "sqlite": _usage_statements(sqlite.insert)}
+_USAGE_BY_DIALECT = {
+    "postgresql": _usage_statements(postgresql.insert),
+    "sqlite": _usage_statements(sqlite.insert),
+}
+_USAGE = {
+    dialect: (row.returning(usage.c.id), bucket) for dialect, (row, bucket) in _USAGE_BY_DIALECT.items()
+}
+# Many requests' statements at once (`billing.group_commit`): a list of ids in one IN (...), or one
+# statement executed with a list of parameter sets.
+_CLOSE_HOLDS = (
+    update(holds)
+    .where(holds.c.id.in_(bindparam("b_holds", expanding=True)), holds.c.status == "open")
+    .values(status=bindparam("b_to"), closed_at=bindparam("b_now"))
+    .returning(holds.c.id, holds.c.account_id, holds.c.amount)
+)
+# Locked in id order, so two writers that lock several accounts cannot deadlock each other.
+_LOCK_BALANCES = (
+    select(accounts.c.id, accounts.c.balance)
+    .where(accounts.c.id.in_(bindparam("b_accounts", expanding=True)))
+    .order_by(accounts.c.id)
+    .with_for_update()
+)
+_LOCK_BALANCES_AND_CLOCK = _LOCK_BALANCES.add_columns(func.now().label("now"))
+_SHIFT_BALANCE = (
+    update(accounts)
+    .where(accounts.c.id == bindparam("b_account"))
+    .values(balance=accounts.c.balance + bindparam("b_delta"))
+)
+_LIVE_KEYS = select(api_keys.c.id, api_keys.c.rpm, api_keys.c.tpm, api_keys.c.max_concurrent).where(
+    api_keys.c.id.in_(bindparam("b_keys", expanding=True)), api_keys.c.revoked_at.is_(None)
+)
+_USAGE_ROWS = {
+    dialect: (row.returning(usage.c.request_id), bucket)
+    for dialect, (row, bucket) in _USAGE_BY_DIALECT.items()
+}
 
 
 def account_from_row(row: Any) -> Account:
@@ -202,7 +244,21 @@ async def record_usage(
 ) -> None:
     """Write the usage row and add it to its `usage_hourly` bucket (the UTC hour of `now`), once."""
     # ON CONFLICT DO NOTHING: a duplicate request id must not roll back the money movement with it.
-    counts = {
+    values = usage_values(account_id, record, cost, now)
+    row_statement, bucket_statement = _USAGE[dialect]
+    if (await conn.execute(row_statement, values)).first() is None:
+        return
+    # The hourly rollup moves in the same transaction as the row it sums, so the two always agree.
+    await conn.execute(bucket_statement, _bucket(values))
+
+
+def usage_values(account_id: int, record: UsageRecord, cost: int, now: datetime) -> dict[str, Any]:
+    """The `usage` row of `record`, charged `cost`, written at `now`."""
+    return {
+        "request_id": record.request_id,
+        "account_id": account_id,
+        "key_id": record.key_id,
+        "model": record.model,
         "prompt_tokens": record.prompt_tokens,
         "completion_tokens": record.completion_tokens,
         "reasoning_tokens": record.reasoning_tokens,
@@ -210,31 +266,23 @@ async def record_usage(
         "image_tokens": record.image_tokens,
         "cost": cost,
         "cached_saving": record.cached_saving,
-    }
-    values: dict[str, Any] = {
-        "request_id": record.request_id,
-        "account_id": account_id,
-        "key_id": record.key_id,
-        "model": record.model,
-        **counts,
         "status": record.status,
         "latency_ms": record.latency_ms,
         "estimated": record.estimated,
         "created_at": now,
     }
-    row_statement, bucket_statement = _USAGE[dialect]
-    if (await conn.execute(row_statement, values)).first() is None:
-        return
-    # The hourly rollup moves in the same transaction as the row it sums, so the two always agree.
-    bucket = {
-        "account_id": account_id,
-        "hour": now.replace(minute=0, second=0, microsecond=0),
-        "model": record.model,
-        "key_id": record.key_id or "",
+
+
+def _bucket(row: dict[str, Any]) -> dict[str, Any]:
+    """The `usage_hourly` contribution of one usage row (its UTC hour, one request)."""
+    return {
+        "account_id": row["account_id"],
+        "hour": row["created_at"].replace(minute=0, second=0, microsecond=0),
+        "model": row["model"],
+        "key_id": row["key_id"] or "",
         "requests": 1,
-        **counts,
+        **{name: row[name] for name in _COUNTS},
     }
-    await conn.execute(bucket_statement, bucket)
 
 
 async def open_hold(
@@ -257,3 +305,69 @@ async def open_hold(
         "expires_at": expires_at,
     }
     await conn.execute(_OPEN_HOLD, values)
+
+
+# ----------------------------------------------------------------- many requests at once
+
+
+async def close_holds(
+    conn: AsyncConnection, hold_ids: list[str], to_status: str, now: datetime
+) -> dict[str, tuple[int, int]]:
+    """Move every *open* hold of `hold_ids` to `to_status`: {hold id: (account_id, amount)} of those
+    this call closed (the others were not open)."""
+    rows = await conn.execute(_CLOSE_HOLDS, {"b_holds": hold_ids, "b_to": to_status, "b_now": now})
+    return {row.id: (int(row.account_id), int(row.amount)) for row in rows}
+
+
+async def lock_balances(
+    conn: AsyncConnection, account_ids: Collection[int], *, clock: bool = False
+) -> tuple[dict[int, int], datetime | None]:
+    """The balances of `account_ids` (missing accounts left out), locked until the transaction ends,
+    and with `clock` (PostgreSQL) the database's `now()`."""
+    query = _LOCK_BALANCES_AND_CLOCK if clock else _LOCK_BALANCES
+    rows = (await conn.execute(query, {"b_accounts": sorted(account_ids)})).all()
+    now = rows[0].now if clock and rows else None
+    return {int(row.id): int(row.balance) for row in rows}, now
+
+
+async def live_key_terms(conn: AsyncConnection, key_ids: Collection[str]) -> dict[str, KeyTerms]:
+    """The limits of the keys of `key_ids` that are live (not revoked), by key id."""
+    rows = await conn.execute(_LIVE_KEYS, {"b_keys": sorted(key_ids)})
+    return {row.id: KeyTerms(row.id, row.rpm, row.tpm, row.max_concurrent) for row in rows}
+
+
+async def shift_balances(conn: AsyncConnection, deltas: dict[int, int]) -> None:
+    """balance += delta for each account (the caller holds their locks and keeps them non-negative)."""
+    params = [{"b_account": account, "b_delta": delta} for account, delta in deltas.items() if delta]
+    if params:
+        await conn.execute(_SHIFT_BALANCE, params)
+
+
+async def insert_rows(conn: AsyncConnection, table: str, rows: list[dict[str, Any]]) -> None:
+    """Insert `rows` into 'ledger' or 'holds', in list order (ledger ids follow it)."""
+    if rows:
+        await conn.execute(_LEDGER_ROW if table == "ledger" else _OPEN_HOLD, rows)
+
+
+async def record_usages(conn: AsyncConnection, dialect: str, rows: list[dict[str, Any]]) -> None:
+    """`record_usage` for many `usage_values` rows: each written once (a duplicate request id is skipped
+    with its bucket), the hourly buckets summed per bucket before one upsert each."""
+    if not rows:
+        return
+    row_statement, bucket_statement = _USAGE_ROWS[dialect]
+    written = set((await conn.execute(row_statement, rows)).scalars().all())
+    buckets: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in rows:
+        if row["request_id"] not in written:
+            continue
+        written.discard(row["request_id"])  # a request id twice in `rows` was written once
+        add = _bucket(row)
+        key = (add["account_id"], add["hour"], add["model"], add["key_id"])
+        if key in buckets:
+            total = buckets[key]
+            for name in (*_COUNTS, "requests"):
+                total[name] += add[name]
+        else:
+            buckets[key] = add
+    if buckets:
+        await conn.execute(bucket_statement, list(buckets.values()))
