@@ -203,9 +203,7 @@ def _answer(client: openai.OpenAI, **options: object) -> openai.types.chat.ChatC
     return client.chat.completions.create(  # type: ignore[call-overload, no-any-return]
         model=DEFAULT_MODEL,
         messages=[{"role": "user", "content": "Write two sentences about the sea."}],
-        max_completion_tokens=96,  # 64 hidden reasoning tokens, then up to 32 visible ones
-        reasoning_effort="low",
-        **options,
+        **{"max_completion_tokens": 96, "reasoning_effort": "low", **options},  # 64 hidden tokens, ≤ 32 shown
     )
 
 
@@ -221,6 +219,35 @@ def test_same_seed_same_text(server: TokentillServer, key: str) -> None:
     assert first.choices[0].message.content == second.choices[0].message.content
     assert first.usage is not None and second.usage is not None
     assert first.usage.completion_tokens == second.usage.completion_tokens
+
+
+def test_what_langchain_sends_is_sampled_in_the_batch(server: TokentillServer, key: str) -> None:
+    """top_p, both penalties, a logit bias and a temperature together (the vectorised sampler's rows): a
+    +100 bias still forces its token, and a seed still repeats the text (after a run that warms the cache,
+    as in test_same_seed_same_text)."""
+    import llama_cpp
+
+    from tokentill.catalog import default_weights_path
+
+    vocab = llama_cpp.Llama(model_path=str(default_weights_path()), vocab_only=True, verbose=False)
+    try:
+        (seven,) = vocab.tokenize(b"7", add_bos=False, special=True)
+    finally:
+        vocab.close()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    sampling: dict[str, object] = {
+        "temperature": 1.3,
+        "top_p": 0.9,
+        "frequency_penalty": 0.5,
+        "presence_penalty": 0.4,
+    }
+    forced = _answer(client, logit_bias={str(seven): 100}, max_completion_tokens=72, **sampling)
+    assert forced.choices[0].message.content == "7" * 8
+    _answer(client, seed=77, **sampling)
+    first = _answer(client, seed=77, **sampling)
+    second = _answer(client, seed=77, **sampling)
+    assert first.choices[0].message.content
+    assert first.choices[0].message.content == second.choices[0].message.content
 
 
 def test_stop_cuts_the_answer(server: TokentillServer, key: str) -> None:

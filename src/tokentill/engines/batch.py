@@ -9,7 +9,8 @@ Per step (see `scheduler.py`): every generating sequence queues its sampled toke
 queues a chunk of its prompt; `flush` evaluates each prompt chunk in a `llama_decode` of its own (one
 sequence, no logits), then every sequence's one token (a sampled token, or a prompt's last token) in one
 `llama_decode` asking logits for each row; `sample` reads row `logits_index` of that output with the
-sequence's own sampler chain (`llama_sampler_sample(chain, ctx, i)`).
+sequence's own sampler chain (`llama_sampler_sample(chain, ctx, i)`) for greedy and grammar rows, and
+draws every other row of the step at once on the first such call (`sampling.draw`).
 
 Batch invariance, by construction: a sequence's greedy tokens do not depend on the company it keeps.
 The CPU kernels compute each row alike whatever the other rows, except where the shape of a sequence's
@@ -23,6 +24,11 @@ Prefix reuse: a slot keeps the tokens of its last request after it leaves (its K
 request takes the free slot whose cached tokens share the longest prefix with its prompt, unless that slot
 would widen the range of busy slots (which every step pays for, see `_choose`), and keeps those cells
 (`llama_memory_seq_rm` from the first difference on); `Sequence.cached_tokens` reports them.
+
+Follow-ups (`follow`, the scratchpad's answer): when a pass ends, its follow-up takes over the slot as it
+is; the tokens the template writes after the output (end of turn, the next instructions, the assistant
+header) are its prompt, evaluated like any prompt's remainder. If they and the follow-up's budget would
+not fit the context, the end of the first pass's output is dropped from the cells first.
 
 Images: a prompt with images is evaluated through libmtmd into its slot's sequence id at admission, on its
 own (`VisionEncoder.evaluate`), all but its last token; that last token joins the shared batch. Only the
@@ -44,13 +50,13 @@ from typing import Any
 import numpy as np
 
 from tokentill.engines.base import THINK_CLOSE, THINK_OPEN
-from tokentill.engines.sampling import draw
+from tokentill.engines.sampling import RowSampler, draw, vectorisable
 from tokentill.engines.sequence import SamplingParams, Sequence
 from tokentill.engines.vision import VisionEncoder
 from tokentill.errors import UpstreamError
 from tokentill.types import Grammar
 
-__all__ = ["BatchedLlamaRunner", "shown_control_tokens"]
+__all__ = ["BatchedLlamaRunner", "sampler_chain", "shown_control_tokens"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +82,11 @@ def shown_control_tokens(llm: Any, texts: tuple[str, ...]) -> frozenset[int]:
 
 
 class _Sampler:
-    """A llama.cpp sampler chain for one sequence: logit bias → penalties → greedy at temperature 0, else
-    top-p → temp → dist. Penalties count only the tokens this chain sampled (the completion), as OpenAI's
-    do; the chain's memory of them is bounded by the sequence's own budget.
+    """The sampler of one sequence. With a temperature and no grammar, a `sampling.RowSampler` that the
+    runner draws with the step's other such rows; otherwise a llama.cpp sampler chain: logit bias →
+    penalties → greedy at temperature 0, else top-p → temp → dist (the distribution `sampling` matches,
+    tests/engines/test_vector_sampler.py). Penalties count only the tokens this sequence sampled (the
+    completion), as OpenAI's do; their memory is bounded by the sequence's own budget.
 
     A grammar sampler beside the chain keeps the sequence's parse state (it accepts each sampled token), so
     every sequence in the batch has its own. It allows only what the grammar allows, end-of-generation
@@ -95,24 +103,13 @@ class _Sampler:
         self._lib = lib
         self._n_vocab = n_vocab
         self._grammar: Any = None
-        # OpenAI's default (temperature only) is drawn by the runner for all such rows at once (`sampling`)
-        self.vectorised = (
-            params.grammar is None
-            and params.temperature > 0
-            and params.top_p >= 1.0
-            and not (params.logit_bias or params.frequency_penalty or params.presence_penalty)
-        )
-        self.temperature = params.temperature
-        self.rng = np.random.default_rng(None if params.seed is None else params.seed & 0xFFFFFFFF)
-        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        self._chain: Any = chain  # freed by `close`, also when a later step here raises
-        if params.logit_bias:
-            biases = (lib.llama_logit_bias * len(params.logit_bias))(
-                *(lib.llama_logit_bias(token, bias) for token, bias in params.logit_bias)
-            )
-            lib.llama_sampler_chain_add(
-                chain, lib.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases)
-            )
+        self._chain: Any = None
+        # Rows with a temperature and no grammar are drawn by the runner, all together (`sampling`), with
+        # this chain's distribution; greedy and grammar rows use the chain.
+        self.row = RowSampler(params, max_tokens=max_tokens) if vectorisable(params) else None
+        if self.row is not None:
+            return
+        self._chain = sampler_chain(lib, params, n_vocab=n_vocab, max_tokens=max_tokens)  # freed by `close`
         if params.grammar is not None:
             try:
                 self._grammar = _grammar_sampler(lib, vocab, params.grammar)
@@ -126,19 +123,6 @@ class _Sampler:
             self._one_array: Any = lib.llama_token_data_array(
                 data=ctypes.cast(self._one, lib.llama_token_data_p), size=1, selected=-1, sorted=False
             )
-        if params.frequency_penalty or params.presence_penalty:
-            penalties = lib.llama_sampler_init_penalties(
-                n_vocab, max(1, max_tokens), 1.0, params.frequency_penalty, params.presence_penalty
-            )
-            lib.llama_sampler_chain_add(chain, penalties)
-        if params.temperature <= 0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
-        else:
-            seed = lib.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
-            if params.top_p < 1.0:
-                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(params.temperature))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
 
     def sample(self, ctx: Any, index: int) -> int:
         lib = self._lib
@@ -180,6 +164,33 @@ class _Sampler:
             self._grammar = None
 
 
+def sampler_chain(lib: Any, params: SamplingParams, *, n_vocab: int, max_tokens: int) -> Any:
+    """llama.cpp's sampler chain for `params` (the grammar aside): logit bias → penalties → greedy at
+    temperature 0, else top-p → temp → dist. The caller frees it (`llama_sampler_free`)."""
+    chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+    if params.logit_bias:
+        biases = (lib.llama_logit_bias * len(params.logit_bias))(
+            *(lib.llama_logit_bias(token, bias) for token, bias in params.logit_bias)
+        )
+        lib.llama_sampler_chain_add(
+            chain, lib.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases)
+        )
+    if params.frequency_penalty or params.presence_penalty:
+        penalties = lib.llama_sampler_init_penalties(
+            n_vocab, max(1, max_tokens), 1.0, params.frequency_penalty, params.presence_penalty
+        )
+        lib.llama_sampler_chain_add(chain, penalties)
+    if params.temperature <= 0:
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+    else:
+        seed = lib.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
+        if params.top_p < 1.0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(params.temperature))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+    return chain
+
+
 def _grammar_sampler(lib: Any, vocab: Any, grammar: Grammar) -> Any:
     """llama.cpp's grammar sampler; lazy (free until a trigger string appears) when `grammar.triggers`."""
     text = grammar.text.encode("utf-8")
@@ -202,6 +213,7 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)  # per KV position: token id or _IMAGE (queued included)
     owner: Sequence | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not queued yet
+    prompt_end: int = 0  # the owner's output starts at this position (once its prompt is queued)
     logits_index: int = -1  # row of the last flush's output holding this slot's next-token logits
     sampler: _Sampler | None = None
 
@@ -276,18 +288,21 @@ class BatchedLlamaRunner:
         take = max(0, min(len(slot.pending) - 1, budget))
         if take:
             self._prefill_queued += take
+            seq.evaluated += take
             chunk, slot.pending = slot.pending[:take], slot.pending[take:]
             self._chunks.append((slot, len(slot.tokens), chunk))
             slot.tokens.extend(chunk)
         if len(slot.pending) != 1:
             return False
+        seq.evaluated += 1
         self._queue(slot, slot.pending.pop())
+        slot.prompt_end = len(slot.tokens)
         return True
 
     def sample(self, seq: Sequence) -> int:
         slot = self._by_seq[seq]
         assert slot.sampler is not None and slot.logits_index >= 0, "sample before the prompt was evaluated"
-        if not slot.sampler.vectorised:
+        if slot.sampler.row is None:
             return slot.sampler.sample(self._ctx, slot.logits_index)
         if self._drawn is None:
             self._drawn = self._draw_all()
@@ -295,13 +310,26 @@ class BatchedLlamaRunner:
 
     def _draw_all(self) -> dict[_Slot, int]:
         """The next token of every vectorised row of the last decode step, in one `sampling.draw`."""
-        slots = [s for s in self._row_slots if s.sampler is not None and s.sampler.vectorised]
+        slots, samplers = [], []
+        for slot in self._row_slots:
+            if slot.sampler is not None and slot.sampler.row is not None:
+                slots.append(slot)
+                samplers.append(slot.sampler.row)
         pointer = self._lib.llama_get_logits(self._ctx)
         logits = np.ctypeslib.as_array(pointer, shape=(len(self._row_slots), self.n_vocab))
-        rows = logits[[s.logits_index for s in slots]]
-        temperature = np.array([s.sampler.temperature for s in slots if s.sampler is not None])
-        uniform = np.array([s.sampler.rng.random() for s in slots if s.sampler is not None])
-        return dict(zip(slots, draw(rows, temperature, uniform), strict=True))
+        rows = logits[[s.logits_index for s in slots]]  # a copy: the samplers adjust it
+        for i, sampler in enumerate(samplers):
+            if sampler.adjusts:
+                sampler.adjust(rows[i])
+        tokens = draw(
+            rows,
+            np.array([s.temperature for s in samplers]),
+            np.array([s.rng.random() for s in samplers]),
+            np.array([s.top_p for s in samplers]),
+        )
+        for sampler, token in zip(samplers, tokens, strict=True):
+            sampler.accept(token)
+        return dict(zip(slots, tokens, strict=True))
 
     def is_end(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
@@ -336,6 +364,37 @@ class BatchedLlamaRunner:
         slot.sampler, slot.owner, slot.logits_index = None, None, -1
         if slot.pending:  # prompt only partly evaluated: what is there is still a valid prefix
             slot.pending = []
+
+    def follow(self, seq: Sequence, then: Sequence, tail: list[int]) -> bool:
+        slot = self._by_seq[seq]
+        # Room: the follow-up's prompt and budget after what the cells hold; the first pass's output
+        # (cells from `prompt_end` on, then `tail`) gives way from its end, never the prompt before it.
+        kept, tail_kept = len(slot.tokens), len(tail)
+        over = kept + tail_kept + len(then.prompt) + then.max_new_tokens - self.n_ctx_seq
+        if over > 0:
+            tail_kept -= min(over, tail_kept)
+            kept = max(slot.prompt_end, kept - max(0, over - len(tail)))
+            if kept + tail_kept + len(then.prompt) + then.max_new_tokens > self.n_ctx_seq:
+                return False  # the follow-up's own prompt leaves no room for its budget
+        if not then.prompt and not tail[:tail_kept]:
+            return False  # nothing to evaluate: no logits to sample the follow-up from
+        sampler = _Sampler(
+            self._lib, then.sampling, vocab=self._vocab, n_vocab=self.n_vocab, max_tokens=then.max_new_tokens
+        )
+        if kept < len(slot.tokens):
+            if not self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, kept, -1):
+                sampler.close()
+                return False  # this model's memory cannot be truncated
+            slot.tokens = slot.tokens[:kept]
+        if slot.sampler is not None:
+            slot.sampler.close()
+        del self._by_seq[seq]
+        self._by_seq[then] = slot
+        slot.owner, slot.sampler, slot.logits_index = then, sampler, -1
+        slot.pending = tail[:tail_kept] + then.prompt
+        then.prefix = kept + tail_kept
+        then.cached_tokens = kept
+        return True
 
     def discard(self, seq: Sequence) -> None:
         slot = self._by_seq.get(seq)
@@ -478,6 +537,7 @@ class BatchedLlamaRunner:
         )
         slot.tokens = leading[: min(len(leading), n_past)] + [_IMAGE] * max(0, n_past - len(leading))
         slot.pending = [last]
+        seq.evaluated += n_past - reuse
 
 
 def _common_prefix(cached: list[int], tokens: list[int]) -> int:
