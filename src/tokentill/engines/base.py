@@ -23,6 +23,7 @@ __all__ = [
     "Engine",
     "EngineHealth",
     "EngineRequest",
+    "FollowUp",
     "engine_health",
 ]
 
@@ -57,10 +58,32 @@ class EngineRequest:
     grammar: Grammar | None = None
     # When the request began (time.monotonic()); each pass is a `replace()` of the first and keeps it.
     started: float = field(default_factory=time.monotonic)
+    # A second pass that continues this one in the same sequence (engines with `Capabilities.follow_up`).
+    follow_up: FollowUp | None = None
 
     def deadline_error(self) -> DeadlineExceeded:
         """The 504 for this request: its time counts from `started`, so every pass is included."""
         return DeadlineExceeded(f"The request timed out after {self.deadline - self.started:.1f} seconds.")
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    """A pass that continues a request's first pass in the same KV sequence (the scratchpad's answer).
+
+    The first pass's output becomes an assistant turn followed by `after`; only the template's text
+    after that output is evaluated, so the prompt and the output are never read again. The engine
+    yields the first pass's events and its `Finished`, then, when any of `max_tokens` is left, the
+    follow-up's events and its `Finished`. It may decline a follow-up (a template that renders the earlier
+    turns differently once a later one exists, or no room left in the context): then its generator ends
+    after the first `Finished` and the caller runs the second pass as a request of its own.
+    The follow-up samples like the first pass except for what is given here.
+    """
+
+    after: tuple[Message, ...]
+    max_tokens: int  # completion budget of both passes together
+    stop: tuple[str, ...] = ()
+    grammar: Grammar | None = None
+    tool_choice: ToolChoice = ToolChoice()  # the follow-up's own (the tools are the first pass's)
 
 
 @dataclass(frozen=True)
@@ -72,6 +95,7 @@ class Capabilities:
     # True: the engine samples under `EngineRequest.grammar` and writes tools into the prompt itself;
     # False: it relays `response_format` and `tools` to a server that enforces them.
     grammar: bool = False
+    follow_up: bool = False  # True: honours `EngineRequest.follow_up` (else it must not be set)
     extra: dict[str, str] = field(default_factory=dict)
 
 

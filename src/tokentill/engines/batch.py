@@ -25,6 +25,11 @@ request takes the free slot whose cached tokens share the longest prefix with it
 would widen the range of busy slots (which every step pays for, see `_choose`), and keeps those cells
 (`llama_memory_seq_rm` from the first difference on); `Sequence.cached_tokens` reports them.
 
+Follow-ups (`follow`, the scratchpad's answer): when a pass ends, its follow-up takes over the slot as it
+is; the tokens the template writes after the output (end of turn, the next instructions, the assistant
+header) are its prompt, evaluated like any prompt's remainder. If they and the follow-up's budget would
+not fit the context, the end of the first pass's output is dropped from the cells first.
+
 Images: a prompt with images is evaluated through libmtmd into its slot's sequence id at admission, on its
 own (`VisionEncoder.evaluate`), all but its last token; that last token joins the shared batch. Only the
 text before the first image is reusable (positions after it are recorded as `_IMAGE`).
@@ -208,6 +213,7 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)  # per KV position: token id or _IMAGE (queued included)
     owner: Sequence | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not queued yet
+    prompt_end: int = 0  # the owner's output starts at this position (once its prompt is queued)
     logits_index: int = -1  # row of the last flush's output holding this slot's next-token logits
     sampler: _Sampler | None = None
 
@@ -282,12 +288,15 @@ class BatchedLlamaRunner:
         take = max(0, min(len(slot.pending) - 1, budget))
         if take:
             self._prefill_queued += take
+            seq.evaluated += take
             chunk, slot.pending = slot.pending[:take], slot.pending[take:]
             self._chunks.append((slot, len(slot.tokens), chunk))
             slot.tokens.extend(chunk)
         if len(slot.pending) != 1:
             return False
+        seq.evaluated += 1
         self._queue(slot, slot.pending.pop())
+        slot.prompt_end = len(slot.tokens)
         return True
 
     def sample(self, seq: Sequence) -> int:
@@ -355,6 +364,37 @@ class BatchedLlamaRunner:
         slot.sampler, slot.owner, slot.logits_index = None, None, -1
         if slot.pending:  # prompt only partly evaluated: what is there is still a valid prefix
             slot.pending = []
+
+    def follow(self, seq: Sequence, then: Sequence, tail: list[int]) -> bool:
+        slot = self._by_seq[seq]
+        # Room: the follow-up's prompt and budget after what the cells hold; the first pass's output
+        # (cells from `prompt_end` on, then `tail`) gives way from its end, never the prompt before it.
+        kept, tail_kept = len(slot.tokens), len(tail)
+        over = kept + tail_kept + len(then.prompt) + then.max_new_tokens - self.n_ctx_seq
+        if over > 0:
+            tail_kept -= min(over, tail_kept)
+            kept = max(slot.prompt_end, kept - max(0, over - len(tail)))
+            if kept + tail_kept + len(then.prompt) + then.max_new_tokens > self.n_ctx_seq:
+                return False  # the follow-up's own prompt leaves no room for its budget
+        if not then.prompt and not tail[:tail_kept]:
+            return False  # nothing to evaluate: no logits to sample the follow-up from
+        sampler = _Sampler(
+            self._lib, then.sampling, vocab=self._vocab, n_vocab=self.n_vocab, max_tokens=then.max_new_tokens
+        )
+        if kept < len(slot.tokens):
+            if not self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, kept, -1):
+                sampler.close()
+                return False  # this model's memory cannot be truncated
+            slot.tokens = slot.tokens[:kept]
+        if slot.sampler is not None:
+            slot.sampler.close()
+        del self._by_seq[seq]
+        self._by_seq[then] = slot
+        slot.owner, slot.sampler, slot.logits_index = then, sampler, -1
+        slot.pending = tail[:tail_kept] + then.prompt
+        then.prefix = kept + tail_kept
+        then.cached_tokens = kept
+        return True
 
     def discard(self, seq: Sequence) -> None:
         slot = self._by_seq.get(seq)
@@ -497,6 +537,7 @@ class BatchedLlamaRunner:
         )
         slot.tokens = leading[: min(len(leading), n_past)] + [_IMAGE] * max(0, n_past - len(leading))
         slot.pending = [last]
+        seq.evaluated += n_past - reuse
 
 
 def _common_prefix(cached: list[int], tokens: list[int]) -> int:

@@ -25,6 +25,13 @@ Native reasoning (`spec.reasoning == "native"`): the engine itself splits `<thin
 rendered prompt ends with `<think>` (templates that pre-fill it). Think tags that the GGUF marks as control
 tokens are still detokenized as text (see `batch.py`).
 
+Follow-ups (`EngineRequest.follow_up`, the scratchpad's answer pass): the first pass's output becomes an
+assistant turn; the template is rendered once more with a marker in its place, and only the text after
+the marker (end of turn, the follow-up's turns, the assistant header) is tokenized and appended to the
+same sequence (`FollowUpPass`). A template whose text before the marker is not the first pass's prompt
+declines the follow-up. The follow-up's own usage counts the whole sequence before its answer as its
+prompt, and what was already in the cells as cached.
+
 Vision (`spec.mmproj`): `vision.VisionEncoder` loads the projector beside the weights. A request with
 images is rendered with a media marker per image and tokenized by libmtmd **on the decode thread**
 (`Scheduler.call`), for `count_prompt_tokens` as for `generate`; its prefill decodes text and image chunks
@@ -46,14 +53,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokentill.catalog import ModelSpec
-from tokentill.engines.base import THINK_OPEN, Capabilities, EngineHealth, EngineRequest
+from tokentill.engines.base import THINK_OPEN, Capabilities, EngineHealth, EngineRequest, FollowUp
 from tokentill.engines.batch import BatchedLlamaRunner
 from tokentill.engines.chat_template import ChatTemplate
 from tokentill.engines.scheduler import SamplingParams, Scheduler, Sequence, new_channel, stream
+from tokentill.engines.sequence import FollowUpPass
 from tokentill.engines.vision import PromptCounts, VisionEncoder, VisionError
 from tokentill.errors import APIError, InvalidRequest, UpstreamError
 from tokentill.structured.tools import parse_tool_calls, template_messages
-from tokentill.types import EngineEvent, Grammar, ImageInput
+from tokentill.types import EngineEvent, Finished, Grammar, ImageInput, Message
 
 __all__ = ["DEFAULT_PARALLEL", "LlamaCppEngine"]
 
@@ -62,6 +70,9 @@ logger = logging.getLogger(__name__)
 # Sequences decoded together when neither the catalogue nor the caller says: one, as before batching.
 # The server always passes `Settings.max_parallel` (default 8, see docs/performance.md).
 DEFAULT_PARALLEL = 1
+
+# Stands for the first pass's output when the template renders a follow-up (see the module docstring).
+_OUTPUT_MARKER = "\ue000tokentill-output\ue000"
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,7 @@ class LlamaCppEngine:
             vision=spec.mmproj is not None,
             reasoning=spec.reasoning,
             grammar=True,
+            follow_up=True,
         )
         self._vision: VisionEncoder | None = None
         self._queue_size = queue_size
@@ -185,12 +197,13 @@ class LlamaCppEngine:
         media = self._media_prompt(request)
         prompt: list[int] = []
         counts = PromptCounts(total=0, image=0)
+        marker = None
         if media is None:
             rendered, add_bos = self._render(request)
             prompt = self._tokenize(rendered, add_bos)
             counts = PromptCounts(total=len(prompt), image=0)
         else:
-            rendered = media.text
+            rendered, marker = media.text, self._vision.marker if self._vision is not None else None
             counts = await asyncio.wrap_future(self._count_media(media))
         native = self.capabilities.reasoning == "native"
         # A template that pre-fills `<think>` (DeepSeek-R1 distills, QwQ): the output starts inside it.
@@ -204,19 +217,22 @@ class LlamaCppEngine:
                 code="context_length_exceeded",
                 param="messages",
             )
+        sampling = SamplingParams(
+            request.temperature,
+            request.top_p,
+            request.seed,
+            logit_bias=request.logit_bias,
+            frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty,
+            grammar=_with_thinking(request.grammar, thinking) if native else request.grammar,
+        )
+        follow_up = request.follow_up
+        plan = None if follow_up is None else self._follow_up(request, follow_up, rendered, marker, sampling)
         seq = Sequence(
             request_id=request.request_id,
             prompt=prompt,
             max_new_tokens=max(1, min(request.max_tokens, n_ctx - n_prompt)),
-            sampling=SamplingParams(
-                request.temperature,
-                request.top_p,
-                request.seed,
-                logit_bias=request.logit_bias,
-                frequency_penalty=request.frequency_penalty,
-                presence_penalty=request.presence_penalty,
-                grammar=_with_thinking(request.grammar, thinking) if native else request.grammar,
-            ),
+            sampling=sampling,
             stop=request.stop,
             deadline=request.deadline,
             timeout_s=request.deadline - request.started,
@@ -227,11 +243,15 @@ class LlamaCppEngine:
             continuation=request.continuation,
             think_tags=native,
             thinking=thinking,
+            follow_up=plan,
         )
         # stream() withdraws the sequence when this generator is closed or cancelled (client disconnect).
         tokens = stream(scheduler, seq)
         events = tokens
-        if request.tools and request.tool_choice.mode != "none":
+        calls = bool(request.tools) and request.tool_choice.mode != "none"
+        if plan is not None and follow_up is not None:
+            events = _then(tokens, parse=bool(request.tools) and follow_up.tool_choice.mode != "none")
+        elif calls:
             events = parse_tool_calls(tokens)  # the calls the model writes, as OpenAI's deltas
         try:
             async for event in events:
@@ -239,6 +259,30 @@ class LlamaCppEngine:
         finally:
             await events.aclose()
             await tokens.aclose()
+
+    def _follow_up(
+        self,
+        request: EngineRequest,
+        follow_up: FollowUp,
+        rendered: str,
+        marker: str | None,
+        sampling: SamplingParams,
+    ) -> FollowUpPass | None:
+        """The follow-up's prompt: the template's text after the first pass's output; None to decline."""
+        turn = Message(role="assistant", text=_OUTPUT_MARKER)
+        whole, _ = self._render(
+            dataclasses.replace(request, messages=(*request.messages, turn, *follow_up.after)), marker
+        )
+        before, found, after = whole.partition(_OUTPUT_MARKER)
+        if not found or before != rendered or not after:
+            logger.info("%s: the chat template cannot continue a pass in place", self.spec.id)
+            return None
+        return FollowUpPass(
+            prompt=self._tokenize(after, False),
+            budget=follow_up.max_tokens,
+            sampling=dataclasses.replace(sampling, grammar=follow_up.grammar),
+            stop=follow_up.stop,
+        )
 
     def health(self) -> EngineHealth:
         scheduler = self._scheduler
@@ -249,6 +293,10 @@ class LlamaCppEngine:
     def tokens_decoded(self, request_id: str) -> int | None:
         """Tokens sampled for a retired request (None if unknown); lets tests see that cancel stopped work."""
         return self._scheduler.tokens_decoded(request_id) if self._scheduler is not None else None
+
+    def prompt_tokens_evaluated(self, request_id: str) -> int | None:
+        """Prompt tokens a retired request had evaluated, every pass included (None if unknown)."""
+        return self._scheduler.prompt_tokens_evaluated(request_id) if self._scheduler is not None else None
 
     async def aclose(self) -> None:
         """Stop the decode thread (queued and running requests get Overloaded), then free the model."""
@@ -346,3 +394,19 @@ def _with_thinking(grammar: Grammar | None, thinking: bool) -> Grammar | None:
     block = 'think-body "</think>" [ \\n]{0,2}'
     prefix = block if thinking else f'( "<think>" {block} )?'
     return Grammar(f"root ::= {prefix} answer-root\nthink-body ::= [^<]*\n{answer}")
+
+
+async def _then(
+    events: AsyncGenerator[EngineEvent, None], *, parse: bool
+) -> AsyncGenerator[EngineEvent, None]:
+    """A pass and its follow-up: the calls the model writes are parsed in the follow-up only."""
+    async for event in events:
+        yield event
+        if isinstance(event, Finished):
+            break
+    rest = parse_tool_calls(events) if parse else events
+    try:
+        async for event in rest:
+            yield event
+    finally:
+        await rest.aclose()

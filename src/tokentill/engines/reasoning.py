@@ -16,23 +16,37 @@ stops the engine at once rather than whenever the garbage collector finalizes th
   second pass answers with those notes in view. Both passes count toward `max_completion_tokens`; if the
   reasoning uses it all, the answer is empty and `finish_reason` is "length", as with o1.
 
+  On an engine with `Capabilities.follow_up` (the embedded llama.cpp engine) the answer pass continues the
+  notes' own KV sequence: the notes become the assistant's turn and an answer instruction follows, so
+  only those few tokens are evaluated, never the prompt and the notes again. Elsewhere (or when the
+  engine declines) the answer is a request of its own, with the notes in the system message.
+
 Billing: `prompt_tokens` is the first pass's prompt (the client's messages plus the reasoning instruction,
-exactly what the hold was priced on); `completion_tokens` is reasoning + answer; `reasoning_tokens` the
-first pass's output (plus any reasoning an upstream sends in the answer pass, which stays hidden). The
-second pass re-reads the notes internally; that is not billed again, and the notes are shortened if that
-prompt plus the rest of the budget would not fit the context.
+exactly what the hold was priced on), `cached_tokens` the part of it reused from an earlier request;
+`completion_tokens` is reasoning + answer; `reasoning_tokens` the first pass's output (plus any reasoning an
+upstream sends in the answer pass, which stays hidden). The answer pass's own prompt (the notes and the
+answer instruction) is internal and not billed, and the notes are shortened if that prompt plus the rest
+of the budget would not fit the context.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import replace
 
 import anyio
 
-from tokentill.engines.base import Capabilities, Engine, EngineHealth, EngineRequest, engine_health
+from tokentill.engines.base import (
+    Capabilities,
+    Engine,
+    EngineHealth,
+    EngineRequest,
+    FollowUp,
+    engine_health,
+)
 from tokentill.engines.text import ThinkSplitter
+from tokentill.structured.tools import choice_line
 from tokentill.types import EngineEvent, Finished, Message, TextDelta, ToolCallDelta, ToolChoice, Usage
 
 __all__ = ["EFFORT_BUDGETS", "NativeThinking", "Scratchpad", "ThinkSplitter", "with_reasoning"]
@@ -46,6 +60,8 @@ _THINK_INSTRUCTION = (
 _ANSWER_INSTRUCTION = (
     "Your private notes on this request (the user cannot see them):\n\n{notes}\n\nNow answer."
 )
+# The answer pass's turn when it continues the notes' sequence (the notes are the assistant's turn before).
+_ANSWER_TURN = "Now answer my request, using your reasoning. Write only the answer."
 
 
 def with_reasoning(engine: Engine, mode: str) -> Engine:
@@ -110,8 +126,23 @@ class Scratchpad(_Wrapper):
     def count_prompt_tokens(self, request: EngineRequest) -> int:
         return self.inner.count_prompt_tokens(self._thinking_request(request))
 
+    def _follow_up(self, request: EngineRequest) -> FollowUp:
+        """The answer pass as a continuation of the notes' sequence (engines with `follow_up`)."""
+        turn = _ANSWER_TURN
+        if request.tools and request.tool_choice.mode != "none":
+            turn = f"{turn}\n{choice_line(request.tool_choice)}"  # the first pass was told not to call
+        return FollowUp(
+            after=(Message(role="user", text=turn),),
+            max_tokens=request.max_tokens,
+            stop=request.stop,
+            grammar=request.grammar,
+            tool_choice=request.tool_choice,
+        )
+
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         thinking = self._thinking_request(request)
+        if self.inner.capabilities.follow_up:
+            thinking = replace(thinking, follow_up=self._follow_up(request))
         notes: list[str] = []
         first: Usage | None = None
         async with aclosing(self.inner.generate(thinking)) as events:
@@ -121,27 +152,26 @@ class Scratchpad(_Wrapper):
                     yield replace(event, reasoning=True)
                 elif isinstance(event, Finished):
                     first = event.usage
-        assert first is not None, "an engine ends every generation with Finished"
-        left = request.max_tokens - first.completion_tokens
-        reasoning = first.completion_tokens
-        if left < 1:
-            yield Finished("length", _usage(first, reasoning, 0, reasoning))
-            return
+                    break  # with a follow-up the same generator goes on with the answer
+            assert first is not None, "an engine ends every generation with Finished"
+            left = request.max_tokens - first.completion_tokens
+            reasoning = first.completion_tokens
+            if left < 1:
+                yield Finished("length", _usage(first, reasoning, 0, reasoning))
+                return
+            answered = False
+            if thinking.follow_up is not None:  # the engine's generator ends here if it declined
+                async with aclosing(_answer(events, first, reasoning)) as answer_events:
+                    async for event in answer_events:
+                        answered = True
+                        yield event
+            if answered:
+                return
         answer = await self._answer_request(request, "".join(notes).strip(), left, reasoning)
-        hidden = 0  # an upstream that reasons on its own may send reasoning in the answer pass too
         async with aclosing(self.inner.generate(answer)) as events:
-            async for event in events:
-                if isinstance(event, TextDelta):
-                    hidden += event.tokens if event.reasoning else 0
+            async with aclosing(_answer(events, first, reasoning)) as answer_events:
+                async for event in answer_events:
                     yield event
-                elif isinstance(event, ToolCallDelta):
-                    yield event
-                else:
-                    answer_reasoning = max(event.usage.reasoning_tokens, hidden)
-                    yield Finished(
-                        event.finish_reason,
-                        _usage(first, reasoning, event.usage.completion_tokens, reasoning + answer_reasoning),
-                    )
 
     async def _answer_request(
         self, request: EngineRequest, notes: str, left: int, notes_tokens: int
@@ -179,6 +209,26 @@ def _with_notes(messages: tuple[Message, ...], notes: str) -> tuple[Message, ...
     if messages and messages[0].role == "system":
         return (replace(messages[0], text=f"{messages[0].text}\n\n{context}"), *messages[1:])
     return (Message(role="system", text=context), *messages)
+
+
+async def _answer(
+    events: AsyncIterator[EngineEvent], first: Usage, reasoning: int
+) -> AsyncGenerator[EngineEvent, None]:
+    """The answer pass's events, its `Finished` billed as the whole request (see the module docstring)."""
+    hidden = 0  # an upstream that reasons on its own may send reasoning in the answer pass too
+    async for event in events:
+        if isinstance(event, TextDelta):
+            hidden += event.tokens if event.reasoning else 0
+            yield event
+        elif isinstance(event, ToolCallDelta):
+            yield event
+        else:
+            answer_reasoning = max(event.usage.reasoning_tokens, hidden)
+            yield Finished(
+                event.finish_reason,
+                _usage(first, reasoning, event.usage.completion_tokens, reasoning + answer_reasoning),
+            )
+            return
 
 
 def _usage(first: Usage, reasoning: int, answer: int, reasoning_tokens: int) -> Usage:

@@ -17,6 +17,12 @@ asyncio. Two kinds of runner:
     evaluate on its own (images) and that overwrites the logits the samplers read.
 `call` runs other work that must happen on the thread owning the context (libmtmd tokenizing images for
 `count_prompt_tokens`).
+
+Follow-ups (the scratchpad's answer, batching runners only): a sequence with `follow_up` does not leave
+when its pass ends. Its consumer gets a `PassEnd`, and a new `Sequence` for the second pass takes its
+place in the same step, sharing its channel, deadline and cancel event: the runner hands it the slot with
+its KV cells (`BatchRunner.follow`), so only the follow-up's own prompt is evaluated, as a prefill.
+Slots freed in a step are refilled from the queue in that same step.
 """
 
 from __future__ import annotations
@@ -30,7 +36,14 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from tokentill.engines.sequence import Outbox, SamplingParams, Sequence, deadline_error, new_channel
+from tokentill.engines.sequence import (
+    Outbox,
+    PassEnd,
+    SamplingParams,
+    Sequence,
+    deadline_error,
+    new_channel,
+)
 from tokentill.errors import APIError, Overloaded, UpstreamError
 from tokentill.types import EngineEvent, Finished, FinishReason, Usage
 
@@ -88,6 +101,13 @@ class BatchRunner(Runner, Protocol):
     def discard(self, seq: Sequence) -> None:
         """Like `release`, and drop the KV cells of `seq` too (after its own failure)."""
 
+    def follow(self, seq: Sequence, then: Sequence, tail: list[int]) -> bool:
+        """Hand `seq`'s slot and KV cells to its follow-up `then`, whose prompt is evaluated after `tail`
+        (sampled tokens of `seq` not decoded yet). The end of `seq`'s output is dropped if the follow-up
+        would not fit the context otherwise. Sets `then.prefix` and `then.cached_tokens`. False (nothing
+        changed) when even that cannot make room; raises before changing anything if it fails.
+        """
+
 
 class Scheduler:
     """Bounded FIFO admission + one decode thread. `submit`, `withdraw`, `close` are thread-safe.
@@ -111,7 +131,8 @@ class Scheduler:
         self._closing = False
         self._outbox = Outbox()  # scheduler thread only
         self._avg_seconds = 1.0  # moving average of a request's time in the loop, for Retry-After
-        self._decoded: collections.OrderedDict[str, int] = collections.OrderedDict()
+        # request id → (tokens sampled, prompt tokens evaluated), every pass included
+        self._decoded: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
         self.total_tokens = 0
         self._thread = threading.Thread(target=self._run, name=f"tokentill-decode-{name}", daemon=True)
 
@@ -131,7 +152,14 @@ class Scheduler:
     def tokens_decoded(self, request_id: str) -> int | None:
         """Tokens sampled for a finished (or cancelled) request, None while unknown; for tests and metrics."""
         with self._cond:
-            return self._decoded.get(request_id)
+            stats = self._decoded.get(request_id)
+        return None if stats is None else stats[0]
+
+    def prompt_tokens_evaluated(self, request_id: str) -> int | None:
+        """Prompt tokens a finished request had evaluated (cached prefixes excluded), None while unknown."""
+        with self._cond:
+            stats = self._decoded.get(request_id)
+        return None if stats is None else stats[1]
 
     def submit(self, seq: Sequence) -> None:
         """Queue `seq` or raise Overloaded at once when `queue_size` requests already wait."""
@@ -206,11 +234,7 @@ class Scheduler:
                     leftovers = list(self._active)
                     self._active.clear()
                     break
-                while self._waiting and len(self._active) < self._max_active:
-                    seq = self._waiting.popleft()
-                    seq.started_at = time.monotonic()
-                    seq.outbox = self._outbox
-                    self._active.append(seq)
+                self._admit_waiting()
                 active = list(self._active)
                 calls = list(self._calls)
                 self._calls.clear()
@@ -227,6 +251,17 @@ class Scheduler:
             self._retire(seq)
         self._outbox.send()
 
+    def _admit_waiting(self) -> list[Sequence]:
+        """Move waiting sequences into free slots (caller holds `_cond`); returns them."""
+        admitted: list[Sequence] = []
+        while self._waiting and len(self._active) < self._max_active:
+            seq = self._waiting.popleft()
+            seq.started_at = time.monotonic()
+            seq.outbox = self._outbox
+            self._active.append(seq)
+            admitted.append(seq)
+        return admitted
+
     def _retire(self, seq: Sequence, *, failed: bool = False) -> None:
         try:
             if failed and self._batch is not None:
@@ -240,7 +275,7 @@ class Scheduler:
             if seq in self._active:
                 self._active.remove(seq)
             self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * elapsed
-            self._decoded[seq.request_id] = seq.n_generated
+            self._decoded[seq.request_id] = (seq.earlier + seq.n_generated, seq.evaluated)
             while len(self._decoded) > _STATS_KEPT:
                 self._decoded.popitem(last=False)
 
@@ -261,7 +296,7 @@ class Scheduler:
             if not seq.prefilled:
                 self._runner.prefill(seq)
                 seq.prefilled = True
-            return self._advance(seq)
+            return self._advance(seq) is None
         except Exception as exc:
             self._fail(seq, exc)
             self._reset_quietly()
@@ -279,13 +314,22 @@ class Scheduler:
                 prefilling.append(seq)
             else:
                 try:
-                    if self._advance(seq):
-                        done.append((seq, False))
-                    else:
-                        queued.append(seq)
+                    going = self._advance(seq)
                 except Exception as exc:
                     self._fail(seq, exc)
                     done.append((seq, True))
+                    continue
+                if going is None:
+                    done.append((seq, False))
+                elif going is seq:
+                    queued.append(seq)
+                else:  # its follow-up, in the same slot: its prompt is queued below, in this step
+                    prefilling.append(going)
+        for seq, failed in done:  # none of them has a token in the batch: their cells can go now
+            self._retire(seq, failed=failed)
+        done = []
+        with self._cond:  # the slots just freed take waiting requests in this same step
+            prefilling.extend(self._admit_waiting())
         for seq in prefilling:  # after sampling: an image prefill evaluates on its own, clobbering logits
             try:
                 seq.prefilled = runner.prefill_chunk(seq)
@@ -293,7 +337,7 @@ class Scheduler:
             except Exception as exc:
                 self._fail(seq, exc)
                 done.append((seq, True))
-        for seq, failed in done:  # none of them has a token in the batch: their cells can go now
+        for seq, failed in done:
             self._retire(seq, failed=failed)
         self._outbox.send()  # the loop renders this step's text while llama_decode runs (GIL released)
         try:
@@ -307,8 +351,9 @@ class Scheduler:
                 self._retire(seq, failed=True)
             self._outbox.send()
 
-    def _advance(self, seq: Sequence) -> bool:
-        """Sample `seq`'s next token and emit its text; True when finished, else the token is decoded."""
+    def _advance(self, seq: Sequence) -> Sequence | None:
+        """Sample `seq`'s next token and emit its text. Returns `seq` when the token is queued for decoding,
+        None when `seq` finished (its final event emitted), or the follow-up that now holds its slot."""
         token = self._runner.sample(seq)
         if self._runner.is_end(token):
             return self._finish(seq, "stop")
@@ -319,11 +364,11 @@ class Scheduler:
         for delta in seq.text.feed_bytes(self._runner.piece(token)):
             seq.emit(delta)
         if seq.text.stopped:
-            return self._finish(seq, "stop")
+            return self._finish(seq, "stop", token)
         if seq.n_generated >= seq.max_new_tokens:
-            return self._finish(seq, "length")
+            return self._finish(seq, "length", token)
         self._runner.decode(seq, token)
-        return False
+        return seq
 
     def _fail(self, seq: Sequence, exc: Exception, *, log: bool = True) -> None:
         """Tell `seq`'s consumer: an APIError as is (the runner refused it), anything else as a 502."""
@@ -343,7 +388,8 @@ class Scheduler:
         except Exception:
             logger.exception("resetting the model context failed")
 
-    def _finish(self, seq: Sequence, reason: FinishReason) -> bool:
+    def _finish(self, seq: Sequence, reason: FinishReason, last: int | None = None) -> Sequence | None:
+        """End `seq`'s pass (`last`: its final sampled token, not decoded); its follow-up, if one starts."""
         for delta in seq.text.finish():  # held-back text, no new tokens
             seq.emit(delta)
         usage = Usage(
@@ -352,8 +398,40 @@ class Scheduler:
             cached_tokens=seq.cached_tokens,
             image_tokens=seq.image_tokens,
         )
-        seq.emit(Finished(finish_reason=reason, usage=usage))
-        return True
+        finished = Finished(finish_reason=reason, usage=usage)
+        then = self._follow(seq, [] if last is None else [last])
+        if then is None:
+            seq.emit(finished)
+            return None
+        seq.emit(PassEnd(finished))
+        return then
+
+    def _follow(self, seq: Sequence, tail: list[int]) -> Sequence | None:
+        """`seq`'s follow-up, holding its slot in its place, or None (no follow-up, no budget or no room)."""
+        plan = seq.follow_up
+        left = 0 if plan is None else plan.budget - seq.n_generated
+        if plan is None or left < 1 or self._batch is None:
+            return None
+        then = Sequence(
+            request_id=seq.request_id,
+            prompt=plan.prompt,
+            max_new_tokens=left,
+            sampling=plan.sampling,
+            stop=plan.stop,
+            deadline=seq.deadline,
+            channel=seq.channel,
+            timeout_s=seq.timeout_s,
+            continuation=True,
+            image_tokens=seq.image_tokens,
+            cancelled=seq.cancelled,
+        )
+        then.started_at, then.outbox = seq.started_at, seq.outbox
+        then.earlier, then.evaluated = seq.earlier + seq.n_generated, seq.evaluated
+        if not self._batch.follow(seq, then, tail):
+            return None
+        with self._cond:
+            self._active[self._active.index(seq)] = then
+        return then
 
 
 def _run_call(fn: Callable[[], Any], future: concurrent.futures.Future[Any]) -> None:
@@ -394,7 +472,7 @@ async def stream(scheduler: Scheduler, seq: Sequence) -> AsyncGenerator[EngineEv
                 done = True
                 yield item
                 return
-            yield item
+            yield item.finished if isinstance(item, PassEnd) else item
     finally:
         if not done:
             scheduler.withdraw(seq)

@@ -13,9 +13,18 @@ from typing import Any
 
 from tokentill.engines.text import TextAssembler
 from tokentill.errors import APIError, DeadlineExceeded
-from tokentill.types import EngineEvent, Grammar
+from tokentill.types import EngineEvent, Finished, Grammar
 
-__all__ = ["Channel", "Outbox", "SamplingParams", "Sequence", "deadline_error", "new_channel"]
+__all__ = [
+    "Channel",
+    "FollowUpPass",
+    "Outbox",
+    "PassEnd",
+    "SamplingParams",
+    "Sequence",
+    "deadline_error",
+    "new_channel",
+]
 
 
 @dataclass(frozen=True)
@@ -29,14 +38,36 @@ class SamplingParams:
     grammar: Grammar | None = None  # structured output: only tokens the grammar allows are sampled
 
 
+@dataclass(frozen=True)
+class FollowUpPass:
+    """A second pass that continues a sequence in its own KV cells (see `Scheduler` and
+    `BatchRunner.follow`): `prompt` is appended after the first pass's output and decoded in the same
+    slot, so the first prompt and the output are never evaluated again."""
+
+    prompt: list[int]  # the answer prompt: the chat template's text after the first pass's output
+    budget: int  # completion tokens of both passes together
+    sampling: SamplingParams
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PassEnd:
+    """Scheduler → `stream`: a pass ended and its follow-up continues on the same channel."""
+
+    finished: Finished
+
+
+Item = EngineEvent | APIError | PassEnd
+
+
 class Channel:
     """Scheduler thread → event loop handoff; `put` is the only method called off the loop thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[EngineEvent | APIError] = asyncio.Queue()
+        self.queue: asyncio.Queue[Item] = asyncio.Queue()
 
-    def put(self, item: EngineEvent | APIError) -> bool:
+    def put(self, item: Item) -> bool:
         """False when the loop is closed (the consumer can never read it): the caller should stop."""
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -53,16 +84,16 @@ class Outbox:
     """
 
     def __init__(self) -> None:
-        self._items: list[tuple[Sequence, EngineEvent | APIError]] = []
+        self._items: list[tuple[Sequence, Item]] = []
 
-    def add(self, seq: Sequence, item: EngineEvent | APIError) -> None:
+    def add(self, seq: Sequence, item: Item) -> None:
         self._items.append((seq, item))
 
     def send(self) -> None:
         if not self._items:
             return
         items, self._items = self._items, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, EngineEvent | APIError]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, Item]]] = {}
         for seq, item in items:
             by_loop.setdefault(seq.channel.loop, []).append((seq, item))
         for loop, batch in by_loop.items():
@@ -73,7 +104,7 @@ class Outbox:
                     seq.cancelled.set()
 
 
-def _deliver(batch: list[tuple[Sequence, EngineEvent | APIError]]) -> None:
+def _deliver(batch: list[tuple[Sequence, Item]]) -> None:
     for seq, item in batch:
         seq.channel.queue.put_nowait(item)
 
@@ -100,11 +131,18 @@ class Sequence:
     # prompt ends inside an open `<think>` the chat template wrote.
     think_tags: bool = False
     thinking: bool = False
+    # A pass that continues this one in the same slot once it ends (batching runners only).
+    follow_up: FollowUpPass | None = None
+    # A follow-up pass: the tokens already in the sequence before `prompt` (counted in `prompt_tokens`).
+    prefix: int = 0
+    # Shared by a sequence and its follow-up, so cancelling either (`Scheduler.withdraw`) stops both.
     cancelled: threading.Event = field(default_factory=threading.Event)
     # --- scheduler-thread state ---
     prefilled: bool = False  # batching runner: the whole prompt is queued, sampling starts next step
     n_generated: int = 0  # sampled tokens, end-of-generation token excluded
     cached_tokens: int = 0  # prompt tokens whose KV entries were reused
+    evaluated: int = 0  # prompt tokens evaluated for this request (every pass), for tests and metrics
+    earlier: int = 0  # tokens sampled by the earlier passes of this request
     started_at: float = 0.0
     outbox: Outbox | None = None  # set on admission: events then leave once per step (`Outbox.send`)
     text: TextAssembler = field(init=False)
@@ -114,20 +152,20 @@ class Sequence:
 
     @property
     def prompt_tokens(self) -> int:
-        return self.media_prompt_tokens if self.media is not None else len(self.prompt)
+        return self.prefix + (self.media_prompt_tokens if self.media is not None else len(self.prompt))
 
     def cancel(self) -> None:
         """Thread-safe; the scheduler retires the sequence before its next token."""
         self.cancelled.set()
 
-    def emit(self, item: EngineEvent | APIError) -> None:
+    def emit(self, item: Item) -> None:
         """Scheduler thread: queue `item` in the step's outbox (or send it now before admission)."""
         if self.outbox is not None:
             self.outbox.add(self, item)
         else:
             self.emit_now(item)
 
-    def emit_now(self, item: EngineEvent | APIError) -> None:
+    def emit_now(self, item: Item) -> None:
         """Send `item` at once; any thread."""
         if not self.channel.put(item):
             self.cancelled.set()

@@ -38,6 +38,7 @@ __all__ = [
     "CALL_OPEN",
     "ToolCallParser",
     "call_text",
+    "choice_line",
     "constraint",
     "new_call_id",
     "parse_tool_calls",
@@ -68,15 +69,19 @@ def tools_prompt(tools: Sequence[ToolDefinition], choice: ToolChoice) -> str:
     for tool in tools:
         entry = {"name": tool.name, "description": tool.description, "parameters": tool.parameters or {}}
         lines.append(json.dumps(entry, ensure_ascii=False, separators=(",", ":")))
-    if choice.mode == "required":
-        lines.append("You must call a function now.")
-    elif choice.mode == "function":
-        lines.append(f"You must call the function {choice.name} now.")
-    elif choice.mode == "none":
-        lines.append("Do not call a function now; answer in text.")
-    else:
-        lines.append("Call a function only if it helps; otherwise answer in text.")
+    lines.append(choice_line(choice))
     return "\n".join(lines)
+
+
+def choice_line(choice: ToolChoice) -> str:
+    """What `tools_prompt` tells the model about calling, for `choice`."""
+    if choice.mode == "required":
+        return "You must call a function now."
+    if choice.mode == "function":
+        return f"You must call the function {choice.name} now."
+    if choice.mode == "none":
+        return "Do not call a function now; answer in text."
+    return "Call a function only if it helps; otherwise answer in text."
 
 
 def constraint(
