@@ -370,17 +370,18 @@ def natural_round(
             MODELS[workload], texts, args.max_completion_tokens, budget_field="max_completion_tokens"
         )
         figures[(workload, A)] = ran = natural.run(tt.url, tt.headers, body, args.concurrency)
-        figures[(workload, C)] = natural.bare_replay(
-            texts, ran.counts, args.concurrency, args.threads, banned
-        )
+        progress(f"  tokentill {ran.aggregate:.1f} tok/s, {sum(ran.counts)} tokens")
+        limit = natural.bare_replay(texts, ran.counts, args.concurrency, args.threads, banned)
+        figures[(workload, C)] = limit
+        progress(f"  bare replay {limit.aggregate:.1f} tok/s")
 
     def theirs() -> None:
         assert server is not None
         progress(f"round {round_}: natural workload, llama_cpp.server")
         body = natural.bodies("x", texts, args.max_completion_tokens, budget_field="max_tokens")
-        figures[(NATURAL[0], B)] = figures[(NATURAL[1], B)] = natural.run(
-            server.url, {}, body, args.concurrency
-        )
+        ran = natural.run(server.url, {}, body, args.concurrency)
+        figures[(NATURAL[0], B)] = figures[(NATURAL[1], B)] = ran
+        progress(f"  llama_cpp.server {ran.aggregate:.1f} tok/s, {sum(ran.counts)} tokens")
 
     jobs: list[Callable[[], None]] = [lambda: ours(NATURAL[0]), lambda: ours(NATURAL[1])]
     if server is not None:
