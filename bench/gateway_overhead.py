@@ -1,31 +1,34 @@
-"""What tokentill costs in front of an engine: the same requests against a trivial OpenAI-compatible responder
-directly, and through `tokentill serve` (auth, rate limits, credit hold + settle in the ledger, usage row).
+"""What tokentill costs in front of an engine, side by side with the upstream alone and LiteLLM's proxy.
 
-    .venv/bin/python bench/gateway_overhead.py [--requests 300] [--concurrency 1 8]
+    .venv/bin/python bench/gateway_overhead.py [--requests 1000] [--concurrency 1 16] [--modes json sse]
 
-One run starts (all on 127.0.0.1, as subprocesses so the load generator does not share their GIL):
-  - the responder: a bare ASGI app under uvicorn (no model: whatever latency it has is the HTTP stack's).
-    A request with `"stream": true` gets a fixed answer as server-sent events, one chunk per token
-    (STREAM_TOKENS content chunks, a finish chunk, a usage chunk, `[DONE]`), each its own body write, as
-    vLLM streams; any other request gets the same answer as one non-streamed completion with usage;
-  - tokentill with one catalogue entry `engine = "upstream"` pointing at the responder, SQLite in a
-    temporary folder, and a key with plenty of credits and an rpm limit high enough never to refuse (so the
-    limiter runs on every request without shaping the figures). tokentill always asks its upstream to
-    stream, so both modes below measure its SSE reader.
-Then, per mode (`json`: client stream false, `sse`: client stream true with include_usage) and concurrency
-level, a warm-up and `--requests` timed requests to each target; every answer must be 200 and complete
-(a streamed one must end with `[DONE]`). Latency is to the last byte. A third row, `tt+echo`, sends the
-same requests to a built-in `echo` model on the same tokentill: the gateway's cost without the upstream
-hop, so the two can be told apart. Prints requests/s, p50 and p95 latency, the ratios gateway / direct, and
-tokentill's CPU time per request: user + system time of the `tokentill serve` process tree (read from
-/proc/<pid>/stat before and after the timed requests), which, unlike wall-clock figures, does not depend on
-how loaded the machine is.
+One run starts, one after the other (all on 127.0.0.1, as subprocesses so the load generator shares no
+GIL with them), and measures each at every concurrency level (connections) and mode:
+  - `upstream`: a trivial OpenAI-compatible responder, a bare ASGI app under uvicorn (no model: whatever
+    latency it has is the HTTP stack's). `"stream": true` gets a fixed answer as server-sent events, one
+    chunk per token (STREAM_TOKENS content chunks, a finish chunk, a usage chunk, `[DONE]`), each its own
+    body write, as vLLM streams; any other request gets the same answer as one completion with usage;
+  - `tokentill-sqlite`: `tokentill serve` with one catalogue entry `engine = "upstream"` pointing at the
+    responder, SQLite in a temporary folder, a key with plenty of credits and an rpm limit high enough
+    never to refuse (the limiter runs on every request without shaping the figures);
+  - `tokentill-pg-redis`: the same on PostgreSQL (a fresh database on `--postgres`, dropped afterwards)
+    and Redis (`--redis-url`) for the rate limits;
+  - `litellm`: LiteLLM's proxy (one worker, no database, its master key as the only key) in front of the
+    same responder, installed by the bench into `--litellm-venv` on first use; if that fails, the bench
+    says why and goes on without it.
+Modes: `json` (stream false) and `sse` (stream true with include_usage); tokentill always asks its
+upstream to stream, so both measure its SSE reader. Each row: requests/s, p50/p99 latency to the last
+byte, the time to the response head (`ttfb`: a stream's first-byte overhead), the same minus the upstream
+alone's (`+p50`, `+p99`, `+ttfb`), and the server's CPU ms per request: user + system time of its process
+tree (from /proc/<pid>/stat before and after), which, unlike wall-clock figures, hardly depends on how
+loaded the machine is. The load generator is `bench/loadgen.py` (one asyncio process; why not wrk or an
+HTTP client library: see there). After each tokentill target the bench checks the ledger: every account's
+balance equals the sum of its ledger rows, one usage row per request sent, no hold left open.
 
-    --database-url postgresql+asyncpg://postgres@127.0.0.1:5432/NAME --redis-url redis://127.0.0.1:6379/0
-runs tokentill on PostgreSQL + Redis instead (the database must exist; it is used as it is), and
-    --workers 2  (with Redis) runs two worker processes; the CPU figure sums the whole process tree.
-    --profile FILE  runs `tokentill serve` under cProfile and writes its profile to FILE on exit
-(`python -m pstats FILE`, then `sort cumulative` / `sort tottime`, `stats 30`).
+    --workers 2  runs tokentill with two worker processes; the CPU figure sums the whole process tree.
+    --profile FILE.txt  runs `tokentill serve` under pyinstrument (wall-clock sampling of the event loop's
+        thread; a call tree and the frames by self time), FILE.prof under cProfile (`python -m pstats`),
+        one file per tokentill target (FILE-tokentill-sqlite.txt, ...).
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ import asyncio
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +46,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loadgen
 
 STREAM_TOKENS = 16  # the answer, " t0 t1 … t15", is the same in both shapes
 USAGE = {"prompt_tokens": 12, "completion_tokens": STREAM_TOKENS, "total_tokens": 12 + STREAM_TOKENS}
@@ -130,22 +135,43 @@ def cpu_seconds(pid: int) -> float:
 
 
 def serve_profiled(path: Path) -> None:
-    """`tokentill serve` under cProfile; the profile is written when SIGTERM arrives (uvicorn restores
-    this handler after its graceful shutdown and raises the signal again)."""
-    import cProfile
+    """`tokentill serve` under a profiler: pyinstrument for a `.txt` FILE, else cProfile. The profile is
+    written when SIGTERM arrives (uvicorn restores this handler after its graceful shutdown and raises
+    the signal again)."""
     import runpy
     import signal
 
-    profiler = cProfile.Profile()
+    stop_profiler: Any
+    if path.suffix == ".txt":
+        from pyinstrument import Profiler
+
+        sampler = Profiler(interval=0.001, async_mode="disabled")
+
+        def stop_profiler() -> None:
+            sampler.stop()
+            tree = sampler.output_text(show_all=False, short_mode=False)
+            flat = sampler.output_text(flat=True)
+            path.write_text(f"{flat}\n\n{tree}", encoding="utf-8")
+
+        start_profiler = sampler.start
+    else:
+        import cProfile
+
+        profiler = cProfile.Profile()
+
+        def stop_profiler() -> None:
+            profiler.disable()
+            profiler.dump_stats(path)
+
+        start_profiler = profiler.enable
 
     def stop(_signum: int, _frame: Any) -> None:
-        profiler.disable()
-        profiler.dump_stats(path)
+        stop_profiler()
         os._exit(0)
 
     signal.signal(signal.SIGTERM, stop)
     sys.argv = ["tokentill", "serve"]
-    profiler.enable()
+    start_profiler()
     runpy.run_module("tokentill", run_name="__main__")
 
 
@@ -180,60 +206,218 @@ def tokentill_cli(env: dict[str, str], *args: str) -> Any:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-async def load(
-    url: str,
-    headers: dict[str, str],
-    body: dict[str, Any],
-    n: int,
-    concurrency: int,
-    server_pid: int | None = None,
-) -> dict[str, float]:
-    """`n` POSTs with `concurrency` in flight; latencies in ms, throughput in requests/s, and (given the
-    server's `server_pid`) its CPU ms per request over the timed part."""
-    latencies: list[float] = []
-    limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx2.AsyncClient(timeout=httpx2.Timeout(30.0), limits=limits, trust_env=False) as client:
+class Target:
+    """A server under test: its process, where to send requests, and what to ask it for."""
 
-        def check(response: httpx2.Response) -> None:
-            complete = not body.get("stream") or response.content.rstrip().endswith(b"data: [DONE]")
-            if response.status_code != 200 or not complete:
-                raise SystemExit(f"{url}: HTTP {response.status_code}: {response.text[-300:]}")
+    def __init__(
+        self, name: str, proc: subprocess.Popen[bytes], port: int, model: str, key: str = ""
+    ) -> None:
+        self.name, self.proc, self.port, self.model = name, proc, port, model
+        self.headers = {"authorization": f"Bearer {key}"} if key else {}
+        self.sent = 0  # requests sent, warm-ups included (the ledger check counts usage rows)
 
-        for _ in range(min(20, n)):  # warm-up: connections, caches, the key cache
-            check(await client.post(url, json=body, headers=headers))
-        queue = iter(range(n))
+    def measure(self, mode: str, concurrency: int, n: int) -> tuple[loadgen.Figures, float]:
+        """Figures for `n` requests, and the server's CPU ms per request (its process tree)."""
+        body = json.dumps({"model": self.model, **BODY, **MODES[mode]}).encode()
+        raw = loadgen.request_bytes("127.0.0.1", self.port, CHAT, self.headers, body)
+        cpu_before = cpu_seconds(self.proc.pid)
+        warmup = 20
+        figures = loadgen.run(loadgen.load("127.0.0.1", self.port, raw, n, concurrency, stream=mode == "sse"))
+        self.sent += n + warmup
+        # The warm-up's CPU is in the difference too: counted as requests, it is the same work.
+        return figures, (cpu_seconds(self.proc.pid) - cpu_before) * 1000 / (n + warmup)
 
-        async def worker() -> None:
-            for _ in queue:
-                started = time.perf_counter()
-                response = await client.post(url, json=body, headers=headers)  # reads to the last byte
-                latencies.append((time.perf_counter() - started) * 1000)
-                check(response)
+    def stop(self, timeout_s: float = 30) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
-        cpu_before = cpu_seconds(server_pid) if server_pid is not None else 0.0
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - started
-        cpu = cpu_seconds(server_pid) - cpu_before if server_pid is not None else float("nan")
-    cuts = statistics.quantiles(latencies, n=20)
-    return {
-        "rps": n / wall,
-        "p50": statistics.median(latencies),
-        "p95": cuts[18],
-        "cpu_ms": cpu * 1000 / n,
+
+CHAT = "/v1/chat/completions"
+MODES: dict[str, dict[str, Any]] = {
+    "json": {},
+    "sse": {"stream": True, "stream_options": {"include_usage": True}},
+}
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path, ready: str) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out)
+    try:
+        wait_ready(ready, proc, log)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+def start_tokentill(
+    name: str, folder: Path, responder_url: str, args: argparse.Namespace, database_url: str | None
+) -> tuple[Target, dict[str, str]]:
+    port = free_port()
+    catalogue = folder / "catalogue.toml"
+    catalogue.write_text(
+        f'[[models]]\nid = "bench"\nengine = "upstream"\nbase_url = "{responder_url}/v1"\n'
+        "price_input = 15\nprice_output = 60\ncontext = 8192\ntimeout_s = 30\n",
+        encoding="utf-8",
+    )
+    env = {
+        **os.environ,
+        "TOKENTILL_DATA_DIR": str(folder / name),
+        "TOKENTILL_HOST": "127.0.0.1",
+        "TOKENTILL_PORT": str(port),
+        "TOKENTILL_CONFIG": str(catalogue),
+        "TOKENTILL_QUEUE_SIZE": "64",
+        "TOKENTILL_WORKERS": str(args.workers),
     }
+    if database_url:
+        env["TOKENTILL_DATABASE_URL"] = database_url
+        env["TOKENTILL_REDIS_URL"] = args.redis_url
+    tokentill_cli(env, "init")  # the CLI creates no database by itself
+    account = f"bench-{os.getpid()}"
+    tokentill_cli(env, "accounts", "create", account, "--credits", "1000000")
+    created = tokentill_cli(env, "keys", "create", "--account", account, "--rpm", "1000000")
+    serve = ["-m", "tokentill", "serve"]
+    if args.profile:
+        path = args.profile.with_name(f"{args.profile.stem}-{name}{args.profile.suffix}")
+        serve = [__file__, "--serve-profiled", str(path)]
+    proc = start([sys.executable, *serve], env, folder / f"{name}.log", f"http://127.0.0.1:{port}/readyz")
+    return Target(name, proc, port, "bench", created["key"]), env
+
+
+def litellm_python(venv: Path) -> Path | str:
+    """The LiteLLM proxy's venv, created and filled on first use; a string says why there is none."""
+    python = venv / "bin" / "python"
+    if (venv / "bin" / "litellm").exists():
+        return python
+    print(f"installing litellm[proxy] into {venv} (once) ...", flush=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "litellm[proxy]"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    except subprocess.CalledProcessError as exc:
+        return f"pip failed: {(exc.stderr or '')[-500:]}"
+    except subprocess.TimeoutExpired:
+        return "pip took over 15 minutes"
+    return python
+
+
+def start_litellm(folder: Path, responder_url: str, venv: Path) -> Target | str:
+    python = litellm_python(venv)
+    if isinstance(python, str):
+        return python
+    port = free_port()
+    config = folder / "litellm.yaml"
+    config.write_text(
+        "model_list:\n"
+        "  - model_name: bench\n"
+        "    litellm_params:\n"
+        "      model: openai/responder\n"
+        f"      api_base: {responder_url}/v1\n"
+        "      api_key: none\n",
+        encoding="utf-8",
+    )
+    # No database: its cheapest configuration; the master key (which it requires) is the only key. The
+    # cost map is the packaged one (nothing leaves this machine).
+    master = "sk-bench-" + os.urandom(16).hex()
+    env = {
+        **os.environ,
+        "LITELLM_MASTER_KEY": master,
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_TELEMETRY": "False",
+    }
+    cmd = [str(venv / "bin" / "litellm"), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    try:
+        proc = start(
+            [*cmd, "--num_workers", "1"],
+            env,
+            folder / "litellm.log",
+            f"http://127.0.0.1:{port}/health/liveliness",
+        )
+    except SystemExit as exc:
+        return f"the proxy did not start: {str(exc)[-500:]}"
+    return Target("litellm", proc, port, "bench", master)
+
+
+def check_ledger(target: Target, env: dict[str, str]) -> list[str]:
+    """The invariant after the load: every account's balance is the sum of its ledger rows, one usage row
+    per request sent (all were answered 200), no hold left open. Problems found (none: holds)."""
+    from sqlalchemy import create_engine, text
+
+    url = env.get("TOKENTILL_DATABASE_URL") or f"sqlite:///{Path(env['TOKENTILL_DATA_DIR']) / 'tokentill.db'}"
+    queries = {
+        "drift": "SELECT a.id, a.balance, COALESCE((SELECT SUM(l.amount) FROM ledger l "
+        "WHERE l.account_id = a.id), 0) FROM accounts a",
+        "usage": "SELECT COUNT(*) FROM usage",
+        "open": "SELECT COUNT(*) FROM holds WHERE status = 'open'",
+    }
+    if url.startswith("postgresql"):
+        rows = asyncio.run(_pg_rows(url, queries))
+    else:
+        engine = create_engine(url.replace("+aiosqlite", ""))
+        with engine.connect() as conn:
+            rows = {name: [tuple(r) for r in conn.execute(text(sql))] for name, sql in queries.items()}
+        engine.dispose()
+    problems = [f"account {a}: balance {b} != ledger sum {s}" for a, b, s in rows["drift"] if b != s]
+    if rows["usage"][0][0] != target.sent:
+        problems.append(f"{rows['usage'][0][0]} usage rows for {target.sent} requests")
+    if rows["open"][0][0]:
+        problems.append(f"{rows['open'][0][0]} holds left open")
+    return problems
+
+
+async def _pg_rows(url: str, queries: dict[str, str]) -> dict[str, list[tuple[Any, ...]]]:
+    import asyncpg
+
+    conn = await asyncpg.connect(url.replace("+asyncpg", ""))
+    try:
+        return {name: [tuple(r) for r in await conn.fetch(sql)] for name, sql in queries.items()}
+    finally:
+        await conn.close()
+
+
+async def _pg_admin(server: str, sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(server.replace("+asyncpg", "") + "/postgres")
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--database-url", help="tokentill's database (default: SQLite in a temporary folder)")
-    parser.add_argument("--redis-url", help="tokentill's Redis (rate limits); default: in-memory limits")
+    parser.add_argument("--requests", type=int, default=1000, help="timed requests per row")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument(
+        "--postgres",
+        default="postgresql+asyncpg://postgres@127.0.0.1:5432",
+        help="PostgreSQL server (a fresh database is created and dropped); 'off' skips the row",
+    )
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis, with --postgres")
+    parser.add_argument("--no-sqlite", action="store_true", help="skip tokentill on SQLite")
+    parser.add_argument("--litellm-venv", type=Path, default=Path("/tmp/litellm-venv"))
+    parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM proxy")
     parser.add_argument("--workers", type=int, default=1, help="tokentill serve --workers (>1 needs Redis)")
-    parser.add_argument("--profile", type=Path, help="run tokentill serve under cProfile, writing FILE")
+    parser.add_argument(
+        "--profile", type=Path, help="run tokentill serve under a profiler, writing FILE-<target>.SUFFIX"
+    )
     parser.add_argument("--serve-profiled", type=Path, metavar="FILE", help=argparse.SUPPRESS)
     parser.add_argument("--serve-responder", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -250,97 +434,103 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="tokentill-bench-") as tmp:
         folder = Path(tmp)
-        responder_port, gateway_port = free_port(), free_port()
+        responder_port = free_port()
         responder_url = f"http://127.0.0.1:{responder_port}"
-        gateway_url = f"http://127.0.0.1:{gateway_port}"
-        catalogue = folder / "catalogue.toml"
-        catalogue.write_text(
-            "[[models]]\n"
-            'id = "bench"\n'
-            'engine = "upstream"\n'
-            f'base_url = "{responder_url}/v1"\n'
-            "price_input = 15\nprice_output = 60\ncontext = 8192\ntimeout_s = 30\n"
-            '[[models]]\nid = "bench-echo"\nengine = "echo"\nprice_input = 15\nprice_output = 60\n',
-            encoding="utf-8",
+        responder = start(
+            [sys.executable, __file__, "--serve-responder", str(responder_port)],
+            dict(os.environ),
+            folder / "responder.log",
+            responder_url + "/v1/models",
         )
-        env = {
-            **os.environ,
-            "TOKENTILL_DATA_DIR": str(folder / "data"),
-            "TOKENTILL_HOST": "127.0.0.1",
-            "TOKENTILL_PORT": str(gateway_port),
-            "TOKENTILL_CONFIG": str(catalogue),
-            "TOKENTILL_QUEUE_SIZE": "64",
-        }
-        if args.database_url:
-            env["TOKENTILL_DATABASE_URL"] = args.database_url
-        if args.redis_url:
-            env["TOKENTILL_REDIS_URL"] = args.redis_url
-        env["TOKENTILL_WORKERS"] = str(args.workers)
-        procs: list[subprocess.Popen[bytes]] = []
         try:
-            log = folder / "responder.log"
-            with log.open("ab") as out:
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, __file__, "--serve-responder", str(responder_port)],
-                        stdout=out,
-                        stderr=out,
+            bench(args, folder, Target("upstream", responder, responder_port, "responder"), responder_url)
+        finally:
+            Target("upstream", responder, responder_port, "responder").stop()
+
+
+def bench(args: argparse.Namespace, folder: Path, upstream: Target, responder_url: str) -> None:
+    n = args.requests
+    print(
+        f"{n} requests per row (+20 warm-up), 127.0.0.1, {os.cpu_count()} CPUs, "
+        f"Python {sys.version.split()[0]}"
+    )
+    print("load generator: bench/loadgen.py (one asyncio process, raw HTTP/1.1 keep-alive connections)")
+    print("added = the row's latency minus the upstream alone's, same mode and connections")
+    print("cpu ms/req: the server's own CPU time (its whole process tree) per request")
+    header = (
+        f"{'mode':<5} {'target':<17} {'conn':>4} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'ttfb':>6} "
+        f"{'+p50':>6} {'+p99':>6} {'+ttfb':>6} {'cpu ms/req':>10} {'load avg':>15}"
+    )
+    print(header, flush=True)
+    base: dict[tuple[str, int], loadgen.Figures] = {}
+    rps: dict[tuple[str, str, int], float] = {}
+
+    def row(target: Target) -> None:
+        for mode in args.modes:
+            for concurrency in args.concurrency:
+                figures, cpu = target.measure(mode, concurrency, n)
+                rps[target.name, mode, concurrency] = figures.rps
+                ref = base.setdefault((mode, concurrency), figures)
+                added = (
+                    ""
+                    if ref is figures
+                    else (
+                        f"{figures.p50 - ref.p50:>+6.2f} {figures.p99 - ref.p99:>+6.2f} "
+                        f"{figures.ttfb_p50 - ref.ttfb_p50:>+6.2f}"
                     )
                 )
-            wait_ready(responder_url + "/v1/models", procs[-1], log)
-            tokentill_cli(env, "init")  # the CLI creates no database by itself; `serve` would, later
-            account = f"bench-{os.getpid()}"  # a database given with --database-url may be reused
-            tokentill_cli(env, "accounts", "create", account, "--credits", "1000000")
-            key = tokentill_cli(env, "keys", "create", "--account", account, "--rpm", "1000000")["key"]
-            log = folder / "tokentill.log"
-            profiled = [__file__, "--serve-profiled", str(args.profile)]
-            serve = profiled if args.profile else ["-m", "tokentill", "serve"]
-            with log.open("ab") as out:
-                procs.append(subprocess.Popen([sys.executable, *serve], env=env, stdout=out, stderr=out))
-            wait_ready(gateway_url + "/readyz", procs[-1], log)
-            run(args.requests, args.concurrency, responder_url, gateway_url, key, procs[-1].pid)
-        finally:
-            for proc in reversed(procs):
-                proc.terminate()
-                proc.wait(timeout=20)
+                cpu_text = "" if target.name == "upstream" else f"{cpu:>10.2f}"
+                print(
+                    f"{mode:<5} {target.name:<17} {concurrency:>4} {figures.rps:>8.1f} {figures.p50:>7.2f} "
+                    f"{figures.p99:>7.2f} {figures.ttfb_p50:>6.2f} {added:>20} {cpu_text:>10} "
+                    f"{load_average():>15}",
+                    flush=True,
+                )
 
-
-def run(n: int, levels: list[int], responder_url: str, gateway_url: str, key: str, pid: int) -> None:
-    print(f"{n} requests per row, 127.0.0.1, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
-    print("cpu ms/req: tokentill's own CPU time (all its threads and processes) per request")
-    print(
-        f"{'mode':<5} {'target':<10} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'cpu ms/req':>10}"
-    )
-    summary: list[str] = []
-    auth = {"Authorization": f"Bearer {key}"}
-    chat = "/v1/chat/completions"
-    modes: dict[str, dict[str, Any]] = {
-        "json": {},
-        "sse": {"stream": True, "stream_options": {"include_usage": True}},
-    }
-    for mode, extra in modes.items():
-        for concurrency in levels:
-            direct = asyncio.run(
-                load(responder_url + chat, {}, {"model": "responder", **BODY, **extra}, n, concurrency)
-            )
-            gateway = asyncio.run(
-                load(gateway_url + chat, auth, {"model": "bench", **BODY, **extra}, n, concurrency, pid)
-            )
-            echo = asyncio.run(
-                load(gateway_url + chat, auth, {"model": "bench-echo", **BODY, **extra}, n, concurrency, pid)
-            )
-            for name, figures in (("direct", direct), ("tokentill", gateway), ("tt+echo", echo)):
-                rps, p50, p95, cpu = figures["rps"], figures["p50"], figures["p95"], figures["cpu_ms"]
-                cpu_text = "" if name == "direct" else f"{cpu:>10.2f}"
-                print(f"{mode:<5} {name:<10} {concurrency:>4} {rps:>9.1f} {p50:>8.2f} {p95:>8.2f} {cpu_text}")
-            summary.append(
-                f"{mode} concurrency {concurrency}: throughput x{gateway['rps'] / direct['rps']:.3f} of "
-                f"direct, p50 {gateway['p50'] - direct['p50']:+.2f} ms "
-                f"(x{gateway['p50'] / direct['p50']:.1f}), "
-                f"p95 {gateway['p95'] - direct['p95']:+.2f} ms; "
-                f"the upstream hop itself: p50 {gateway['p50'] - echo['p50']:+.2f} ms over the echo engine"
-            )
-    print("\n".join(summary))
+    row(upstream)
+    invariants: list[str] = []
+    targets: list[tuple[str, str | None]] = []
+    if not args.no_sqlite:
+        targets.append(("tokentill-sqlite", None))
+    database = f"tokentill_bench_{os.getpid()}"
+    if args.postgres != "off":
+        asyncio.run(_pg_admin(args.postgres, f"CREATE DATABASE {database}"))
+        targets.append(("tokentill-pg-redis", f"{args.postgres}/{database}"))
+    try:
+        for name, url in targets:
+            target, env = start_tokentill(name, folder, responder_url, args, url)
+            try:
+                row(target)
+            finally:
+                target.stop(timeout_s=600 if args.profile else 30)  # a profiler writes its file first
+            problems = check_ledger(target, env) or [
+                f"holds ({target.sent} requests, {target.sent} usage rows, every balance = its ledger sum, "
+                "no open hold)"
+            ]
+            invariants.append(f"{name}: " + "; ".join(problems))
+    finally:
+        if args.postgres != "off":
+            asyncio.run(_pg_admin(args.postgres, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+    if not args.no_litellm:
+        litellm = start_litellm(folder, responder_url, args.litellm_venv)
+        if isinstance(litellm, str):
+            print(f"litellm proxy: not measured: {litellm}")
+        else:
+            try:
+                row(litellm)
+            except loadgen.BadAnswer as exc:
+                print(f"litellm proxy: {exc}")
+            finally:
+                litellm.stop()
+    print("\nledger invariant:")
+    print("\n".join(f"  {line}" for line in invariants))
+    print("\nthroughput against the LiteLLM proxy, same run:")
+    for (name, mode, concurrency), value in rps.items():
+        other = rps.get(("litellm", mode, concurrency))
+        if name.startswith("tokentill") and other:
+            print(f"  {mode} {concurrency} conn: {name} x{value / other:.1f}")
+    if any(": holds (" not in line for line in invariants):
+        raise SystemExit("ledger invariant broken")
 
 
 if __name__ == "__main__":

@@ -153,7 +153,10 @@ class ChatService:
                     parallel=request.parallel_tool_calls is True,
                 ),
             )
-        prompt_tokens = await anyio.to_thread.run_sync(engine.count_prompt_tokens, draft)
+        if engine.capabilities.exact_prompt_tokens:  # a real tokenizer: CPU work off the event loop
+            prompt_tokens = await anyio.to_thread.run_sync(engine.count_prompt_tokens, draft)
+        else:  # an estimate from text lengths, cheaper than the thread hop (the engine counts it again)
+            prompt_tokens = engine.count_prompt_tokens(draft)
         room = self._check_context(spec, engine, prompt_tokens, explicit)
         budget = await self._budget(principal, spec, prompt_tokens, explicit, room)
         lease = await self._limiter.acquire(principal.key_id, _limits(principal), prompt_tokens + budget)

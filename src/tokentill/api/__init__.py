@@ -7,16 +7,15 @@ from contextlib import AbstractAsyncContextManager
 
 from fastapi import FastAPI
 from starlette.middleware import Middleware
-from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.staticfiles import StaticFiles
 
 from tokentill.api.account import account_router
 from tokentill.api.admin import admin_router
-from tokentill.api.connections import BodyTimeoutMiddleware
 from tokentill.api.console import console_router
 from tokentill.api.docs import STATIC_DIR, docs_router
 from tokentill.api.errors import install_error_handlers
-from tokentill.api.middleware import RequestContextMiddleware, ResponseMetricsMiddleware
+from tokentill.api.fastpath import ChatFastPath, literal_v1_names
+from tokentill.api.middleware import RequestMiddleware
 from tokentill.api.openapi import install_openapi
 from tokentill.api.responses import responses_router
 from tokentill.api.routes import router
@@ -28,6 +27,7 @@ __all__ = ["build_api"]
 def build_api(
     settings: Settings, lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]]
 ) -> FastAPI:
+    routers = [docs_router, admin_router, console_router, account_router, responses_router, router]
     app = FastAPI(
         title="tokentill",
         summary="Metered, OpenAI-compatible chat completions on hardware you own",
@@ -38,10 +38,12 @@ def build_api(
         redoc_url=None,
         openapi_url="/openapi.json" if settings.docs_enabled else None,
         middleware=[
-            Middleware(ResponseMetricsMiddleware),
-            Middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes),
-            Middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes),
-            Middleware(BodyTimeoutMiddleware, read_timeout_s=settings.read_timeout_s),
+            Middleware(
+                RequestMiddleware,
+                max_body_bytes=settings.max_body_bytes,
+                read_timeout_s=settings.read_timeout_s,
+            ),
+            Middleware(ChatFastPath, taken_names=literal_v1_names(routers)),
         ],
     )
     install_error_handlers(app)

@@ -15,9 +15,9 @@ Two layers, because the application sees a request only once its headers are com
   The backstop covers a body nobody reads (an app that answered early, e.g. 401, while the client keeps
   trickling): it closes the connection, with a 408 envelope when no response has started.
 
-* `BodyTimeoutMiddleware` (pure ASGI), inside the app: the body must be complete `read_timeout_s` after the
-  headers; a `receive` that would wait past that raises `RequestTimeout`, which the error handlers render
-  as the 408 envelope with `Connection: close`, with the request id, like every other error.
+* `RequestMiddleware` (api/middleware.py), inside the app: the body must be complete `read_timeout_s` after
+  the headers; a `receive` that would wait past that raises `RequestTimeout`, which the error handlers
+  render as the 408 envelope with `Connection: close`, with the request id, like every other error.
 """
 
 from __future__ import annotations
@@ -28,20 +28,18 @@ import logging
 import time
 from typing import Any
 
-import anyio
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tokentill.errors import APIError, Overloaded, RequestTimeout
 from tokentill.metrics import observe_response
 
-__all__ = ["BodyTimeoutMiddleware", "GuardedHttpProtocol"]
+__all__ = ["TIMEOUT_MESSAGE", "GuardedHttpProtocol"]
 
 log = logging.getLogger(__name__)
 
 _BACKSTOP_GRACE_S = 1.0  # the middleware answers first; the protocol closes only what it could not
 _WARN_EVERY_S = 10.0  # at most one "connection refused: cap" warning per process this often
-_TIMEOUT_MESSAGE = "The client did not send the request in time (TOKENTILL_READ_TIMEOUT_S={limit:g} s)."
+TIMEOUT_MESSAGE = "The client did not send the request in time (TOKENTILL_READ_TIMEOUT_S={limit:g} s)."
 
 
 def _raw_response(error: APIError) -> bytes:
@@ -129,36 +127,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             cycle.keep_alive = False
             return
         if cycle is None or not cycle.response_started:
-            message = _TIMEOUT_MESSAGE.format(limit=self.read_timeout_s)
+            message = TIMEOUT_MESSAGE.format(limit=self.read_timeout_s)
             self.transport.write(_raw_response(RequestTimeout(message)))
         if cycle is not None:
             cycle.keep_alive = False
         self.transport.close()
-
-
-class BodyTimeoutMiddleware:
-    """Refuses (408) a request whose body is not complete `read_timeout_s` after its headers."""
-
-    def __init__(self, app: ASGIApp, *, read_timeout_s: float) -> None:
-        self.app = app
-        self.read_timeout_s = read_timeout_s
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        deadline = anyio.current_time() + self.read_timeout_s
-        body_done = False
-
-        async def timed_receive() -> Message:
-            nonlocal body_done
-            if body_done:  # afterwards receive() only waits for a disconnect (streaming): no limit
-                return await receive()
-            with anyio.move_on_after(deadline - anyio.current_time()):
-                message = await receive()
-                if message["type"] != "http.request" or not message.get("more_body", False):
-                    body_done = True
-                return message
-            raise RequestTimeout(_TIMEOUT_MESSAGE.format(limit=self.read_timeout_s))
-
-        await self.app(scope, timed_receive, send)

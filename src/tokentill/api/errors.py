@@ -14,7 +14,7 @@ from starlette.routing import compile_path
 from tokentill import errors
 from tokentill.billing.money import format_credits
 
-__all__ = ["error_response", "install_error_handlers"]
+__all__ = ["error_response", "install_error_handlers", "render_handled"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,17 @@ def _allow_header(request: Request) -> dict[str, str]:
 
 
 _METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+
+
+async def render_handled(request: Request, exc: Exception) -> JSONResponse | None:
+    """What the exception middleware would answer for `exc` (an `APIError` or an `HTTPException`); None
+    for anything else, which is a bug for the outermost handler (`_bug`). For routes served outside
+    FastAPI's router (api/fastpath.py)."""
+    if isinstance(exc, errors.APIError):
+        return await _api_error(request, exc)
+    if isinstance(exc, HTTPException):
+        return await _http_error(request, exc)
+    return None
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -1,11 +1,19 @@
 """Pure ASGI middleware (never BaseHTTPMiddleware: it breaks streaming and contextvars).
 
-`RequestContextMiddleware` gives every request an id (`x-request-id` on every response, in every log line
-about it) and refuses a declared `Content-Length` over the cap before anything reads the body; Starlette's
-`RequestBodyLimitMiddleware`, inside it, counts the bytes of bodies that declare no length.
-`ResponseMetricsMiddleware`, outside both, counts every response by status and error code: the code is the
-one the error renderer left in the request's state (`error_code`), so refusals (401, 402, 429, 413, ...)
-count like answers, and an exception that escapes every handler counts as 500 `internal_error`.
+`RequestMiddleware` is one layer for what every HTTP request needs (one layer, not four: each costs a
+coroutine frame and a `send`/`receive` wrapper per message on the hot path):
+
+* an id: `x-request-id` on every response, in every log line about it (`RequestIdFilter`);
+* the body cap: a declared `Content-Length` over it is refused (413) before anything reads the body, and
+  the bytes of a body that declares no length are counted as they arrive (`RequestTooLarge`, rendered by
+  the error handlers, once the body passes the cap);
+* the body's read timeout: the body must be complete `read_timeout_s` after the headers; a `receive` that
+  would wait past that raises `RequestTimeout` (408, `Connection: close`). The time before the headers
+  is `GuardedHttpProtocol`'s (api/connections.py);
+* the response counter: every response once, by status and error code (`tokentill_http_responses_total`);
+  the code is the one the error renderer left in the request's state (`error_code`), so refusals (401,
+  402, 429, 413, ...) count like answers, and an exception that escapes every handler counts as 500
+  `internal_error`.
 """
 
 from __future__ import annotations
@@ -15,19 +23,14 @@ import json
 import logging
 import secrets
 
-from starlette.datastructures import Headers
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tokentill.errors import RequestTooLarge
+from tokentill.api.connections import TIMEOUT_MESSAGE
+from tokentill.errors import RequestTimeout, RequestTooLarge
 from tokentill.metrics import observe_response
 
-__all__ = [
-    "RequestContextMiddleware",
-    "RequestIdFilter",
-    "ResponseMetricsMiddleware",
-    "current_request_id",
-    "new_request_id",
-]
+__all__ = ["RequestIdFilter", "RequestMiddleware", "current_request_id", "new_request_id"]
 
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("tokentill_request_id", default="-")
 
@@ -50,40 +53,70 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+class RequestMiddleware:
+    """Request id, body cap, body read timeout and the response counter (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, read_timeout_s: float) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         request_id = new_request_id()
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
         token = _request_id.set(request_id)
+        id_header = (b"x-request-id", request_id.encode())
+        status = 0
+        deadline = anyio.current_time() + self.read_timeout_s
+        received = 0
+        body_done = False
 
-        async def send_with_id(message: Message) -> None:
+        async def send_wrapped(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", request_id.encode()))
-                message = {**message, "headers": headers}
+                status = int(message["status"])
+                observe_response(status, str(state.get("error_code") or "") if status >= 400 else "")
+                message = {**message, "headers": [*message.get("headers", ()), id_header]}
             await send(message)
 
+        async def receive_wrapped() -> Message:
+            nonlocal body_done, received
+            if body_done:  # afterwards receive() only waits for a disconnect (streaming): no limit
+                return await receive()
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                message = await receive()
+                if message["type"] != "http.request":
+                    body_done = True
+                    return message
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise RequestTooLarge("The request body is larger than this server accepts.")
+                body_done = not message.get("more_body", False)
+                return message
+            raise RequestTimeout(TIMEOUT_MESSAGE.format(limit=self.read_timeout_s))
+
         try:
-            declared = Headers(scope=scope).get("content-length", "")
-            if declared.isascii() and declared.isdigit() and int(declared) > self.max_body_bytes:
-                await self._too_large(scope, send_with_id)
+            declared = _content_length(scope)
+            if declared is not None and declared > self.max_body_bytes:
+                await self._too_large(state, send_wrapped)
                 return
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_wrapped, send_wrapped)
+        except Exception:
+            if not status:  # the outermost handler renders it as a 500 after this middleware
+                observe_response(500, "internal_error")
+            raise
         finally:
             _request_id.reset(token)
 
-    async def _too_large(self, scope: Scope, send: Send) -> None:
+    async def _too_large(self, state: dict[str, object], send: Send) -> None:
         error = RequestTooLarge(
             f"The request body is larger than the {self.max_body_bytes} bytes this server accepts."
         )
-        scope.setdefault("state", {})["error_code"] = error.code
+        state["error_code"] = error.code
         body = json.dumps(error.body()).encode()
         await send(
             {
@@ -99,30 +132,9 @@ class RequestContextMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-class ResponseMetricsMiddleware:
-    """Counts every HTTP response once, by status and error code (`tokentill_http_responses_total`)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        state = scope.setdefault("state", {})
-        status = 0
-
-        async def send_counted(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-                code = str(state.get("error_code") or "") if status >= 400 else ""
-                observe_response(status, code)
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_counted)
-        except Exception:
-            if not status:  # the outermost handler renders it as a 500 after this middleware
-                observe_response(500, "internal_error")
-            raise
+def _content_length(scope: Scope) -> int | None:
+    """The declared `Content-Length` when it is a plain number."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
