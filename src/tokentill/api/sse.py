@@ -78,7 +78,13 @@ async def _pump(events: AsyncGenerator[EngineEvent, None], send: MemoryObjectSen
 
 async def receive_until(items: MemoryObjectReceiveStream[Item], deadline: float) -> Item | None:
     """The next item, or None when `deadline` (anyio time: a keep-alive is due) comes first; raises
-    `anyio.EndOfStream` after the last. The cancel scope closes before the caller yields anything."""
+    `anyio.EndOfStream` after the last. The cancel scope closes before the caller yields anything.
+
+    An item already waiting is taken without a cancel scope: the pump usually runs ahead of the
+    renderer (an upstream read carries several events), and a scope per chunk was the renderer's
+    largest cost."""
+    with suppress(anyio.WouldBlock):
+        return items.receive_nowait()
     with anyio.move_on_after(deadline - anyio.current_time()):
         return await items.receive()
     return None
