@@ -80,9 +80,8 @@ async def receive_until(items: MemoryObjectReceiveStream[Item], deadline: float)
     """The next item, or None when `deadline` (anyio time: a keep-alive is due) comes first; raises
     `anyio.EndOfStream` after the last. The cancel scope closes before the caller yields anything.
 
-    An item already waiting is taken without a cancel scope: the pump usually runs ahead of the
-    renderer (an upstream read carries several events), and a scope per chunk was the renderer's
-    largest cost."""
+    An item already waiting (the pump ran ahead: one upstream read can carry several events) is taken
+    without opening a cancel scope."""
     with suppress(anyio.WouldBlock):
         return items.receive_nowait()
     with anyio.move_on_after(deadline - anyio.current_time()):
