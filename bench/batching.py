@@ -1,31 +1,45 @@
-"""Concurrent streams: tokentill's continuous batching vs llama-cpp-python's server vs bare batched decode.
+"""The embedded engine under traffic: tokentill vs llama-cpp-python's server vs bare batched decode.
 
-One run, one machine, the packaged SmolLM2-135M-Instruct GGUF, the same thread count everywhere. For N in
-1, 4, 8, 16 concurrent streams, each asking for exactly `--tokens` greedy tokens (the model's end tokens are
-banned with `logit_bias` over HTTP and masked in the bare loop, so every stream decodes its whole budget
-everywhere), it prints the aggregate tokens/s (all completion tokens / wall time from the first request to
-the last `[DONE]`, prefill included) and the median time to first token, each the median of `--rounds`
-rounds that alternate between the three (every round asks new prompts, so no round is served from an
-earlier round's cache), for:
+One run, one machine, the packaged SmolLM2-135M-Instruct GGUF, the same thread count everywhere, three
+workloads (rounds alternate between the contenders; every round asks new prompts, so no round is served
+from an earlier round's cache; each figure is the median over `--rounds`):
 
-  (a) tokentill: a real `tokentill serve` (auth, credits, ledger), catalogue entry with `reasoning = "none"`,
-      streaming SSE, `TOKENTILL_MAX_PARALLEL` = `--parallel`;
+  (i)   what a new user gets: the built-in catalogue entry as shipped (`o1-preview`, scratchpad reasoning),
+        default sampling (no temperature, no top_p sent), `--requests` prompts (three short questions to one
+        long document), `--concurrency` in flight, `max_completion_tokens` = `--max-completion-tokens`,
+        natural stops (see bench/natural_traffic.py);
+  (ii)  the same with `reasoning = "none"`;
+  (iii) fixed-length greedy streams: N concurrent streams each decoding exactly `--tokens` tokens (end tokens
+        banned with `logit_bias` over HTTP and masked in the bare loop), for N in `--streams`.
+
+Contenders:
+  (a) tokentill: a real `tokentill serve` (auth, credits, ledger), streaming SSE, `TOKENTILL_MAX_PARALLEL` =
+      `--parallel`, llama.cpp's default wait policy;
   (b) llama-cpp-python's own server (`python -m llama_cpp.server`), streaming, `--interrupt_requests False`
-      (its default cuts a running stream off when the next request arrives, so most would not finish);
-  (c) bare batched `llama_decode`: N sequences in one batch per step, no HTTP, no Python server: the limit.
+      (its default cuts a running stream off when the next request arrives, so most would not finish); it has
+      no hidden reasoning, so one measurement of the natural workload serves (i) and (ii);
+  (c) bare batched `llama_decode` with the same number of sequences, no HTTP: the limit. For (i) and (ii) it
+      replays the prompts and, per request, the completion tokens tokentill produced in that round
+      (`natural_traffic.bare_replay`), so the work is equal.
 
-The HTTP client is one asyncio thread reading raw HTTP/1.1 (every stream must end with `[DONE]` and report
-`--tokens` completion tokens): on a 2-core machine a thread per stream would take CPU from the server
-being measured.
+Figures: aggregate completion tok/s (reasoning included; all tokens / wall time from the first request to
+the last `[DONE]`), time to the first visible token p50/p95, per-request tok/s p50. The HTTP client is one
+asyncio thread reading raw HTTP/1.1: on a 2-core machine a thread per stream would take CPU from the server
+being measured. Then the contention case: workload (ii) on tokentill, quiet and beside one
+`python -c "while True: pass"`, throughput per available core (cores, then cores - 1). The ratios a/c and
+a/b come last.
 
-    .venv/bin/python bench/batching.py [--tokens 128] [--threads 2] [--parallel 8] [--streams 1,4,8,16]
-                                       [--rounds 3] [--contention]
+    .venv/bin/python bench/batching.py [--rounds 2] [--requests 32] [--concurrency 8] [--threads 2]
+        [--max-completion-tokens 256] [--streams 8] [--tokens 128] [--skip-server] [--skip-contention]
+        [--quick]
 
-`--contention` adds the busy-machine case: one greedy stream of bare `llama_decode` at 1 thread and at
-all cores, with llama.cpp's OpenMP workers spinning (`OMP_WAIT_POLICY=ACTIVE`) or sleeping (`PASSIVE`,
-tokentill's default, `TOKENTILL_LLAMA_WAIT_POLICY`), on the machine as it is ("quiet") and beside one
-CPU hog per core; each in a fresh process (libgomp reads the policy when it loads). It prints tok/s and
-the hog/quiet ratio per configuration.
+`--contention-only` prints instead the bare busy-machine table: one greedy stream of bare `llama_decode`
+at 1 thread and at all cores, with llama.cpp's OpenMP workers spinning (`OMP_WAIT_POLICY=ACTIVE`) or
+sleeping (`PASSIVE`, tokentill's default, `TOKENTILL_LLAMA_WAIT_POLICY`), on the machine as it is ("quiet")
+and beside one CPU hog per core; each in a fresh process (libgomp reads the policy when it loads).
+
+(b) needs llama-cpp-python's server extras in the venv: `.venv/bin/pip install 'llama-cpp-python[server]'`
+(or `./scripts/install test`, which brings its dependencies); without them use `--skip-server`.
 """
 
 from __future__ import annotations
@@ -33,7 +47,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import statistics
 import subprocess
@@ -41,15 +54,21 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import requests
+
+# llama.cpp's OpenMP workers sleep at barriers in all three contenders, as in tokentill by default
+# (TOKENTILL_LLAMA_WAIT_POLICY): spinning ones collapse on a shared machine (docs/performance.md). Set
+# before llama.cpp loads; inherited by the llama_cpp.server subprocess. The operator's setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import natural_traffic as natural  # noqa: E402
 from tests.e2e.conftest import TokentillServer, free_port  # noqa: E402
 
 from tokentill.catalog import default_weights_path  # noqa: E402
@@ -144,66 +163,10 @@ def _argmax(logits: Any, n_vocab: int, banned: list[int]) -> int:
     return int(np.argmax(row))
 
 
-async def stream_one(url: str, headers: dict[str, str], body: dict[str, Any]) -> tuple[float, int]:
-    """(seconds to the first content delta, completion tokens) of one streamed chat completion."""
-    target = urlsplit(url)
-    reader, writer = await asyncio.open_connection(target.hostname, target.port)
-    payload = json.dumps(body).encode()
-    head = [
-        f"POST {target.path} HTTP/1.1",
-        f"Host: {target.netloc}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(payload)}",
-        "Connection: close",
-        *(f"{name}: {value}" for name, value in headers.items()),
-    ]
-    start = time.perf_counter()
-    writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + payload)
-    status = await reader.readline()
-    if b" 200 " not in status:
-        raise RuntimeError(f"{status!r}: {await reader.read(2000)!r}")
-    chunked = False
-    while (line := await reader.readline()) not in (b"\r\n", b""):
-        chunked |= line.lower().startswith(b"transfer-encoding: chunked")
-    buffer, first, usage, chunks, done, finish = b"", float("nan"), None, 0, False, None
-    while True:
-        if chunked:
-            size = int((await reader.readline()).strip() or b"0", 16)
-            if size == 0:
-                break
-            buffer += (await reader.readexactly(size + 2))[:-2]
-        else:
-            data = await reader.read(65536)
-            if not data:
-                break
-            buffer += data
-        buffer = buffer.replace(b"\r\n", b"\n")  # sse-starlette (llama_cpp.server) ends lines with CRLF
-        while b"\n\n" in buffer:
-            event, buffer = buffer.split(b"\n\n", 1)
-            if event == b"data: [DONE]":
-                done = True
-            elif event.startswith(b"data: {"):
-                chunk = json.loads(event[6:])
-                if chunk.get("usage"):
-                    usage = chunk["usage"]["completion_tokens"]
-                choices = chunk.get("choices") or []
-                if choices and choices[0].get("finish_reason"):
-                    finish = choices[0]["finish_reason"]
-                if choices and choices[0].get("delta", {}).get("content"):
-                    chunks += 1
-                    if first != first:
-                        first = time.perf_counter() - start
-    writer.close()
-    if not done:
-        raise RuntimeError("stream ended without [DONE]")
-    if usage is None and finish == "length":  # llama_cpp.server sends no usage: the budget was spent
-        usage = body["max_tokens"]
-    return first, usage if usage is not None else chunks
-
-
 def concurrent_streams(
     url: str, headers: dict[str, str], model: str, n: int, tokens: int, round_: int, banned: list[int]
 ) -> tuple[float, float]:
+    """Workload (iii): n greedy streams of exactly `tokens` tokens; (aggregate tok/s, median TTFT)."""
     bodies = [
         {
             "model": model,
@@ -217,23 +180,40 @@ def concurrent_streams(
         for i in range(n)
     ]
 
-    async def together() -> list[tuple[float, int]]:
-        return await asyncio.gather(*(stream_one(url, headers, body) for body in bodies))
+    async def together() -> list[natural.Request]:
+        return await asyncio.gather(*(natural.stream(url, headers, body) for body in bodies))
 
     start = time.perf_counter()
     results = asyncio.run(together())
     elapsed = time.perf_counter() - start
-    short = [r[1] for r in results if r[1] != tokens]
+    # llama_cpp.server sends no usage: a stream that ends on "length" spent its budget
+    counts = [r.tokens if r.reported or r.finish != "length" else tokens for r in results]
+    short = [c for c in counts if c != tokens]
     if short:
         raise RuntimeError(f"{len(short)} streams stopped before {tokens} tokens: {short}")
-    return sum(r[1] for r in results) / elapsed, statistics.median(r[0] for r in results)
+    return sum(counts) / elapsed, statistics.median(r.ttft for r in results)
 
 
 Measure = Callable[[int, int], tuple[float, float]]  # (streams, round) -> (aggregate tok/s, median TTFT)
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    url: str  # .../v1/chat/completions
+    headers: dict[str, str]
+
+
+def server_present() -> bool:
+    """Whether llama-cpp-python's server extras are installed (for (b))."""
+    try:
+        import llama_cpp.server.app  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
-def llama_cpp_server(threads: int, tokens: int, banned: list[int]) -> Iterator[Measure]:
+def llama_cpp_server(threads: int) -> Iterator[Endpoint]:
     port = free_port()
     cmd = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(default_weights_path()),
@@ -255,21 +235,39 @@ def llama_cpp_server(threads: int, tokens: int, banned: list[int]) -> Iterator[M
                     log.seek(0)
                     raise RuntimeError(f"llama_cpp.server did not start: {log.read()[-2000:]!r}")
                 time.sleep(0.3)
-            chat = url + "/v1/chat/completions"
-            concurrent_streams(chat, {}, "x", 1, 8, -1, banned)  # warm-up
-            yield lambda n, round_: concurrent_streams(chat, {}, "x", n, tokens, round_, banned)
+            yield Endpoint(url + "/v1/chat/completions", {})
         finally:
             proc.terminate()
             proc.wait(30)
 
 
+# The built-in entry as shipped (catalog._builtin), and the same model without hidden reasoning.
+CATALOGUE = """
+[[models]]
+id = "o1-preview"
+engine = "llamacpp"
+context = 8192
+price_input = 15
+price_output = 60
+reasoning = "scratchpad"
+max_output = 2048
+
+[[models]]
+id = "plain"
+engine = "llamacpp"
+context = 8192
+price_input = 15
+price_output = 60
+reasoning = "none"
+max_output = 2048
+"""
+
+
 @contextlib.contextmanager
-def tokentill(threads: int, parallel: int, tokens: int, banned: list[int]) -> Iterator[Measure]:
+def tokentill(threads: int, parallel: int) -> Iterator[Endpoint]:
     with tempfile.TemporaryDirectory() as tmp:
         catalogue = Path(tmp) / "models.toml"
-        catalogue.write_text(
-            f'[[models]]\nid = "plain"\nengine = "llamacpp"\ncontext = {CONTEXT}\nreasoning = "none"\n'
-        )
+        catalogue.write_text(CATALOGUE)
         server = TokentillServer(
             Path(tmp),
             None,
@@ -280,12 +278,17 @@ def tokentill(threads: int, parallel: int, tokens: int, banned: list[int]) -> It
         ).start()
         try:
             key = server.new_key("bench", credits="100000")
-            headers = {"Authorization": f"Bearer {key}"}
-            chat = server.url + "/v1/chat/completions"
-            concurrent_streams(chat, headers, "plain", 1, 8, -1, banned)  # warm-up
-            yield lambda n, round_: concurrent_streams(chat, headers, "plain", n, tokens, round_, banned)
+            yield Endpoint(server.url + "/v1/chat/completions", {"Authorization": f"Bearer {key}"})
         finally:
             server.stop()
+
+
+def greedy(endpoint: Endpoint, model: str, tokens: int, banned: list[int]) -> Measure:
+    """Workload (iii) against one server (after a warm-up request)."""
+    concurrent_streams(endpoint.url, endpoint.headers, model, 1, 8, -1, banned)
+    return lambda n, round_: concurrent_streams(
+        endpoint.url, endpoint.headers, model, n, tokens, round_, banned
+    )
 
 
 def decode_one(threads: int, tokens: int) -> float:
@@ -342,16 +345,86 @@ def contention(tokens: int, rounds: int) -> None:
         print(f"| {threads} | {policy} | {quiet:.1f} | {busy:.1f} | {busy / quiet:.2f} |")
 
 
+NATURAL = ("(i) scratchpad, as shipped", "(ii) reasoning none")
+MODELS = {NATURAL[0]: "o1-preview", NATURAL[1]: "plain"}
+A, B, C = "(a) tokentill", "(b) llama_cpp.server", "(c) bare batched"
+
+
+def progress(message: str) -> None:
+    """A line on stderr while the run goes on (the figures come at the end, on stdout)."""
+    print(
+        f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {message}", file=sys.stderr, flush=True
+    )
+
+
+def natural_round(
+    args: argparse.Namespace, round_: int, tt: Endpoint, server: Endpoint | None, banned: list[int]
+) -> dict[tuple[str, str], natural.Figures]:
+    """Workloads (i) and (ii) once for every contender, in an order that rotates with the round."""
+    texts = natural.prompts(args.requests, round_)
+    figures: dict[tuple[str, str], natural.Figures] = {}
+
+    def ours(workload: str) -> None:
+        progress(f"round {round_}: {workload}, tokentill then bare replay")
+        body = natural.bodies(
+            MODELS[workload], texts, args.max_completion_tokens, budget_field="max_completion_tokens"
+        )
+        figures[(workload, A)] = ran = natural.run(tt.url, tt.headers, body, args.concurrency)
+        figures[(workload, C)] = natural.bare_replay(
+            texts, ran.counts, args.concurrency, args.threads, banned
+        )
+
+    def theirs() -> None:
+        assert server is not None
+        progress(f"round {round_}: natural workload, llama_cpp.server")
+        body = natural.bodies("x", texts, args.max_completion_tokens, budget_field="max_tokens")
+        figures[(NATURAL[0], B)] = figures[(NATURAL[1], B)] = natural.run(
+            server.url, {}, body, args.concurrency
+        )
+
+    jobs: list[Callable[[], None]] = [lambda: ours(NATURAL[0]), lambda: ours(NATURAL[1])]
+    if server is not None:
+        jobs.append(theirs)
+    for k in range(len(jobs)):
+        jobs[(k + round_) % len(jobs)]()
+    return figures
+
+
+def natural_contention(args: argparse.Namespace, tt: Endpoint) -> dict[bool, list[float]]:
+    """Workload (ii) on tokentill, quiet and beside one CPU hog, alternating: aggregate tok/s per case."""
+    out: dict[bool, list[float]] = {False: [], True: []}
+    for round_ in range(args.rounds):
+        texts = natural.prompts(args.requests, 1000 + round_)
+        body = natural.bodies(
+            MODELS[NATURAL[1]], texts, args.max_completion_tokens, budget_field="max_completion_tokens"
+        )
+        for hog in (round_ % 2 == 1, round_ % 2 == 0):
+            progress(f"contention round {round_}: {'one CPU hog' if hog else 'quiet'}")
+            hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])] if hog else []
+            try:
+                out[hog].append(natural.run(tt.url, tt.headers, body, args.concurrency).aggregate)
+            finally:
+                for proc in hogs:
+                    proc.kill()
+                    proc.wait()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per figure; the median is printed")
+    parser.add_argument("--requests", type=int, default=32, help="requests per natural workload")
+    parser.add_argument("--concurrency", type=int, default=8, help="natural requests in flight")
+    parser.add_argument("--max-completion-tokens", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per greedy stream (iii)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--parallel", type=int, default=8, help="tokentill's TOKENTILL_MAX_PARALLEL")
-    parser.add_argument("--streams", default="1,4,8,16")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per figure; the median is printed")
+    parser.add_argument("--streams", default="8", help="concurrent greedy streams (iii), e.g. 1,4,8,16")
+    parser.add_argument("--workloads", default="i,ii,iii", help="which workloads, e.g. i,iii")
     parser.add_argument("--skip-server", action="store_true", help="leave out llama_cpp.server (slow)")
-    parser.add_argument("--contention", action="store_true", help="add the busy-machine case (see above)")
-    parser.add_argument("--contention-only", action="store_true", help="only the busy-machine case")
+    parser.add_argument("--skip-contention", action="store_true", help="leave out the CPU-hog case")
+    parser.add_argument("--quick", action="store_true", help="1 round, 8 requests of ≤ 128 tokens, 64 greedy")
+    parser.add_argument("--contention-only", action="store_true", help="only the bare busy-machine table")
     parser.add_argument("--decode-one", type=int, default=0, help=argparse.SUPPRESS)  # a contention probe
     args = parser.parse_args()
     if args.decode_one:
@@ -360,59 +433,131 @@ def main() -> None:
     if args.contention_only:
         contention(args.tokens, args.rounds)
         return
-    streams = [int(s) for s in args.streams.split(",")]
+    if args.quick:
+        args.rounds, args.requests, args.max_completion_tokens, args.tokens = 1, 8, 128, 64
+    if not args.skip_server and not server_present():
+        sys.exit(
+            "llama_cpp.server is not installed: `.venv/bin/pip install 'llama-cpp-python[server]'` "
+            "(or `./scripts/install test`), or run with --skip-server"
+        )
+    workloads = set(args.workloads.split(","))
+    streams = [int(s) for s in args.streams.split(",")] if "iii" in workloads else []
     banned = end_tokens()
-
-    load_before = os.getloadavg()
+    loads = [os.getloadavg()[0]]
+    natural_runs: list[dict[tuple[str, str], natural.Figures]] = []
+    greedy_runs: dict[str, dict[int, list[tuple[float, float]]]] = {}
+    hogged: dict[bool, list[float]] = {}
     with contextlib.ExitStack() as stack:
-        # Both servers stay up (idle when not measured) so that rounds can alternate between the three:
+        # Both servers stay up (idle when not measured) so that rounds can alternate between contenders:
         # a machine that slows down for a while then costs every contender alike.
+        tt = stack.enter_context(tokentill(args.threads, args.parallel))
+        server = None if args.skip_server else stack.enter_context(llama_cpp_server(args.threads))
         measures: dict[str, Measure] = {
-            "(c) bare batched llama_decode": lambda n, r: bare(n, args.tokens, args.threads, r, banned),
-            "(a) tokentill HTTP SSE": stack.enter_context(
-                tokentill(args.threads, args.parallel, args.tokens, banned)
-            ),
+            C: lambda n, r: bare(n, args.tokens, args.threads, r, banned),
+            A: greedy(tt, "plain", args.tokens, banned),
         }
-        if not args.skip_server:
-            measures["(b) llama_cpp.server SSE"] = stack.enter_context(
-                llama_cpp_server(args.threads, args.tokens, banned)
-            )
-        runs: dict[str, dict[int, list[tuple[float, float]]]] = {name: {} for name in measures}
-        for n in streams:
-            for round_ in range(args.rounds):
-                for name, measure in measures.items():
-                    runs[name].setdefault(n, []).append(measure(n, round_))
-    load_after = os.getloadavg()
-    results = {
-        name: {
-            n: (statistics.median(r[0] for r in figures), statistics.median(r[1] for r in figures))
-            for n, figures in by_n.items()
-        }
-        for name, by_n in runs.items()
-    }
+        if server is not None:
+            measures[B] = greedy(server, "x", args.tokens, banned)
+        for round_ in range(args.rounds):
+            if workloads & {"i", "ii"}:
+                natural_runs.append(natural_round(args, round_, tt, server, banned))
+                loads.append(os.getloadavg()[0])
+            for n in streams:
+                names = list(measures)
+                for k in range(len(names)):
+                    name = names[(k + round_) % len(names)]
+                    progress(f"round {round_}: greedy, {n} streams, {name}")
+                    greedy_runs.setdefault(name, {}).setdefault(n, []).append(measures[name](n, round_))
+            loads.append(os.getloadavg()[0])
+        if not args.skip_contention and workloads & {"i", "ii"}:
+            hogged = natural_contention(args, tt)
+            loads.append(os.getloadavg()[0])
+    report(args, natural_runs, greedy_runs, streams, hogged, loads)
 
+
+def report(
+    args: argparse.Namespace,
+    natural_runs: list[dict[tuple[str, str], natural.Figures]],
+    greedy_runs: dict[str, dict[int, list[tuple[float, float]]]],
+    streams: list[int],
+    hogged: dict[bool, list[float]],
+    loads: list[float],
+) -> None:
+    cores = os.cpu_count() or 1
     print(
-        f"machine: {os.cpu_count()} cores, threads={args.threads}, tokentill max_parallel={args.parallel}, "
-        f"{args.tokens} tokens per stream, greedy, context {CONTEXT}/sequence, median of {args.rounds} "
-        "alternating rounds; "
-        f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}"
+        f"machine: {cores} cores, threads={args.threads}, tokentill max_parallel={args.parallel}, median of "
+        f"{args.rounds} alternating rounds; load average (1 min) at start and after each round: "
+        + ", ".join(f"{x:.2f}" for x in loads)
     )
-    header = "| streams | " + " | ".join(f"{name} tok/s | TTFT s" for name in results) + " |"
-    print(header)
-    print("|" + "---|" * (1 + 2 * len(results)))
-    for n in streams:
-        cells = " | ".join(f"{results[name][n][0]:.1f} | {results[name][n][1]:.3f}" for name in results)
-        print(f"| {n} | {cells} |")
-    a, c = results["(a) tokentill HTTP SSE"], results["(c) bare batched llama_decode"]
-    b = results.get("(b) llama_cpp.server SSE")
-    for n in streams:
-        ratios = f"a/c = {a[n][0] / c[n][0]:.2f}"
-        if b is not None:
-            ratios += f", a/b = {a[n][0] / b[n][0]:.2f}"
-        print(f"{n} streams: {ratios}")
-
-    if args.contention:
-        contention(args.tokens, args.rounds)
+    ratios: list[str] = []
+    natural_figures = {
+        key: natural.Figures.median([run[key] for run in natural_runs])
+        for key in (natural_runs[0] if natural_runs else {})
+    }
+    for workload in NATURAL:
+        rows = [
+            (name, natural_figures[(workload, name)])
+            for name in (A, B, C)
+            if (workload, name) in natural_figures
+        ]
+        if not rows:
+            continue
+        print(
+            f"\n{workload}: {args.requests} requests (3 short : 1 long), {args.concurrency} in flight, "
+            f"max_completion_tokens {args.max_completion_tokens}, default sampling, natural stops"
+        )
+        print(
+            "| contender | aggregate tok/s | TTFT p50 s | TTFT p95 s | per-request tok/s p50 "
+            "| tokens/request |"
+        )
+        print("|---|---|---|---|---|---|")
+        for name, f in rows:
+            mean = statistics.mean(f.counts)
+            print(
+                f"| {name} | {f.aggregate:.1f} | {f.ttft_p50:.2f} | {f.ttft_p95:.2f} | {f.per_request:.1f} "
+                f"| {mean:.0f} |"
+            )
+        got = dict(rows)
+        line = f"{workload}: a/c = {got[A].aggregate / got[C].aggregate:.2f}"
+        if B in got:
+            line += f", a/b = {got[A].aggregate / got[B].aggregate:.2f}"
+        ratios.append(line)
+    if streams:
+        print(f"\n(iii) fixed-length greedy: every stream decodes exactly {args.tokens} tokens")
+        names = [name for name in (A, B, C) if name in greedy_runs]
+        print("| streams | " + " | ".join(f"{name} tok/s | TTFT s" for name in names) + " |")
+        print("|" + "---|" * (1 + 2 * len(names)))
+        med = {
+            name: {
+                n: tuple(statistics.median(x) for x in zip(*runs, strict=True)) for n, runs in by_n.items()
+            }
+            for name, by_n in greedy_runs.items()
+        }
+        for n in streams:
+            print(
+                f"| {n} | "
+                + " | ".join(f"{med[name][n][0]:.1f} | {med[name][n][1]:.3f}" for name in names)
+                + " |"
+            )
+        for n in streams:
+            line = f"(iii) greedy, {n} streams: a/c = {med[A][n][0] / med[C][n][0]:.2f}"
+            if B in med:
+                line += f", a/b = {med[A][n][0] / med[B][n][0]:.2f}"
+            ratios.append(line)
+    if hogged:
+        quiet, busy = statistics.median(hogged[False]), statistics.median(hogged[True])
+        available = max(1, cores - 1)
+        print("\ncontention: workload (ii) on tokentill, default threads and wait policy, beside one CPU hog")
+        print("| case | aggregate tok/s | available cores | tok/s per available core |")
+        print("|---|---|---|---|")
+        print(f"| quiet | {quiet:.1f} | {cores} | {quiet / cores:.1f} |")
+        print(f"| one `while True: pass` | {busy:.1f} | {available} | {busy / available:.1f} |")
+        ratios.append(
+            f"contention: per available core, hog/quiet = {(busy / available) / (quiet / cores):.2f}"
+        )
+    print("\nratios (a = tokentill, b = llama_cpp.server, c = bare batched limit):")
+    for line in ratios:
+        print("  " + line)
 
 
 if __name__ == "__main__":

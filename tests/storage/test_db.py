@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -189,3 +190,36 @@ async def _pg_tables(database_url: str) -> list[str]:
             return list(await conn.run_sync(lambda c: inspect(c).get_table_names()))
     finally:
         await engine.dispose()
+
+
+def test_run_write_commits_or_rolls_back_and_queues_with_begin(database_url: str) -> None:
+    """`run_write` (a synchronous function in one write transaction; SQLite: on the writer thread) commits
+    what its function wrote, rolls it all back when it raises, and takes turns with `begin()` writers."""
+
+    def create(name: str, *, fail: bool = False) -> Callable[[Connection], str]:
+        def write(conn: Connection) -> str:
+            conn.execute(insert(accounts).values(name=name, balance=5, created_at=datetime.now(UTC)))
+            if fail:
+                raise RuntimeError("after the insert")
+            return name
+
+        return write
+
+    async def body(db: Database) -> None:
+        assert await db.run_write(create("kept")) == "kept"
+        with pytest.raises(RuntimeError):
+            await db.run_write(create("undone", fail=True))
+
+        async def bump() -> None:
+            async with db.begin() as conn:
+                await conn.execute(
+                    update(accounts).where(accounts.c.name == "kept").values(balance=accounts.c.balance + 1)
+                )
+
+        # Interleaved with async writers on the same file: no "database is locked", nothing lost.
+        await asyncio.gather(*(db.run_write(create(f"w{i}")) for i in range(5)), *(bump() for _ in range(5)))
+        async with db.read() as conn:
+            rows = dict((await conn.execute(select(accounts.c.name, accounts.c.balance))).all())
+        assert rows == {"kept": 10, **{f"w{i}": 5 for i in range(5)}}
+
+    run_with_db(database_url, body)

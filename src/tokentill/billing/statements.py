@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import Insert, bindparam, exists, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokentill.billing.records import Account, KeyTerms, UsageRecord, UsageRow
@@ -64,14 +65,6 @@ _KEY_AS_ADMITTED = (
 )
 _TAKE_FROM_BALANCE_FOR_KEY = _TAKE_FROM_BALANCE.where(exists().where(_KEY_AS_ADMITTED))
 _KEY_IS_AS_ADMITTED = select(api_keys.c.id).where(_KEY_AS_ADMITTED)
-# The same, also returning the database's clock (PostgreSQL's now(): the transaction's start), which
-# saves the hold its own `SELECT now()` round trip.
-_TAKE = {
-    (False, False): _TAKE_FROM_BALANCE,
-    (True, False): _TAKE_FROM_BALANCE_FOR_KEY,
-    (False, True): _TAKE_FROM_BALANCE.returning(func.now().label("now")),
-    (True, True): _TAKE_FROM_BALANCE_FOR_KEY.returning(func.now().label("now")),
-}
 _LEDGER_ROW = insert(ledger)
 _OPEN_HOLD = insert(holds)
 _CLOSE_HOLD = (
@@ -182,18 +175,15 @@ async def add_to_balance(conn: AsyncConnection, account_id: int, delta: int) -> 
 
 
 async def reserve_from_balance(
-    conn: AsyncConnection, account_id: int, amount: int, key: KeyTerms | None = None, *, clock: bool = False
-) -> tuple[int, datetime | None] | None:
+    conn: AsyncConnection, account_id: int, amount: int, key: KeyTerms | None = None
+) -> int | None:
     """balance -= amount if the balance covers it (and, given `key`, the key is live on those terms):
-    the balance after and (with `clock`, PostgreSQL only) the database's `now()`; None when refused (or
-    no account)."""
+    the balance after; None when refused (or no account). (PostgreSQL: `pg_statements.reserve`.)"""
     values: dict[str, Any] = {"b_account": account_id, "b_amount": amount}
     if key is not None:
         values.update(_key_values(key))
-    row = (await conn.execute(_TAKE[key is not None, clock], values)).first()
-    if row is None:
-        return None
-    return int(row.balance), row.now if clock else None
+    row = (await conn.execute(_TAKE_FROM_BALANCE_FOR_KEY if key else _TAKE_FROM_BALANCE, values)).first()
+    return int(row.balance) if row is not None else None
 
 
 async def key_is_as_admitted(conn: AsyncConnection, key: KeyTerms) -> bool:
@@ -308,54 +298,56 @@ async def open_hold(
 
 
 # ----------------------------------------------------------------- many requests at once
+# Synchronous: `billing.group_commit` runs a whole batch as one function on a synchronous connection
+# (`Database.run_write`), which on SQLite is one hand-off to the writer thread for the whole transaction.
 
 
-async def close_holds(
-    conn: AsyncConnection, hold_ids: list[str], to_status: str, now: datetime
+def close_holds(
+    conn: Connection, hold_ids: list[str], to_status: str, now: datetime
 ) -> dict[str, tuple[int, int]]:
     """Move every *open* hold of `hold_ids` to `to_status`: {hold id: (account_id, amount)} of those
     this call closed (the others were not open)."""
-    rows = await conn.execute(_CLOSE_HOLDS, {"b_holds": hold_ids, "b_to": to_status, "b_now": now})
+    rows = conn.execute(_CLOSE_HOLDS, {"b_holds": hold_ids, "b_to": to_status, "b_now": now})
     return {row.id: (int(row.account_id), int(row.amount)) for row in rows}
 
 
-async def lock_balances(
-    conn: AsyncConnection, account_ids: Collection[int], *, clock: bool = False
+def lock_balances(
+    conn: Connection, account_ids: Collection[int], *, clock: bool = False
 ) -> tuple[dict[int, int], datetime | None]:
     """The balances of `account_ids` (missing accounts left out), locked until the transaction ends,
     and with `clock` (PostgreSQL) the database's `now()`."""
     query = _LOCK_BALANCES_AND_CLOCK if clock else _LOCK_BALANCES
-    rows = (await conn.execute(query, {"b_accounts": sorted(account_ids)})).all()
+    rows = conn.execute(query, {"b_accounts": sorted(account_ids)}).all()
     now = rows[0].now if clock and rows else None
     return {int(row.id): int(row.balance) for row in rows}, now
 
 
-async def live_key_terms(conn: AsyncConnection, key_ids: Collection[str]) -> dict[str, KeyTerms]:
+def live_key_terms(conn: Connection, key_ids: Collection[str]) -> dict[str, KeyTerms]:
     """The limits of the keys of `key_ids` that are live (not revoked), by key id."""
-    rows = await conn.execute(_LIVE_KEYS, {"b_keys": sorted(key_ids)})
+    rows = conn.execute(_LIVE_KEYS, {"b_keys": sorted(key_ids)})
     return {row.id: KeyTerms(row.id, row.rpm, row.tpm, row.max_concurrent) for row in rows}
 
 
-async def shift_balances(conn: AsyncConnection, deltas: dict[int, int]) -> None:
+def shift_balances(conn: Connection, deltas: dict[int, int]) -> None:
     """balance += delta for each account (the caller holds their locks and keeps them non-negative)."""
     params = [{"b_account": account, "b_delta": delta} for account, delta in deltas.items() if delta]
     if params:
-        await conn.execute(_SHIFT_BALANCE, params)
+        conn.execute(_SHIFT_BALANCE, params)
 
 
-async def insert_rows(conn: AsyncConnection, table: str, rows: list[dict[str, Any]]) -> None:
+def insert_rows(conn: Connection, table: str, rows: list[dict[str, Any]]) -> None:
     """Insert `rows` into 'ledger' or 'holds', in list order (ledger ids follow it)."""
     if rows:
-        await conn.execute(_LEDGER_ROW if table == "ledger" else _OPEN_HOLD, rows)
+        conn.execute(_LEDGER_ROW if table == "ledger" else _OPEN_HOLD, rows)
 
 
-async def record_usages(conn: AsyncConnection, dialect: str, rows: list[dict[str, Any]]) -> None:
+def record_usages(conn: Connection, dialect: str, rows: list[dict[str, Any]]) -> None:
     """`record_usage` for many `usage_values` rows: each written once (a duplicate request id is skipped
     with its bucket), the hourly buckets summed per bucket before one upsert each."""
     if not rows:
         return
     row_statement, bucket_statement = _USAGE_ROWS[dialect]
-    written = set((await conn.execute(row_statement, rows)).scalars().all())
+    written = set(conn.execute(row_statement, rows).scalars().all())
     buckets: dict[tuple[Any, ...], dict[str, Any]] = {}
     for row in rows:
         if row["request_id"] not in written:
@@ -370,4 +362,4 @@ async def record_usages(conn: AsyncConnection, dialect: str, rows: list[dict[str
         else:
             buckets[key] = add
     if buckets:
-        await conn.execute(bucket_statement, list(buckets.values()))
+        conn.execute(bucket_statement, list(buckets.values()))

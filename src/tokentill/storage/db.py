@@ -35,18 +35,19 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, closing, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, exc, inspect, text
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy import create_engine, event, exc, inspect, text
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
 from tokentill.errors import ServiceUnavailable
 from tokentill.storage.schema import utcnow
@@ -54,6 +55,7 @@ from tokentill.storage.schema import utcnow
 __all__ = ["RETRY_AFTER_S", "Database", "DatabaseMissing", "describe_url", "is_outage", "open_database"]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # Any fixed 64-bit number; only tokentill's migration runs take it.
@@ -131,6 +133,7 @@ class Database:
         self._down = False  # the last transaction failed for an outage (logged once until it recovers)
         self._write_lock: asyncio.Lock | None = None  # SQLite: this process's writers, one at a time
         self._write_lock_loop: asyncio.AbstractEventLoop | None = None
+        self._sync_writer: _SqliteWriter | None = None  # SQLite: `run_write`'s thread, made on first use
         # Reads see one snapshot: a deferred BEGIN in WAL mode on SQLite, REPEATABLE READ on PostgreSQL
         # (free of serialization failures for read-only transactions).
         self._read_engine = (
@@ -156,6 +159,29 @@ class Database:
             async with self._sqlite_write_lock():
                 async with self.engine.begin() as conn:
                     yield conn
+
+    async def run_write(self, fn: Callable[[Connection], T]) -> T:
+        """`fn(conn)` on a *synchronous* connection inside one write transaction (committed when `fn`
+        returns, rolled back when it raises; outages are 503 as in `begin`), for work that runs many
+        statements at once (`billing.group_commit`).
+
+        SQLite: on this database's own writer thread and sqlite3 connection, after this process's other
+        writers (the same asyncio lock as `begin`): the whole transaction is one hand-off to a thread,
+        where aiosqlite takes three or four per statement (cursor, execute, fetch, close). PostgreSQL:
+        `run_sync` on a pooled asyncpg connection; each statement still awaits its round trip.
+        """
+        if self.dialect != "sqlite":
+            async with self.begin() as conn:
+                return await conn.run_sync(fn)
+        with self._outage_is_503():
+            async with self._sqlite_write_lock():
+                if self._sync_writer is None:
+                    self._sync_writer = _SqliteWriter(self.engine.url)
+                # A cancelled caller stops waiting, not the thread: the transaction still ends (commit or
+                # rollback) on its own, and SQLite's busy timeout covers a writer that starts meanwhile.
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._sync_writer.thread, self._sync_writer.write, fn
+                )
 
     @contextmanager
     def _outage_is_503(self) -> Iterator[None]:
@@ -227,10 +253,36 @@ class Database:
 
     async def aclose(self) -> None:
         """Close every pooled connection. The object is unusable afterwards."""
+        if self._sync_writer is not None:
+            await asyncio.to_thread(self._sync_writer.close)
+            self._sync_writer = None
         await self.engine.dispose()
 
     def __repr__(self) -> str:
         return f"Database({self.engine.url.render_as_string(hide_password=True)!r})"
+
+
+class _SqliteWriter:
+    """One thread with one synchronous sqlite3 connection (same pragmas, BEGIN IMMEDIATE) to the file."""
+
+    def __init__(self, url: URL) -> None:
+        # StaticPool: the single connection, only ever used on the single thread below.
+        self.engine = create_engine(
+            url.set(drivername="sqlite+pysqlite"),
+            poolclass=StaticPool,
+            connect_args={"check_same_thread": False},
+        )
+        event.listen(self.engine, "connect", _sqlite_connect)
+        event.listen(self.engine, "begin", _sqlite_begin)
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokentill-sqlite-writer")
+
+    def write(self, fn: Callable[[Connection], T]) -> T:
+        with self.engine.begin() as conn:
+            return fn(conn)
+
+    def close(self) -> None:
+        self.thread.shutdown(wait=True)
+        self.engine.dispose()
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
