@@ -22,6 +22,7 @@ closers (a late settle and the sweeper, two sweepers in two processes) cannot bo
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
@@ -51,6 +52,7 @@ from tokentill.billing.statements import (
     close_hold,
     key_is_as_admitted,
     open_hold,
+    read_balance,
     record_usage,
     reserve_from_balance,
     usage_row_from,
@@ -143,9 +145,9 @@ class Ledger:
             return int((await conn.execute(select(func.count()).select_from(accounts))).scalar_one())
 
     async def balance(self, account_id: int) -> int:
-        """The account's balance in µcr; `LookupError` if there is no such account."""
-        async with self._db.read() as conn:
-            return await balance_of(conn, account_id)
+        """The account's balance in µcr; `LookupError` if there is no such account. (A request reads it
+        to clamp its default budget: one statement, `Database.run_read`.)"""
+        return await self._db.run_read(functools.partial(read_balance, account_id=account_id))
 
     async def add_credits(self, name: str, amount: int, note: str = "") -> int:
         """Add `amount` µcr (> 0, else `ValueError`) to account `name`; returns the new balance.

@@ -35,6 +35,7 @@ __all__ = [
     "live_key_terms",
     "lock_balances",
     "open_hold",
+    "read_balance",
     "record_usage",
     "record_usages",
     "reserve_from_balance",
@@ -300,6 +301,14 @@ async def open_hold(
 # ----------------------------------------------------------------- many requests at once
 # Synchronous: `billing.group_commit` runs a whole batch as one function on a synchronous connection
 # (`Database.run_write`), which on SQLite is one hand-off to the writer thread for the whole transaction.
+
+
+def read_balance(conn: Connection, account_id: int) -> int:
+    """`balance_of` on a synchronous connection (`Database.run_read`)."""
+    balance = conn.execute(_BALANCE, {"b_account": account_id}).scalar_one_or_none()
+    if balance is None:
+        raise LookupError(f"no account with id {account_id}")
+    return int(balance)
 
 
 def close_holds(
