@@ -25,10 +25,12 @@ loaded the machine is. The load generator is `bench/loadgen.py` (one asyncio pro
 HTTP client library: see there). After each tokentill target the bench checks the ledger: every account's
 balance equals the sum of its ledger rows, one usage row per request sent, no hold left open.
 
-    --workers 2  runs tokentill with two worker processes; the CPU figure sums the whole process tree.
+    --workers 2  runs tokentill with two worker processes (with Redis for the limits, on SQLite too); the
+        CPU figure sums the whole process tree.
     --profile FILE.txt  runs `tokentill serve` under pyinstrument (wall-clock sampling of the event loop's
-        thread; a call tree and the frames by self time), FILE.prof under cProfile (`python -m pstats`),
-        one file per tokentill target (FILE-tokentill-sqlite.txt, ...).
+        thread; a call tree and the frames by self time; `pip install pyinstrument` first, tokentill does
+        not depend on it), FILE.prof under cProfile (`python -m pstats`), one file per tokentill target
+        (FILE-tokentill-sqlite.txt, ...).
 """
 
 from __future__ import annotations
@@ -275,6 +277,7 @@ def start_tokentill(
     }
     if database_url:
         env["TOKENTILL_DATABASE_URL"] = database_url
+    if database_url or args.workers > 1:  # workers share their rate limits through Redis
         env["TOKENTILL_REDIS_URL"] = args.redis_url
     tokentill_cli(env, "init")  # the CLI creates no database by itself
     account = f"bench-{os.getpid()}"
@@ -524,7 +527,8 @@ def bench(args: argparse.Namespace, folder: Path, upstream: Target, responder_ur
                 litellm.stop()
     print("\nledger invariant:")
     print("\n".join(f"  {line}" for line in invariants))
-    print("\nthroughput against the LiteLLM proxy, same run:")
+    if any(name == "litellm" for name, _, _ in rps):
+        print("\nthroughput against the LiteLLM proxy, same run:")
     for (name, mode, concurrency), value in rps.items():
         other = rps.get(("litellm", mode, concurrency))
         if name.startswith("tokentill") and other:

@@ -9,10 +9,12 @@ request decodes exactly the same number of tokens in both modes and only the pro
   re-prefill: the answer pass is a request of its own, its prompt (messages + notes) evaluated anew (what
               the engine did before, and still does for engines without the capability).
 
-Rounds alternate between the two modes (new prompts every round, so no round reuses another's cache).
-Per mode it prints the medians over rounds of: aggregate completion tok/s (reasoning included, all tokens /
-wall time from the first request to the last answer), per-request latency p50, time to the first visible
-(answer) token p50, and prompt tokens evaluated per request; then the ratios continue / re-prefill.
+Rounds alternate between the two modes (every prompt starts with its own tag, so no request reuses
+another's cached prefix). Per mode it prints the medians over rounds of: aggregate completion tok/s
+(reasoning included, all tokens / wall time from the first request to the last answer), per-request
+latency p50, time to the first visible (answer) token p50, and prompt tokens evaluated per request; then
+the ratios continue / re-prefill of those medians, and the median of the per-round ratios (each round
+pair ran back to back, which matters on a machine whose speed drifts).
 
     .venv/bin/python bench/scratchpad.py [--streams 8] [--answer 128] [--rounds 3] [--threads 2]
 """
@@ -100,8 +102,9 @@ async def round_(
     requests = []
     for i in range(streams):
         topic = TOPICS[i % len(TOPICS)]
-        user = f"Question {index}-{i}: tell me about {topic}."
-        messages = (Message("system", SYSTEM), Message("user", user)) if i % 2 else (Message("user", user),)
+        # A tag first, so no request reuses another's cached prefix: only the answer pass's work differs.
+        system = f"Session {index}-{i}-{int(follow)}. " + (SYSTEM if i % 2 else "Be brief and kind.")
+        messages = (Message("system", system), Message("user", f"Tell me about {topic}."))
         requests.append(
             EngineRequest(
                 request_id=f"r{index}-{i}-{follow}",
@@ -159,6 +162,9 @@ def main() -> None:
         print(f"  {name:10s} " + "  ".join(f"{k} {v:.2f}" for k, v in figures.items()))
     ratios = {key: medians["continue"][key] / medians["re-prefill"][key] for key in medians["continue"]}
     print("  ratio continue / re-prefill: " + "  ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    pairs = list(zip(results["continue"], results["re-prefill"], strict=True))
+    paired = {key: statistics.median(c[key] / r[key] for c, r in pairs) for key in medians["continue"]}
+    print("  median of per-round ratios:  " + "  ".join(f"{k} {v:.3f}" for k, v in paired.items()))
 
 
 if __name__ == "__main__":

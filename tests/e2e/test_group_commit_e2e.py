@@ -21,6 +21,7 @@ import pytest
 from tests._services import run
 from tests.conftest import _plain_pg
 from tests.e2e.conftest import TokentillServer
+from tests.faults.harness import metric_counts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.redis]
 
@@ -103,16 +104,6 @@ async def _books(database_url: str, account: str) -> dict[str, Any]:
         await conn.close()
 
 
-def _group_commit_counts(server: TokentillServer) -> dict[str, float]:
-    text = httpx2.get(f"{server.url}/metrics", timeout=10).text
-    counts: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("tokentill_group_commit_total{"):
-            labels, value = line.rsplit(" ", 1)
-            counts[labels.split('what="')[1].split('"')[0]] = float(value)
-    return counts
-
-
 def test_one_account_hammered_from_two_replicas_is_exact(
     replicas: list[TokentillServer], pg_database_url: str
 ) -> None:
@@ -146,7 +137,7 @@ def test_one_account_hammered_from_two_replicas_is_exact(
     assert books["ledger"][None, "credit"] == 1
     assert sum(books["ledger"].values()) == 1 + 3 * len(delivered)  # nothing for the refused requests
 
-    counts = [_group_commit_counts(s) for s in replicas]
+    counts = [metric_counts(s, "tokentill_group_commit_total", "what") for s in replicas]
     assert all(c["ops"] > 0 for c in counts), counts  # both replicas served the account
     assert sum(c["batches"] for c in counts) < sum(c["ops"] for c in counts), counts  # and batched
     print(

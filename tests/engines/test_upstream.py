@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import httpx2
 import pytest
 
 from tests._services import run
@@ -261,8 +260,7 @@ def test_sse_lines_split_on_cr_lf_crlf_only_wherever_the_reads_break() -> None:
             for chunk in chunks:
                 yield chunk
 
-        response = httpx2.Response(200, content=body())
-        return [line async for line in sse_lines(response, time.monotonic() + 10)]
+        return [line async for line in sse_lines(body(), time.monotonic() + 10)]
 
     expected = [b"a", b"b", b"c", "\u2028d\u0085".encode(), b"", b"e"]
     for i in range(len(data) + 1):

@@ -181,3 +181,33 @@ def test_images_without_a_projector_are_refused() -> None:
         assert caught.value.code == "image_input_unsupported"
     finally:
         asyncio.run(engine.aclose())
+
+
+def test_the_scratchpad_answer_continues_after_the_image(engine: LlamaCppEngine) -> None:
+    """With an image, the answer pass continues the notes' sequence: the image is not encoded again."""
+    from dataclasses import replace
+
+    from tokentill.engines.reasoning import Scratchpad
+
+    scratchpad = Scratchpad(engine)
+    # low effort: at most 64 notes tokens, so the answer pass always starts
+    request = replace(
+        _request("Describe this picture.", image(), request_id="pad", max_tokens=96), reasoning_effort="low"
+    )
+
+    async def collect() -> tuple[int, int, Finished]:
+        hidden = shown = 0
+        async for event in scratchpad.generate(request):
+            if isinstance(event, Finished):
+                return hidden, shown, event
+            hidden += event.tokens if getattr(event, "reasoning", False) else 0
+            shown += 0 if getattr(event, "reasoning", False) else event.tokens
+        raise AssertionError("no Finished event")
+
+    hidden, shown, finished = asyncio.run(collect())
+    usage = finished.usage
+    assert usage.image_tokens == 16 and usage.prompt_tokens == scratchpad.count_prompt_tokens(request)
+    assert usage.reasoning_tokens == hidden and usage.completion_tokens == hidden + shown
+    evaluated = engine.prompt_tokens_evaluated("pad")
+    assert evaluated is not None
+    assert evaluated - (usage.prompt_tokens - usage.cached_tokens) <= 40  # the answer's own prompt only

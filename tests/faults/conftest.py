@@ -100,11 +100,16 @@ def cluster(tmp_path: Path, pg_database_url: str, pg_proxy: TcpProxy) -> Iterato
     url = through(pg_database_url, pg_proxy)
     env = {"TOKENTILL_REDIS_URL": private_redis.url}
     a = replica(tmp_path / "a", url, catalog, **env).start()
-    b = replica(tmp_path / "b", url, catalog, **env).start()
     try:
-        yield Cluster(a, b, pg_proxy, private_redis, upstream, _plain_pg(pg_database_url), catalog)
+        b = replica(tmp_path / "b", url, catalog, **env).start()
+    except BaseException:
+        a.stop()
+        raise
+    cluster = Cluster(a, b, pg_proxy, private_redis, upstream, _plain_pg(pg_database_url), catalog)
+    try:
+        yield cluster
     finally:
-        for server in (a, b):
+        for server in (cluster.a, cluster.b):  # a test may have replaced one with its restart
             server.stop()
         upstream.stop()
         private_redis.kill()

@@ -303,10 +303,15 @@ def wait_swept(database_url: str, timeout_s: float) -> None:
 
 def deferred_settlements(server: TokentillServer) -> dict[str, float]:
     """`tokentill_settlements_deferred_total` by event, from the replica's /metrics."""
+    return metric_counts(server, "tokentill_settlements_deferred_total", "event")
+
+
+def metric_counts(server: TokentillServer, metric: str, label: str) -> dict[str, float]:
+    """The samples of counter `metric` by the value of its one `label`, from the server's /metrics."""
     text = requests.get(f"{server.url}/metrics", timeout=10).text
     counts: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("tokentill_settlements_deferred_total{"):
+        if line.startswith(metric + "{"):
             labels, value = line.rsplit(" ", 1)
-            counts[labels.split('event="')[1].split('"')[0]] = float(value)
+            counts[labels.split(f'{label}="')[1].split('"')[0]] = float(value)
     return counts

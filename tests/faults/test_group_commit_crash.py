@@ -21,7 +21,7 @@ import pytest
 from tests._services import run
 from tests.e2e.conftest import TokentillServer
 from tests.faults.conftest import ECHO_MODEL, HOLD_TTL_S, PRICE_IN, PRICE_OUT, Cluster
-from tests.faults.harness import Outcomes, check_books, wait_swept
+from tests.faults.harness import Outcomes, check_books, metric_counts, wait_swept
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.postgres, pytest.mark.redis]
 
@@ -126,13 +126,8 @@ def test_replica_sigkilled_under_group_committed_load(cluster: Cluster) -> None:
     unanswered = usage_ids - set(outcomes.delivered)
     # A usage row without a 200 can only be a request cut off in flight by the kill (settled, not sent).
     assert len(unanswered) + stranded <= load.cut, (len(unanswered), stranded, load.cut)
-    metrics = httpx2.get(f"{cluster.b.url}/metrics", timeout=10).text
-    ops, batches = (
-        float(line.rsplit(" ", 1)[1])
-        for what in ("ops", "batches")
-        for line in metrics.splitlines()
-        if line.startswith(f'tokentill_group_commit_total{{what="{what}"}}')
-    )
+    counts = metric_counts(cluster.b, "tokentill_group_commit_total", "what")
+    ops, batches = counts["ops"], counts["batches"]
     assert batches < ops, (ops, batches)  # B did batch
     print(
         f"\n[faults] replica SIGKILLed under {CONCURRENCY} concurrent group-committed requests: "

@@ -37,8 +37,11 @@ def test_cut_database_is_503_and_recovers(pg_database_url: str, pg_proxy: TcpPro
                 assert (error.status, error.code, error.type) == (503, "service_unavailable", "server_error")
                 assert error.headers["Retry-After"] == "2"
                 assert is_outage(error.__cause__ or error)
+            with pytest.raises(ServiceUnavailable):  # the one-statement reads of the hot path too
+                await db.run_read(lambda conn: conn.execute(text("SELECT 1")).scalar_one())
             pg_proxy.restore()
             assert await _one(db) == 1  # no restart: the pool pings and reconnects
+            assert await db.run_read(lambda conn: conn.execute(text("SELECT 1")).scalar_one()) == 1
         finally:
             await db.aclose()
 

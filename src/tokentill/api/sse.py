@@ -78,7 +78,12 @@ async def _pump(events: AsyncGenerator[EngineEvent, None], send: MemoryObjectSen
 
 async def receive_until(items: MemoryObjectReceiveStream[Item], deadline: float) -> Item | None:
     """The next item, or None when `deadline` (anyio time: a keep-alive is due) comes first; raises
-    `anyio.EndOfStream` after the last. The cancel scope closes before the caller yields anything."""
+    `anyio.EndOfStream` after the last. The cancel scope closes before the caller yields anything.
+
+    An item already waiting (the pump ran ahead: one upstream read can carry several events) is taken
+    without opening a cancel scope."""
+    with suppress(anyio.WouldBlock):
+        return items.receive_nowait()
     with anyio.move_on_after(deadline - anyio.current_time()):
         return await items.receive()
     return None

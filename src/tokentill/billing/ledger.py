@@ -22,6 +22,7 @@ closers (a late settle and the sweeper, two sweepers in two processes) cannot bo
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from tokentill.billing import pg_statements
 from tokentill.billing.money import MAX_UCR, format_credits
 from tokentill.billing.records import (
     MAX_NOTE,
@@ -50,6 +52,7 @@ from tokentill.billing.statements import (
     close_hold,
     key_is_as_admitted,
     open_hold,
+    read_balance,
     record_usage,
     reserve_from_balance,
     usage_row_from,
@@ -142,9 +145,9 @@ class Ledger:
             return int((await conn.execute(select(func.count()).select_from(accounts))).scalar_one())
 
     async def balance(self, account_id: int) -> int:
-        """The account's balance in µcr; `LookupError` if there is no such account."""
-        async with self._db.read() as conn:
-            return await balance_of(conn, account_id)
+        """The account's balance in µcr; `LookupError` if there is no such account. (A request reads it
+        to clamp its default budget: one statement, `Database.run_read`.)"""
+        return await self._db.run_read(functools.partial(read_balance, account_id=account_id))
 
     async def add_credits(self, name: str, amount: int, note: str = "") -> int:
         """Add `amount` µcr (> 0, else `ValueError`) to account `name`; returns the new balance.
@@ -243,16 +246,34 @@ class Ledger:
         if amount < 0:
             raise ValueError("a hold cannot be negative")
         # The database's clock: the sweeper of another replica compares this expiry with it. PostgreSQL's
-        # comes back with the UPDATE (one round trip fewer); SQLite's is this process's (`Database.now`).
-        on_server_clock = self._db.dialect == "postgresql"
+        # `now()` comes back with the hold's one statement; SQLite's is this process's (`Database.now`).
         async with self._db.begin() as conn:
-            taken = await reserve_from_balance(conn, account_id, amount, key, clock=on_server_clock)
+            if self._db.dialect == "postgresql":  # the whole hold in one statement (`pg_statements`)
+                ttl = timedelta(seconds=ttl_s)
+                done = await pg_statements.reserve(
+                    conn,
+                    account_id=account_id,
+                    key_id=key_id,
+                    request_id=request_id,
+                    amount=amount,
+                    ttl=ttl,
+                    key=key,
+                )
+                if done is not None:
+                    balance_after, now = done
+                    expires_at = now.astimezone(UTC) + ttl
+                    return Hold(
+                        request_id, account_id, key_id, amount, expires_at, balance_after=balance_after
+                    )
+                taken = None
+            else:
+                taken = await reserve_from_balance(conn, account_id, amount, key)
             if taken is None:
                 if key is not None and not await key_is_as_admitted(conn, key):
                     raise KeyChanged(f"key {key.key_id} was revoked or its limits changed")
                 raise hold_refused(amount, await balance_of(conn, account_id), need_description)
-            balance_after, server_now = taken
-            now = server_now.astimezone(UTC) if server_now is not None else await self._db.now(conn)
+            balance_after = taken
+            now = await self._db.now(conn)
             expires_at = now + timedelta(seconds=ttl_s)
             await open_hold(conn, request_id, account_id, key_id, amount, now, expires_at)
             await append_ledger(conn, account_id, "hold", -amount, balance_after, ref=request_id, now=now)
@@ -277,7 +298,16 @@ class Ledger:
             raise ValueError("cost cannot be negative")
         now = utcnow()
         async with self._db.begin() as conn:
-            closed = await close_hold(conn, hold.id, "open", "settled", now)
+            if self._db.dialect == "postgresql":  # an open hold settles in one statement (`pg_statements`)
+                settled = await pg_statements.settle_open(conn, hold.id, cost, usage, now)
+                if settled is not None:
+                    balance, amount, charge = settled
+                    if cost > amount:
+                        logger.warning("request %s cost %d µcr but held only %d", hold.id, cost, amount)
+                    return balance
+                closed = None
+            else:
+                closed = await close_hold(conn, hold.id, "open", "settled", now)
             if closed is not None:
                 account_id, amount = closed
                 charge = min(cost, amount)

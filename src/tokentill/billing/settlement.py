@@ -2,9 +2,9 @@
 
 `Settlements.settle` / `release` write the settlement to the local spool (`storage.spool`,
 DATA_DIR/spool: a plain write, which survives a SIGKILL) and mark it pending (`pending`: the hold ids
-this process still owes a settlement), then try the ledger at once (the normal case: one transaction, the
-balance after it returned; the spool line is then marked done). When the database is unreachable
-(`ServiceUnavailable`), the settlement is
+this process still owes a settlement), then try the ledger at once (the normal case: one transaction, or
+with `GroupCommit` one batch's, the balance after it returned; the spool line is then marked done). When
+the database is unreachable (`ServiceUnavailable`), the settlement is
 
     1. fsynced in the spool before returning (it now survives a power cut too),
     2. retried in the background with exponential backoff (0.2 s doubling to 5 s) for `retry_s`;

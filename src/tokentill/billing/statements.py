@@ -35,6 +35,7 @@ __all__ = [
     "live_key_terms",
     "lock_balances",
     "open_hold",
+    "read_balance",
     "record_usage",
     "record_usages",
     "reserve_from_balance",
@@ -65,14 +66,6 @@ _KEY_AS_ADMITTED = (
 )
 _TAKE_FROM_BALANCE_FOR_KEY = _TAKE_FROM_BALANCE.where(exists().where(_KEY_AS_ADMITTED))
 _KEY_IS_AS_ADMITTED = select(api_keys.c.id).where(_KEY_AS_ADMITTED)
-# The same, also returning the database's clock (PostgreSQL's now(): the transaction's start), which
-# saves the hold its own `SELECT now()` round trip.
-_TAKE = {
-    (False, False): _TAKE_FROM_BALANCE,
-    (True, False): _TAKE_FROM_BALANCE_FOR_KEY,
-    (False, True): _TAKE_FROM_BALANCE.returning(func.now().label("now")),
-    (True, True): _TAKE_FROM_BALANCE_FOR_KEY.returning(func.now().label("now")),
-}
 _LEDGER_ROW = insert(ledger)
 _OPEN_HOLD = insert(holds)
 _CLOSE_HOLD = (
@@ -183,18 +176,15 @@ async def add_to_balance(conn: AsyncConnection, account_id: int, delta: int) -> 
 
 
 async def reserve_from_balance(
-    conn: AsyncConnection, account_id: int, amount: int, key: KeyTerms | None = None, *, clock: bool = False
-) -> tuple[int, datetime | None] | None:
+    conn: AsyncConnection, account_id: int, amount: int, key: KeyTerms | None = None
+) -> int | None:
     """balance -= amount if the balance covers it (and, given `key`, the key is live on those terms):
-    the balance after and (with `clock`, PostgreSQL only) the database's `now()`; None when refused (or
-    no account)."""
+    the balance after; None when refused (or no account). (PostgreSQL: `pg_statements.reserve`.)"""
     values: dict[str, Any] = {"b_account": account_id, "b_amount": amount}
     if key is not None:
         values.update(_key_values(key))
-    row = (await conn.execute(_TAKE[key is not None, clock], values)).first()
-    if row is None:
-        return None
-    return int(row.balance), row.now if clock else None
+    row = (await conn.execute(_TAKE_FROM_BALANCE_FOR_KEY if key else _TAKE_FROM_BALANCE, values)).first()
+    return int(row.balance) if row is not None else None
 
 
 async def key_is_as_admitted(conn: AsyncConnection, key: KeyTerms) -> bool:
@@ -311,6 +301,14 @@ async def open_hold(
 # ----------------------------------------------------------------- many requests at once
 # Synchronous: `billing.group_commit` runs a whole batch as one function on a synchronous connection
 # (`Database.run_write`), which on SQLite is one hand-off to the writer thread for the whole transaction.
+
+
+def read_balance(conn: Connection, account_id: int) -> int:
+    """`balance_of` on a synchronous connection (`Database.run_read`)."""
+    balance = conn.execute(_BALANCE, {"b_account": account_id}).scalar_one_or_none()
+    if balance is None:
+        raise LookupError(f"no account with id {account_id}")
+    return int(balance)
 
 
 def close_holds(

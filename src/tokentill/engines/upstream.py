@@ -16,8 +16,9 @@ start-up checks), `upstream_wire` (the payload we send, the chunks we fold, the 
 `upstream_sse` (the answer body read as server-sent events), with `upstream_pool` (replica health).
 
 Contract, beyond `engines/base.py`:
-- One long-lived `httpx2.AsyncClient` (opened in `start`, closed in `aclose`), `trust_env=False` so no
-  proxy from the environment sees prompts or keys.
+- One long-lived `aiohttp.ClientSession` (opened in `start`, closed in `aclose`), `trust_env=False` so no
+  proxy from the environment sees prompts or keys. aiohttp, not httpx2, on this hop: it costs a fifth of
+  the CPU per streamed request (`bench/upstream_client.py`; docs/decisions.md, "Hot path").
 - Failover: a connect error, or a 5xx / dropped connection before the response headers, moves the request
   to the next replica (at most one try per replica). Once the upstream has answered 200, nothing is
   retried: output may already be with the client. Which failures mark a replica down: see `_open`.
@@ -41,13 +42,15 @@ Contract, beyond `engines/base.py`:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
+import aiohttp
 import anyio
-import httpx2
+from multidict import CIMultiDict
 
 from tokentill import errors
 from tokentill.catalog import ModelSpec
@@ -104,43 +107,43 @@ class UpstreamEngine:
         self._max_inflight = max(1, queue_size) * len(self.pool.replicas)
         self._inflight = 0
         self._send_max_tokens = True
-        self._headers = httpx2.Headers()
+        self._headers = _Headers()
         # Upstream text (error bodies, broken answers) passes through this before it is relayed or logged:
         # an upstream that echoes our Authorization header must not leak the key.
         self._redact = Redactor()
-        self._client: httpx2.AsyncClient | None = None
+        self._client: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:  # never the headers: they carry the key
         return f"UpstreamEngine({self.spec.id!r}, replicas={len(self.pool.replicas)})"
 
     async def start(self) -> None:
         key = resolve_api_key(self.spec)
-        # httpx2.Headers: case-insensitive (a catalogue `authorization` replaces ours) and its repr masks
-        # the Authorization value.
-        self._headers = httpx2.Headers({"Authorization": f"Bearer {key.get_secret_value()}"} if key else {})
-        self._headers.update(self._extra_headers)  # the catalogue may override (e.g. Azure's api-key)
-        self._redact = Redactor(secrets(self.spec))
-        timeout = self.spec.timeout_s
-        self._client = httpx2.AsyncClient(
-            timeout=httpx2.Timeout(
-                connect=min(CONNECT_TIMEOUT_S, timeout), read=timeout, write=timeout, pool=timeout
-            ),
-            limits=httpx2.Limits(
-                max_connections=self._max_inflight + len(self.pool.replicas),  # + the health checks
-                max_keepalive_connections=min(self._max_inflight, 64),
-                keepalive_expiry=30.0,
-            ),
-            follow_redirects=False,
-            trust_env=False,
+        # Case-insensitive (a catalogue `authorization` replaces ours); `_Headers`' repr masks the values.
+        headers: CIMultiDict[str] = CIMultiDict(
+            {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
         )
-        await self.pool.check(self._client, self._headers, timeout_s=min(STARTUP_CHECK_S, timeout))
+        headers.update(self._extra_headers)  # the catalogue may override (e.g. Azure's api-key)
+        self._headers = _Headers(headers)
+        self._redact = Redactor(secrets(self.spec))
+        self._client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                # Never waited on: `generate` refuses past _max_inflight first; + the health checks.
+                limit=self._max_inflight + len(self.pool.replicas),
+                keepalive_timeout=30.0,
+            ),
+            trust_env=False,
+            auto_decompress=True,
+        )
+        await self.pool.check(
+            self._client, self._headers.headers, timeout_s=min(STARTUP_CHECK_S, self.spec.timeout_s)
+        )
         if not self.pool.any_healthy():
             log.warning(
                 "no upstream replica of model %s answers yet (%s); requests get 502 until one does",
                 self.spec.id,
                 ", ".join(r.base_url for r in self.pool.replicas),
             )
-        self.pool.start(self._client, self._headers)
+        self.pool.start(self._client, self._headers.headers)
 
     def health(self) -> EngineHealth:
         replicas = self.pool.replicas
@@ -155,7 +158,7 @@ class UpstreamEngine:
         await self.pool.aclose()
         client, self._client = self._client, None
         if client is not None:
-            await client.aclose()
+            await client.close()
 
     def count_prompt_tokens(self, request: EngineRequest) -> int:
         """An over-estimate (see `upstream_wire.estimate_prompt_tokens`): we cannot tokenize remotely."""
@@ -177,10 +180,11 @@ class UpstreamEngine:
                         yield delta
             finally:
                 # Also reached when the consumer stops iterating (client gone) and when the budget is
-                # spent: closing the response drops the connection, which is how vLLM/llama-server learn
-                # to stop generating.
+                # spent: releasing a response whose body was not read to its end drops the connection,
+                # which is how vLLM/llama-server learn to stop generating; a finished one goes back to
+                # the pool.
                 replica.outstanding -= 1
-                await response.aclose()
+                response.release()
             if state.cut:
                 log.warning(
                     "upstream %s ignored max_tokens=%d; the answer was cut", where, request.max_tokens
@@ -197,17 +201,18 @@ class UpstreamEngine:
         finally:
             self._inflight -= 1
 
-    def _timeout(self, request: EngineRequest) -> tuple[httpx2.Timeout, bool]:
+    def _timeout(self, request: EngineRequest) -> tuple[aiohttp.ClientTimeout, bool]:
         """This try's timeouts, and whether they are the entry's `timeout_s` (not the request's deadline):
-        only then does running into them say something about the replica."""
+        only then does running into them say something about the replica. `sock_read` bounds the wait
+        for the answer's head and every read after it."""
         left = request.deadline - time.monotonic()
         if left <= 0:
             raise errors.DeadlineExceeded("The request timed out before the upstream model answered.")
         read = min(self.spec.timeout_s, left)
-        timeout = httpx2.Timeout(connect=min(CONNECT_TIMEOUT_S, read), read=read, write=read, pool=read)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(CONNECT_TIMEOUT_S, read), sock_read=read)
         return timeout, read >= self.spec.timeout_s
 
-    async def _open(self, request: EngineRequest) -> tuple[httpx2.Response, Replica]:
+    async def _open(self, request: EngineRequest) -> tuple[aiohttp.ClientResponse, Replica]:
         """The first replica to answer 200, its `outstanding` count taken (the caller gives it back).
 
         Whose fault a failure is: a replica that cannot be connected to, or that sits on the request for
@@ -231,36 +236,36 @@ class UpstreamEngine:
                 send_max_tokens=self._send_max_tokens,
             )
             timeout, own_timeout = self._timeout(request)
-            outgoing = client.build_request(
-                "POST",
-                replica.base_url + "/chat/completions",
-                json=payload,
-                # No x-request-id: llama-cpp-python's server answers 400 to one that is not a UUID.
-                headers=self._headers,
-                timeout=timeout,
-            )
             replica.outstanding += 1
             kept = False  # a 200 keeps the replica's count: the caller gives it back when the answer ends
             try:
                 try:
-                    response = await client.send(outgoing, stream=True)
-                except httpx2.PoolTimeout as exc:
-                    raise errors.Overloaded("The model is busy with other requests; retry shortly.") from exc
-                except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
-                    replica.mark(False, type(exc).__name__, self.spec.id)
+                    response = await client.post(
+                        replica.base_url + "/chat/completions",
+                        data=json.dumps(payload).encode(),
+                        # No x-request-id: llama-cpp-python's server answers 400 to one that is not a UUID.
+                        headers=self._headers.for_json,
+                        timeout=timeout,
+                        allow_redirects=False,
+                    )
+                except aiohttp.ConnectionTimeoutError:
+                    replica.mark(False, "ConnectTimeout", self.spec.id)
                     continue
-                except httpx2.TimeoutException as exc:  # connected, but no answer within timeout_s
+                except aiohttp.ClientConnectorError:
+                    replica.mark(False, "ConnectError", self.spec.id)
+                    continue
+                except TimeoutError as exc:  # connected, but no answer within timeout_s
                     log.warning(
                         "upstream %s sent no answer in time (timeout_s=%s)", where, self.spec.timeout_s
                     )
                     if own_timeout:
                         replica.mark(False, f"no answer within timeout_s={self.spec.timeout_s}", self.spec.id)
                     raise errors.DeadlineExceeded("The upstream model did not answer in time.") from exc
-                except httpx2.TransportError as exc:  # dropped before the headers: nothing reached the client
+                except aiohttp.ClientError as exc:  # dropped before the headers: nothing reached the client
                     log.warning("upstream %s dropped the request: %s", where, type(exc).__name__)
                     suspects.append((replica, type(exc).__name__))
                     continue
-                if response.status_code == 200:
+                if response.status == 200:
                     replica.mark(True, "", self.spec.id)
                     for suspect, why in suspects:  # this request works: the earlier failures were theirs
                         suspect.mark(False, why, self.spec.id)
@@ -270,7 +275,7 @@ class UpstreamEngine:
             finally:
                 if not kept:
                     replica.outstanding -= 1
-            status = response.status_code
+            status = response.status
             if status >= 500:
                 log.warning("upstream %s answered HTTP %d: %s", where, status, body[:300])
                 suspects.append((replica, f"HTTP {status}"))
@@ -285,7 +290,7 @@ class UpstreamEngine:
         raise errors.UpstreamError(_UNAVAILABLE)
 
     async def _read(
-        self, response: httpx2.Response, replica: Replica, request: EngineRequest, state: StreamState
+        self, response: aiohttp.ClientResponse, replica: Replica, request: EngineRequest, state: StreamState
     ) -> AsyncGenerator[TextDelta | ToolCallDelta, None]:
         """The answer's text deltas, the stream's protocol and transport errors mapped to ours.
 
@@ -303,7 +308,7 @@ class UpstreamEngine:
                 return
             if content_type != "text/event-stream":
                 raise BadAnswer(f"unexpected content type {content_type!r}")
-            async with aclosing(sse_data(response, request.deadline)) as events:
+            async with aclosing(sse_data(response.content.iter_any(), request.deadline)) as events:
                 async for data in events:
                     if data == "[DONE]":
                         state.done = True
@@ -319,15 +324,18 @@ class UpstreamEngine:
         except BadAnswer as exc:
             log.warning("upstream %s answered nonsense: %s", where, self._redact(str(exc)))
             raise errors.UpstreamError(_INVALID) from exc
-        except httpx2.TimeoutException as exc:
+        except TimeoutError as exc:
             log.warning("upstream %s went silent mid-answer", where)
             if time.monotonic() < request.deadline:  # timeout_s fired, not the request's own deadline
                 replica.mark(False, f"silent for timeout_s={self.spec.timeout_s} mid-answer", self.spec.id)
             raise errors.DeadlineExceeded("The upstream model stopped answering in time.") from exc
-        except httpx2.DecodingError as exc:  # e.g. a proxy's broken gzip
-            log.warning("upstream %s sent a body that does not decode: %s", where, exc)
-            raise errors.UpstreamError(_INVALID) from exc
-        except httpx2.HTTPError as exc:
+        except aiohttp.ClientPayloadError as exc:
+            if _undecodable(exc):  # e.g. a proxy's broken gzip
+                log.warning("upstream %s sent a body that does not decode: %s", where, exc)
+                raise errors.UpstreamError(_INVALID) from exc
+            log.warning("upstream %s broke the answer off: %s", where, type(exc).__name__)
+            raise errors.UpstreamError("Bad gateway: the upstream model's answer broke off.") from exc
+        except aiohttp.ClientError as exc:
             log.warning("upstream %s broke the answer off: %s", where, type(exc).__name__)
             raise errors.UpstreamError("Bad gateway: the upstream model's answer broke off.") from exc
 
@@ -340,7 +348,25 @@ async def _finish_body(events: AsyncGenerator[str, None]) -> None:
     so that closing the response returns its connection to the pool: a body closed unread drops the
     connection, and every request then paid a new TCP connection to the upstream. Anything after
     `[DONE]` is ignored; an upstream that keeps the body open past `_END_OF_BODY_S` is cut off as before."""
-    ignored = (BadAnswer, httpx2.HTTPError, errors.APIError)  # the answer is complete already
+    ignored = (BadAnswer, aiohttp.ClientError, TimeoutError, errors.APIError)  # the answer is complete
     with anyio.move_on_after(_END_OF_BODY_S), contextlib.suppress(*ignored):
         async for _data in events:
             pass
+
+
+def _undecodable(exc: aiohttp.ClientPayloadError) -> bool:
+    """Whether the body failed to decode (its content encoding), not to arrive."""
+    return "decode" in str(exc).lower() or "encoding" in str(exc).lower()
+
+
+class _Headers:
+    """The request headers (the key among them): `for_json` adds the content type; the repr shows only
+    the names."""
+
+    def __init__(self, headers: CIMultiDict[str] | None = None) -> None:
+        self.headers: CIMultiDict[str] = headers if headers is not None else CIMultiDict()
+        self.for_json: CIMultiDict[str] = CIMultiDict(self.headers)
+        self.for_json.setdefault("Content-Type", "application/json")
+
+    def __repr__(self) -> str:
+        return f"_Headers({', '.join(self.headers)})"

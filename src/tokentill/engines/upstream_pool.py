@@ -21,7 +21,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import httpx2
+import aiohttp
 
 __all__ = ["Replica", "ReplicaPool"]
 
@@ -66,7 +66,9 @@ class ReplicaPool:
     def any_healthy(self) -> bool:
         return any(r.healthy for r in self.replicas)
 
-    async def check(self, client: httpx2.AsyncClient, headers: Mapping[str, str], timeout_s: float) -> None:
+    async def check(
+        self, client: aiohttp.ClientSession, headers: Mapping[str, str], timeout_s: float
+    ) -> None:
         """One health round, concurrently, each bounded by `timeout_s`, over the idle replicas only.
 
         A replica with requests of ours in flight is judged by those requests. Checking it anyway is
@@ -77,33 +79,38 @@ class ReplicaPool:
         await asyncio.gather(*(self._check_one(r, client, headers, timeout_s) for r in idle))
 
     async def _check_one(
-        self, replica: Replica, client: httpx2.AsyncClient, headers: Mapping[str, str], timeout_s: float
+        self, replica: Replica, client: aiohttp.ClientSession, headers: Mapping[str, str], timeout_s: float
     ) -> None:
         try:
-            response = await client.get(
-                replica.base_url + "/models", headers=dict(headers), timeout=httpx2.Timeout(timeout_s)
-            )
-        except httpx2.HTTPError as exc:
+            async with client.get(
+                replica.base_url + "/models",
+                headers=dict(headers),
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                allow_redirects=False,
+            ) as response:
+                status = response.status
+                await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             replica.mark(False, f"health check: {type(exc).__name__}", self.model)
             return
-        if response.status_code >= 500:
-            replica.mark(False, f"health check answered HTTP {response.status_code}", self.model)
+        if status >= 500:
+            replica.mark(False, f"health check answered HTTP {status}", self.model)
             return
-        if response.status_code in (401, 403):
+        if status in (401, 403):
             # Up, but our key is refused: requests will fail with 502 and log this too. Not "down".
             log.error(
                 "upstream replica %s for model %s refuses our credentials (HTTP %d)",
                 replica.base_url,
                 self.model,
-                response.status_code,
+                status,
             )
         replica.mark(True, "", self.model)
 
-    def start(self, client: httpx2.AsyncClient, headers: Mapping[str, str]) -> None:
+    def start(self, client: aiohttp.ClientSession, headers: Mapping[str, str]) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._loop(client, headers), name=f"health:{self.model}")
 
-    async def _loop(self, client: httpx2.AsyncClient, headers: Mapping[str, str]) -> None:
+    async def _loop(self, client: aiohttp.ClientSession, headers: Mapping[str, str]) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
             try:

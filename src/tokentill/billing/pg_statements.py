@@ -1,0 +1,139 @@
+"""PostgreSQL: a credit hold, and the settlement of an open hold, each as ONE statement.
+
+`Ledger.reserve` and `Ledger.settle` run 3 and 6 statements on SQLite; on PostgreSQL each statement is a
+network round trip plus its share of driver and SQLAlchemy CPU, so these chain the same steps in
+data-modifying CTEs instead: the conditional UPDATE of the balance, then the rows that depend on it, all
+reading the RETURNING of the step before. Same rows, same values as the step-by-step statements
+(`billing.statements`), in one round trip. PostgreSQL runs every part of one statement on one snapshot
+and the UPDATE's row lock covers the rest, so the money rules of `ledger.py` hold unchanged: a hold is
+taken only while the balance covers it (and the key is live on its terms), a hold is closed once.
+
+Ledger rows keep their order: the release row is written before the charge row (one INSERT ... SELECT,
+UNION ALL in that order), so `balance_after` still reads as a running balance in id order.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from tokentill.billing.records import KeyTerms, UsageRecord
+
+__all__ = ["reserve", "settle_open"]
+
+_KEY_CHECK = """
+      AND EXISTS (SELECT 1 FROM api_keys WHERE api_keys.id = :key AND api_keys.revoked_at IS NULL
+                  AND api_keys.rpm IS NOT DISTINCT FROM CAST(:rpm AS integer)
+                  AND api_keys.tpm IS NOT DISTINCT FROM CAST(:tpm AS integer)
+                  AND api_keys.max_concurrent IS NOT DISTINCT FROM CAST(:max_concurrent AS integer))"""
+_RESERVE = """
+WITH taken AS (
+    UPDATE accounts SET balance = balance - :amount
+    WHERE id = :account AND balance >= :amount{key_check}
+    RETURNING balance, now() AS now
+), held AS (
+    INSERT INTO holds (id, account_id, key_id, amount, status, created_at, expires_at)
+    SELECT :request, :account, :key_id, CAST(:amount AS bigint), 'open', now, now + CAST(:ttl AS interval)
+    FROM taken
+)
+INSERT INTO ledger (account_id, kind, amount, balance_after, ref, note, created_at)
+SELECT :account, 'hold', -CAST(:amount AS bigint), balance, :request, '', now FROM taken
+RETURNING balance_after, created_at
+"""
+_RESERVE_PLAIN = text(_RESERVE.format(key_check=""))
+_RESERVE_FOR_KEY = text(_RESERVE.format(key_check=_KEY_CHECK))
+
+_COUNTS = ("prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens", "image_tokens")
+# Parameters in a SELECT list have no type of their own (PostgreSQL would take them as text).
+_TYPED_COUNTS = ", ".join(f"CAST(:{c} AS integer)" for c in _COUNTS)
+_SETTLE = text(
+    f"""
+WITH closed AS (
+    UPDATE holds SET status = 'settled', closed_at = :now
+    WHERE id = :hold AND status = 'open'
+    RETURNING account_id, amount, LEAST(amount, CAST(:cost AS bigint)) AS charge
+), paid AS (
+    UPDATE accounts SET balance = accounts.balance + closed.amount - closed.charge
+    FROM closed WHERE accounts.id = closed.account_id
+    RETURNING accounts.balance, closed.account_id, closed.amount, closed.charge
+), moved AS (
+    INSERT INTO ledger (account_id, kind, amount, balance_after, ref, note, created_at)
+    SELECT account_id, 'release', amount, balance + charge, :hold, '', :now FROM paid
+    UNION ALL
+    SELECT account_id, 'charge', -charge, balance, :hold, '', :now FROM paid
+), used AS (
+    INSERT INTO usage (request_id, account_id, key_id, model, {", ".join(_COUNTS)}, cost, cached_saving,
+                       status, latency_ms, estimated, created_at)
+    SELECT :request_id, account_id, :key_id, :model, {_TYPED_COUNTS}, charge,
+           CAST(:cached_saving AS bigint), CAST(:status AS integer), CAST(:latency_ms AS integer),
+           CAST(:estimated AS boolean), :now FROM paid
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING account_id, cost
+), bucket AS (
+    INSERT INTO usage_hourly (account_id, hour, model, key_id, requests, {", ".join(_COUNTS)}, cost,
+                              cached_saving)
+    SELECT account_id, CAST(:hour AS timestamptz), :model, :bucket_key, 1, {_TYPED_COUNTS}, cost,
+           CAST(:cached_saving AS bigint) FROM used
+    ON CONFLICT (account_id, hour, model, key_id) DO UPDATE SET
+        requests = usage_hourly.requests + 1,
+        {", ".join(f"{c} = usage_hourly.{c} + excluded.{c}" for c in (*_COUNTS, "cost", "cached_saving"))}
+)
+SELECT balance, account_id, amount, charge FROM paid
+"""
+)
+
+
+async def reserve(
+    conn: AsyncConnection,
+    *,
+    account_id: int,
+    key_id: str | None,
+    request_id: str,
+    amount: int,
+    ttl: timedelta,
+    key: KeyTerms | None,
+) -> tuple[int, datetime] | None:
+    """Take `amount` from the balance if it covers it (and `key` is live on its terms), writing the open
+    hold (expiring `ttl` after the database's `now()`) and its 'hold' ledger row: (balance after, now),
+    or None when refused (nothing written)."""
+    values: dict[str, Any] = {
+        "amount": amount,
+        "account": account_id,
+        "request": request_id,
+        "key_id": key_id,
+        "ttl": ttl,
+    }
+    statement = _RESERVE_PLAIN
+    if key is not None:
+        statement = _RESERVE_FOR_KEY
+        values.update(key=key.key_id, rpm=key.rpm, tpm=key.tpm, max_concurrent=key.max_concurrent)
+    row = (await conn.execute(statement, values)).first()
+    return (int(row.balance_after), row.created_at) if row is not None else None
+
+
+async def settle_open(
+    conn: AsyncConnection, hold_id: str, cost: int, usage: UsageRecord, now: datetime
+) -> tuple[int, int, int] | None:
+    """Settle hold `hold_id` if it is open: close it, charge min(cost, held), give back the rest, write
+    the release and charge ledger rows, the usage row (once per request id) and its hourly bucket.
+    (balance after, amount held, charge), or None when the hold was not open (nothing written)."""
+    values: dict[str, Any] = {
+        "hold": hold_id,
+        "cost": cost,
+        "now": now,
+        "hour": now.replace(minute=0, second=0, microsecond=0),
+        "request_id": usage.request_id,
+        "key_id": usage.key_id,
+        "bucket_key": usage.key_id or "",
+        "model": usage.model,
+        "cached_saving": usage.cached_saving,
+        "status": usage.status,
+        "latency_ms": usage.latency_ms,
+        "estimated": usage.estimated,
+        **{c: getattr(usage, c) for c in _COUNTS},
+    }
+    row = (await conn.execute(_SETTLE, values)).first()
+    return (int(row.balance), int(row.amount), int(row.charge)) if row is not None else None
