@@ -14,6 +14,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from tokentill.app import create_app
+from tokentill.billing.group_commit import GroupCommit
+from tokentill.billing.ledger import Ledger
 from tokentill.lifecycle import Run
 from tokentill.protocol.chat import ChatCompletionRequest
 from tokentill.services import Services
@@ -57,13 +59,15 @@ class Harness:
 
 
 @pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
+def harness(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Harness]:
+    """The app in process on SQLite; `indirect` parametrization may pass `group_commit` (default: on)."""
     catalogue = tmp_path / "models.toml"
     catalogue.write_text(
         '[[models]]\nid = "echo"\nengine = "echo"\ncontext = 4096\nmax_output = 2048\n'
         "price_input = 15\nprice_output = 60\n"
     )
-    settings = Settings(data_dir=tmp_path / "data", config=catalogue)
+    group_commit = getattr(request, "param", True)
+    settings = Settings(data_dir=tmp_path / "data", config=catalogue, group_commit=group_commit)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield Harness(client, client.app.state.services)  # type: ignore[attr-defined]
 
@@ -116,25 +120,26 @@ def test_images_are_not_fetched_for_an_account_that_cannot_pay(harness: Harness)
     assert r.json()["error"]["code"] == "invalid_image_url"
 
 
+@pytest.mark.parametrize("harness", [True, False], ids=["group_commit", "one_by_one"], indirect=True)
 def test_a_ledger_failure_at_settlement_still_returns_the_concurrency_slot(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     key = harness.key("slot", 1_000_000, max_concurrent=1)
-    ledger = harness.services.ledger
-    real_settle = ledger.settle
     failures = []
 
     async def broken_settle(*args: Any, **kwargs: Any) -> Any:
         failures.append(1)
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(ledger, "settle", broken_settle)
-    body = {"messages": [{"role": "user", "content": "one two"}], "max_completion_tokens": 5}
-    r = post(harness, key, "echo", body)
-    assert failures, "settlement was not attempted"
-    # The answer was produced; the failed settlement is logged and its hold left to the sweeper.
-    assert r.status_code == 200, r.text
-    monkeypatch.setattr(ledger, "settle", real_settle)
+    # Whichever book the server settles through: the group-commit writer, or the ledger itself.
+    with monkeypatch.context() as patched:
+        patched.setattr(GroupCommit, "settle", broken_settle)
+        patched.setattr(Ledger, "settle", broken_settle)
+        body = {"messages": [{"role": "user", "content": "one two"}], "max_completion_tokens": 5}
+        r = post(harness, key, "echo", body)
+        assert failures, "settlement was not attempted"
+        # The answer was produced; the failed settlement is logged and its hold left to the sweeper.
+        assert r.status_code == 200, r.text
     r = post(harness, key, "echo", body)
     assert r.status_code == 200, f"the concurrency slot leaked: {r.text}"
 
