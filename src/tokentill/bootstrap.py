@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 
 from tokentill.auth.service import insert_key
-from tokentill.billing.statements import append_ledger
+from tokentill.billing.statements import insert_account
 from tokentill.storage.db import Database
 from tokentill.storage.schema import accounts, api_keys, utcnow
 
@@ -36,18 +36,7 @@ async def bootstrap(db: Database, credits: int) -> Bootstrapped | None:
         await db.serialize(conn, _LOCK_KEY)
         rows = (await conn.execute(select(accounts.c.id, accounts.c.name, accounts.c.balance).limit(2))).all()
         if not rows:
-            now = utcnow()
-            account_id = (
-                await conn.execute(
-                    insert(accounts)
-                    .values(name=ACCOUNT, balance=credits, created_at=now)
-                    .returning(accounts.c.id)
-                )
-            ).scalar_one()
-            if credits > 0:
-                await append_ledger(
-                    conn, account_id, "credit", credits, credits, note="initial credits", now=now
-                )
+            account_id = await insert_account(conn, ACCOUNT, credits, now=utcnow())
         elif [r.name for r in rows] == [ACCOUNT]:
             account_id, credits = rows[0].id, rows[0].balance
             keys = select(func.count()).select_from(api_keys).where(api_keys.c.account_id == account_id)

@@ -27,7 +27,7 @@ import logging
 from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tokentill.billing import pg_statements
@@ -50,6 +50,7 @@ from tokentill.billing.statements import (
     append_ledger,
     balance_of,
     close_hold,
+    insert_account,
     key_is_as_admitted,
     open_hold,
     read_balance,
@@ -109,20 +110,10 @@ class Ledger:
         now = utcnow()
         try:
             async with self._db.begin() as conn:
-                row = (
-                    await conn.execute(
-                        insert(accounts)
-                        .values(name=name, balance=credits, created_at=now)
-                        .returning(accounts.c.id)
-                    )
-                ).one()
-                if credits > 0:
-                    await append_ledger(
-                        conn, row.id, "credit", credits, credits, note="initial credits", now=now
-                    )
+                account_id = await insert_account(conn, name, credits, now=now)
         except IntegrityError as exc:
             raise AccountExists(f"account {name!r} already exists") from exc
-        return Account(id=row.id, name=name, balance=credits, created_at=now)
+        return Account(id=account_id, name=name, balance=credits, created_at=now)
 
     async def get_account(self, name: str) -> Account | None:
         check_lookup(name, param="name")

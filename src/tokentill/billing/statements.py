@@ -27,6 +27,7 @@ __all__ = [
     "usage_row_from",
     "add_to_balance",
     "append_ledger",
+    "insert_account",
     "balance_of",
     "close_hold",
     "close_holds",
@@ -194,6 +195,20 @@ async def key_is_as_admitted(conn: AsyncConnection, key: KeyTerms) -> bool:
 
 def _key_values(key: KeyTerms) -> dict[str, Any]:
     return {"b_key": key.key_id, "b_rpm": key.rpm, "b_tpm": key.tpm, "b_max_concurrent": key.max_concurrent}
+
+
+async def insert_account(conn: AsyncConnection, name: str, credits: int, *, now: datetime) -> int:
+    """A new account `name` holding `credits` µcr (with its 'credit' ledger row when > 0); its id.
+
+    A taken name raises `IntegrityError`."""
+    account_id: int = (
+        await conn.execute(
+            insert(accounts).values(name=name, balance=credits, created_at=now).returning(accounts.c.id)
+        )
+    ).scalar_one()
+    if credits > 0:
+        await append_ledger(conn, account_id, "credit", credits, credits, note="initial credits", now=now)
+    return account_id
 
 
 async def append_ledger(
