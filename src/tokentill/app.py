@@ -103,6 +103,7 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
                     queue_size=settings.queue_size,
                     n_threads=settings.n_threads,
                     max_parallel=settings.max_parallel,
+                    adapt_threads=settings.llama_adapt_threads,
                 ),
                 spec.reasoning,
             )

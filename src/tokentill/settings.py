@@ -12,7 +12,7 @@ their users would: `parse_credits` (decimal credits → µcr; `billing.money` re
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from decimal import Decimal, Inexact, InvalidOperation, localcontext
 from pathlib import Path
 
@@ -21,10 +21,31 @@ import platformdirs
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["MAX_UCR", "UCR_PER_CREDIT", "Settings", "parse_allow_hosts", "parse_credits"]
+__all__ = [
+    "MAX_UCR",
+    "UCR_PER_CREDIT",
+    "Settings",
+    "llama_wait_environment",
+    "parse_allow_hosts",
+    "parse_credits",
+]
 
 UCR_PER_CREDIT = 1_000_000
 MAX_UCR = 2**63 - 1  # the BIGINT column's limit
+# libgomp's spins before a waiting worker sleeps (its default is 300000, about 3 ms; ACTIVE is minutes)
+LLAMA_SPIN_COUNT = "3000"
+
+
+def llama_wait_environment(policy: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """The OpenMP variables that give llama.cpp's workers the wait `policy` (`adaptive`, `passive`,
+    `active`; see `Settings.llama_wait_policy`); none when `environ` already has the operator's own
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT. libgomp lets GOMP_SPINCOUNT override OMP_WAIT_POLICY, so
+    `adaptive` (a short spin, then sleep) is GOMP_SPINCOUNT alone."""
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return {}
+    if policy == "adaptive":
+        return {"GOMP_SPINCOUNT": LLAMA_SPIN_COUNT}
+    return {"OMP_WAIT_POLICY": policy.upper()}
 
 
 def parse_credits(text: str) -> int:
@@ -151,14 +172,28 @@ class Settings(BaseSettings):
         description="How long a completed request's response is kept for replay under its Idempotency-Key.",
     )
     n_threads: int | None = Field(
-        default=None, ge=1, description="CPU threads for the embedded engine (default: all cores)."
+        default=None,
+        ge=1,
+        description="CPU threads for the embedded engine, at most (default: all cores); a catalogue "
+        "entry's `n_threads` overrides it. With LLAMA_ADAPT_THREADS the engine uses fewer while fewer "
+        "decode faster.",
+    )
+    llama_adapt_threads: bool = Field(
+        default=True,
+        description="Let the embedded engine's decode loop measure, every few seconds of decoding, "
+        "whether one thread fewer (or, after that, one more, up to N_THREADS) decodes faster, and switch "
+        "when it is more than 15% faster: on a quiet machine all cores win, beside a CPU hog fewer do "
+        "(docs/performance.md, 'Busy machine'). `false` keeps N_THREADS fixed.",
     )
     llama_wait_policy: str = Field(
-        default="passive",
-        pattern="^(passive|active)$",
-        description="How llama.cpp's worker threads wait at their barriers (OpenMP's OMP_WAIT_POLICY, set "
-        "before llama.cpp loads unless OMP_WAIT_POLICY is already set). `passive` sleeps: on a busy "
-        "machine, `active` (spinning) made 2 threads decode at 3-4 tok/s where 1 thread gave 68 "
+        default="adaptive",
+        pattern="^(adaptive|passive|active)$",
+        description="How llama.cpp's worker threads wait at their barriers, set before llama.cpp loads "
+        "unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is already set. `adaptive`: spin briefly, then sleep "
+        f"(GOMP_SPINCOUNT={LLAMA_SPIN_COUNT}); fast on a quiet machine, and with LLAMA_ADAPT_THREADS "
+        "safe beside other work. `passive` (OMP_WAIT_POLICY=PASSIVE): sleep at once; a third of the "
+        "quiet speed, but spinning never stalls the other threads. `active` (OMP_WAIT_POLICY=ACTIVE): "
+        "spin; fastest on an idle machine, collapses when anything else needs a core "
         "(docs/performance.md).",
     )
     max_parallel: int = Field(
@@ -346,5 +381,5 @@ class Settings(BaseSettings):
 
     def apply_native_environment(self) -> None:
         """Hand llama.cpp's OpenMP runtime its wait policy; call before the first `import llama_cpp` (libgomp
-        reads it once, when it loads). An operator's own OMP_WAIT_POLICY wins."""
-        os.environ.setdefault("OMP_WAIT_POLICY", self.llama_wait_policy.upper())
+        reads it once, when it loads). An operator's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins."""
+        os.environ.update(llama_wait_environment(self.llama_wait_policy, os.environ))

@@ -38,14 +38,33 @@ def test_media_allow_hosts_accepts_what_the_fetcher_matches() -> None:
     assert Settings(media_allow_hosts=value).media_allow_hosts == value
 
 
-def test_llama_threads_sleep_at_barriers_unless_the_operator_says_otherwise(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ("adaptive", {"GOMP_SPINCOUNT": "3000"}),  # the default: spin briefly, then sleep
+        ("passive", {"OMP_WAIT_POLICY": "PASSIVE"}),
+        ("active", {"OMP_WAIT_POLICY": "ACTIVE"}),
+    ],
+)
+def test_llama_wait_policy_sets_openmp_unless_the_operator_did(
+    monkeypatch: pytest.MonkeyPatch, policy: str, expected: dict[str, str]
 ) -> None:
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    Settings().apply_native_environment()
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    Settings(llama_wait_policy="passive").apply_native_environment()
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the operator's own setting wins
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+    Settings(llama_wait_policy=policy).apply_native_environment()
+    assert {k: os.environ.get(k) for k in expected} == expected
+    assert len({"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ)) == 1
+    for name, value in (("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "10")):
+        for other in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+            monkeypatch.delenv(other, raising=False)
+        monkeypatch.setenv(name, value)
+        Settings(llama_wait_policy=policy).apply_native_environment()
+        assert set(os.environ) & {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} == {name}  # the operator's wins
+        assert os.environ[name] == value
+
+
+def test_llama_wait_policy_defaults_to_adaptive_and_refuses_others() -> None:
+    assert Settings().llama_wait_policy == "adaptive"
+    assert Settings().llama_adapt_threads is True
     with pytest.raises(ValidationError, match="llama_wait_policy"):
         Settings(llama_wait_policy="spin")

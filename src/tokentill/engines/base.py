@@ -119,12 +119,14 @@ class Engine(Protocol):
 @dataclass(frozen=True)
 class EngineHealth:
     """What the operator console shows of an engine in this process: replicas that answer (1 of 1 for an
-    embedded model once loaded), requests waiting for a slot and requests being generated."""
+    embedded model once loaded), requests waiting for a slot, requests being generated, and the CPU
+    threads it decodes with now (embedded llama.cpp only; it adapts them to the machine's load)."""
 
     replicas_up: int
     replicas: int
     queued: int
     running: int
+    threads: int | None = None
 
 
 def engine_health(engine: object) -> EngineHealth | None:

@@ -35,7 +35,9 @@ own (`VisionEncoder.evaluate`), all but its last token; that last token joins th
 text before the first image is reusable (positions after it are recorded as `_IMAGE`).
 
 Threads: every method runs on the scheduler thread (it owns `_ctx`, `_batch`, the samplers, the mtmd
-context). Native memory (`_ctx`, `_batch`, sampler chains) is freed by `close` / `release`.
+context). With a `ThreadTuner` (`threads.py`), `flush` times each step's decode of its one-token rows and
+sets the context's thread count (`llama_set_n_threads`) that the tuner asks for before the next step.
+Native memory (`_ctx`, `_batch`, sampler chains) is freed by `close` / `release`.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import ctypes
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +55,7 @@ import numpy as np
 from tokentill.engines.base import THINK_CLOSE, THINK_OPEN
 from tokentill.engines.sampling import RowSampler, draw, vectorisable
 from tokentill.engines.sequence import SamplingParams, Sequence
+from tokentill.engines.threads import ThreadTuner
 from tokentill.engines.vision import VisionEncoder
 from tokentill.errors import UpstreamError
 from tokentill.types import Grammar
@@ -222,7 +226,14 @@ class BatchedLlamaRunner:
     """`BatchRunner` over the weights of one `llama_cpp.Llama` (tokenizer, vocabulary), own context."""
 
     def __init__(
-        self, llm: Any, *, parallel: int, n_ctx_seq: int, n_threads: int, vision: VisionEncoder | None = None
+        self,
+        llm: Any,
+        *,
+        parallel: int,
+        n_ctx_seq: int,
+        n_threads: int,
+        vision: VisionEncoder | None = None,
+        tuner: ThreadTuner | None = None,
     ) -> None:
         import llama_cpp
 
@@ -261,6 +272,13 @@ class BatchedLlamaRunner:
         self._slots = [_Slot(seq_id=i) for i in range(parallel)]
         self._by_seq: dict[Sequence, _Slot] = {}
         self._shown = shown_control_tokens(llm, (THINK_OPEN, THINK_CLOSE))
+        self._threads = n_threads  # what the context decodes with now
+        self._tuner = tuner
+
+    @property
+    def threads(self) -> int:
+        """The thread count the context decodes with now (any thread may read it)."""
+        return self._threads
 
     @property
     def ctx(self) -> Any:
@@ -349,7 +367,10 @@ class BatchedLlamaRunner:
             self._decode([(slot.seq_id, token, start + i, False) for i, token in enumerate(chunk)])
         self._drawn, self._row_slots = None, []
         if rows:
+            started = time.perf_counter()
             self._decode([(slot.seq_id, token, pos, True) for slot, token, pos in rows])
+            if self._tuner is not None:
+                self._tune(self._tuner, len(rows), bool(chunks), time.perf_counter() - started)
             self._row_slots = [slot for slot, _, _ in rows]
             for i, (slot, _, _) in enumerate(rows):
                 slot.logits_index = i
@@ -429,6 +450,13 @@ class BatchedLlamaRunner:
         """One row of this step's decode: `token` at the slot's next position, logits wanted."""
         self._rows.append((slot, token, len(slot.tokens)))
         slot.tokens.append(token)
+
+    def _tune(self, tuner: ThreadTuner, rows: int, prompt: bool, seconds: float) -> None:
+        """Tell the tuner how long this step's rows took; decode the next step with the count it asks."""
+        tuner.observe(threads=self._threads, rows=rows, prompt=prompt, seconds=seconds)
+        if tuner.threads != self._threads:
+            self._threads = tuner.threads
+            self._lib.llama_set_n_threads(self._ctx, self._threads, self._threads)  # batch count too
 
     def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
         """One `llama_decode` of (sequence id, token, position, logits) rows; raising fails them all."""

@@ -58,6 +58,7 @@ from tokentill.engines.batch import BatchedLlamaRunner
 from tokentill.engines.chat_template import ChatTemplate
 from tokentill.engines.scheduler import SamplingParams, Scheduler, Sequence, new_channel, stream
 from tokentill.engines.sequence import FollowUpPass
+from tokentill.engines.threads import ThreadTuner
 from tokentill.engines.vision import PromptCounts, VisionEncoder, VisionError
 from tokentill.errors import APIError, InvalidRequest, UpstreamError
 from tokentill.structured.tools import parse_tool_calls, template_messages
@@ -85,14 +86,22 @@ class _MediaPrompt:
 
 
 class LlamaCppEngine:
-    """`Engine` for a local GGUF. Threads: `spec.n_threads`, else `n_threads`, else `os.cpu_count()`.
+    """`Engine` for a local GGUF. Threads: at most `spec.n_threads`, else `n_threads`, else `os.cpu_count()`;
+    with `adapt_threads` the decode loop measures whether fewer decode faster (`threads.ThreadTuner`, for
+    a busy machine), else it keeps that count.
 
     Parallel sequences: `spec.parallel`, else `max_parallel`, else `DEFAULT_PARALLEL`; `queue_size` more
     requests may wait (FIFO) before new ones get 503.
     """
 
     def __init__(
-        self, spec: ModelSpec, *, queue_size: int, n_threads: int | None, max_parallel: int | None = None
+        self,
+        spec: ModelSpec,
+        *,
+        queue_size: int,
+        n_threads: int | None,
+        max_parallel: int | None = None,
+        adapt_threads: bool = True,
     ) -> None:
         self.spec = spec
         self._parallel = spec.parallel or max_parallel or DEFAULT_PARALLEL
@@ -106,6 +115,7 @@ class LlamaCppEngine:
         self._vision: VisionEncoder | None = None
         self._queue_size = queue_size
         self._n_threads = spec.n_threads or n_threads or os.cpu_count() or 1
+        self._adapt_threads = adapt_threads
         self._llm: Any = None
         self._template: ChatTemplate | None = None
         self._add_bos = False
@@ -171,10 +181,14 @@ class LlamaCppEngine:
             n_ctx_seq=self.spec.context,
             n_threads=self._n_threads,
             vision=self._vision,
+            tuner=ThreadTuner(self._n_threads, name=self.spec.id) if self._adapt_threads else None,
         )
         logger.info(
-            "%s: %d parallel sequences × %d tokens of context", self.spec.id, self._parallel, runner.n_ctx_seq
-        )
+            "%s: %d parallel sequences × %d tokens of context, %s",
+            self.spec.id, self._parallel, runner.n_ctx_seq,
+            f"at most {self._n_threads} threads (adaptive)" if self._adapt_threads
+            else f"{self._n_threads} threads",
+        )  # fmt: skip
         return runner
 
     # --- Engine ------------------------------------------------------------------------------------------
@@ -288,7 +302,10 @@ class LlamaCppEngine:
         scheduler = self._scheduler
         if scheduler is None:
             return EngineHealth(replicas_up=0, replicas=1, queued=0, running=0)
-        return EngineHealth(replicas_up=1, replicas=1, queued=scheduler.queued, running=scheduler.running)
+        threads = self._runner.threads if self._runner is not None else None
+        return EngineHealth(
+            replicas_up=1, replicas=1, queued=scheduler.queued, running=scheduler.running, threads=threads
+        )
 
     def tokens_decoded(self, request_id: str) -> int | None:
         """Tokens sampled for a retired request (None if unknown); lets tests see that cancel stopped work."""

@@ -105,6 +105,7 @@ class OperatorViews:
                     "replicas": health.replicas if health else 0,
                     "queued": health.queued if health else 0,
                     "running": health.running if health else 0,
+                    "threads": health.threads if health and health.threads is not None else "–",
                     "healthy": health is not None and health.replicas_up > 0,
                 }
             )

@@ -1,0 +1,140 @@
+"""How many threads llama.cpp decodes with: `ThreadTuner`, measured on the engine's own decode steps.
+
+Why it adapts: llama.cpp's workers meet at a barrier hundreds of times per token. On a quiet machine all
+cores with briefly spinning workers decode fastest (2 threads ≈ 2× one on 2 cores); beside a CPU hog a
+worker that lost its core stalls every barrier, and one thread fewer is faster (docs/performance.md,
+"Busy machine"). No fixed count is right for both, so the decode loop measures.
+
+How: the tuner runs at `maximum` and, after a little decoding (`FIRST_PROBE_S` of measured step time,
+doubling after each probe that changes nothing, up to `MAX_INTERVAL_S`), probes one neighbour count
+(one fewer; one more when below `maximum`; alternately when both exist). A probe alternates steps
+between the current count and the candidate, so a load that changes during the probe costs both alike,
+until `PROBE_STEPS` comparable steps of each share one row count. Comparable: no prompt chunk evaluated
+in that step, and the same number of decode rows (a step's cost grows with its rows). The candidate wins
+only if its mean step is more than `MARGIN` faster; then the interval starts again from `FIRST_PROBE_S`.
+
+Pure logic: the caller times its steps (`observe`) and applies `threads` before the next one. The thread
+count does not change outputs: ggml's CPU kernels give each output element to one thread, and logits at
+1, 2 and 3 threads were bit-identical (docs/performance.md, "Same outputs, by construction").
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+
+__all__ = ["FIRST_PROBE_S", "MARGIN", "MAX_INTERVAL_S", "PROBE_STEPS", "ThreadTuner"]
+
+logger = logging.getLogger(__name__)
+
+FIRST_PROBE_S = 1.0  # seconds of decode steps before the first probe, and after a switch
+MAX_INTERVAL_S = 8.0  # the interval doubles after each probe that keeps the count, up to this
+PROBE_STEPS = 4  # comparable steps per count in one probe
+MARGIN = 0.15  # the candidate must be this much faster (mean seconds per step) to be chosen
+_GIVE_UP_STEPS = 16 * PROBE_STEPS  # a probe that found no comparable steps by then is abandoned
+
+
+class ThreadTuner:
+    """Chooses the thread count of each decode step from the measured duration of earlier ones.
+
+    Not thread-safe: the decode thread calls `observe` and reads `threads`; `current` may be read from
+    any thread (an int, for health reports).
+    """
+
+    def __init__(
+        self,
+        maximum: int,
+        *,
+        name: str = "",
+        first_probe_s: float = FIRST_PROBE_S,
+        max_interval_s: float = MAX_INTERVAL_S,
+        probe_steps: int = PROBE_STEPS,
+        margin: float = MARGIN,
+    ) -> None:
+        if maximum < 1:
+            raise ValueError("maximum must be at least 1")
+        self.maximum = maximum
+        self.current = maximum  # the count chosen; `threads` differs from it only during a probe
+        self._name = name
+        self._first_probe_s = first_probe_s
+        self._max_interval_s = max_interval_s
+        self._probe_steps = probe_steps
+        self._margin = margin
+        self._interval = first_probe_s
+        self._since_probe = 0.0  # seconds of steps observed since the last probe ended
+        self._downward = True  # the direction of the next probe, when both exist
+        self._candidate: int | None = None  # the count being probed, None between probes
+        self._next = maximum  # the count for the next step
+        self._probe_len = 0  # steps observed in this probe
+        # rows → (seconds at `current`, seconds at the candidate), comparable steps of this probe
+        self._samples: dict[int, tuple[list[float], list[float]]] = {}
+
+    @property
+    def threads(self) -> int:
+        """The thread count for the next step."""
+        return self._next
+
+    @property
+    def probing(self) -> int | None:
+        """The candidate count being probed, or None."""
+        return self._candidate
+
+    def observe(self, *, threads: int, rows: int, prompt: bool, seconds: float) -> None:
+        """One decode step ran at `threads` with `rows` one-token rows (`prompt`: prompt chunks were also
+        evaluated in that step) and took `seconds`."""
+        if self.maximum == 1:
+            return
+        candidate = self._candidate
+        if candidate is None:
+            self._since_probe += seconds
+            if self._since_probe >= self._interval:
+                self._start_probe()
+            return
+        self._probe_len += 1
+        if not prompt and threads in (self.current, candidate):
+            at_current, at_candidate = self._samples.setdefault(rows, ([], []))
+            (at_current if threads == self.current else at_candidate).append(seconds)
+            if len(at_current) >= self._probe_steps and len(at_candidate) >= self._probe_steps:
+                self._decide(rows, statistics.fmean(at_current), statistics.fmean(at_candidate))
+                return
+        if self._probe_len >= _GIVE_UP_STEPS:
+            self._end_probe(switched=False)
+            return
+        # alternate: the next step runs at the other count
+        self._next = candidate if threads == self.current else self.current
+
+    def _start_probe(self) -> None:
+        down = self.current - 1 if self.current > 1 else None
+        up = self.current + 1 if self.current < self.maximum else None
+        if down is not None and up is not None:
+            candidate = down if self._downward else up
+            self._downward = not self._downward
+        elif down is not None:
+            candidate = down
+        else:
+            assert up is not None, "maximum > 1 leaves a neighbour"
+            candidate = up
+        self._candidate = self._next = candidate
+        self._probe_len = 0
+        self._samples = {}
+
+    def _decide(self, rows: int, current_s: float, candidate_s: float) -> None:
+        candidate = self._candidate
+        assert candidate is not None
+        if candidate_s * (1 + self._margin) < current_s:
+            logger.info(
+                "%sllama.cpp threads %d → %d: a decode step of %d rows took %.1f ms at %d, %.1f ms at %d",
+                f"{self._name}: " if self._name else "", self.current, candidate, rows,
+                current_s * 1e3, self.current, candidate_s * 1e3, candidate,
+            )  # fmt: skip
+            self.current = candidate
+            self._end_probe(switched=True)
+        else:
+            self._end_probe(switched=False)
+
+    def _end_probe(self, *, switched: bool) -> None:
+        self._interval = self._first_probe_s if switched else min(self._max_interval_s, self._interval * 2)
+        self._candidate = None
+        self._next = self.current
+        self._since_probe = 0.0
+        self._samples = {}

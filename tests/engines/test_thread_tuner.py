@@ -1,0 +1,118 @@
+"""`ThreadTuner`'s decisions, driven by made-up step timings (no model, no clock, no machine speed)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytest
+
+from tokentill.engines.threads import ThreadTuner
+
+# Seconds per decode step by thread count, shaped like the 2-core measurements in docs/performance.md.
+QUIET = {2: 0.010, 1: 0.018}  # both cores free: 2 threads almost twice as fast
+HOG = {2: 0.060, 1: 0.020}  # one core taken by a CPU hog: the second worker stalls every barrier
+
+Cost = Callable[[int], float]
+
+
+def run(tuner: ThreadTuner, cost: dict[int, float] | Cost, *, seconds: float, rows: int = 1) -> list[int]:
+    """Decode steps for `seconds` of step time; returns the thread count of every step."""
+    at = cost if callable(cost) else cost.__getitem__
+    used: list[int] = []
+    total = 0.0
+    while total < seconds:
+        threads = tuner.threads
+        step = at(threads)
+        tuner.observe(threads=threads, rows=rows, prompt=False, seconds=step)
+        used.append(threads)
+        total += step
+    return used
+
+
+def test_a_quiet_machine_keeps_every_core_and_probes_rarely() -> None:
+    tuner = ThreadTuner(2)
+    used = run(tuner, QUIET, seconds=120)
+    assert tuner.current == 2 and tuner.threads in (1, 2)
+    # Probes back off to one per 8 s of decoding: the slower count ran in well under 1 % of the steps.
+    assert used.count(1) / len(used) < 0.01
+    assert used.count(1) > 0  # it did probe
+
+
+def test_beside_a_hog_it_switches_down_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    tuner = ThreadTuner(2, name="smol")
+    with caplog.at_level(logging.INFO, logger="tokentill.engines.threads"):
+        used = run(tuner, HOG, seconds=60)
+    assert tuner.current == 1
+    assert "smol: llama.cpp threads 2 → 1" in caplog.text
+    # It keeps probing 2 threads (the hog may go), rarely: 2 threads ran in under 2 % of the steps.
+    assert used.count(2) / len(used) < 0.02
+
+
+def test_it_switches_back_up_when_the_hog_goes() -> None:
+    tuner = ThreadTuner(2)
+    run(tuner, HOG, seconds=60)
+    assert tuner.current == 1
+    run(tuner, QUIET, seconds=8 + 1)  # a probe comes at least every 8 s of decoding
+    assert tuner.current == 2
+
+
+def test_the_load_changing_again_is_followed_within_the_longest_interval() -> None:
+    tuner = ThreadTuner(2)
+    run(tuner, QUIET, seconds=60)  # the interval has grown to its cap
+    run(tuner, HOG, seconds=8 + 1)
+    assert tuner.current == 1
+
+
+def test_a_small_gain_does_not_switch() -> None:
+    tuner = ThreadTuner(2)
+    run(tuner, {2: 0.010, 1: 0.0090}, seconds=30)  # one thread 10 % faster: inside the margin
+    assert tuner.current == 2
+
+
+def test_steps_with_prompt_chunks_are_not_compared() -> None:
+    tuner = ThreadTuner(2)
+    total = 0.0
+    while total < 30:  # every step evaluates a prompt chunk too, and 1 thread looks far faster
+        threads = tuner.threads
+        step = HOG[threads]
+        tuner.observe(threads=threads, rows=1, prompt=True, seconds=step)
+        total += step
+    assert tuner.current == 2
+
+
+def test_steps_of_different_row_counts_are_not_compared() -> None:
+    tuner = ThreadTuner(2)
+    total = 0.0
+    while total < 30:  # 1-thread steps happen to hold one row, 2-thread steps eight
+        threads = tuner.threads
+        step = {1: 0.005, 2: 0.040}[threads]
+        tuner.observe(threads=threads, rows=1 if threads == 1 else 8, prompt=False, seconds=step)
+        total += step
+    assert tuner.current == 2
+
+
+def test_comparable_steps_are_paired_by_row_count_among_others() -> None:
+    tuner = ThreadTuner(2)
+    steps = 0
+    total = 0.0
+    while total < 5:  # the row count cycles, as requests come and go; at every count 1 thread wins
+        threads = tuner.threads
+        rows = 1 + steps % 3
+        step = rows * HOG[threads]
+        tuner.observe(threads=threads, rows=rows, prompt=steps % 5 == 0, seconds=step)
+        total += step
+        steps += 1
+    assert tuner.current == 1
+
+
+def test_more_cores_step_down_one_at_a_time_to_the_best_count() -> None:
+    tuner = ThreadTuner(4)
+    run(tuner, {4: 0.050, 3: 0.020, 2: 0.025, 1: 0.040}, seconds=60)
+    assert tuner.current == 3
+
+
+def test_one_thread_is_never_probed() -> None:
+    tuner = ThreadTuner(1)
+    assert set(run(tuner, {1: 0.02}, seconds=30)) == {1}
+    assert tuner.probing is None
