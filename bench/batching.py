@@ -14,7 +14,7 @@ from an earlier round's cache; each figure is the median over `--rounds`):
 
 Contenders:
   (a) tokentill: a real `tokentill serve` (auth, credits, ledger), streaming SSE, `TOKENTILL_MAX_PARALLEL` =
-      `--parallel`, llama.cpp's default wait policy;
+      `--parallel`, tokentill's default wait policy and adaptive thread count (at most `--threads`);
   (b) llama-cpp-python's own server (`python -m llama_cpp.server`), streaming, `--interrupt_requests False`
       (its default cuts a running stream off when the next request arrives, so most would not finish); it has
       no hidden reasoning, so one measurement of the natural workload serves (i) and (ii);
@@ -33,10 +33,13 @@ a/b come last.
         [--max-completion-tokens 256] [--streams 8] [--tokens 128] [--skip-server] [--skip-contention]
         [--quick]
 
-`--contention-only` prints instead the bare busy-machine table: one greedy stream of bare `llama_decode`
-at 1 thread and at all cores, with llama.cpp's OpenMP workers spinning (`OMP_WAIT_POLICY=ACTIVE`) or
-sleeping (`PASSIVE`, tokentill's default, `TOKENTILL_LLAMA_WAIT_POLICY`), on the machine as it is ("quiet")
-and beside one CPU hog per core; each in a fresh process (libgomp reads the policy when it loads).
+`--contention-only` prints instead the busy-machine table: one greedy stream of bare `llama_decode` at 1
+thread and at all cores, with llama.cpp's OpenMP workers spinning (`OMP_WAIT_POLICY=ACTIVE`), sleeping
+(`PASSIVE`) or spinning briefly then sleeping (`GOMP_SPINCOUNT=3000`, tokentill's default
+`TOKENTILL_LLAMA_WAIT_POLICY=adaptive`), then one greedy stream through tokentill's engine (no HTTP) with
+its adaptive thread count (at most all cores; at least 256 tokens, so that it probes), on the machine as it
+is ("quiet") and beside one CPU hog per core; each in a fresh process (libgomp reads the policy when it
+loads).
 
 (b) needs llama-cpp-python's server extras in the venv: `.venv/bin/pip install 'llama-cpp-python[server]'`
 (or `./scripts/install test`, which brings its dependencies); without them use `--skip-server`.
@@ -60,18 +63,19 @@ from typing import Any
 
 import requests
 
-# llama.cpp's OpenMP workers sleep at barriers in all three contenders, as in tokentill by default
-# (TOKENTILL_LLAMA_WAIT_POLICY): spinning ones collapse on a shared machine (docs/performance.md). Set
-# before llama.cpp loads; inherited by the llama_cpp.server subprocess. The operator's setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import natural_traffic as natural  # noqa: E402
 from tests.e2e.conftest import TokentillServer, free_port  # noqa: E402
 
-from tokentill.catalog import default_weights_path  # noqa: E402
+from tokentill.catalog import ModelSpec, default_weights_path  # noqa: E402
+from tokentill.settings import llama_wait_environment  # noqa: E402
+
+# llama.cpp's OpenMP workers wait at barriers in all three contenders as in tokentill by default
+# (TOKENTILL_LLAMA_WAIT_POLICY=adaptive: a short spin, then sleep). Set before llama.cpp loads (nothing
+# above imports it); inherited by the llama_cpp.server subprocess. The operator's own setting wins.
+os.environ.update(llama_wait_environment("adaptive", os.environ))
 
 CONTEXT = 1024  # per sequence, everywhere
 
@@ -312,37 +316,96 @@ def decode_one(threads: int, tokens: int) -> float:
     return rate
 
 
+ADAPTIVE_TOKENS = 256  # the engine's first probe comes after 1 s of decoding
+
+
+def decode_adaptive(threads: int, tokens: int) -> tuple[float, int]:
+    """(tok/s, threads at the end) of one greedy stream through tokentill's engine, adaptive threads."""
+    from tokentill.engines import create_engine
+    from tokentill.engines.base import EngineRequest
+    from tokentill.engines.llamacpp import LlamaCppEngine
+    from tokentill.types import Message, TextDelta
+
+    spec = ModelSpec(id="bench", engine="llamacpp", context=CONTEXT, n_threads=threads)
+    engine = create_engine(spec, queue_size=1, n_threads=None, max_parallel=1)
+    assert isinstance(engine, LlamaCppEngine)
+    banned = tuple((t, -100.0) for t in end_tokens())
+    request = EngineRequest(
+        request_id="adaptive",
+        messages=(Message("user", prompt(0, 0)),),
+        max_tokens=tokens,
+        deadline=time.monotonic() + 600,
+        temperature=0.0,
+        logit_bias=banned,
+    )
+
+    async def run() -> tuple[float, int]:
+        await engine.start()
+        try:
+            first, n = 0.0, 0
+            async for event in engine.generate(request):
+                if isinstance(event, TextDelta):
+                    n += 1  # one delta per sampled token
+                    first = first or time.perf_counter()
+            rate = (n - 1) / (time.perf_counter() - first)
+            return rate, engine.health().threads or 0
+        finally:
+            await engine.aclose()
+
+    return asyncio.run(run())
+
+
 def contention(tokens: int, rounds: int) -> None:
     """Print the busy-machine table: tok/s quiet and beside one CPU hog per core, per configuration."""
     cores = os.cpu_count() or 1
-    configs = [(1, "ACTIVE"), (cores, "ACTIVE"), (1, "PASSIVE"), (cores, "PASSIVE")]
+    spin = llama_wait_environment("adaptive", {})
+    spin_label = " ".join(f"{k}={v}" for k, v in spin.items())
+    configs: list[tuple[str, str, dict[str, str]]] = [
+        ("1", "ACTIVE", {"OMP_WAIT_POLICY": "ACTIVE"}),
+        (str(cores), "ACTIVE", {"OMP_WAIT_POLICY": "ACTIVE"}),
+        ("1", "PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}),
+        (str(cores), "PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}),
+        ("1", spin_label, spin),
+        (str(cores), spin_label, spin),
+        (f"tokentill, adaptive ≤ {cores}", f"{spin_label}, {ADAPTIVE_TOKENS} tokens", spin),
+    ]
+    ends: dict[bool, list[str]] = {False: [], True: []}
 
-    def measure(threads: int, policy: str) -> float:
-        env = {**os.environ, "OMP_WAIT_POLICY": policy}
-        cmd = [sys.executable, __file__, "--decode-one", str(threads), "--tokens", str(tokens)]
+    def measure(threads: str, env_vars: dict[str, str], hog: bool) -> float:
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        env.update(env_vars)
+        adaptive = not threads.isdigit()
+        flag = ["--decode-adaptive", str(cores)] if adaptive else ["--decode-one", threads]
+        n = max(tokens, ADAPTIVE_TOKENS) if adaptive else tokens
+        cmd = [sys.executable, __file__, *flag, "--tokens", str(n)]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=600)
-        return float(out.stdout.strip().splitlines()[-1])
+        fields = out.stdout.strip().splitlines()[-1].split()
+        if adaptive:
+            ends[hog].append(fields[1])
+        return float(fields[0])
 
-    figures: dict[tuple[int, str, bool], list[float]] = {}
+    figures: dict[tuple[str, str, bool], list[float]] = {}
     for _ in range(rounds):
         for hog in (False, True):
             hog_cmd = [sys.executable, "-c", "while True: pass"]
             hogs = [subprocess.Popen(hog_cmd) for _ in range(cores if hog else 0)]
             try:
-                for threads, policy in configs:
-                    figures.setdefault((threads, policy, hog), []).append(measure(threads, policy))
+                for threads, label, env_vars in configs:
+                    figures.setdefault((threads, label, hog), []).append(measure(threads, env_vars, hog))
             finally:
                 for proc in hogs:
                     proc.kill()
                     proc.wait()
     print(f"\nbusy machine: one stream, {tokens} greedy tokens, median of {rounds} rounds, {cores} cores; "
           f"'quiet' is the machine as it is (load average now {os.getloadavg()[0]:.2f})")  # fmt: skip
-    print("| threads | OMP_WAIT_POLICY | quiet tok/s | beside a hog per core tok/s | hog/quiet |")
+    print("| threads | wait | quiet tok/s | beside a hog per core tok/s | hog/quiet |")
     print("|---|---|---|---|---|")
-    for threads, policy in configs:
-        quiet = statistics.median(figures[(threads, policy, False)])
-        busy = statistics.median(figures[(threads, policy, True)])
-        print(f"| {threads} | {policy} | {quiet:.1f} | {busy:.1f} | {busy / quiet:.2f} |")
+    for threads, label, _ in configs:
+        quiet = statistics.median(figures[(threads, label, False)])
+        busy = statistics.median(figures[(threads, label, True)])
+        print(f"| {threads} | {label} | {quiet:.1f} | {busy:.1f} | {busy / quiet:.2f} |")
+    print(f"tokentill's thread count at the end of each run: quiet {', '.join(ends[False])}; "
+          f"beside the hog {', '.join(ends[True])}")  # fmt: skip
 
 
 NATURAL = ("(i) scratchpad, as shipped", "(ii) reasoning none")
@@ -427,9 +490,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 round, 8 requests of ≤ 128 tokens, 64 greedy")
     parser.add_argument("--contention-only", action="store_true", help="only the bare busy-machine table")
     parser.add_argument("--decode-one", type=int, default=0, help=argparse.SUPPRESS)  # a contention probe
+    parser.add_argument("--decode-adaptive", type=int, default=0, help=argparse.SUPPRESS)  # another
     args = parser.parse_args()
     if args.decode_one:
         print(f"{decode_one(args.decode_one, args.tokens):.3f}")
+        return
+    if args.decode_adaptive:
+        rate, threads = decode_adaptive(args.decode_adaptive, args.tokens)
+        print(f"{rate:.3f} {threads}")
         return
     if args.contention_only:
         contention(args.tokens, args.rounds)
@@ -548,7 +616,10 @@ def report(
     if hogged:
         quiet, busy = statistics.median(hogged[False]), statistics.median(hogged[True])
         available = max(1, cores - 1)
-        print("\ncontention: workload (ii) on tokentill, default threads and wait policy, beside one CPU hog")
+        print(
+            "\ncontention: workload (ii) on tokentill, default (adaptive) threads and wait policy, beside "
+            "one CPU hog"
+        )
         print("| case | aggregate tok/s | available cores | tok/s per available core |")
         print("|---|---|---|---|")
         print(f"| quiet | {quiet:.1f} | {cores} | {quiet / cores:.1f} |")
