@@ -38,8 +38,8 @@ thread and at all cores, with llama.cpp's OpenMP workers spinning (`OMP_WAIT_POL
 (`PASSIVE`) or spinning briefly then sleeping (`GOMP_SPINCOUNT=3000`, tokentill's default
 `TOKENTILL_LLAMA_WAIT_POLICY=adaptive`), then one greedy stream through tokentill's engine (no HTTP) with
 its adaptive thread count (at most all cores; at least 256 tokens, so that it probes), on the machine as it
-is ("quiet") and beside one CPU hog per core; each in a fresh process (libgomp reads the policy when it
-loads).
+is ("quiet") and beside one CPU hog (`python -c "while True: pass"`, as in issue 14: cores - 1 left); each
+in a fresh process (libgomp reads the policy when it loads).
 
 (b) needs llama-cpp-python's server extras in the venv: `.venv/bin/pip install 'llama-cpp-python[server]'`
 (or `./scripts/install test`, which brings its dependencies); without them use `--skip-server`.
@@ -356,7 +356,7 @@ def decode_adaptive(threads: int, tokens: int) -> tuple[float, int]:
 
 
 def contention(tokens: int, rounds: int) -> None:
-    """Print the busy-machine table: tok/s quiet and beside one CPU hog per core, per configuration."""
+    """Print the busy-machine table: tok/s quiet and beside one CPU hog, per configuration."""
     cores = os.cpu_count() or 1
     spin = llama_wait_environment("adaptive", {})
     spin_label = " ".join(f"{k}={v}" for k, v in spin.items())
@@ -388,7 +388,7 @@ def contention(tokens: int, rounds: int) -> None:
     for _ in range(rounds):
         for hog in (False, True):
             hog_cmd = [sys.executable, "-c", "while True: pass"]
-            hogs = [subprocess.Popen(hog_cmd) for _ in range(cores if hog else 0)]
+            hogs = [subprocess.Popen(hog_cmd)] if hog else []
             try:
                 for threads, label, env_vars in configs:
                     figures.setdefault((threads, label, hog), []).append(measure(threads, env_vars, hog))
@@ -398,12 +398,14 @@ def contention(tokens: int, rounds: int) -> None:
                     proc.wait()
     print(f"\nbusy machine: one stream, {tokens} greedy tokens, median of {rounds} rounds, {cores} cores; "
           f"'quiet' is the machine as it is (load average now {os.getloadavg()[0]:.2f})")  # fmt: skip
-    print("| threads | wait | quiet tok/s | beside a hog per core tok/s | hog/quiet |")
-    print("|---|---|---|---|---|")
+    available = max(1, cores - 1)
+    print("| threads | wait | quiet tok/s | beside one hog tok/s | hog/quiet | per available core |")
+    print("|---|---|---|---|---|---|")
     for threads, label, _ in configs:
         quiet = statistics.median(figures[(threads, label, False)])
         busy = statistics.median(figures[(threads, label, True)])
-        print(f"| {threads} | {label} | {quiet:.1f} | {busy:.1f} | {busy / quiet:.2f} |")
+        per_core = (busy / available) / (quiet / cores)
+        print(f"| {threads} | {label} | {quiet:.1f} | {busy:.1f} | {busy / quiet:.2f} | {per_core:.2f} |")
     print(f"tokentill's thread count at the end of each run: quiet {', '.join(ends[False])}; "
           f"beside the hog {', '.join(ends[True])}")  # fmt: skip
 

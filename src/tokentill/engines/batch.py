@@ -277,8 +277,9 @@ class BatchedLlamaRunner:
 
     @property
     def threads(self) -> int:
-        """The thread count the context decodes with now (any thread may read it)."""
-        return self._threads
+        """The thread count decoding runs at (the tuner's choice: during a probe some steps use another);
+        any thread may read it."""
+        return self._tuner.current if self._tuner is not None else self._threads
 
     @property
     def ctx(self) -> Any:
