@@ -296,10 +296,6 @@ class Run:
         that goes cancels `work`; without, `work` runs on to its end."""
         gone = False
 
-        async def run_work() -> None:
-            await work()
-            tg.cancel_scope.cancel()
-
         async def watch() -> None:
             nonlocal gone
             await self._client.gone()
@@ -309,8 +305,9 @@ class Run:
 
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(run_work)
                 tg.start_soon(watch)
+                await work()  # in this task: one task per request is the watcher's
+                tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise first_error(group) from None
         return gone

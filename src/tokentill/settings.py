@@ -237,6 +237,11 @@ class Settings(BaseSettings):
         "replicas when Redis is configured.",
     )
     log_level: str = Field(default="info", description="Logging level.")
+    access_log: bool = Field(
+        default=True,
+        description="One log line per HTTP response (uvicorn's access log: client, method, path, status); "
+        "false leaves it to a proxy in front.",
+    )
     media_allow_hosts: str = Field(
         default="",
         description="Comma-separated host:port pairs whose images may be fetched even though they resolve "

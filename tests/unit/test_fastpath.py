@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 
 from tokentill.api.fastpath import ChatFastPath
+from tokentill.api.middleware import RequestMiddleware
 from tokentill.app import create_app
 from tokentill.settings import Settings
 
 
 def _fast_path(tmp_path: Path) -> ChatFastPath:
     app = create_app(Settings(data_dir=tmp_path))
-    stack = app.build_middleware_stack()
-    while not isinstance(stack, ChatFastPath):  # ServerErrorMiddleware → ... → ours
-        stack = stack.app  # type: ignore[attr-defined]
-    return stack
+    front = app.front  # RequestMiddleware, then ours, then FastAPI
+    assert isinstance(front, RequestMiddleware) and isinstance(front.app, ChatFastPath)
+    assert front.app.app == app.fastapi  # what is not a chat completion goes to FastAPI's own stack
+    return front.app
 
 
 @pytest.mark.parametrize(

@@ -154,3 +154,61 @@ async def test_disconnect_closes_events_that_keep_coming() -> None:
         body, _ = await _serve(_response(endless()), disconnect_after=0.2)
     assert len(ended) == 1 and ended[0] in {anyio.get_cancelled_exc_class(), GeneratorExit}, ended
     assert b"[DONE]" not in body and KEEPALIVE in body
+
+
+async def _bodies(response: EventStreamResponse, sent: list[bytes]) -> None:
+    """Serve `response`, appending each body message to `sent` as it is sent."""
+
+    async def receive() -> dict[str, Any]:
+        await anyio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            sent.append(message.get("body", b""))
+
+    await response({"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}}, receive, send)
+
+
+async def test_events_ready_together_go_out_in_one_write() -> None:
+    """Ten deltas, the finish and the usage produced without a pause (one upstream read): one body message
+    carries them all and the end of the stream, not one message per chunk."""
+
+    async def burst() -> AsyncGenerator[EngineEvent, None]:
+        for i in range(10):
+            yield TextDelta(f"t{i} ")
+        yield Finished("stop", Usage(prompt_tokens=3, completion_tokens=10))
+
+    sent: list[bytes] = []
+    with anyio.fail_after(5):
+        await _bodies(_response(burst()), sent)
+    body = b"".join(sent)
+    assert body.count(b'"content":"t') == 10 and body.endswith(b"data: [DONE]\n\n")
+    # The role chunk may go out alone (it is rendered before the first event arrives); the rest is one.
+    assert len(sent) <= 2, [chunk[:60] for chunk in sent]
+    assert sent[-1].count(b'"content":"t') == 10 and b'"usage"' in sent[-1]
+
+
+async def test_a_ready_chunk_is_never_held_back_for_the_next() -> None:
+    """Each delta must reach the client while the engine is still computing the next: the engine here
+    waits until the client has seen the previous one, so holding a chunk back would never end."""
+    seen = [anyio.Event() for _ in range(3)]
+    sent: list[bytes] = []
+
+    async def paced() -> AsyncGenerator[EngineEvent, None]:
+        for i in range(3):
+            yield TextDelta(f"word{i}")
+            await seen[i].wait()
+        yield Finished("stop", Usage(prompt_tokens=3, completion_tokens=3))
+
+    async def watch() -> None:
+        for i in range(3):
+            while f"word{i}".encode() not in b"".join(sent):
+                await anyio.sleep(0.001)
+            seen[i].set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            await _bodies(_response(paced()), sent)
+    assert b"".join(sent).endswith(b"data: [DONE]\n\n")

@@ -14,7 +14,7 @@ from starlette.routing import compile_path
 from tokentill import errors
 from tokentill.billing.money import format_credits
 
-__all__ = ["error_response", "install_error_handlers", "render_handled"]
+__all__ = ["error_response", "install_error_handlers", "render_bug", "render_handled"]
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +107,21 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, errors.InvalidRequest(message, code=code, param=param))
 
 
-async def _bug(request: Request, exc: Exception) -> JSONResponse:
+def render_bug(request: Request, exc: Exception) -> JSONResponse:
+    """An unexpected exception: logged with its traceback, answered 500 with the request id (which
+    `RequestMiddleware`, outside every handler, also sends as `x-request-id`)."""
     request_id = getattr(request.state, "request_id", "-")
-    # This runs after the request context has ended: the id is passed along for the log line's prefix.
     log.error("request %s: unhandled error", request_id, exc_info=exc, extra={"request_id": request_id})
-    response = error_response(
+    return error_response(
         request,
         errors.InternalError(
             f"The server had an error while processing your request. Request id: {request_id}."
         ),
     )
-    # This handler runs in Starlette's outermost middleware, outside the one that stamps request ids.
-    response.headers["x-request-id"] = request_id
-    return response
+
+
+async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    return render_bug(request, exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,13 +1,14 @@
-"""The two chat routes served without FastAPI's router: `ChatFastPath`, the innermost middleware.
+"""The two chat routes served without FastAPI: `ChatFastPath`, just inside `RequestMiddleware`.
 
 A chat completion is the one request this server answers at volume. Through FastAPI it pays, on every
-request, for the router's scan of every route, dependency solving for the key, the exception middleware
-and an exit stack. Here `POST /v1/chat/completions` and `POST /v1/{model}` go straight to the same
-handlers (`api/routes.py`: `chat_completions`, `chat_by_path`, `authenticate_cached`), and what they
-raise is rendered by the same handlers the exception middleware uses (`api/errors.py`
-`render_handled`); an unexpected exception still reaches the outermost handler (500 with the request
-id). The routes stay registered with FastAPI, so `/openapi.json` and every other method and path are
-unchanged.
+request, for its telemetry check, the error and exception middlewares (each wraps every message sent),
+the router's scan of every route, dependency solving for the key and an exit stack. Here `POST
+/v1/chat/completions` and `POST /v1/{model}` go straight to the same handlers (`api/routes.py`:
+`chat_completions`, `chat_by_path`, `authenticate_cached`), and what they raise is rendered by the same
+handlers FastAPI's middlewares use (`api/errors.py`: `render_handled`, and `render_bug` for anything
+unexpected, a 500 with the request id). `api.TokentillAPI` puts this in front of FastAPI; every other
+request falls through to FastAPI's own stack. The routes stay registered with FastAPI, so
+`/openapi.json` is unchanged.
 
 Which requests are taken: exactly those FastAPI would route to a chat handler. `/v1/chat/completions`
 is no other route's path, and `/v1/{model}` is a single path segment that is not the literal last
@@ -21,9 +22,9 @@ from collections.abc import Iterable
 
 from fastapi import APIRouter, Request
 from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tokentill.api.errors import render_handled
+from tokentill.api.errors import render_bug, render_handled
 from tokentill.api.routes import authenticate_cached, chat_by_path, chat_completions
 
 __all__ = ["ChatFastPath", "literal_v1_names"]
@@ -70,22 +71,15 @@ class ChatFastPath:
         if model:
             scope["path_params"] = {"model": model}
         request = Request(scope, receive)
-        started = False
-
-        async def send_tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
             principal = await authenticate_cached(request)
             if model:
                 response = await chat_by_path(request, principal, model)
             else:
                 response = await chat_completions(request, principal)
-            await response(scope, receive, send_tracked)
+            await response(scope, receive, send)
         except Exception as exc:
-            rendered = None if started else await render_handled(request, exc)
-            if rendered is None:
+            if request.state.response_status:  # under way (RequestMiddleware): the connection is closed
                 raise
+            rendered = await render_handled(request, exc) or render_bug(request, exc)
             await rendered(scope, receive, send)

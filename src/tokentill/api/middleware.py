@@ -68,6 +68,7 @@ class RequestMiddleware:
         request_id = new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        state["response_status"] = 0  # set when the response starts (`request.state.response_status`)
         token = _request_id.set(request_id)
         id_header = (b"x-request-id", request_id.encode())
         status = 0
@@ -78,7 +79,7 @@ class RequestMiddleware:
         async def send_wrapped(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
-                status = int(message["status"])
+                status = state["response_status"] = int(message["status"])
                 observe_response(status, str(state.get("error_code") or "") if status >= 400 else "")
                 message = {**message, "headers": [*message.get("headers", ()), id_header]}
             await send(message)

@@ -65,7 +65,9 @@ async def _pump(events: AsyncGenerator[EngineEvent, None], send: MemoryObjectSen
     async with send:
         try:
             async for event in events:
-                await send.send(event)
+                # No checkpoint per event (the stream is unbounded): the events of one upstream read or one
+                # decode step all land before the renderer runs, and go out in one write.
+                send.send_nowait(event)
         except anyio.BrokenResourceError:
             pass  # the renderer stopped reading: nobody wants the rest
         except Exception as exc:
@@ -153,8 +155,13 @@ Frames = Callable[[MemoryObjectReceiveStream[Item]], AsyncGenerator[bytes, None]
 class PumpedEventStream(StreamingResponse):
     """`text/event-stream` of `events` (already known to have started), rendered by `frames`.
 
-    The pump runs in a task group that spans the whole response, never a generator; on any exit (done,
-    client gone, send failed) the group is cancelled and the body generator closed, both in this task.
+    One task group spans the whole response: the pump, and a watcher that cancels it when the client hangs
+    up; the body is sent from this task, never from a generator in another. On any exit (done, client
+    gone, send failed) the group is cancelled and the body generator closed, both in this task.
+
+    Frames go out together when the pump has already handed over the next item (or has ended): one write
+    for what one upstream read or decode step produced, not one per chunk; nothing ready is ever held
+    back waiting for more.
     """
 
     def __init__(
@@ -167,21 +174,41 @@ class PumpedEventStream(StreamingResponse):
     ) -> None:
         self._events = events
         self._on_close = on_close
-        self._send, receive = anyio.create_memory_object_stream[Item](math.inf)
-        self._frames = frames(receive)
+        self._send, self._items = anyio.create_memory_object_stream[Item](math.inf)
+        self._frames = frames(self._items)
         super().__init__(self._frames, media_type="text/event-stream", headers=headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_pump, self._events, self._send)
+            tg.start_soon(_until_hang_up, receive, tg.cancel_scope)
             try:
-                await super().__call__(scope, receive, send)
+                await self._respond(send)
             finally:
-                tg.cancel_scope.cancel()  # a no-op when the pump already ended (the usual case)
+                tg.cancel_scope.cancel()  # the watcher, and the pump if it has not ended
                 with anyio.CancelScope(shield=True):
                     await self._frames.aclose()
                     if self._on_close is not None:
                         await self._on_close()
+
+    async def _respond(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        held: list[bytes] = []
+        async for frame in self._frames:
+            held.append(frame)
+            waiting = self._items.statistics()
+            if waiting.current_buffer_used or not waiting.open_send_streams:
+                continue  # the next frame is ready now: send them together
+            await send({"type": "http.response.body", "body": b"".join(held), "more_body": True})
+            held = []
+        await send({"type": "http.response.body", "body": b"".join(held), "more_body": False})
+
+
+async def _until_hang_up(receive: Receive, scope: anyio.CancelScope) -> None:
+    """Cancel `scope` when the client disconnects (the request body is already read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
 
 
 class EventStreamResponse(PumpedEventStream):

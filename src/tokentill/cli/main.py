@@ -147,6 +147,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
             workers=settings.workers,
             log_level=settings.log_level,
             log_config=log_config(settings.log_level),  # applied again in each worker process
+            access_log=settings.access_log,
             timeout_graceful_shutdown=10,
             timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]  # a float works
             http=http_protocol(settings),  # read timeouts and the connection cap (api/connections.py)

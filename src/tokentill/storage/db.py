@@ -38,11 +38,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, closing, contextmanager
+from contextlib import asynccontextmanager, closing, contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -181,10 +182,9 @@ class Database:
                 return await conn.run_sync(fn)
         with self._outage_is_503():
             async with self._sqlite_write_lock():
-                writer = self._sqlite_writer()
-                # A cancelled caller stops waiting, not the thread: the transaction still ends (commit or
-                # rollback) on its own, and SQLite's busy timeout covers a writer that starts meanwhile.
-                return await asyncio.get_running_loop().run_in_executor(writer.thread, writer.write, fn)
+                # SQLite's busy timeout covers a writer that starts while a cancelled caller's
+                # transaction is still ending on the thread.
+                return await self._sqlite_writer().write(fn)
 
     async def run_read(self, fn: Callable[[Connection], T]) -> T:
         """`fn(conn)` on a *synchronous* connection for ONE read statement (a hot-path lookup such as a
@@ -196,8 +196,7 @@ class Database:
                 async with self._autocommit_engine.connect() as conn:
                     return await conn.run_sync(fn)
         with self._outage_is_503():
-            writer = self._sqlite_writer()
-            return await asyncio.get_running_loop().run_in_executor(writer.thread, writer.read, fn)
+            return await self._sqlite_writer().read(fn)
 
     def _sqlite_writer(self) -> _SqliteWriter:
         if self._sync_writer is None:
@@ -284,7 +283,11 @@ class Database:
 
 
 class _SqliteWriter:
-    """One thread with one synchronous sqlite3 connection (same pragmas, BEGIN IMMEDIATE) to the file."""
+    """One thread with one synchronous sqlite3 connection (same pragmas, BEGIN IMMEDIATE) to the file.
+
+    Work reaches the thread through a plain queue and its result comes back with one
+    `call_soon_threadsafe`: an executor's future, work item and idle-thread bookkeeping, and asyncio's
+    chaining of two futures, cost more than the transaction of a lone request's hold."""
 
     def __init__(self, url: URL) -> None:
         # StaticPool: the single connection, only ever used on the single thread below.
@@ -296,19 +299,64 @@ class _SqliteWriter:
         event.listen(self.engine, "connect", _sqlite_connect)
         event.listen(self.engine, "begin", _sqlite_begin)
         self.reader = self.engine.execution_options(**{_BEGIN_OPTION: "BEGIN"})
-        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokentill-sqlite-writer")
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # A daemon: a writer left open must not keep the interpreter from exiting (its transaction,
+        # if one is cut, rolls back as any SQLite transaction does).
+        self._thread = threading.Thread(target=self._serve, name="tokentill-sqlite-writer", daemon=True)
+        self._thread.start()
 
-    def write(self, fn: Callable[[Connection], T]) -> T:
+    async def write(self, fn: Callable[[Connection], T]) -> T:
+        """`fn(conn)` in one write transaction on the thread. A cancelled caller stops waiting, not the
+        thread: the transaction still ends (commit or rollback) on its own."""
+        return await self._run(self._write, fn)
+
+    async def read(self, fn: Callable[[Connection], T]) -> T:
+        return await self._run(self._read, fn)
+
+    async def _run(
+        self, method: Callable[[Callable[[Connection], T]], T], fn: Callable[[Connection], T]
+    ) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((method, fn, loop, future))
+        return await future
+
+    def _write(self, fn: Callable[[Connection], T]) -> T:
         with self.engine.begin() as conn:
             return fn(conn)
 
-    def read(self, fn: Callable[[Connection], T]) -> T:
+    def _read(self, fn: Callable[[Connection], T]) -> T:
         with self.reader.begin() as conn:
             return fn(conn)
 
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            method, fn, loop, future = job
+            try:
+                outcome: tuple[Any, BaseException | None] = (method(fn), None)
+            except BaseException as error:  # handed to the awaiting task, which raises it
+                outcome = (None, error)
+            with suppress(RuntimeError):  # the loop closed meanwhile: nobody waits for this
+                loop.call_soon_threadsafe(_resolve, future, *outcome)
+
     def close(self) -> None:
-        self.thread.shutdown(wait=True)
+        self._jobs.put(None)
+        self._thread.join()
         self.engine.dispose()
+
+
+_Job = tuple[
+    Callable[..., Any], Callable[[Connection], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"
+]
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
@@ -345,6 +393,30 @@ def _switch_to_wal(path: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"could not switch {path} to WAL mode (journal_mode is {mode})")
         time.sleep(0.05)
+
+
+_PING_IDLE_S = 1.0  # a pooled PostgreSQL connection idle longer than this is pinged before use
+_LAST_USED = "tokentill_last_used"
+
+
+def _mark_used(_dbapi_connection: Any, record: ConnectionPoolEntry, *_: Any) -> None:
+    record.info[_LAST_USED] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
+    """The pool's pre-ping, for connections idle over `_PING_IDLE_S` only (those a server restart, an
+    idle timeout or a firewall may have cut while nobody watched). A connection in steady use skips the
+    round trip the pre-ping cost on every transaction; if it has died since its last use, the
+    statement fails as an outage (503), which invalidates it, and the next checkout connects afresh.
+    A failed ping invalidates the whole pool, as SQLAlchemy's pre-ping does, and the checkout retries
+    on a new connection."""
+    if time.monotonic() - record.info.get(_LAST_USED, 0.0) < _PING_IDLE_S:
+        return
+    try:
+        record.info[_LAST_USED] = time.monotonic()
+        dbapi_connection.ping()
+    except Exception as error:
+        raise exc.InvalidatePoolError(f"idle connection failed its ping: {error!r}") from error
 
 
 def _sqlite_begin(conn: Connection) -> None:
@@ -402,15 +474,18 @@ def _make_engine(
         if parsed.drivername != "postgresql+asyncpg":
             raise ValueError(f"PostgreSQL URLs must use the asyncpg driver: {parsed.drivername}")
         # A server that accepts TCP but never answers (a partition) fails the connect after
-        # `connect_timeout_s`, a statement on a pooled connection cut off without a reset (the pool's
-        # pre-ping included) after `statement_timeout_s`, and a wait for a pooled connection after
+        # `connect_timeout_s`, a statement on a pooled connection cut off without a reset (the idle
+        # ping included) after `statement_timeout_s`, and a wait for a pooled connection after
         # `pool_timeout_s`.
-        return create_async_engine(
+        engine = create_async_engine(
             parsed,
-            pool_pre_ping=True,
             pool_timeout=pool_timeout_s,
             connect_args={"timeout": connect_timeout_s, "command_timeout": statement_timeout_s},
         )
+        event.listen(engine.sync_engine, "connect", _mark_used)
+        event.listen(engine.sync_engine, "checkin", _mark_used)
+        event.listen(engine.sync_engine, "checkout", _ping_if_idle)
+        return engine
     raise ValueError(f"unsupported database URL scheme: {parsed.drivername}")
 
 
