@@ -37,9 +37,10 @@ a/b come last.
 thread and at all cores, with llama.cpp's OpenMP workers spinning (`OMP_WAIT_POLICY=ACTIVE`), sleeping
 (`PASSIVE`) or spinning briefly then sleeping (`GOMP_SPINCOUNT=3000`, tokentill's default
 `TOKENTILL_LLAMA_WAIT_POLICY=adaptive`), then one greedy stream through tokentill's engine (no HTTP) with
-its adaptive thread count (at most all cores; at least 256 tokens, so that it probes), on the machine as it
-is ("quiet") and beside one CPU hog (`python -c "while True: pass"`, as in issue 14: cores - 1 left); each
-in a fresh process (libgomp reads the policy when it loads).
+its adaptive thread count (at most all cores; at least 256 tokens, so that it probes) and with all cores
+fixed (`TOKENTILL_LLAMA_ADAPT_THREADS=false`), on the machine as it is ("quiet") and beside one CPU hog
+(`python -c "while True: pass"`, as in issue 14: cores - 1 left); each in a fresh process (libgomp reads
+the policy when it loads).
 
 (b) needs llama-cpp-python's server extras in the venv: `.venv/bin/pip install 'llama-cpp-python[server]'`
 (or `./scripts/install test`, which brings its dependencies); without them use `--skip-server`.
@@ -319,15 +320,16 @@ def decode_one(threads: int, tokens: int) -> float:
 ADAPTIVE_TOKENS = 256  # the engine's first probe comes after 1 s of decoding
 
 
-def decode_adaptive(threads: int, tokens: int) -> tuple[float, int]:
-    """(tok/s, threads at the end) of one greedy stream through tokentill's engine, adaptive threads."""
+def decode_adaptive(threads: int, tokens: int, *, adapt: bool = True) -> tuple[float, int]:
+    """(tok/s, threads at the end) of one greedy stream through tokentill's engine (adaptive threads, or
+    `threads` fixed)."""
     from tokentill.engines import create_engine
     from tokentill.engines.base import EngineRequest
     from tokentill.engines.llamacpp import LlamaCppEngine
     from tokentill.types import Message, TextDelta
 
     spec = ModelSpec(id="bench", engine="llamacpp", context=CONTEXT, n_threads=threads)
-    engine = create_engine(spec, queue_size=1, n_threads=None, max_parallel=1)
+    engine = create_engine(spec, queue_size=1, n_threads=None, max_parallel=1, adapt_threads=adapt)
     assert isinstance(engine, LlamaCppEngine)
     banned = tuple((t, -100.0) for t in end_tokens())
     request = EngineRequest(
@@ -368,19 +370,22 @@ def contention(tokens: int, rounds: int) -> None:
         ("1", spin_label, spin),
         (str(cores), spin_label, spin),
         (f"tokentill, adaptive ≤ {cores}", f"{spin_label}, {ADAPTIVE_TOKENS} tokens", spin),
+        (f"tokentill, fixed {cores}", f"{spin_label}, {ADAPTIVE_TOKENS} tokens", spin),
     ]
     ends: dict[bool, list[str]] = {False: [], True: []}
 
     def measure(threads: str, env_vars: dict[str, str], hog: bool) -> float:
         env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
         env.update(env_vars)
-        adaptive = not threads.isdigit()
-        flag = ["--decode-adaptive", str(cores)] if adaptive else ["--decode-one", threads]
-        n = max(tokens, ADAPTIVE_TOKENS) if adaptive else tokens
+        engine = not threads.isdigit()
+        flag = ["--decode-adaptive", str(cores)] if engine else ["--decode-one", threads]
+        if "fixed" in threads:
+            flag.append("--fixed")
+        n = max(tokens, ADAPTIVE_TOKENS) if engine else tokens
         cmd = [sys.executable, __file__, *flag, "--tokens", str(n)]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=600)
         fields = out.stdout.strip().splitlines()[-1].split()
-        if adaptive:
+        if "adaptive" in threads:
             ends[hog].append(fields[1])
         return float(fields[0])
 
@@ -448,7 +453,10 @@ def natural_round(
         figures[(NATURAL[0], B)] = figures[(NATURAL[1], B)] = ran
         progress(f"  llama_cpp.server {ran.aggregate:.1f} tok/s, {sum(ran.counts)} tokens")
 
-    jobs: list[Callable[[], None]] = [lambda: ours(NATURAL[0]), lambda: ours(NATURAL[1])]
+    chosen = set(args.workloads.split(","))
+    jobs: list[Callable[[], None]] = [
+        lambda w=w: ours(w) for w, key in zip(NATURAL, ("i", "ii"), strict=True) if key in chosen
+    ]
     if server is not None:
         jobs.append(theirs)
     for k in range(len(jobs)):
@@ -493,12 +501,13 @@ def main() -> None:
     parser.add_argument("--contention-only", action="store_true", help="only the bare busy-machine table")
     parser.add_argument("--decode-one", type=int, default=0, help=argparse.SUPPRESS)  # a contention probe
     parser.add_argument("--decode-adaptive", type=int, default=0, help=argparse.SUPPRESS)  # another
+    parser.add_argument("--fixed", action="store_true", help=argparse.SUPPRESS)  # … without adapting
     args = parser.parse_args()
     if args.decode_one:
         print(f"{decode_one(args.decode_one, args.tokens):.3f}")
         return
     if args.decode_adaptive:
-        rate, threads = decode_adaptive(args.decode_adaptive, args.tokens)
+        rate, threads = decode_adaptive(args.decode_adaptive, args.tokens, adapt=not args.fixed)
         print(f"{rate:.3f} {threads}")
         return
     if args.contention_only:
