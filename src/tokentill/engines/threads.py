@@ -6,8 +6,13 @@ worker that lost its core stalls every barrier, and one thread fewer is faster (
 "Busy machine"). No fixed count is right for both, so the decode loop measures.
 
 How: the tuner runs at `maximum` and, after a little decoding (`FIRST_PROBE_S` of measured step time,
-doubling after each probe that changes nothing, up to `MAX_INTERVAL_S`), probes one neighbour count
-(one fewer; one more when below `maximum`; alternately when both exist). A probe alternates steps
+doubling after each probe that changes nothing, up to `MAX_INTERVAL_S` at `maximum` and
+`RECOVERY_INTERVAL_S` below it, where the load that pushed it down may have gone), probes one neighbour
+count (one fewer; one more when below `maximum`; alternately when both exist). Between probes it watches
+its own steps: when the recent ones of a row count run `JUMP` slower or faster than that count's
+baseline (a hog arrived, or left), it probes at once instead of waiting out the interval; so on a
+steady machine probes stay rare (a probe's slower steps are a few per cent of a minute of batched
+decoding at most) and a change of load is still followed within a few steps. A probe alternates steps
 between the current count and the candidate, so a load that changes during the probe costs both alike,
 until `PROBE_STEPS` comparable steps of each share one row count. Comparable: no prompt chunk evaluated
 in that step, and the same number of decode rows (a step's cost grows with its rows). The candidate wins
@@ -23,12 +28,25 @@ from __future__ import annotations
 import logging
 import statistics
 
-__all__ = ["FIRST_PROBE_S", "MARGIN", "MAX_INTERVAL_S", "PROBE_STEPS", "ThreadTuner"]
+__all__ = [
+    "FIRST_PROBE_S",
+    "JUMP",
+    "MARGIN",
+    "MAX_INTERVAL_S",
+    "PROBE_STEPS",
+    "RECOVERY_INTERVAL_S",
+    "ThreadTuner",
+]
 
 logger = logging.getLogger(__name__)
 
 FIRST_PROBE_S = 1.0  # seconds of decode steps before the first probe, and after a switch
-MAX_INTERVAL_S = 8.0  # the interval doubles after each probe that keeps the count, up to this
+MAX_INTERVAL_S = 60.0  # the interval doubles after each probe that keeps the count, up to this
+RECOVERY_INTERVAL_S = 8.0  # ... or up to this below `maximum`
+JUMP = 0.3  # recent steps this much slower or faster than their baseline: probe now
+_RECENT = 0.3  # weight of a new step in the recent mean (exponential)
+_BASELINE = 0.05  # ... and in the baseline
+_SETTLED = 8  # steps of a row count before its baseline is trusted
 PROBE_STEPS = 4  # comparable steps per count in one probe
 MARGIN = 0.15  # the candidate must be this much faster (mean seconds per step) to be chosen
 _GIVE_UP_STEPS = 16 * PROBE_STEPS  # a probe that found no comparable steps by then is abandoned
@@ -48,8 +66,10 @@ class ThreadTuner:
         name: str = "",
         first_probe_s: float = FIRST_PROBE_S,
         max_interval_s: float = MAX_INTERVAL_S,
+        recovery_interval_s: float = RECOVERY_INTERVAL_S,
         probe_steps: int = PROBE_STEPS,
         margin: float = MARGIN,
+        jump: float = JUMP,
     ) -> None:
         if maximum < 1:
             raise ValueError("maximum must be at least 1")
@@ -58,8 +78,12 @@ class ThreadTuner:
         self._name = name
         self._first_probe_s = first_probe_s
         self._max_interval_s = max_interval_s
+        self._recovery_interval_s = recovery_interval_s
         self._probe_steps = probe_steps
         self._margin = margin
+        self._jump = jump
+        # rows → (steps seen, recent mean, baseline mean) of steps at `current` since the last probe
+        self._watch: dict[int, tuple[int, float, float]] = {}
         self._interval = first_probe_s
         self._since_probe = 0.0  # seconds of steps observed since the last probe ended
         self._downward = True  # the direction of the next probe, when both exist
@@ -87,7 +111,7 @@ class ThreadTuner:
         candidate = self._candidate
         if candidate is None:
             self._since_probe += seconds
-            if self._since_probe >= self._interval:
+            if self._since_probe >= self._interval or self._load_changed(threads, rows, prompt, seconds):
                 self._start_probe()
             return
         self._probe_len += 1
@@ -102,6 +126,20 @@ class ThreadTuner:
             return
         # alternate: the next step runs at the other count
         self._next = candidate if threads == self.current else self.current
+
+    def _load_changed(self, threads: int, rows: int, prompt: bool, seconds: float) -> bool:
+        """Whether this step's row count has lately run `jump` slower or faster than its baseline (not
+        sooner than `first_probe_s` after the last probe)."""
+        if prompt or threads != self.current:
+            return False
+        seen, recent, baseline = self._watch.get(rows, (0, seconds, seconds))
+        seen += 1
+        recent += _RECENT * (seconds - recent)
+        baseline += _BASELINE * (seconds - baseline)
+        self._watch[rows] = (seen, recent, baseline)
+        if seen < _SETTLED or self._since_probe < self._first_probe_s:
+            return False
+        return abs(recent - baseline) > self._jump * baseline
 
     def _start_probe(self) -> None:
         down = self.current - 1 if self.current > 1 else None
@@ -133,7 +171,9 @@ class ThreadTuner:
             self._end_probe(switched=False)
 
     def _end_probe(self, *, switched: bool) -> None:
-        self._interval = self._first_probe_s if switched else min(self._max_interval_s, self._interval * 2)
+        cap = self._max_interval_s if self.current == self.maximum else self._recovery_interval_s
+        self._interval = self._first_probe_s if switched else min(cap, self._interval * 2)
+        self._watch = {}
         self._candidate = None
         self._next = self.current
         self._since_probe = 0.0
