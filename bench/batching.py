@@ -33,6 +33,8 @@ a/b come last.
         [--max-completion-tokens 256] [--streams 8] [--tokens 128] [--skip-server] [--skip-contention]
         [--quick]
 
+`BENCH_TT_LOG_LEVEL=info` runs tokentill with info logs (the thread tuner's switches) in its server log.
+
 `--contention-only` prints instead the busy-machine table: one greedy stream of bare `llama_decode` at 1
 thread and at all cores, with llama.cpp's OpenMP workers spinning (`OMP_WAIT_POLICY=ACTIVE`), sleeping
 (`PASSIVE`) or spinning briefly then sleeping (`GOMP_SPINCOUNT=3000`, tokentill's default
@@ -279,7 +281,7 @@ def tokentill(threads: int, parallel: int) -> Iterator[Endpoint]:
             TOKENTILL_CONFIG=str(catalogue),
             TOKENTILL_N_THREADS=str(threads),
             TOKENTILL_MAX_PARALLEL=str(parallel),
-            TOKENTILL_LOG_LEVEL="warning",
+            TOKENTILL_LOG_LEVEL=os.environ.get("BENCH_TT_LOG_LEVEL", "warning"),
         ).start()
         try:
             key = server.new_key("bench", credits="100000")
