@@ -156,9 +156,13 @@ def test_queue_full_and_deadline_with_parallel_slots() -> None:
             busy = [engine.generate(_request(LONG, f"busy{i}", max_tokens=400)) for i in range(2)]
             for stream in busy:
                 assert isinstance(await anext(stream), TextDelta)
-            waiting = engine.generate(_request("Say hello.", "waiting", deadline=time.monotonic() + 0.3))
+            waiting = engine.generate(_request("Say hello.", "waiting", deadline=time.monotonic() + 2))
             waiting_task = asyncio.create_task(anext(waiting))
-            await asyncio.sleep(0)
+            # Queued (both slots are busy), which takes the request's own admission steps, not one turn of
+            # the loop: wait for that state, whatever the machine's speed.
+            async with asyncio.timeout(30):
+                while engine.health().queued < 1:
+                    await asyncio.sleep(0.001)
             with pytest.raises(Overloaded):
                 await anext(engine.generate(_request("Say hello.", "rejected")))
             with pytest.raises(DeadlineExceeded):
