@@ -18,7 +18,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from tokentill import errors
-from tokentill.api.sse import EventStreamResponse
+from tokentill.api.sse import EventStreamResponse, until_disconnect
 from tokentill.api.state import services_of
 from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits
@@ -53,9 +53,7 @@ class HTTPClient:
         self._request = request
 
     async def gone(self) -> None:
-        # The request body is already read: what is left to receive is the disconnect.
-        while (await self._request.receive())["type"] != "http.disconnect":
-            pass
+        await until_disconnect(self._request.receive)
 
     def show_balance(self, ucr: int) -> None:
         self._request.state.remaining_credits = ucr

@@ -45,6 +45,7 @@ __all__ = [
     "PumpedEventStream",
     "receive_until",
     "sse_frames",
+    "until_disconnect",
 ]
 
 log = logging.getLogger(__name__)
@@ -204,10 +205,15 @@ class PumpedEventStream(StreamingResponse):
         await send({"type": "http.response.body", "body": b"".join(held), "more_body": False})
 
 
-async def _until_hang_up(receive: Receive, scope: anyio.CancelScope) -> None:
-    """Cancel `scope` when the client disconnects (the request body is already read)."""
+async def until_disconnect(receive: Receive) -> None:
+    """Return once the client has hung up (the request body is already read: what is left to receive
+    is the disconnect)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+async def _until_hang_up(receive: Receive, scope: anyio.CancelScope) -> None:
+    await until_disconnect(receive)
     scope.cancel()
 
 
