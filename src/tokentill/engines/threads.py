@@ -16,7 +16,12 @@ decoding at most) and a change of load is still followed within a few steps. A p
 between the current count and the candidate, so a load that changes during the probe costs both alike,
 until `PROBE_STEPS` comparable steps of each share one row count. Comparable: no prompt chunk evaluated
 in that step, and the same number of decode rows (a step's cost grows with its rows). The candidate wins
-only if its mean step is more than `MARGIN` faster; then the interval starts again from `FIRST_PROBE_S`.
+only if its median step is more than `MARGIN` faster; then the interval starts again from `FIRST_PROBE_S`.
+The median, not the mean: on a machine whose cores are all in use, any other thread that wakes (the event
+loop, the database writer, a client) preempts one worker and that step stalls at its barriers, often
+doubling it. One such step among four made the mean prefer one thread fewer, wrongly (under the natural
+workload of bench/batching.py, 1 thread decoded 8 rows in 170 ms against 104 ms at 2, and the wrong
+switches cost about 8 % of the run; docs/performance.md, "Engine, fourth pass").
 
 Pure logic: the caller times its steps (`observe`) and applies `threads` before the next one. The thread
 count does not change outputs: ggml's CPU kernels give each output element to one thread, and logits at
@@ -48,7 +53,7 @@ _RECENT = 0.3  # weight of a new step in the recent mean (exponential)
 _BASELINE = 0.05  # ... and in the baseline
 _SETTLED = 8  # steps of a row count before its baseline is trusted
 PROBE_STEPS = 4  # comparable steps per count in one probe
-MARGIN = 0.15  # the candidate must be this much faster (mean seconds per step) to be chosen
+MARGIN = 0.15  # the candidate must be this much faster (median seconds per step) to be chosen
 _GIVE_UP_STEPS = 16 * PROBE_STEPS  # a probe that found no comparable steps by then is abandoned
 
 
@@ -119,7 +124,7 @@ class ThreadTuner:
             at_current, at_candidate = self._samples.setdefault(rows, ([], []))
             (at_current if threads == self.current else at_candidate).append(seconds)
             if len(at_current) >= self._probe_steps and len(at_candidate) >= self._probe_steps:
-                self._decide(rows, statistics.fmean(at_current), statistics.fmean(at_candidate))
+                self._decide(rows, statistics.median(at_current), statistics.median(at_candidate))
                 return
         if self._probe_len >= _GIVE_UP_STEPS:
             self._end_probe(switched=False)
