@@ -18,7 +18,7 @@ import pytest
 from tests.engines._helpers import new_llama_engine
 from tokentill.engines.base import EngineRequest
 from tokentill.engines.llamacpp import LlamaCppEngine
-from tokentill.engines.reasoning import Scratchpad
+from tokentill.engines.reasoning import _THINK_INSTRUCTION, Scratchpad
 from tokentill.types import Finished, Message, TextDelta
 
 pytestmark = pytest.mark.llama
@@ -118,6 +118,28 @@ def test_billing_is_exact_and_the_notes_stay_hidden(engine: LlamaCppEngine) -> N
     assert usage.completion_tokens == engine.tokens_decoded("bill-1")  # every sampled token, both passes
     assert usage.completion_tokens <= request.max_tokens
     assert usage.cached_tokens <= usage.prompt_tokens
+
+
+def test_the_reasoning_instruction_is_a_prefix_served_from_the_cache(engine: LlamaCppEngine) -> None:
+    """The instruction opens the conversation, so a second request with another question (no system
+    message of its own) evaluates none of it again: its cached tokens cover the template's opening and
+    the instruction, and only its own question is evaluated (docs/performance.md, "Engine, fourth pass")."""
+    scratchpad = _scratchpad(engine, follow_up=True)
+    questions = ("Is rye bread healthy?", "How do croissants get their layers?")
+    first, second = (
+        asyncio.run(
+            _collect(
+                scratchpad,
+                _request(q, f"prefix-{i}", messages=(Message("user", q),), max_tokens=8),
+            )
+        ).finished.usage
+        for i, q in enumerate(questions)
+    )
+    instruction = engine.count_prompt_tokens(
+        _request("", "x", messages=(Message("system", _THINK_INSTRUCTION),))
+    )
+    assert second.cached_tokens >= instruction - 8 > 20  # all but the template's end of that turn
+    assert second.prompt_tokens - second.cached_tokens < first.prompt_tokens - instruction + 8
 
 
 def test_reasoning_that_uses_the_whole_budget_leaves_no_answer(engine: LlamaCppEngine) -> None:

@@ -54,7 +54,7 @@ __all__ = ["EFFORT_BUDGETS", "NativeThinking", "Scratchpad", "ThinkSplitter", "w
 EFFORT_BUDGETS = {"low": 64, "medium": 192, "high": 512}
 
 _THINK_INSTRUCTION = (
-    "Before answering, think step by step about the request above. Write only your reasoning: "
+    "Before answering the user's request, think step by step about it. Write only your reasoning: "
     "the facts that matter, the steps, and checks of your work. Do not write the final answer."
 )
 _ANSWER_INSTRUCTION = (
@@ -103,14 +103,10 @@ class Scratchpad(_Wrapper):
         budget = min(
             EFFORT_BUDGETS.get(request.reasoning_effort, EFFORT_BUDGETS["medium"]), request.max_tokens
         )
-        # The instruction rides on the last user turn: chat templates accept that everywhere, while a
-        # trailing system message is refused by some.
-        messages = request.messages
-        if messages and messages[-1].role == "user":
-            last = messages[-1]
-            messages = (*messages[:-1], replace(last, text=f"{last.text}\n\n{_THINK_INSTRUCTION}"))
-        else:
-            messages = (*messages, Message(role="user", text=_THINK_INSTRUCTION))
+        # The instruction opens the (first) system message, the one place every template takes one. There
+        # it is the same prefix for every request, which a prefix cache serves without evaluating it
+        # again: at the end of the last user turn its 38 tokens were evaluated anew for every request.
+        messages = _with_system(request.messages, _THINK_INSTRUCTION, first=True)
         # The notes are free text: no grammar, no tool calls (the answer pass makes those).
         return replace(
             request,
@@ -202,13 +198,20 @@ class Scratchpad(_Wrapper):
 
 
 def _with_notes(messages: tuple[Message, ...], notes: str) -> tuple[Message, ...]:
-    """The notes go into the (first) system message, the one place every template takes one."""
+    """The notes go after the (first) system message's text."""
     if not notes:
         return messages
-    context = _ANSWER_INSTRUCTION.format(notes=notes)
+    return _with_system(messages, _ANSWER_INSTRUCTION.format(notes=notes), first=False)
+
+
+def _with_system(messages: tuple[Message, ...], text: str, *, first: bool) -> tuple[Message, ...]:
+    """`text` added to the (first) system message, before its own text (`first`) or after; a system
+    message of its own when there is none."""
     if messages and messages[0].role == "system":
-        return (replace(messages[0], text=f"{messages[0].text}\n\n{context}"), *messages[1:])
-    return (Message(role="system", text=context), *messages)
+        own = messages[0].text
+        joined = f"{text}\n\n{own}" if first else f"{own}\n\n{text}"
+        return (replace(messages[0], text=joined), *messages[1:])
+    return (Message(role="system", text=text), *messages)
 
 
 async def _answer(
