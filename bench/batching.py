@@ -37,12 +37,12 @@ a/b come last.
 
 `--contention-only` prints instead the busy-machine table: one greedy stream of bare `llama_decode` at 1
 thread and at all cores, with llama.cpp's OpenMP workers spinning (`OMP_WAIT_POLICY=ACTIVE`), sleeping
-(`PASSIVE`) or spinning briefly then sleeping (`GOMP_SPINCOUNT=3000`, tokentill's default
-`TOKENTILL_LLAMA_WAIT_POLICY=adaptive`), then one greedy stream through tokentill's engine (no HTTP) with
-its adaptive thread count (at most all cores; at least 256 tokens, so that it probes) and with all cores
-fixed (`TOKENTILL_LLAMA_ADAPT_THREADS=false`), on the machine as it is ("quiet") and beside one CPU hog
-(`python -c "while True: pass"`, as in issue 14: cores - 1 left); each in a fresh process (libgomp reads
-the policy when it loads).
+(`PASSIVE`) or spinning briefly then sleeping (`GOMP_SPINCOUNT=3000` with `OMP_WAIT_POLICY=ACTIVE`,
+tokentill's default `TOKENTILL_LLAMA_WAIT_POLICY=adaptive`), then one greedy stream through tokentill's
+engine (no HTTP) with its adaptive thread count (at most all cores; at least 256 tokens, so that it probes)
+and with all cores fixed (`TOKENTILL_LLAMA_ADAPT_THREADS=false`), on the machine as it is ("quiet") and
+beside one CPU hog (`python -c "while True: pass"`, as in issue 14: cores - 1 left); each in a fresh process
+(libgomp reads the policy when it loads).
 
 (b) needs llama-cpp-python's server extras in the venv: `.venv/bin/pip install 'llama-cpp-python[server]'`
 (or `./scripts/install test`, which brings its dependencies); without them use `--skip-server`.

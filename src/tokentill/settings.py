@@ -39,12 +39,19 @@ LLAMA_SPIN_COUNT = "3000"
 def llama_wait_environment(policy: str, environ: Mapping[str, str]) -> dict[str, str]:
     """The OpenMP variables that give llama.cpp's workers the wait `policy` (`adaptive`, `passive`,
     `active`; see `Settings.llama_wait_policy`); none when `environ` already has the operator's own
-    OMP_WAIT_POLICY or GOMP_SPINCOUNT. libgomp lets GOMP_SPINCOUNT override OMP_WAIT_POLICY, so
-    `adaptive` (a short spin, then sleep) is GOMP_SPINCOUNT alone."""
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT.
+
+    `adaptive` (a short spin, then sleep) is GOMP_SPINCOUNT, which libgomp lets override the policy's own
+    spin count, with OMP_WAIT_POLICY=ACTIVE beside it for one reason: once libgomp manages more threads
+    than there are cores it spins only its "throttled" count, 100 without a policy and 1000 with ACTIVE
+    (never more than GOMP_SPINCOUNT). Every engine that has decoded keeps a pool of workers, so on 2 cores
+    a second model serving once was enough: 100 spins behave like sleeping at once, and workload (i) of
+    bench/batching.py ran 30 % slower (8-row steps 189 ms at 2 threads against 117 ms with ACTIVE beside;
+    docs/performance.md, "Engine, fourth pass")."""
     if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return {}
     if policy == "adaptive":
-        return {"GOMP_SPINCOUNT": LLAMA_SPIN_COUNT}
+        return {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": LLAMA_SPIN_COUNT}
     return {"OMP_WAIT_POLICY": policy.upper()}
 
 
@@ -190,11 +197,12 @@ class Settings(BaseSettings):
         pattern="^(adaptive|passive|active)$",
         description="How llama.cpp's worker threads wait at their barriers, set before llama.cpp loads "
         "unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is already set. `adaptive`: spin briefly, then sleep "
-        f"(GOMP_SPINCOUNT={LLAMA_SPIN_COUNT}); fast on a quiet machine, and with LLAMA_ADAPT_THREADS "
-        "safe beside other work. `passive` (OMP_WAIT_POLICY=PASSIVE): sleep at once; a third of the "
-        "quiet speed, but spinning never stalls the other threads. `active` (OMP_WAIT_POLICY=ACTIVE): "
-        "spin; fastest on an idle machine, collapses when anything else needs a core "
-        "(docs/performance.md).",
+        f"(GOMP_SPINCOUNT={LLAMA_SPIN_COUNT} with OMP_WAIT_POLICY=ACTIVE, which keeps 1000 spins rather "
+        "than 100 once libgomp manages more threads than there are cores); fast on a quiet machine, and "
+        "with LLAMA_ADAPT_THREADS safe beside other work. `passive` (OMP_WAIT_POLICY=PASSIVE): sleep at "
+        "once; a third of the quiet speed, but spinning never stalls the other threads. `active` "
+        "(OMP_WAIT_POLICY=ACTIVE): spin; fastest on an idle machine, collapses when anything else needs "
+        "a core (docs/performance.md).",
     )
     max_parallel: int = Field(
         default=8,
