@@ -236,29 +236,25 @@ class Ledger:
         """
         if amount < 0:
             raise ValueError("a hold cannot be negative")
-        # The database's clock: the sweeper of another replica compares this expiry with it. PostgreSQL's
-        # `now()` comes back with the hold's one statement; SQLite's is this process's (`Database.now`).
+        if self._db.dialect == "postgresql":  # the whole hold in one statement (`pg_statements`)
+            ttl = timedelta(seconds=ttl_s)
+            done = await pg_statements.reserve(
+                self._db,
+                account_id=account_id,
+                key_id=key_id,
+                request_id=request_id,
+                amount=amount,
+                ttl=ttl,
+                key=key,
+            )
+            if done is not None:
+                balance_after, now = done
+                expires_at = now.astimezone(UTC) + ttl
+                return Hold(request_id, account_id, key_id, amount, expires_at, balance_after=balance_after)
+            # Refused (nothing written): the steps below say why, or take it if the balance moved since.
+        # The database's clock: the sweeper of another replica compares this expiry with it (`Database.now`).
         async with self._db.begin() as conn:
-            if self._db.dialect == "postgresql":  # the whole hold in one statement (`pg_statements`)
-                ttl = timedelta(seconds=ttl_s)
-                done = await pg_statements.reserve(
-                    conn,
-                    account_id=account_id,
-                    key_id=key_id,
-                    request_id=request_id,
-                    amount=amount,
-                    ttl=ttl,
-                    key=key,
-                )
-                if done is not None:
-                    balance_after, now = done
-                    expires_at = now.astimezone(UTC) + ttl
-                    return Hold(
-                        request_id, account_id, key_id, amount, expires_at, balance_after=balance_after
-                    )
-                taken = None
-            else:
-                taken = await reserve_from_balance(conn, account_id, amount, key)
+            taken = await reserve_from_balance(conn, account_id, amount, key)
             if taken is None:
                 if key is not None and not await key_is_as_admitted(conn, key):
                     raise KeyChanged(f"key {key.key_id} was revoked or its limits changed")
@@ -288,17 +284,16 @@ class Ledger:
         if cost < 0:
             raise ValueError("cost cannot be negative")
         now = utcnow()
+        if self._db.dialect == "postgresql":  # an open hold settles in one statement (`pg_statements`)
+            settled = await pg_statements.settle_open(self._db, hold.id, cost, usage, now)
+            if settled is not None:
+                balance, amount, charge = settled
+                if cost > amount:
+                    logger.warning("request %s cost %d µcr but held only %d", hold.id, cost, amount)
+                return balance
+            # Not open (nothing written): the steps below handle an expired or closed hold.
         async with self._db.begin() as conn:
-            if self._db.dialect == "postgresql":  # an open hold settles in one statement (`pg_statements`)
-                settled = await pg_statements.settle_open(conn, hold.id, cost, usage, now)
-                if settled is not None:
-                    balance, amount, charge = settled
-                    if cost > amount:
-                        logger.warning("request %s cost %d µcr but held only %d", hold.id, cost, amount)
-                    return balance
-                closed = None
-            else:
-                closed = await close_hold(conn, hold.id, "open", "settled", now)
+            closed = await close_hold(conn, hold.id, "open", "settled", now)
             if closed is not None:
                 account_id, amount = closed
                 charge = min(cost, amount)

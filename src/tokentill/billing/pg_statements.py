@@ -1,4 +1,4 @@
-"""PostgreSQL: a credit hold, and the settlement of an open hold, each as ONE statement.
+"""PostgreSQL: a credit hold, and the settlement of an open hold, each as ONE statement in ONE round trip.
 
 `Ledger.reserve` and `Ledger.settle` run 3 and 6 statements on SQLite; on PostgreSQL each statement is a
 network round trip plus its share of driver and SQLAlchemy CPU, so these chain the same steps in
@@ -10,6 +10,11 @@ taken only while the balance covers it (and the key is live on its terms), a hol
 
 Ledger rows keep their order: the release row is written before the charge row (one INSERT ... SELECT,
 UNION ALL in that order), so `balance_after` still reads as a running balance in id order.
+
+One statement is a transaction of its own, so these run in autocommit on a raw asyncpg connection
+(`Database.fetch_row`, `storage.pg_direct`): no BEGIN, no COMMIT, no SQLAlchemy in between. When one
+writes nothing (a hold refused, a hold no longer open) it returns None and the caller works out why in a
+transaction of its own (`Ledger.reserve`, `Ledger.settle`).
 """
 
 from __future__ import annotations
@@ -17,10 +22,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from tokentill.billing.records import KeyTerms, UsageRecord
+from tokentill.storage.db import Database
+from tokentill.storage.pg_direct import Statement
 
 __all__ = ["reserve", "settle_open"]
 
@@ -43,13 +47,13 @@ INSERT INTO ledger (account_id, kind, amount, balance_after, ref, note, created_
 SELECT :account, 'hold', -CAST(:amount AS bigint), balance, :request, '', now FROM taken
 RETURNING balance_after, created_at
 """
-_RESERVE_PLAIN = text(_RESERVE.format(key_check=""))
-_RESERVE_FOR_KEY = text(_RESERVE.format(key_check=_KEY_CHECK))
+_RESERVE_PLAIN = Statement(_RESERVE.format(key_check=""))
+_RESERVE_FOR_KEY = Statement(_RESERVE.format(key_check=_KEY_CHECK))
 
 _COUNTS = ("prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens", "image_tokens")
 # Parameters in a SELECT list have no type of their own (PostgreSQL would take them as text).
 _TYPED_COUNTS = ", ".join(f"CAST(:{c} AS integer)" for c in _COUNTS)
-_SETTLE = text(
+_SETTLE = Statement(
     f"""
 WITH closed AS (
     UPDATE holds SET status = 'settled', closed_at = :now
@@ -87,7 +91,7 @@ SELECT balance, account_id, amount, charge FROM paid
 
 
 async def reserve(
-    conn: AsyncConnection,
+    db: Database,
     *,
     account_id: int,
     key_id: str | None,
@@ -110,12 +114,12 @@ async def reserve(
     if key is not None:
         statement = _RESERVE_FOR_KEY
         values.update(key=key.key_id, rpm=key.rpm, tpm=key.tpm, max_concurrent=key.max_concurrent)
-    row = (await conn.execute(statement, values)).first()
-    return (int(row.balance_after), row.created_at) if row is not None else None
+    row = await db.fetch_row(statement, values)
+    return (int(row["balance_after"]), row["created_at"]) if row is not None else None
 
 
 async def settle_open(
-    conn: AsyncConnection, hold_id: str, cost: int, usage: UsageRecord, now: datetime
+    db: Database, hold_id: str, cost: int, usage: UsageRecord, now: datetime
 ) -> tuple[int, int, int] | None:
     """Settle hold `hold_id` if it is open: close it, charge min(cost, held), give back the rest, write
     the release and charge ledger rows, the usage row (once per request id) and its hourly bucket.
@@ -135,5 +139,5 @@ async def settle_open(
         "estimated": usage.estimated,
         **{c: getattr(usage, c) for c in _COUNTS},
     }
-    row = (await conn.execute(_SETTLE, values)).first()
-    return (int(row.balance), int(row.amount), int(row.charge)) if row is not None else None
+    row = await db.fetch_row(_SETTLE, values)
+    return (int(row["balance"]), int(row["amount"]), int(row["charge"])) if row is not None else None

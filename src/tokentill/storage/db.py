@@ -16,7 +16,8 @@
   PostgreSQL re-checks after waiting on the row lock, so it needs no stronger isolation. `read()` is
   REPEATABLE READ so a report (an audit) sees one snapshot. `run_write(fn)` runs a synchronous function
   in a write transaction (`run_sync`), `run_read(fn)` one read statement in autocommit (no BEGIN/COMMIT
-  round trips).
+  round trips), and `fetch_row(statement, values)` one statement in autocommit straight on asyncpg
+  (`storage.pg_direct`: the hot path's one-statement hold and settlement, one round trip each).
 
 An outage is an answer, not a bug: a connection that cannot be made or is lost (refused, reset, timed out,
 the pool exhausted, the server shutting down) inside `begin()` or `read()` is raised as
@@ -45,6 +46,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, closing, contextmanager, suppress
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,6 +58,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
 from tokentill.errors import ServiceUnavailable
+from tokentill.storage.pg_direct import DirectStatements, Statement
 from tokentill.storage.schema import utcnow
 
 __all__ = ["RETRY_AFTER_S", "Database", "DatabaseMissing", "describe_url", "is_outage", "open_database"]
@@ -133,8 +136,14 @@ class Database:
     work that should not queue behind writers on SQLite.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(
+        self, engine: AsyncEngine, direct: DirectStatements | None = None, outages: Outages | None = None
+    ) -> None:
+        """`direct`: PostgreSQL's raw connections for `fetch_row`; `outages`: the count its pool's
+        checkout reads (`open_database` makes both)."""
         self.engine = engine
+        self._direct = direct
+        self._outages = outages or Outages()
         self.dialect: str = engine.dialect.name
         self._down = False  # the last transaction failed for an outage (logged once until it recovers)
         self._write_lock: asyncio.Lock | None = None  # SQLite: this process's writers, one at a time
@@ -198,6 +207,29 @@ class Database:
         with self._outage_is_503():
             return await self._sqlite_writer().read(fn)
 
+    async def fetch_row(self, statement: Statement, values: dict[str, Any]) -> Any:
+        """PostgreSQL only: ONE statement in autocommit, its own transaction, in one round trip on a raw
+        asyncpg connection (`storage.pg_direct`): the first row it returns (an asyncpg `Record`), or
+        None. Outages are 503 as in `begin`; a statement the server refuses raises SQLAlchemy's
+        `IntegrityError` (a constraint) or `DatabaseError`, as through the engine."""
+        if self._direct is None:
+            raise RuntimeError(f"fetch_row is for PostgreSQL; this database is {self.dialect}")
+        import asyncpg
+
+        with self._outage_is_503():
+            try:
+                return await self._direct.fetch_row(statement, values)
+            except asyncpg.PostgresError as error:
+                if is_outage(error):
+                    raise
+                # The same exception classes as every other statement: callers catch SQLAlchemy's.
+                kind = (
+                    exc.IntegrityError
+                    if isinstance(error, asyncpg.IntegrityConstraintViolationError)
+                    else exc.DatabaseError
+                )
+                raise kind(statement.sql, statement.args(values), error) from error
+
     def _sqlite_writer(self) -> _SqliteWriter:
         if self._sync_writer is None:
             self._sync_writer = _SqliteWriter(self.engine.url)
@@ -213,6 +245,11 @@ class Database:
         except Exception as error:
             if not is_outage(error):
                 raise
+            # Whichever connection saw it, the others were likely cut too: the engine pool pings each
+            # before its next use, the raw connections are dropped.
+            self._outages.count += 1
+            if self._direct is not None:
+                self._direct.drop_idle()
             if not self._down:
                 self._down = True
                 detail = (str(error).splitlines() or [""])[0]
@@ -276,6 +313,8 @@ class Database:
         if self._sync_writer is not None:
             await asyncio.to_thread(self._sync_writer.close)
             self._sync_writer = None
+        if self._direct is not None:
+            await self._direct.aclose()
         await self.engine.dispose()
 
     def __repr__(self) -> str:
@@ -396,22 +435,41 @@ def _switch_to_wal(path: str) -> None:
 
 
 _PING_IDLE_S = 1.0  # a pooled PostgreSQL connection idle longer than this is pinged before use
+# `Database.fetch_row`'s raw connections: group commit's one writer uses one at a time; `Ledger` called
+# directly (group commit off) uses one per concurrent request, up to this many.
+_DIRECT_SIZE = 10
+_SQLALCHEMY_ONLY = ("async_creator_fn", "prepared_statement_cache_size", "prepared_statement_name_func")
 _LAST_USED = "tokentill_last_used"
+_OUTAGES_SEEN = "tokentill_outages_seen"
+
+
+class Outages:
+    """How many outages a `Database` has seen, on any of its connections."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
 
 
 def _mark_used(_dbapi_connection: Any, record: ConnectionPoolEntry, *_: Any) -> None:
     record.info[_LAST_USED] = time.monotonic()
 
 
-def _ping_if_idle(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
+def _ping_if_idle(outages: Outages, dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
     """The pool's pre-ping, for connections idle over `_PING_IDLE_S` only (those a server restart, an
     idle timeout or a firewall may have cut while nobody watched). A connection in steady use skips the
     round trip the pre-ping cost on every transaction; if it has died since its last use, the
     statement fails as an outage (503), which invalidates it, and the next checkout connects afresh.
     A failed ping invalidates the whole pool, as SQLAlchemy's pre-ping does, and the checkout retries
-    on a new connection."""
-    if time.monotonic() - record.info.get(_LAST_USED, 0.0) < _PING_IDLE_S:
+    on a new connection. After an outage seen on any connection of the database (`fetch_row`'s raw
+    ones included), each pooled connection is pinged once more before its next use."""
+    if (
+        record.info.get(_OUTAGES_SEEN, 0) == outages.count
+        and time.monotonic() - record.info.get(_LAST_USED, 0.0) < _PING_IDLE_S
+    ):
         return
+    record.info[_OUTAGES_SEEN] = outages.count  # pinged once per outage (a failed ping resets the pool)
     try:
         record.info[_LAST_USED] = time.monotonic()
         dbapi_connection.ping()
@@ -456,6 +514,7 @@ def _make_engine(
     connect_timeout_s: float = 5.0,
     pool_timeout_s: float = 10.0,
     statement_timeout_s: float = 30.0,
+    outages: Outages | None = None,
 ) -> AsyncEngine:
     parsed = make_url(url)
     backend = parsed.get_backend_name()
@@ -484,7 +543,7 @@ def _make_engine(
         )
         event.listen(engine.sync_engine, "connect", _mark_used)
         event.listen(engine.sync_engine, "checkin", _mark_used)
-        event.listen(engine.sync_engine, "checkout", _ping_if_idle)
+        event.listen(engine.sync_engine, "checkout", partial(_ping_if_idle, outages or Outages()))
         return engine
     raise ValueError(f"unsupported database URL scheme: {parsed.drivername}")
 
@@ -506,12 +565,14 @@ async def open_database(
     for an unsupported URL; driver and migration errors propagate (after the engine is disposed), since
     a server must not start on a database it cannot use.
     """
+    outages = Outages()
     engine = _make_engine(
         url,
         create=create,
         connect_timeout_s=connect_timeout_s,
         pool_timeout_s=pool_timeout_s,
         statement_timeout_s=statement_timeout_s,
+        outages=outages,
     )
     try:
         if engine.dialect.name == "sqlite" and engine.url.database:
@@ -528,6 +589,15 @@ async def open_database(
     except BaseException:
         await engine.dispose()
         raise
-    db = Database(engine)
+    direct = None
+    if engine.dialect.name == "postgresql":
+        _, connect_kwargs = engine.dialect.create_connect_args(engine.url)
+        for option in _SQLALCHEMY_ONLY:  # the asyncpg dialect's own options, not asyncpg.connect's
+            connect_kwargs.pop(option, None)
+        connect_kwargs.update(timeout=connect_timeout_s, command_timeout=statement_timeout_s)
+        direct = DirectStatements(
+            connect_kwargs, size=_DIRECT_SIZE, pool_timeout_s=pool_timeout_s, ping_idle_s=_PING_IDLE_S
+        )
+    db = Database(engine, direct, outages)
     logger.info("database ready: %r", db)
     return db
