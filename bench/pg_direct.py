@@ -3,8 +3,9 @@
     .venv/bin/python bench/pg_direct.py [--pg-url postgresql://postgres@127.0.0.1:5432/postgres] [-n 2000]
 
 It works in a database of its own, created and dropped by the run. Each way runs the same one-row
-statement `-n` times in a row (after 100 warm-ups), twice, alternating; printed: wall and this process's CPU µs per statement, and the ratio to bare asyncpg on one connection
-(the baseline, measured in the same run):
+statement `-n` times in a row (after 100 warm-ups), twice, alternating; printed: wall and this
+process's CPU µs per statement, and the ratio to bare asyncpg on one connection (the baseline, measured
+in the same run):
   - `engine txn`: `Database.begin()` + `execute(text(...))`: checkout, BEGIN, the statement, COMMIT;
   - `fetch_row`: `Database.fetch_row` (autocommit on a raw connection of `storage.pg_direct`);
   - `bare`: `asyncpg.Connection.fetchrow` on one connection.
