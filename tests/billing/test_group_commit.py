@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Awaitable
 from datetime import timedelta
 
 import pytest
@@ -133,6 +134,42 @@ def test_a_refused_hold_does_not_poison_its_batch(database_url: str) -> None:
     run_with_db(database_url, body)
 
 
+def test_a_batch_keeps_arrival_order_across_holds_and_settlements(database_url: str) -> None:
+    """A hold queued just before the settlement that gives the credit back, in one batch, is refused, as
+    it would be one request at a time; one queued just after it is taken."""
+
+    async def body(db: Database) -> None:
+        book = Ledger(db)
+        account = await book.create_account("one-at-a-time", AMOUNT)
+        group = GroupCommit(book, db)
+        first = await group.reserve(
+            account_id=account.id, key_id=None, request_id="first", amount=AMOUNT, ttl_s=60
+        )
+
+        def hold(request_id: str) -> Awaitable[Hold]:
+            return group.reserve(
+                account_id=account.id, key_id=None, request_id=request_id, amount=AMOUNT, ttl_s=60
+            )
+
+        early, balance, second = await asyncio.gather(
+            hold("early"),
+            group.settle(first, cost=0, usage=_usage("first", 0)),
+            hold("second"),
+            return_exceptions=True,
+        )
+        assert group.batches == 2 and group.ops == 4  # the three shared one transaction
+        assert isinstance(early, InsufficientCredits), early
+        assert "the balance is 0." in early.message
+        assert balance == AMOUNT  # the settlement's own balance, before the second hold
+        assert isinstance(second, Hold) and second.balance_after == 0
+        assert await book.balance(account.id) == 0
+        assert await group.settle(second, cost=AMOUNT, usage=_usage("second")) == 0
+        await _check_books(db)
+        await group.aclose()
+
+    run_with_db(database_url, body)
+
+
 def test_a_failing_op_is_retried_alone_and_fails_alone(database_url: str) -> None:
     """A duplicate request id breaks the batch's INSERT: the batch rolls back and every op runs alone."""
 
@@ -255,3 +292,41 @@ def test_an_outage_fails_the_whole_batch_with_503(pg_database_url: str, pg_proxy
             await db.aclose()
 
     run(body())
+
+
+@pytest.mark.postgres
+def test_replica_batches_taking_accounts_in_opposite_orders_do_not_deadlock(
+    pg_database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two replicas' writers (two `GroupCommit`s on one database), each with a batch that holds on
+    accounts A and B, queued in opposite orders: each batch locks its accounts in id order first, so
+    neither waits for the other's second account while holding its first (PostgreSQL would abort one
+    after its deadlock timeout, and the batch would be retried op by op: logged as a failed batch)."""
+
+    async def body(db: Database) -> None:
+        book = Ledger(db)
+        a = await book.create_account("a", 100 * AMOUNT)
+        b = await book.create_account("b", 100 * AMOUNT)
+        first, second = GroupCommit(book, db), GroupCommit(book, db)
+
+        def hold(group: GroupCommit, account_id: int, request_id: str) -> Awaitable[Hold]:
+            return group.reserve(
+                account_id=account_id, key_id=None, request_id=request_id, amount=AMOUNT, ttl_s=60
+            )
+
+        for round_ in range(5):
+            holds_taken = await asyncio.gather(
+                hold(first, a.id, f"1a{round_}"),
+                hold(first, b.id, f"1b{round_}"),
+                hold(second, b.id, f"2b{round_}"),
+                hold(second, a.id, f"2a{round_}"),
+            )
+            assert all(isinstance(h, Hold) for h in holds_taken)
+        assert first.batches == second.batches == 5 and first.ops == second.ops == 10  # batches of two
+        assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+        assert await book.balance(a.id) == await book.balance(b.id) == 90 * AMOUNT
+        await _check_books(db)
+        await first.aclose()
+        await second.aclose()
+
+    run_with_db(pg_database_url, body)

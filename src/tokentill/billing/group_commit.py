@@ -4,7 +4,7 @@
     ─────────────                               ─────────────────
     reserve() / settle() / release()  ──put──►  queue
       await the op's future                     take everything queued (at most MAX_BATCH ops)
-                                                one write transaction:
+                                                one write transaction (SQLite; see below):
                                                   close the batch's holds     one UPDATE per status
                                                   lock its accounts           SELECT … FOR UPDATE, id order
                                                   read its keys' limits       one SELECT
@@ -15,14 +15,19 @@
                                                 (next batch: what queued meanwhile)
 
 `GroupCommit` has `Ledger`'s `reserve`, `settle` and `release`, with the same results and errors, and the
-same guarantee: when the call returns, its rows are committed. What batching changes is the cost: a batch
-of N requests runs about ten statements and one commit instead of 3 to 6 statements and a commit each,
-and on PostgreSQL a hot account row is locked once per batch instead of once per request (the 64
-concurrent requests of one customer no longer queue one commit behind the other on its row lock). The
-batch is one synchronous function (`_apply`) run by `Database.run_write`: on SQLite that is one hand-off
-to the database's writer thread for the whole transaction (aiosqlite takes three or four per statement),
-so there even a batch of one goes this way; on PostgreSQL a batch of one runs `Ledger`'s own statements,
-which take fewer round trips.
+same guarantee: when the call returns, its rows are committed. What batching changes is the cost: one
+commit for N requests instead of one each, and on PostgreSQL a hot account row is locked once per batch
+instead of once per request (the 64 concurrent requests of one customer no longer queue one commit
+behind the other on its row lock). How a batch runs depends on the database:
+
+  SQLite      one synchronous function (`_apply`, above) run by `Database.run_write`: about ten
+              statements whatever the batch's size, in one hand-off to the database's writer thread
+              (aiosqlite takes three or four per statement), so even a batch of one goes this way;
+  PostgreSQL  each op's own one-statement hold or settlement (`pg_statements`, what `Ledger` runs for
+              a request alone), in arrival order, one round trip each, in one transaction on a raw
+              asyncpg connection (`Database.direct_transaction`); a batch of one is `Ledger`'s single
+              statement in autocommit. Through SQLAlchemy the ten batch statements cost more CPU than
+              these round trips for the batch sizes a gateway sees (docs/performance.md).
 
 Money rules kept (DESIGN §4): the balance check is per account, in arrival order, inside the transaction
 that writes (the account rows are locked for it), so a hold never overdraws; a hold the balance or its key
@@ -50,6 +55,7 @@ from typing import Any, Protocol
 from sqlalchemy.engine import Connection
 
 from tokentill import metrics
+from tokentill.billing import pg_statements
 from tokentill.billing.ledger import Ledger, hold_refused
 from tokentill.billing.records import Hold, KeyChanged, KeyTerms, UsageRecord
 from tokentill.billing.statements import (
@@ -212,12 +218,13 @@ class GroupCommit:
         self.ops += len(batch)
         metrics.observe_group_commit(len(batch))
         try:
-            if len(batch) == 1 and self._db.dialect != "sqlite":
-                # PostgreSQL: `Ledger`'s statements take fewer round trips for one op. (SQLite: the
-                # batch, run in one hand-off to the writer thread, costs less even for one.)
+            if self._db.dialect == "sqlite":
+                # One hand-off to the writer thread for the whole batch: cheaper even for one op.
+                outcomes = await self._batch(batch)
+            elif len(batch) == 1:  # one statement in autocommit (`Ledger`): one round trip
                 outcomes = [await self._outcome(batch[0])]
             else:
-                outcomes = await self._batch(batch)
+                outcomes = await self._pg_batch(batch)
         except ServiceUnavailable as exc:
             outcomes = [_outage(exc) for _ in batch]
         except Exception:
@@ -272,6 +279,66 @@ class GroupCommit:
         dialect = self._db.dialect
         outcomes, late = await self._db.run_write(lambda conn: _apply(conn, batch, dialect))
         for i in late:  # holds that were not open: `Ledger` knows those cases
+            outcomes[i] = await self._outcome(batch[i])
+        return outcomes
+
+    async def _pg_batch(self, batch: list[_Op]) -> list[object]:
+        """PostgreSQL: each op's one statement (`pg_statements`, as `Ledger` runs it alone), in arrival
+        order, in one transaction on a raw connection: a round trip per op and one commit per batch. A
+        refused hold is explained in the transaction (one more round trip: the balance, the key); a
+        settlement whose hold is not open, and a release, are left to `Ledger` after the commit, which
+        knows those cases."""
+        outcomes: list[object] = [None] * len(batch)
+        late: list[int] = []
+        now = utcnow()
+        accounts = {op.account_id if isinstance(op, _Reserve) else op.hold.account_id for op in batch}
+        async with self._db.direct_transaction() as transaction:
+            # Its statements lock accounts in arrival order; another replica's batch could take the same
+            # two in the other order and both would wait for PostgreSQL's deadlock timeout: lock first.
+            await pg_statements.lock_accounts(transaction, accounts)
+            for i, op in enumerate(batch):
+                if isinstance(op, _Reserve):
+                    ttl = timedelta(seconds=op.ttl_s)
+                    taken = await pg_statements.reserve(
+                        transaction,
+                        account_id=op.account_id,
+                        key_id=op.key_id,
+                        request_id=op.request_id,
+                        amount=op.amount,
+                        ttl=ttl,
+                        key=op.key,
+                    )
+                    if taken is None:  # refused here, in arrival order, as one at a time would be
+                        balance, key_live = await pg_statements.why_refused(
+                            transaction, op.account_id, op.key
+                        )
+                        balances = {} if balance is None else {op.account_id: balance}
+                        live = {op.key.key_id: op.key} if op.key is not None and key_live else {}
+                        outcomes[i] = _refusal(op, balances, live)
+                        continue
+                    balance_after, held_at = taken
+                    expires_at = held_at.astimezone(UTC) + ttl
+                    outcomes[i] = Hold(
+                        op.request_id,
+                        op.account_id,
+                        op.key_id,
+                        op.amount,
+                        expires_at,
+                        balance_after=balance_after,
+                    )
+                    continue
+                if op.cost is None or op.usage is None:
+                    late.append(i)
+                    continue
+                settled = await pg_statements.settle_open(transaction, op.hold.id, op.cost, op.usage, now)
+                if settled is None:
+                    late.append(i)
+                    continue
+                balance, amount, _charge = settled
+                if op.cost > amount:
+                    log.warning("request %s cost %d µcr but held only %d", op.hold.id, op.cost, amount)
+                outcomes[i] = balance
+        for i in late:
             outcomes[i] = await self._outcome(batch[i])
         return outcomes
 

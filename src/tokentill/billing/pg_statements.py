@@ -11,22 +11,24 @@ taken only while the balance covers it (and the key is live on its terms), a hol
 Ledger rows keep their order: the release row is written before the charge row (one INSERT ... SELECT,
 UNION ALL in that order), so `balance_after` still reads as a running balance in id order.
 
-One statement is a transaction of its own, so these run in autocommit on a raw asyncpg connection
-(`Database.fetch_row`, `storage.pg_direct`): no BEGIN, no COMMIT, no SQLAlchemy in between. When one
-writes nothing (a hold refused, a hold no longer open) it returns None and the caller works out why in a
-transaction of its own (`Ledger.reserve`, `Ledger.settle`).
+One statement is a transaction of its own, so a request's hold or settlement runs in autocommit on a raw
+asyncpg connection (`Database.fetch_row`, `storage.pg_direct`): no BEGIN, no COMMIT, no SQLAlchemy in
+between; group commit runs a batch's one after the other in one transaction
+(`Database.direct_transaction`). When one writes nothing (a hold refused, a hold no longer open) it
+returns None and the caller works out why in a transaction of its own (`Ledger.reserve`,
+`Ledger.settle`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Any
 
 from tokentill.billing.records import KeyTerms, UsageRecord
-from tokentill.storage.db import Database
-from tokentill.storage.pg_direct import Statement
+from tokentill.storage.pg_direct import RowSource, Statement
 
-__all__ = ["reserve", "settle_open"]
+__all__ = ["lock_accounts", "reserve", "settle_open", "why_refused"]
 
 _KEY_CHECK = """
       AND EXISTS (SELECT 1 FROM api_keys WHERE api_keys.id = :key AND api_keys.revoked_at IS NULL
@@ -47,6 +49,18 @@ INSERT INTO ledger (account_id, kind, amount, balance_after, ref, note, created_
 SELECT :account, 'hold', -CAST(:amount AS bigint), balance, :request, '', now FROM taken
 RETURNING balance_after, created_at
 """
+# Every row locked, in id order (the count makes PostgreSQL read them all, where a fetch of the first row
+# alone would lock only that one).
+_LOCK_ACCOUNTS = Statement(
+    "SELECT count(*) AS locked FROM (SELECT id FROM accounts WHERE id = ANY(CAST(:accounts AS integer[]))"
+    " ORDER BY id FOR UPDATE) AS taken"
+)
+_WHY_REFUSED = Statement(
+    f"""
+SELECT (SELECT balance FROM accounts WHERE id = :account) AS balance,
+       (CAST(:key AS text) IS NULL OR EXISTS (SELECT 1 WHERE true{_KEY_CHECK})) AS key_live
+"""
+)
 _RESERVE_PLAIN = Statement(_RESERVE.format(key_check=""))
 _RESERVE_FOR_KEY = Statement(_RESERVE.format(key_check=_KEY_CHECK))
 
@@ -91,7 +105,7 @@ SELECT balance, account_id, amount, charge FROM paid
 
 
 async def reserve(
-    db: Database,
+    source: RowSource,
     *,
     account_id: int,
     key_id: str | None,
@@ -114,12 +128,12 @@ async def reserve(
     if key is not None:
         statement = _RESERVE_FOR_KEY
         values.update(key=key.key_id, rpm=key.rpm, tpm=key.tpm, max_concurrent=key.max_concurrent)
-    row = await db.fetch_row(statement, values)
+    row = await source.fetch_row(statement, values)
     return (int(row["balance_after"]), row["created_at"]) if row is not None else None
 
 
 async def settle_open(
-    db: Database, hold_id: str, cost: int, usage: UsageRecord, now: datetime
+    source: RowSource, hold_id: str, cost: int, usage: UsageRecord, now: datetime
 ) -> tuple[int, int, int] | None:
     """Settle hold `hold_id` if it is open: close it, charge min(cost, held), give back the rest, write
     the release and charge ledger rows, the usage row (once per request id) and its hourly bucket.
@@ -139,5 +153,22 @@ async def settle_open(
         "estimated": usage.estimated,
         **{c: getattr(usage, c) for c in _COUNTS},
     }
-    row = await db.fetch_row(_SETTLE, values)
+    row = await source.fetch_row(_SETTLE, values)
     return (int(row["balance"]), int(row["amount"]), int(row["charge"])) if row is not None else None
+
+
+async def why_refused(source: RowSource, account_id: int, key: KeyTerms | None) -> tuple[int | None, bool]:
+    """After `reserve` returned None, in the same transaction: the account's balance (None: no such
+    account) and whether `key` is live on its terms (True without a key)."""
+    values: dict[str, Any] = {"account": account_id, "key": None, "rpm": None, "tpm": None}
+    values["max_concurrent"] = None
+    if key is not None:
+        values.update(key=key.key_id, rpm=key.rpm, tpm=key.tpm, max_concurrent=key.max_concurrent)
+    row = await source.fetch_row(_WHY_REFUSED, values)
+    return (None if row["balance"] is None else int(row["balance"])), bool(row["key_live"])
+
+
+async def lock_accounts(source: RowSource, account_ids: Collection[int]) -> None:
+    """Lock the rows of `account_ids` until the transaction ends, in id order: two transactions that
+    each touch several accounts, one statement per request, then cannot deadlock each other."""
+    await source.fetch_row(_LOCK_ACCOUNTS, {"accounts": sorted(account_ids)})

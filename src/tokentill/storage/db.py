@@ -58,7 +58,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
 from tokentill.errors import ServiceUnavailable
-from tokentill.storage.pg_direct import DirectStatements, Statement
+from tokentill.storage.pg_direct import DirectStatements, RowSource, Statement
 from tokentill.storage.schema import utcnow
 
 __all__ = ["RETRY_AFTER_S", "Database", "DatabaseMissing", "describe_url", "is_outage", "open_database"]
@@ -214,21 +214,19 @@ class Database:
         `IntegrityError` (a constraint) or `DatabaseError`, as through the engine."""
         if self._direct is None:
             raise RuntimeError(f"fetch_row is for PostgreSQL; this database is {self.dialect}")
-        import asyncpg
+        with self._outage_is_503(), _refusals_as_sqlalchemy_errors():
+            return await self._direct.fetch_row(statement, values)
 
-        with self._outage_is_503():
-            try:
-                return await self._direct.fetch_row(statement, values)
-            except asyncpg.PostgresError as error:
-                if is_outage(error):
-                    raise
-                # The same exception classes as every other statement: callers catch SQLAlchemy's.
-                kind = (
-                    exc.IntegrityError
-                    if isinstance(error, asyncpg.IntegrityConstraintViolationError)
-                    else exc.DatabaseError
-                )
-                raise kind(statement.sql, statement.args(values), error) from error
+    @asynccontextmanager
+    async def direct_transaction(self) -> AsyncIterator[RowSource]:
+        """PostgreSQL only: one write transaction on a raw asyncpg connection for `fetch_row` after
+        `fetch_row` (each one round trip; BEGIN and COMMIT one each): committed when the block exits
+        normally, rolled back when it raises. Errors as `fetch_row`."""
+        if self._direct is None:
+            raise RuntimeError(f"direct_transaction is for PostgreSQL; this database is {self.dialect}")
+        with self._outage_is_503(), _refusals_as_sqlalchemy_errors():
+            async with self._direct.transaction() as transaction:
+                yield transaction
 
     def _sqlite_writer(self) -> _SqliteWriter:
         if self._sync_writer is None:
@@ -319,6 +317,26 @@ class Database:
 
     def __repr__(self) -> str:
         return f"Database({self.engine.url.render_as_string(hide_password=True)!r})"
+
+
+@contextmanager
+def _refusals_as_sqlalchemy_errors() -> Iterator[None]:
+    """A statement PostgreSQL refused on a raw connection, raised as SQLAlchemy's `IntegrityError` (a
+    constraint) or `DatabaseError`, the classes callers catch for every other statement. Outages pass
+    through (`_outage_is_503` answers them)."""
+    import asyncpg
+
+    try:
+        yield
+    except asyncpg.PostgresError as error:
+        if is_outage(error):
+            raise
+        kind = (
+            exc.IntegrityError
+            if isinstance(error, asyncpg.IntegrityConstraintViolationError)
+            else exc.DatabaseError
+        )
+        raise kind(getattr(error, "query", None) or "", None, error) from error
 
 
 class _SqliteWriter:

@@ -26,10 +26,11 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
 
-__all__ = ["DirectStatements", "Statement"]
+__all__ = ["DirectStatements", "RowSource", "Statement"]
 
 _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)(?!:)")  # as SQLAlchemy's `text()`: not `::type`
 
@@ -54,6 +55,23 @@ class Statement:
 
     def args(self, values: dict[str, Any]) -> list[Any]:
         return [values[name] for name in self.names]
+
+
+class RowSource(Protocol):
+    """Where a one-row statement runs: autocommit (`Database.fetch_row`) or one transaction's connection
+    (`Database.direct_transaction`)."""
+
+    async def fetch_row(self, statement: Statement, values: dict[str, Any]) -> Any: ...
+
+
+class _InTransaction:
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    async def fetch_row(self, statement: Statement, values: dict[str, Any]) -> Any:
+        return await self._conn.fetchrow(statement.sql, *statement.args(values))
 
 
 class DirectStatements:
@@ -88,6 +106,23 @@ class DirectStatements:
             raise
         self._give_back(conn, keep=True)
         return row
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[RowSource]:
+        """Statements on one connection in one transaction: committed when the block exits normally,
+        rolled back when it raises (driver errors pass through)."""
+        conn = await self._take()
+        keep = True
+        try:
+            async with conn.transaction():
+                yield _InTransaction(conn)
+        except BaseException as error:
+            keep = _is_statement_error(error)  # rolled back: the connection itself is fine
+            if not keep and not isinstance(error, asyncio.CancelledError):
+                self.drop_idle()
+            raise
+        finally:
+            self._give_back(conn, keep=keep)
 
     async def aclose(self) -> None:
         self.drop_idle()
