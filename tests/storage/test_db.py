@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -192,13 +193,17 @@ async def _pg_tables(database_url: str) -> list[str]:
         await engine.dispose()
 
 
-def test_run_write_commits_or_rolls_back_and_queues_with_begin(database_url: str) -> None:
-    """`run_write` (a synchronous function in one write transaction; SQLite: on the writer thread) commits
-    what its function wrote, rolls it all back when it raises, and takes turns with `begin()` writers."""
+def test_run_write_commits_or_rolls_back_and_queues_with_begin(sqlite_database_url: str) -> None:
+    """`run_write` (SQLite: a synchronous function on the writer thread's sqlite3 connection, in one
+    write transaction) commits what its function wrote, rolls it all back when it raises, raises
+    sqlite3's errors as SQLAlchemy's, and takes turns with `begin()` writers."""
 
-    def create(name: str, *, fail: bool = False) -> Callable[[Connection], str]:
-        def write(conn: Connection) -> str:
-            conn.execute(insert(accounts).values(name=name, balance=5, created_at=datetime.now(UTC)))
+    def create(name: str, *, fail: bool = False) -> Callable[[sqlite3.Connection], str]:
+        def write(raw: sqlite3.Connection) -> str:
+            raw.execute(
+                "INSERT INTO accounts (name, balance, created_at) VALUES (?, 5, ?)",
+                (name, "2026-01-01 00:00:00.000000"),
+            )
             if fail:
                 raise RuntimeError("after the insert")
             return name
@@ -209,6 +214,13 @@ def test_run_write_commits_or_rolls_back_and_queues_with_begin(database_url: str
         assert await db.run_write(create("kept")) == "kept"
         with pytest.raises(RuntimeError):
             await db.run_write(create("undone", fail=True))
+
+        def twice(raw: sqlite3.Connection) -> None:
+            create("once")(raw)
+            create("once")(raw)  # the name is unique
+
+        with pytest.raises(IntegrityError):
+            await db.run_write(twice)
 
         async def bump() -> None:
             async with db.begin() as conn:
@@ -222,4 +234,4 @@ def test_run_write_commits_or_rolls_back_and_queues_with_begin(database_url: str
             rows = dict((await conn.execute(select(accounts.c.name, accounts.c.balance))).all())
         assert rows == {"kept": 10, **{f"w{i}": 5 for i in range(5)}}
 
-    run_with_db(database_url, body)
+    run_with_db(sqlite_database_url, body)

@@ -48,27 +48,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
-
-from sqlalchemy.engine import Connection
+from typing import Any, Literal, Protocol
 
 from tokentill import metrics
-from tokentill.billing import pg_statements
+from tokentill.billing import pg_statements, sqlite_statements
 from tokentill.billing.ledger import Ledger, hold_refused
 from tokentill.billing.records import Hold, KeyChanged, KeyTerms, UsageRecord
-from tokentill.billing.statements import (
-    close_holds,
-    insert_rows,
-    live_key_terms,
-    lock_balances,
-    record_usages,
-    shift_balances,
-    usage_values,
-)
 from tokentill.errors import ServiceUnavailable
 from tokentill.storage.db import Database
+from tokentill.storage.pg_direct import RowSource
 from tokentill.storage.schema import utcnow
 
 __all__ = ["MAX_BATCH", "GroupCommit", "HoldBook"]
@@ -218,13 +210,12 @@ class GroupCommit:
         self.ops += len(batch)
         metrics.observe_group_commit(len(batch))
         try:
-            if self._db.dialect == "sqlite":
-                # One hand-off to the writer thread for the whole batch: cheaper even for one op.
-                outcomes = await self._batch(batch)
-            elif len(batch) == 1:  # one statement in autocommit (`Ledger`): one round trip
+            if len(batch) == 1 and self._db.dialect != "sqlite":
+                # PostgreSQL: `Ledger`'s one statement in autocommit, one round trip. (SQLite: the
+                # batch, one hand-off to the writer thread, costs less even for one op.)
                 outcomes = [await self._outcome(batch[0])]
             else:
-                outcomes = await self._pg_batch(batch)
+                outcomes = await self._batch(batch)
         except ServiceUnavailable as exc:
             outcomes = [_outage(exc) for _ in batch]
         except Exception:
@@ -276,158 +267,117 @@ class GroupCommit:
     # ----------------------------------------------------------------- one batch, one transaction
 
     async def _batch(self, batch: list[_Op]) -> list[object]:
-        dialect = self._db.dialect
-        outcomes, late = await self._db.run_write(lambda conn: _apply(conn, batch, dialect))
-        for i in late:  # holds that were not open: `Ledger` knows those cases
+        """The batch in one transaction (see the module docstring), then what it left to `Ledger`."""
+        now = utcnow()
+        if self._db.dialect == "sqlite":
+            outcomes, late = await self._db.run_write(lambda raw: _sqlite_walk(raw, batch, now))
+        else:
+            outcomes, late = await self._pg_walk(batch, now)
+        for i in late:
             outcomes[i] = await self._outcome(batch[i])
         return outcomes
 
-    async def _pg_batch(self, batch: list[_Op]) -> list[object]:
-        """PostgreSQL: each op's one statement (`pg_statements`, as `Ledger` runs it alone), in arrival
-        order, in one transaction on a raw connection: a round trip per op and one commit per batch. A
-        refused hold is explained in the transaction (one more round trip: the balance, the key); a
-        settlement whose hold is not open, and a release, are left to `Ledger` after the commit, which
-        knows those cases."""
-        outcomes: list[object] = [None] * len(batch)
-        late: list[int] = []
-        now = utcnow()
+    async def _pg_walk(self, batch: list[_Op], now: datetime) -> tuple[list[object], list[int]]:
         accounts = {op.account_id if isinstance(op, _Reserve) else op.hold.account_id for op in batch}
         async with self._db.direct_transaction() as transaction:
             # Its statements lock accounts in arrival order; another replica's batch could take the same
             # two in the other order and both would wait for PostgreSQL's deadlock timeout: lock first.
             await pg_statements.lock_accounts(transaction, accounts)
-            for i, op in enumerate(batch):
-                if isinstance(op, _Reserve):
-                    ttl = timedelta(seconds=op.ttl_s)
-                    taken = await pg_statements.reserve(
-                        transaction,
-                        account_id=op.account_id,
-                        key_id=op.key_id,
-                        request_id=op.request_id,
-                        amount=op.amount,
-                        ttl=ttl,
-                        key=op.key,
-                    )
-                    if taken is None:  # refused here, in arrival order, as one at a time would be
-                        balance, key_live = await pg_statements.why_refused(
-                            transaction, op.account_id, op.key
-                        )
-                        balances = {} if balance is None else {op.account_id: balance}
-                        live = {op.key.key_id: op.key} if op.key is not None and key_live else {}
-                        outcomes[i] = _refusal(op, balances, live)
-                        continue
-                    balance_after, held_at = taken
-                    expires_at = held_at.astimezone(UTC) + ttl
-                    outcomes[i] = Hold(
-                        op.request_id,
-                        op.account_id,
-                        op.key_id,
-                        op.amount,
-                        expires_at,
-                        balance_after=balance_after,
-                    )
-                    continue
-                if op.cost is None or op.usage is None:
-                    late.append(i)
-                    continue
-                settled = await pg_statements.settle_open(transaction, op.hold.id, op.cost, op.usage, now)
-                if settled is None:
-                    late.append(i)
-                    continue
-                balance, amount, _charge = settled
-                if op.cost > amount:
-                    log.warning("request %s cost %d µcr but held only %d", op.hold.id, op.cost, amount)
-                outcomes[i] = balance
-        for i in late:
-            outcomes[i] = await self._outcome(batch[i])
-        return outcomes
+            walk, result = _walk(batch), None
+            try:
+                while True:
+                    step, op = walk.send(result)
+                    result = await _pg_step(transaction, step, op, now)
+            except StopIteration as walked:
+                return walked.value  # type: ignore[no-any-return]  # _walk's return value
 
 
-def _apply(conn: Connection, batch: list[_Op], dialect: str) -> tuple[list[object], list[int]]:
-    """The batch's statements on `conn` (inside the caller's transaction): each op's outcome (its result
-    or the refusal to raise) and the indexes of the closes left to `Ledger` (their hold was not open)."""
+_Step = Literal["reserve", "why_refused", "settle"]
+
+
+def _walk(batch: list[_Op]) -> Generator[tuple[_Step, _Op], Any, tuple[list[object], list[int]]]:
+    """The ops of `batch` in arrival order, as the statements to run: yields (step, op), to be sent back
+    what that step's statement returned (`pg_statements` / `sqlite_statements`: `reserve` gives (balance
+    after, hold time) or None, `why_refused` (balance or None, key live), `settle` (balance after, held,
+    charge) or None). Returns each op's outcome (its result, or the refusal to raise) and the indexes
+    of those left to `Ledger` after the commit: settlements whose hold was not open, and releases (rare:
+    failed requests), which `Ledger` knows how to apply."""
     outcomes: list[object] = [None] * len(batch)
     late: list[int] = []
-    now = utcnow()
-    closed: dict[str, tuple[int, int]] = {}
-    for status, is_settle in (("settled", True), ("released", False)):
-        ids = [op.hold.id for op in batch if isinstance(op, _Close) and (op.cost is not None) == is_settle]
-        if ids:
-            closed.update(close_holds(conn, ids, status, now))
-    reserves = [op for op in batch if isinstance(op, _Reserve)]
-    touched = {op.account_id for op in reserves} | {account for account, _ in closed.values()}
-    balances, server_now = lock_balances(conn, touched, clock=dialect == "postgresql" and bool(reserves))
-    hold_now = server_now.astimezone(UTC) if server_now is not None else now
-    keys = {op.key.key_id for op in reserves if op.key is not None}
-    live = live_key_terms(conn, keys) if keys else {}
-    deltas = dict.fromkeys(balances, 0)
-    hold_rows: list[dict[str, Any]] = []
-    ledger_rows: list[dict[str, Any]] = []
-    usage_rows: list[dict[str, Any]] = []
-
-    def book(account: int, kind: str, amount: int, ref: str, at: datetime) -> None:
-        deltas[account] += amount
-        balances[account] += amount
-        ledger_rows.append(
-            {
-                "account_id": account,
-                "kind": kind,
-                "amount": amount,
-                "balance_after": balances[account],
-                "ref": ref,
-                "note": "",
-                "created_at": at,
-            }
-        )
-
     for i, op in enumerate(batch):
         if isinstance(op, _Reserve):
-            refusal = _refusal(op, balances, live)
-            if refusal is not None:
-                outcomes[i] = refusal
+            taken = yield "reserve", op
+            if taken is None:  # refused here, in arrival order, as one request at a time would be
+                balance, key_live = yield "why_refused", op
+                balances = {} if balance is None else {op.account_id: balance}
+                live = {op.key.key_id: op.key} if op.key is not None and key_live else {}
+                outcomes[i] = _refusal(op, balances, live)
                 continue
-            expires_at = hold_now + timedelta(seconds=op.ttl_s)
-            book(op.account_id, "hold", -op.amount, op.request_id, hold_now)
-            hold_rows.append(
-                {
-                    "id": op.request_id,
-                    "account_id": op.account_id,
-                    "key_id": op.key_id,
-                    "amount": op.amount,
-                    "status": "open",
-                    "created_at": hold_now,
-                    "expires_at": expires_at,
-                }
-            )
+            balance_after, held_at = taken
+            expires_at = held_at.astimezone(UTC) + timedelta(seconds=op.ttl_s)
             outcomes[i] = Hold(
-                id=op.request_id,
-                account_id=op.account_id,
-                key_id=op.key_id,
-                amount=op.amount,
-                expires_at=expires_at,
-                balance_after=balances[op.account_id],
+                op.request_id, op.account_id, op.key_id, op.amount, expires_at, balance_after=balance_after
             )
-            continue
-        taken = closed.pop(op.hold.id, None)  # popped: the same hold twice is late the second time
-        if taken is None:
+        elif op.cost is None or op.usage is None:
             late.append(i)
-            continue
-        account, amount = taken
-        book(account, "release", amount, op.hold.id, now)
-        charge = 0
-        if op.cost is not None:
-            charge = min(op.cost, amount)
+        else:
+            settled = yield "settle", op
+            if settled is None:
+                late.append(i)
+                continue
+            balance, amount, _charge = settled
             if op.cost > amount:
                 log.warning("request %s cost %d µcr but held only %d", op.hold.id, op.cost, amount)
-            book(account, "charge", -charge, op.hold.id, now)
-        if op.usage is not None:
-            usage_rows.append(usage_values(account, op.usage, charge, now))
-        outcomes[i] = balances[account]
-    shift_balances(conn, deltas)
-    insert_rows(conn, "holds", hold_rows)
-    insert_rows(conn, "ledger", ledger_rows)
-    record_usages(conn, dialect, usage_rows)
+            outcomes[i] = balance
     return outcomes, late
+
+
+async def _pg_step(transaction: RowSource, step: _Step, op: _Op, now: datetime) -> object:
+    if isinstance(op, _Close):
+        assert op.cost is not None and op.usage is not None  # `_walk` settles only these
+        return await pg_statements.settle_open(transaction, op.hold.id, op.cost, op.usage, now)
+    if step == "why_refused":
+        return await pg_statements.why_refused(transaction, op.account_id, op.key)
+    return await pg_statements.reserve(
+        transaction,
+        account_id=op.account_id,
+        key_id=op.key_id,
+        request_id=op.request_id,
+        amount=op.amount,
+        ttl=timedelta(seconds=op.ttl_s),
+        key=op.key,
+    )
+
+
+def _sqlite_walk(raw: sqlite3.Connection, batch: list[_Op], now: datetime) -> tuple[list[object], list[int]]:
+    """`_walk` on the writer thread's sqlite3 connection, inside its transaction. The holds' times are
+    this process's clock, as `Ledger`'s on SQLite (`Database.now`)."""
+    walk, result = _walk(batch), None
+    try:
+        while True:
+            step, op = walk.send(result)
+            result = _sqlite_step(raw, step, op, now)
+    except StopIteration as walked:
+        return walked.value  # type: ignore[no-any-return]  # _walk's return value
+
+
+def _sqlite_step(raw: sqlite3.Connection, step: _Step, op: _Op, now: datetime) -> object:
+    if isinstance(op, _Close):
+        assert op.cost is not None and op.usage is not None  # `_walk` settles only these
+        return sqlite_statements.settle_open(raw, op.hold.id, op.cost, op.usage, now)
+    if step == "why_refused":
+        return sqlite_statements.why_refused(raw, op.account_id, op.key)
+    balance = sqlite_statements.reserve(
+        raw,
+        account_id=op.account_id,
+        key_id=op.key_id,
+        request_id=op.request_id,
+        amount=op.amount,
+        now=now,
+        expires_at=now + timedelta(seconds=op.ttl_s),
+        key=op.key,
+    )
+    return None if balance is None else (balance, now)
 
 
 def _refusal(op: _Reserve, balances: dict[int, int], live: dict[str, KeyTerms]) -> Exception | None:

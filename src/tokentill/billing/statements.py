@@ -10,11 +10,10 @@ per call cost about as much CPU as running them; docs/performance.md).
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Insert, bindparam, exists, func, insert, select, update
+from sqlalchemy import Insert, bindparam, exists, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -30,17 +29,11 @@ __all__ = [
     "insert_account",
     "balance_of",
     "close_hold",
-    "close_holds",
-    "insert_rows",
     "key_is_as_admitted",
-    "live_key_terms",
-    "lock_balances",
     "open_hold",
     "read_balance",
     "record_usage",
-    "record_usages",
     "reserve_from_balance",
-    "shift_balances",
     "usage_values",
 ]
 
@@ -103,34 +96,6 @@ _USAGE_BY_DIALECT = {
 }
 _USAGE = {
     dialect: (row.returning(usage.c.id), bucket) for dialect, (row, bucket) in _USAGE_BY_DIALECT.items()
-}
-# Many requests' statements at once (`billing.group_commit`): a list of ids in one IN (...), or one
-# statement executed with a list of parameter sets.
-_CLOSE_HOLDS = (
-    update(holds)
-    .where(holds.c.id.in_(bindparam("b_holds", expanding=True)), holds.c.status == "open")
-    .values(status=bindparam("b_to"), closed_at=bindparam("b_now"))
-    .returning(holds.c.id, holds.c.account_id, holds.c.amount)
-)
-# Locked in id order, so two writers that lock several accounts cannot deadlock each other.
-_LOCK_BALANCES = (
-    select(accounts.c.id, accounts.c.balance)
-    .where(accounts.c.id.in_(bindparam("b_accounts", expanding=True)))
-    .order_by(accounts.c.id)
-    .with_for_update()
-)
-_LOCK_BALANCES_AND_CLOCK = _LOCK_BALANCES.add_columns(func.now().label("now"))
-_SHIFT_BALANCE = (
-    update(accounts)
-    .where(accounts.c.id == bindparam("b_account"))
-    .values(balance=accounts.c.balance + bindparam("b_delta"))
-)
-_LIVE_KEYS = select(api_keys.c.id, api_keys.c.rpm, api_keys.c.tpm, api_keys.c.max_concurrent).where(
-    api_keys.c.id.in_(bindparam("b_keys", expanding=True)), api_keys.c.revoked_at.is_(None)
-)
-_USAGE_ROWS = {
-    dialect: (row.returning(usage.c.request_id), bucket)
-    for dialect, (row, bucket) in _USAGE_BY_DIALECT.items()
 }
 
 
@@ -313,9 +278,8 @@ async def open_hold(
     await conn.execute(_OPEN_HOLD, values)
 
 
-# ----------------------------------------------------------------- many requests at once
-# Synchronous: `billing.group_commit` runs a whole batch as one function on a synchronous connection
-# (`Database.run_write`), which on SQLite is one hand-off to the writer thread for the whole transaction.
+# ----------------------------------------------------------------- synchronous
+# `Database.run_read` runs a read on a synchronous connection: on SQLite one hand-off to its writer thread.
 
 
 def read_balance(conn: Connection, account_id: int) -> int:
@@ -324,66 +288,3 @@ def read_balance(conn: Connection, account_id: int) -> int:
     if balance is None:
         raise LookupError(f"no account with id {account_id}")
     return int(balance)
-
-
-def close_holds(
-    conn: Connection, hold_ids: list[str], to_status: str, now: datetime
-) -> dict[str, tuple[int, int]]:
-    """Move every *open* hold of `hold_ids` to `to_status`: {hold id: (account_id, amount)} of those
-    this call closed (the others were not open)."""
-    rows = conn.execute(_CLOSE_HOLDS, {"b_holds": hold_ids, "b_to": to_status, "b_now": now})
-    return {row.id: (int(row.account_id), int(row.amount)) for row in rows}
-
-
-def lock_balances(
-    conn: Connection, account_ids: Collection[int], *, clock: bool = False
-) -> tuple[dict[int, int], datetime | None]:
-    """The balances of `account_ids` (missing accounts left out), locked until the transaction ends,
-    and with `clock` (PostgreSQL) the database's `now()`."""
-    query = _LOCK_BALANCES_AND_CLOCK if clock else _LOCK_BALANCES
-    rows = conn.execute(query, {"b_accounts": sorted(account_ids)}).all()
-    now = rows[0].now if clock and rows else None
-    return {int(row.id): int(row.balance) for row in rows}, now
-
-
-def live_key_terms(conn: Connection, key_ids: Collection[str]) -> dict[str, KeyTerms]:
-    """The limits of the keys of `key_ids` that are live (not revoked), by key id."""
-    rows = conn.execute(_LIVE_KEYS, {"b_keys": sorted(key_ids)})
-    return {row.id: KeyTerms(row.id, row.rpm, row.tpm, row.max_concurrent) for row in rows}
-
-
-def shift_balances(conn: Connection, deltas: dict[int, int]) -> None:
-    """balance += delta for each account (the caller holds their locks and keeps them non-negative)."""
-    params = [{"b_account": account, "b_delta": delta} for account, delta in deltas.items() if delta]
-    if params:
-        conn.execute(_SHIFT_BALANCE, params)
-
-
-def insert_rows(conn: Connection, table: str, rows: list[dict[str, Any]]) -> None:
-    """Insert `rows` into 'ledger' or 'holds', in list order (ledger ids follow it)."""
-    if rows:
-        conn.execute(_LEDGER_ROW if table == "ledger" else _OPEN_HOLD, rows)
-
-
-def record_usages(conn: Connection, dialect: str, rows: list[dict[str, Any]]) -> None:
-    """`record_usage` for many `usage_values` rows: each written once (a duplicate request id is skipped
-    with its bucket), the hourly buckets summed per bucket before one upsert each."""
-    if not rows:
-        return
-    row_statement, bucket_statement = _USAGE_ROWS[dialect]
-    written = set(conn.execute(row_statement, rows).scalars().all())
-    buckets: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for row in rows:
-        if row["request_id"] not in written:
-            continue
-        written.discard(row["request_id"])  # a request id twice in `rows` was written once
-        add = _bucket(row)
-        key = (add["account_id"], add["hour"], add["model"], add["key_id"])
-        if key in buckets:
-            total = buckets[key]
-            for name in (*_COUNTS, "requests"):
-                total[name] += add[name]
-        else:
-            buckets[key] = add
-    if buckets:
-        conn.execute(bucket_statement, list(buckets.values()))

@@ -10,14 +10,14 @@
   two check-then-write transactions cannot interleave. `read()` uses a plain deferred `BEGIN`
   (a WAL snapshot that does not queue behind writers).
   `run_write(fn)` / `run_read(fn)` run a synchronous function on this database's own writer thread and
-  sqlite3 connection instead (one thread hand-off per transaction; aiosqlite takes three or four per
-  statement): the hot path's group-committed batches and its balance reads.
+  connection instead (one thread hand-off per transaction; aiosqlite takes three or four per statement):
+  the hot path's group-committed batches (on the sqlite3 connection itself) and its balance reads.
 * PostgreSQL: READ COMMITTED; money code relies on conditional `UPDATE ... WHERE balance >= :x`, which
   PostgreSQL re-checks after waiting on the row lock, so it needs no stronger isolation. `read()` is
-  REPEATABLE READ so a report (an audit) sees one snapshot. `run_write(fn)` runs a synchronous function
-  in a write transaction (`run_sync`), `run_read(fn)` one read statement in autocommit (no BEGIN/COMMIT
-  round trips), and `fetch_row(statement, values)` one statement in autocommit straight on asyncpg
-  (`storage.pg_direct`: the hot path's one-statement hold and settlement, one round trip each).
+  REPEATABLE READ so a report (an audit) sees one snapshot. `run_read(fn)` runs one read statement in
+  autocommit (no BEGIN/COMMIT round trips); `fetch_row(statement, values)` one statement in autocommit
+  straight on asyncpg and `direct_transaction()` several in one transaction (`storage.pg_direct`: the hot
+  path's one-statement holds and settlements, one round trip each).
 
 An outage is an answer, not a bug: a connection that cannot be made or is lost (refused, reset, timed out,
 the pool exhausted, the server shutting down) inside `begin()` or `read()` is raised as
@@ -65,6 +65,7 @@ __all__ = ["RETRY_AFTER_S", "Database", "DatabaseMissing", "describe_url", "is_o
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+C = TypeVar("C")  # a connection: SQLAlchemy's or sqlite3's
 
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # Any fixed 64-bit number; only tokentill's migration runs take it.
@@ -176,19 +177,16 @@ class Database:
                 async with self.engine.begin() as conn:
                     yield conn
 
-    async def run_write(self, fn: Callable[[Connection], T]) -> T:
-        """`fn(conn)` on a *synchronous* connection inside one write transaction (committed when `fn`
-        returns, rolled back when it raises; outages are 503 as in `begin`), for work that runs many
-        statements at once (`billing.group_commit`).
-
-        SQLite: on this database's own writer thread and sqlite3 connection, after this process's other
-        writers (the same asyncio lock as `begin`): the whole transaction is one hand-off to a thread,
-        where aiosqlite takes three or four per statement (cursor, execute, fetch, close). PostgreSQL:
-        `run_sync` on a pooled asyncpg connection; each statement still awaits its round trip.
-        """
+    async def run_write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """SQLite only: `fn(raw)` on this database's own writer thread and sqlite3 connection, in one
+        write transaction (BEGIN IMMEDIATE before `fn`, COMMIT after it, ROLLBACK when it raises), after
+        this process's other writers (the same asyncio lock as `begin`). The whole transaction is one
+        hand-off to the thread (aiosqlite takes three or four per statement: cursor, execute, fetch,
+        close), and its statements run on sqlite3 itself: through SQLAlchemy each cost more CPU than
+        SQLite took to run it (`billing.sqlite_statements`, group commit's batches). sqlite3's errors
+        are raised as SQLAlchemy's, outages as 503, as for `begin`."""
         if self.dialect != "sqlite":
-            async with self.begin() as conn:
-                return await conn.run_sync(fn)
+            raise RuntimeError(f"run_write is for SQLite; this database is {self.dialect}")
         with self._outage_is_503():
             async with self._sqlite_write_lock():
                 # SQLite's busy timeout covers a writer that starts while a cancelled caller's
@@ -356,31 +354,50 @@ class _SqliteWriter:
         event.listen(self.engine, "connect", _sqlite_connect)
         event.listen(self.engine, "begin", _sqlite_begin)
         self.reader = self.engine.execution_options(**{_BEGIN_OPTION: "BEGIN"})
+        self._raw: sqlite3.Connection | None = None  # `write`'s, made on first use
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         # A daemon: a writer left open must not keep the interpreter from exiting (its transaction,
         # if one is cut, rolls back as any SQLite transaction does).
         self._thread = threading.Thread(target=self._serve, name="tokentill-sqlite-writer", daemon=True)
         self._thread.start()
 
-    async def write(self, fn: Callable[[Connection], T]) -> T:
-        """`fn(conn)` in one write transaction on the thread. A cancelled caller stops waiting, not the
-        thread: the transaction still ends (commit or rollback) on its own."""
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn(raw)` in one write transaction on the thread's sqlite3 connection itself. A cancelled
+        caller stops waiting, not the thread: the transaction still ends (commit or rollback)."""
         return await self._run(self._write, fn)
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
         return await self._run(self._read, fn)
 
-    async def _run(
-        self, method: Callable[[Callable[[Connection], T]], T], fn: Callable[[Connection], T]
-    ) -> T:
+    async def _run(self, method: Callable[[Callable[[C], T]], T], fn: Callable[[C], T]) -> T:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._jobs.put((method, fn, loop, future))
         return await future
 
-    def _write(self, fn: Callable[[Connection], T]) -> T:
-        with self.engine.begin() as conn:
-            return fn(conn)
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._raw is None:
+            # The pool's one connection (StaticPool), set up by `_sqlite_connect`; only this thread
+            # uses it, one job at a time, so no SQLAlchemy transaction is open on it meanwhile.
+            self._raw = self.engine.raw_connection().driver_connection
+        raw = self._raw
+        assert raw is not None
+        statement = "BEGIN IMMEDIATE"
+        try:
+            raw.execute(statement)
+            statement = "(the batch's statements)"
+            result = fn(raw)
+            statement = "COMMIT"
+            raw.execute(statement)
+        except sqlite3.Error as error:
+            if raw.in_transaction:
+                raw.execute("ROLLBACK")
+            raise exc.DBAPIError.instance(statement, None, error, sqlite3.Error) from error
+        except BaseException:
+            if raw.in_transaction:
+                raw.execute("ROLLBACK")
+            raise
+        return result
 
     def _read(self, fn: Callable[[Connection], T]) -> T:
         with self.reader.begin() as conn:
@@ -402,9 +419,7 @@ class _SqliteWriter:
         self.engine.dispose()
 
 
-_Job = tuple[
-    Callable[..., Any], Callable[[Connection], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"
-]
+_Job = tuple[Callable[..., Any], Callable[[Any], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
