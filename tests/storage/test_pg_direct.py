@@ -113,3 +113,19 @@ def test_after_an_outage_seen_by_the_engine_the_raw_path_recovers(
             await db.aclose()
 
     run(body())
+
+
+def test_a_url_without_a_statement_cache_is_honoured(pg_database_url: str) -> None:
+    """`?prepared_statement_cache_size=0` (PgBouncer in transaction mode) reaches the raw connections too."""
+
+    async def body() -> None:
+        db = await open_database(f"{pg_database_url}?prepared_statement_cache_size=0")
+        try:
+            for i in range(3):
+                assert (await db.fetch_row(_ADD, {"x": i, "y": 1}))["total"] == i + 1
+            assert db._direct is not None
+            assert db._direct._connect_kwargs["statement_cache_size"] == 0
+        finally:
+            await db.aclose()
+
+    run(body())

@@ -625,8 +625,11 @@ async def open_database(
     direct = None
     if engine.dialect.name == "postgresql":
         _, connect_kwargs = engine.dialect.create_connect_args(engine.url)
+        cache_size = connect_kwargs.get("prepared_statement_cache_size")
         for option in _SQLALCHEMY_ONLY:  # the asyncpg dialect's own options, not asyncpg.connect's
             connect_kwargs.pop(option, None)
+        if cache_size is not None:  # e.g. 0 behind PgBouncer's transaction pooling: asyncpg's own cache too
+            connect_kwargs["statement_cache_size"] = int(cache_size)
         connect_kwargs.update(timeout=connect_timeout_s, command_timeout=statement_timeout_s)
         direct = DirectStatements(
             connect_kwargs, size=_DIRECT_SIZE, pool_timeout_s=pool_timeout_s, ping_idle_s=_PING_IDLE_S

@@ -11,7 +11,8 @@ and asyncpg alone 0.05 ms (`bench/pg_direct.py`).
     row = await direct.fetch_row(statement, {"amount": 5, "account": 1})   # an asyncpg Record or None
 
 Statements are written with `:name` parameters, as for SQLAlchemy's `text()`, and numbered once; asyncpg
-prepares each on first use per connection and then only binds and executes it.
+prepares each on first use per connection and then only binds and executes it. `transaction()` lends one
+connection for several statements in one transaction (group commit's batches).
 
 Connections: made on first use, at most `size` at a time (more callers wait up to `pool_timeout_s`),
 kept while they work. One idle for over `ping_idle_s` is pinged before use, as the SQLAlchemy pool does
