@@ -170,6 +170,47 @@ def test_a_batch_keeps_arrival_order_across_holds_and_settlements(database_url: 
     run_with_db(database_url, body)
 
 
+def test_releases_in_a_batch_give_everything_back_and_record_usage_at_cost_zero(database_url: str) -> None:
+    """Failed requests' releases, batched with a settlement: the whole hold back, one 'release' ledger
+    row each, a usage row at cost 0 only for the release that carries one; as `Ledger.release` alone."""
+
+    async def body(db: Database) -> None:
+        book = Ledger(db)
+        account = await book.create_account("failing", 10 * AMOUNT)
+        group = GroupCommit(book, db)
+        held = [
+            await group.reserve(
+                account_id=account.id, key_id=None, request_id=f"h{i}", amount=AMOUNT, ttl_s=60
+            )
+            for i in range(3)
+        ]
+        batches = group.batches
+        balances = await asyncio.gather(
+            group.release(held[0], usage=_usage("h0", 0)),
+            group.release(held[1]),
+            group.settle(held[2], cost=400, usage=_usage("h2", 4)),
+        )
+        assert group.batches == batches + 1  # one transaction
+        assert balances == [8 * AMOUNT, 9 * AMOUNT, 10 * AMOUNT - 400]
+        assert await group.release(held[0], usage=_usage("h0", 0)) == 10 * AMOUNT - 400  # once only
+        async with db.read() as conn:
+            rows = {r.request_id: r.cost for r in (await conn.execute(select(usage))).all()}
+            statuses = dict((await conn.execute(select(holds.c.id, holds.c.status))).all())
+            kinds = (await conn.execute(select(ledger.c.ref, ledger.c.kind).order_by(ledger.c.id))).all()
+        assert rows == {"h0": 0, "h2": 400}
+        assert statuses == {"h0": "released", "h1": "released", "h2": "settled"}
+        assert [tuple(k) for k in kinds if k.ref in ("h0", "h1")] == [
+            ("h0", "hold"),
+            ("h1", "hold"),
+            ("h0", "release"),
+            ("h1", "release"),
+        ]
+        await _check_books(db)
+        await group.aclose()
+
+    run_with_db(database_url, body)
+
+
 def test_a_failing_op_is_retried_alone_and_fails_alone(database_url: str) -> None:
     """A duplicate request id breaks the batch's INSERT: the batch rolls back and every op runs alone."""
 

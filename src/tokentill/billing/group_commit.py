@@ -292,16 +292,16 @@ class GroupCommit:
                 return walked.value  # type: ignore[no-any-return]  # _walk's return value
 
 
-_Step = Literal["reserve", "why_refused", "settle"]
+_Step = Literal["reserve", "why_refused", "settle", "release"]
 
 
 def _walk(batch: list[_Op]) -> Generator[tuple[_Step, _Op], Any, tuple[list[object], list[int]]]:
     """The ops of `batch` in arrival order, as the statements to run: yields (step, op), to be sent back
     what that step's statement returned (`pg_statements` / `sqlite_statements`: `reserve` gives (balance
     after, hold time) or None, `why_refused` (balance or None, key live), `settle` (balance after, held,
-    charge) or None). Returns each op's outcome (its result, or the refusal to raise) and the indexes
-    of those left to `Ledger` after the commit: settlements whose hold was not open, and releases (rare:
-    failed requests), which `Ledger` knows how to apply."""
+    charge) or None, `release` the balance after or None). Returns each op's outcome (its result, or the
+    refusal to raise) and the indexes of those left to `Ledger` after the commit: settlements and
+    releases whose hold was not open (expired by the sweeper, or closed before), which `Ledger` knows."""
     outcomes: list[object] = [None] * len(batch)
     late: list[int] = []
     for i, op in enumerate(batch):
@@ -318,8 +318,12 @@ def _walk(batch: list[_Op]) -> Generator[tuple[_Step, _Op], Any, tuple[list[obje
             outcomes[i] = Hold(
                 op.request_id, op.account_id, op.key_id, op.amount, expires_at, balance_after=balance_after
             )
-        elif op.cost is None or op.usage is None:
-            late.append(i)
+        elif op.cost is None:
+            released = yield "release", op
+            if released is None:
+                late.append(i)
+                continue
+            outcomes[i] = released
         else:
             settled = yield "settle", op
             if settled is None:
@@ -334,7 +338,9 @@ def _walk(batch: list[_Op]) -> Generator[tuple[_Step, _Op], Any, tuple[list[obje
 
 async def _pg_step(transaction: RowSource, step: _Step, op: _Op, now: datetime) -> object:
     if isinstance(op, _Close):
-        assert op.cost is not None and op.usage is not None  # `_walk` settles only these
+        if op.cost is None:
+            return await pg_statements.release_open(transaction, op.hold.id, op.usage, now)
+        assert op.usage is not None  # a settlement always carries its usage
         return await pg_statements.settle_open(transaction, op.hold.id, op.cost, op.usage, now)
     if step == "why_refused":
         return await pg_statements.why_refused(transaction, op.account_id, op.key)
@@ -363,7 +369,9 @@ def _sqlite_walk(raw: sqlite3.Connection, batch: list[_Op], now: datetime) -> tu
 
 def _sqlite_step(raw: sqlite3.Connection, step: _Step, op: _Op, now: datetime) -> object:
     if isinstance(op, _Close):
-        assert op.cost is not None and op.usage is not None  # `_walk` settles only these
+        if op.cost is None:
+            return sqlite_statements.release_open(raw, op.hold.id, op.usage, now)
+        assert op.usage is not None  # a settlement always carries its usage
         return sqlite_statements.settle_open(raw, op.hold.id, op.cost, op.usage, now)
     if step == "why_refused":
         return sqlite_statements.why_refused(raw, op.account_id, op.key)

@@ -330,6 +330,11 @@ class Ledger:
         with cost 0. Idempotent like `settle`. Returns the balance after.
         """
         now = utcnow()
+        if self._db.dialect == "postgresql":  # an open hold is released in one statement (`pg_statements`)
+            released = await pg_statements.release_open(self._db, hold.id, usage, now)
+            if released is not None:
+                return released
+            # Not open (nothing written): the steps below handle an expired or closed hold.
         async with self._db.begin() as conn:
             closed = await close_hold(conn, hold.id, "open", "released", now)
             if closed is not None:

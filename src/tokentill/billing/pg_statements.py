@@ -28,7 +28,7 @@ from typing import Any
 from tokentill.billing.records import KeyTerms, UsageRecord
 from tokentill.storage.pg_direct import RowSource, Statement
 
-__all__ = ["lock_accounts", "reserve", "settle_open", "why_refused"]
+__all__ = ["lock_accounts", "release_open", "reserve", "settle_open", "why_refused"]
 
 _KEY_CHECK = """
       AND EXISTS (SELECT 1 FROM api_keys WHERE api_keys.id = :key AND api_keys.revoked_at IS NULL
@@ -67,10 +67,9 @@ _RESERVE_FOR_KEY = Statement(_RESERVE.format(key_check=_KEY_CHECK))
 _COUNTS = ("prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens", "image_tokens")
 # Parameters in a SELECT list have no type of their own (PostgreSQL would take them as text).
 _TYPED_COUNTS = ", ".join(f"CAST(:{c} AS integer)" for c in _COUNTS)
-_SETTLE = Statement(
-    f"""
+_CLOSE = f"""
 WITH closed AS (
-    UPDATE holds SET status = 'settled', closed_at = :now
+    UPDATE holds SET status = '{{to_status}}', closed_at = :now
     WHERE id = :hold AND status = 'open'
     RETURNING account_id, amount, LEAST(amount, CAST(:cost AS bigint)) AS charge
 ), paid AS (
@@ -79,15 +78,13 @@ WITH closed AS (
     RETURNING accounts.balance, closed.account_id, closed.amount, closed.charge
 ), moved AS (
     INSERT INTO ledger (account_id, kind, amount, balance_after, ref, note, created_at)
-    SELECT account_id, 'release', amount, balance + charge, :hold, '', :now FROM paid
-    UNION ALL
-    SELECT account_id, 'charge', -charge, balance, :hold, '', :now FROM paid
+    SELECT account_id, 'release', amount, balance + charge, :hold, '', :now FROM paid{{charge_row}}
 ), used AS (
     INSERT INTO usage (request_id, account_id, key_id, model, {", ".join(_COUNTS)}, cost, cached_saving,
                        status, latency_ms, estimated, created_at)
     SELECT :request_id, account_id, :key_id, :model, {_TYPED_COUNTS}, charge,
            CAST(:cached_saving AS bigint), CAST(:status AS integer), CAST(:latency_ms AS integer),
-           CAST(:estimated AS boolean), :now FROM paid
+           CAST(:estimated AS boolean), :now FROM paid{{usage_filter}}
     ON CONFLICT (request_id) DO NOTHING
     RETURNING account_id, cost
 ), bucket AS (
@@ -101,6 +98,14 @@ WITH closed AS (
 )
 SELECT balance, account_id, amount, charge FROM paid
 """
+_CHARGE_ROW = """
+    UNION ALL
+    SELECT account_id, 'charge', -charge, balance, :hold, '', :now FROM paid"""
+# A settlement: the release and charge rows and always a usage row. A release (the request failed): the
+# whole hold back, one ledger row, a usage row (cost 0) only when there is one to record.
+_SETTLE = Statement(_CLOSE.format(to_status="settled", charge_row=_CHARGE_ROW, usage_filter=""))
+_RELEASE = Statement(
+    _CLOSE.format(to_status="released", charge_row="", usage_filter=" WHERE CAST(:record AS boolean)")
 )
 
 
@@ -138,11 +143,34 @@ async def settle_open(
     """Settle hold `hold_id` if it is open: close it, charge min(cost, held), give back the rest, write
     the release and charge ledger rows, the usage row (once per request id) and its hourly bucket.
     (balance after, amount held, charge), or None when the hold was not open (nothing written)."""
+    row = await source.fetch_row(_SETTLE, _close_values(hold_id, cost, usage, now))
+    return (int(row["balance"]), int(row["amount"]), int(row["charge"])) if row is not None else None
+
+
+async def release_open(
+    source: RowSource, hold_id: str, usage: UsageRecord | None, now: datetime
+) -> int | None:
+    """Release hold `hold_id` if it is open (the request failed): the whole amount back, its 'release'
+    ledger row, and `usage` (if given) recorded at cost 0 once per request id. The balance after, or
+    None when the hold was not open (nothing written)."""
+    values = _close_values(hold_id, 0, usage, now)
+    row = await source.fetch_row(_RELEASE, {**values, "record": usage is not None})
+    return int(row["balance"]) if row is not None else None
+
+
+def _close_values(hold_id: str, cost: int, usage: UsageRecord | None, now: datetime) -> dict[str, Any]:
     values: dict[str, Any] = {
         "hold": hold_id,
         "cost": cost,
         "now": now,
         "hour": now.replace(minute=0, second=0, microsecond=0),
+    }
+    if usage is None:  # nothing to record (a release without usage): typed placeholders, no row
+        return {**values, "request_id": None, "key_id": None, "bucket_key": "", "model": None,
+                "cached_saving": 0, "status": 0, "latency_ms": 0, "estimated": False,
+                **dict.fromkeys(_COUNTS, 0)}  # fmt: skip
+    return {
+        **values,
         "request_id": usage.request_id,
         "key_id": usage.key_id,
         "bucket_key": usage.key_id or "",
@@ -153,8 +181,6 @@ async def settle_open(
         "estimated": usage.estimated,
         **{c: getattr(usage, c) for c in _COUNTS},
     }
-    row = await source.fetch_row(_SETTLE, values)
-    return (int(row["balance"]), int(row["amount"]), int(row["charge"])) if row is not None else None
 
 
 async def why_refused(source: RowSource, account_id: int, key: KeyTerms | None) -> tuple[int | None, bool]:

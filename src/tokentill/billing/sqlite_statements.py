@@ -21,7 +21,7 @@ from typing import Any
 from tokentill.billing.records import KeyTerms, UsageRecord
 from tokentill.storage.schema import USAGE_COUNTERS
 
-__all__ = ["reserve", "settle_open", "stored_time", "why_refused"]
+__all__ = ["release_open", "reserve", "settle_open", "stored_time", "why_refused"]
 
 _KEY_LIVE = """EXISTS (SELECT 1 FROM api_keys WHERE id = :key AND revoked_at IS NULL AND rpm IS :rpm
     AND tpm IS :tpm AND max_concurrent IS :max_concurrent)"""
@@ -33,7 +33,7 @@ _OPEN_HOLD = """INSERT INTO holds (id, account_id, key_id, amount, status, creat
 _LEDGER_ROW = """INSERT INTO ledger (account_id, kind, amount, balance_after, ref, note, created_at)
     VALUES (?, ?, ?, ?, ?, '', ?)"""
 _WHY_REFUSED = f"SELECT (SELECT balance FROM accounts WHERE id = :account), :key IS NULL OR {_KEY_LIVE}"
-_CLOSE_HOLD = """UPDATE holds SET status = 'settled', closed_at = :now WHERE id = :hold AND status = 'open'
+_CLOSE_HOLD = """UPDATE holds SET status = :to, closed_at = :now WHERE id = :hold AND status = 'open'
     RETURNING account_id, amount"""
 _PAY_BACK = "UPDATE accounts SET balance = balance + :back WHERE id = :account RETURNING balance"
 _USAGE_COLUMNS = (
@@ -112,7 +112,7 @@ def settle_open(
     the release and charge ledger rows, the usage row (once per request id) and its hourly bucket.
     (balance after, amount held, charge), or None when the hold was not open (nothing written)."""
     at = stored_time(now)
-    closed = conn.execute(_CLOSE_HOLD, {"hold": hold_id, "now": at}).fetchone()
+    closed = conn.execute(_CLOSE_HOLD, {"hold": hold_id, "to": "settled", "now": at}).fetchone()
     if closed is None:
         return None
     account_id, amount = int(closed[0]), int(closed[1])
@@ -126,6 +126,32 @@ def settle_open(
             (account_id, "charge", -charge, balance, hold_id, at),
         ),
     )
+    _record_usage(conn, account_id, usage, charge, now)
+    return balance, amount, charge
+
+
+def release_open(
+    conn: sqlite3.Connection, hold_id: str, usage: UsageRecord | None, now: datetime
+) -> int | None:
+    """Release hold `hold_id` if it is open (the request failed): the whole amount back, its 'release'
+    ledger row, and `usage` (if given) recorded at cost 0 once per request id. The balance after, or
+    None when the hold was not open (nothing written)."""
+    at = stored_time(now)
+    closed = conn.execute(_CLOSE_HOLD, {"hold": hold_id, "to": "released", "now": at}).fetchone()
+    if closed is None:
+        return None
+    account_id, amount = int(closed[0]), int(closed[1])
+    (balance,) = conn.execute(_PAY_BACK, {"back": amount, "account": account_id}).fetchone()
+    conn.execute(_LEDGER_ROW, (account_id, "release", amount, int(balance), hold_id, at))
+    if usage is not None:
+        _record_usage(conn, account_id, usage, 0, now)
+    return int(balance)
+
+
+def _record_usage(
+    conn: sqlite3.Connection, account_id: int, usage: UsageRecord, cost: int, now: datetime
+) -> None:
+    """The usage row of `usage` charged `cost` and its hourly bucket, unless the request id has one."""
     row: dict[str, Any] = {
         "request_id": usage.request_id,
         "account_id": account_id,
@@ -136,17 +162,17 @@ def settle_open(
         "reasoning_tokens": usage.reasoning_tokens,
         "cached_tokens": usage.cached_tokens,
         "image_tokens": usage.image_tokens,
-        "cost": charge,
+        "cost": cost,
         "cached_saving": usage.cached_saving,
         "status": usage.status,
         "latency_ms": usage.latency_ms,
         "estimated": int(usage.estimated),
-        "created_at": at,
+        "created_at": stored_time(now),
     }
-    if conn.execute(_USAGE_ROW, row).fetchone() is not None:  # not a duplicate request id
-        hour = stored_time(now.replace(minute=0, second=0, microsecond=0))
-        bucket = {name: row[name] for name in USAGE_COUNTERS if name != "requests"}
-        bucket["requests"] = 1  # this one row
-        key = {"account_id": account_id, "hour": hour, "model": usage.model, "key_id": usage.key_id or ""}
-        conn.execute(_BUCKET, {**bucket, **key})
-    return balance, amount, charge
+    if conn.execute(_USAGE_ROW, row).fetchone() is None:  # a duplicate request id: written before
+        return
+    bucket = {name: row[name] for name in USAGE_COUNTERS if name != "requests"}
+    bucket["requests"] = 1  # this one row
+    hour = stored_time(now.replace(minute=0, second=0, microsecond=0))
+    key = {"account_id": account_id, "hour": hour, "model": usage.model, "key_id": usage.key_id or ""}
+    conn.execute(_BUCKET, {**bucket, **key})
