@@ -4,13 +4,11 @@
     ─────────────                               ─────────────────
     reserve() / settle() / release()  ──put──►  queue
       await the op's future                     take everything queued (at most MAX_BATCH ops)
-                                                one write transaction (SQLite; see below):
-                                                  close the batch's holds     one UPDATE per status
-                                                  lock its accounts           SELECT … FOR UPDATE, id order
-                                                  read its keys' limits       one SELECT
-                                                  walk the ops in arrival order, balances in Python:
-                                                    a hold the balance cannot cover is refused alone
-                                                  write balance deltas, holds, ledger and usage rows
+                                                one write transaction:
+                                                  (PostgreSQL: lock the batch's accounts, id order)
+                                                  each op in arrival order, its own statements:
+                                                    a hold the balance or key refuses writes nothing
+                                                    and is refused alone, the rest goes on
                                                 commit, then resolve every op's future
                                                 (next batch: what queued meanwhile)
 
@@ -20,14 +18,16 @@ commit for N requests instead of one each, and on PostgreSQL a hot account row i
 instead of once per request (the 64 concurrent requests of one customer no longer queue one commit
 behind the other on its row lock). How a batch runs depends on the database:
 
-  SQLite      one synchronous function (`_apply`, above) run by `Database.run_write`: about ten
-              statements whatever the batch's size, in one hand-off to the database's writer thread
-              (aiosqlite takes three or four per statement), so even a batch of one goes this way;
-  PostgreSQL  each op's own one-statement hold or settlement (`pg_statements`, what `Ledger` runs for
-              a request alone), in arrival order, one round trip each, in one transaction on a raw
-              asyncpg connection (`Database.direct_transaction`); a batch of one is `Ledger`'s single
-              statement in autocommit. Through SQLAlchemy the ten batch statements cost more CPU than
-              these round trips for the batch sizes a gateway sees (docs/performance.md).
+  SQLite      one synchronous function (`_sqlite_walk`) run by `Database.run_write` on the database's
+              writer thread and its own sqlite3 connection (`sqlite_statements`): one hand-off to the
+              thread for the whole batch, so even a batch of one goes this way;
+  PostgreSQL  each op's one-statement hold, settlement or release (`pg_statements`, what `Ledger` runs
+              for a request alone), one round trip each, in one transaction on a raw asyncpg connection
+              (`Database.direct_transaction`); a batch of one is `Ledger`'s single statement in
+              autocommit.
+
+Both walk the batch the same way (`_walk`). Through SQLAlchemy, the statements of a batch cost more CPU
+than the database took to run them (docs/performance.md, docs/decisions.md "Hot path").
 
 Money rules kept (DESIGN §4): the balance check is per account, in arrival order, inside the transaction
 that writes (the account rows are locked for it), so a hold never overdraws; a hold the balance or its key
@@ -67,7 +67,7 @@ __all__ = ["MAX_BATCH", "GroupCommit", "HoldBook"]
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 256  # ops per transaction: bounds a batch's statement sizes and its lock time
+MAX_BATCH = 256  # ops per transaction: bounds a batch's length and the time it holds its locks
 
 
 class HoldBook(Protocol):
