@@ -73,6 +73,7 @@ _MIGRATION_LOCK_KEY = 0x746F6B656E74696C  # "tokentil"
 _ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 _BEGIN_OPTION = "tokentill_sqlite_begin"
 _VERSION_TABLE = "alembic_version"  # Alembic's own table: present once tokentill has set a database up
+_SQLITE_BUSY_S = 10.0  # sqlite3.connect's own wait for a lock, before the busy_timeout pragma applies
 _SQLITE_PRAGMAS = (
     "PRAGMA busy_timeout = 10000",  # first, so that the WAL switch itself waits for other processes
     "PRAGMA journal_mode = WAL",
@@ -338,7 +339,8 @@ def _refusals_as_sqlalchemy_errors() -> Iterator[None]:
 
 
 class _SqliteWriter:
-    """One thread with one synchronous sqlite3 connection (same pragmas, BEGIN IMMEDIATE) to the file.
+    """One thread with its synchronous sqlite3 connections to the file (same pragmas): SQLAlchemy's for
+    `read`, a plain sqlite3 one for `write` (BEGIN IMMEDIATE ... COMMIT around its function).
 
     Work reaches the thread through a plain queue and its result comes back with one
     `call_soon_threadsafe`: an executor's future, work item and idle-thread bookkeeping, and asyncio's
@@ -354,7 +356,8 @@ class _SqliteWriter:
         event.listen(self.engine, "connect", _sqlite_connect)
         event.listen(self.engine, "begin", _sqlite_begin)
         self.reader = self.engine.execution_options(**{_BEGIN_OPTION: "BEGIN"})
-        self._raw: sqlite3.Connection | None = None  # `write`'s, made on first use
+        self._path = str(url.database)
+        self._raw: sqlite3.Connection | None = None  # `write`'s, made on the thread on first use
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         # A daemon: a writer left open must not keep the interpreter from exiting (its transaction,
         # if one is cut, rolls back as any SQLite transaction does).
@@ -377,11 +380,10 @@ class _SqliteWriter:
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._raw is None:
-            # The pool's one connection (StaticPool), set up by `_sqlite_connect`; only this thread
-            # uses it, one job at a time, so no SQLAlchemy transaction is open on it meanwhile.
-            self._raw = self.engine.raw_connection().driver_connection
+            # Closed by `close` from another thread, once this one has stopped.
+            self._raw = sqlite3.connect(self._path, timeout=_SQLITE_BUSY_S, check_same_thread=False)
+            _sqlite_connect(self._raw, None)
         raw = self._raw
-        assert raw is not None
         statement = "BEGIN IMMEDIATE"
         try:
             raw.execute(statement)
@@ -416,6 +418,8 @@ class _SqliteWriter:
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join()
+        if self._raw is not None:
+            self._raw.close()
         self.engine.dispose()
 
 
@@ -431,7 +435,7 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
         future.set_result(result)
 
 
-def _sqlite_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+def _sqlite_connect(dbapi_connection: Any, _record: ConnectionPoolEntry | None) -> None:
     # Switch off the driver's implicit BEGIN (it never begins before a SELECT); `_sqlite_begin` does it.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
