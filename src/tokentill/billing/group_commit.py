@@ -60,7 +60,7 @@ from tokentill.billing.ledger import Ledger, hold_refused
 from tokentill.billing.records import Hold, KeyChanged, KeyTerms, UsageRecord
 from tokentill.errors import ServiceUnavailable
 from tokentill.storage.db import Database
-from tokentill.storage.pg_direct import RowSource
+from tokentill.storage.pg_direct import BatchSource
 from tokentill.storage.schema import utcnow
 
 __all__ = ["MAX_BATCH", "GroupCommit", "HoldBook"]
@@ -283,86 +283,117 @@ class GroupCommit:
             # Its statements lock accounts in arrival order; another replica's batch could take the same
             # two in the other order and both would wait for PostgreSQL's deadlock timeout: lock first.
             await pg_statements.lock_accounts(transaction, accounts)
-            walk, result = _walk(batch), None
+            walk: Generator[_Run, list[Any], tuple[list[object], list[int]]] = _walk(batch)
             try:
+                step, ops = next(walk)
                 while True:
-                    step, op = walk.send(result)
-                    result = await _pg_step(transaction, step, op, now)
+                    step, ops = walk.send(await _pg_run(transaction, step, ops, now))
             except StopIteration as walked:
                 return walked.value  # type: ignore[no-any-return]  # _walk's return value
 
 
 _Step = Literal["reserve", "why_refused", "settle", "release"]
+_Run = tuple[_Step, list["_Op"]]
 
 
-def _walk(batch: list[_Op]) -> Generator[tuple[_Step, _Op], Any, tuple[list[object], list[int]]]:
-    """The ops of `batch` in arrival order, as the statements to run: yields (step, op), to be sent back
-    what that step's statement returned (`pg_statements` / `sqlite_statements`: `reserve` gives (balance
-    after, hold time) or None, `why_refused` (balance or None, key live), `settle` (balance after, held,
-    charge) or None, `release` the balance after or None). Returns each op's outcome (its result, or the
-    refusal to raise) and the indexes of those left to `Ledger` after the commit: settlements and
-    releases whose hold was not open (expired by the sweeper, or closed before), which `Ledger` knows."""
+def _step(op: _Op) -> _Step:
+    if isinstance(op, _Reserve):
+        return "reserve"
+    return "release" if op.cost is None else "settle"
+
+
+def _walk(batch: list[_Op]) -> Generator[_Run, list[Any], tuple[list[object], list[int]]]:
+    """The ops of `batch` in arrival order, as the statements to run: yields each run of consecutive
+    ops of one kind as (step, ops), to be sent back what that step's statement returned for each op, in
+    order (`pg_statements` / `sqlite_statements`: `reserve` gives (balance after, hold time) or None,
+    `why_refused` (balance or None, key live), `settle` (balance after, held, charge) or None, `release`
+    the balance after or None). A run is one pipelined round trip on PostgreSQL. Returns each op's
+    outcome (its result, or the refusal to raise) and the indexes of those left to `Ledger` after the
+    commit: settlements and releases whose hold was not open (expired by the sweeper, or closed
+    before), which `Ledger` knows."""
     outcomes: list[object] = [None] * len(batch)
     late: list[int] = []
-    for i, op in enumerate(batch):
-        if isinstance(op, _Reserve):
-            taken = yield "reserve", op
-            if taken is None:  # refused here, in arrival order, as one request at a time would be
-                balance, key_live = yield "why_refused", op
-                balances = {} if balance is None else {op.account_id: balance}
-                live = {op.key.key_id: op.key} if op.key is not None and key_live else {}
-                outcomes[i] = _refusal(op, balances, live)
-                continue
-            balance_after, held_at = taken
-            expires_at = held_at.astimezone(UTC) + timedelta(seconds=op.ttl_s)
-            outcomes[i] = Hold(
-                op.request_id, op.account_id, op.key_id, op.amount, expires_at, balance_after=balance_after
-            )
-        elif op.cost is None:
-            released = yield "release", op
-            if released is None:
-                late.append(i)
-                continue
-            outcomes[i] = released
+    start = 0
+    while start < len(batch):
+        step = _step(batch[start])
+        end = start + 1
+        while end < len(batch) and _step(batch[end]) == step:
+            end += 1
+        run = range(start, end)
+        results = yield step, batch[start:end]
+        refused = [i for i, result in zip(run, results, strict=True) if result is None]
+        if step == "reserve":
+            # Refused in arrival order, as one request at a time would be; explained after the run.
+            explained = (yield "why_refused", [batch[i] for i in refused]) if refused else []
+            for i, (balance, key_live) in zip(refused, explained, strict=True):
+                outcomes[i] = _explained(batch[i], balance, key_live)
         else:
-            settled = yield "settle", op
-            if settled is None:
-                late.append(i)
-                continue
-            balance, amount, _charge = settled
-            if op.cost > amount:
-                log.warning("request %s cost %d µcr but held only %d", op.hold.id, op.cost, amount)
-            outcomes[i] = balance
+            late += refused
+        for i, result in zip(run, results, strict=True):
+            if result is not None:
+                outcomes[i] = _outcome_of(batch[i], result)
+        start = end
     return outcomes, late
 
 
-async def _pg_step(transaction: RowSource, step: _Step, op: _Op, now: datetime) -> object:
-    if isinstance(op, _Close):
-        if op.cost is None:
-            return await pg_statements.release_open(transaction, op.hold.id, op.usage, now)
-        assert op.usage is not None  # a settlement always carries its usage
-        return await pg_statements.settle_open(transaction, op.hold.id, op.cost, op.usage, now)
-    if step == "why_refused":
-        return await pg_statements.why_refused(transaction, op.account_id, op.key)
-    return await pg_statements.reserve(
-        transaction,
-        account_id=op.account_id,
-        key_id=op.key_id,
-        request_id=op.request_id,
-        amount=op.amount,
-        ttl=timedelta(seconds=op.ttl_s),
-        key=op.key,
-    )
+def _explained(op: _Op, balance: int | None, key_live: bool) -> object:
+    """The refusal of hold `op`, from its account's balance and whether its key is live."""
+    assert isinstance(op, _Reserve)
+    balances = {} if balance is None else {op.account_id: balance}
+    live = {op.key.key_id: op.key} if op.key is not None and key_live else {}
+    return _refusal(op, balances, live)
+
+
+def _outcome_of(op: _Op, result: Any) -> object:
+    """What `op`'s caller gets for a statement that wrote: a `Hold`, or the balance after."""
+    if isinstance(op, _Reserve):
+        balance_after, held_at = result
+        expires_at = held_at.astimezone(UTC) + timedelta(seconds=op.ttl_s)
+        return Hold(
+            op.request_id, op.account_id, op.key_id, op.amount, expires_at, balance_after=balance_after
+        )
+    if op.cost is None:  # a release
+        return result
+    balance, amount, _charge = result
+    if op.cost > amount:
+        log.warning("request %s cost %d µcr but held only %d", op.hold.id, op.cost, amount)
+    return balance
+
+
+async def _pg_run(transaction: BatchSource, step: _Step, ops: list[_Op], now: datetime) -> list[Any]:
+    """The statements of one run on PostgreSQL: pipelined, one round trip (a refusal's: one each)."""
+    if step == "why_refused":  # rare (a refused hold)
+        return [await pg_statements.why_refused(transaction, op.account_id, op.key) for op in _reserves(ops)]
+    if step == "reserve":
+        holds = [
+            pg_statements.reserve_values(
+                account_id=op.account_id,
+                key_id=op.key_id,
+                request_id=op.request_id,
+                amount=op.amount,
+                ttl=timedelta(seconds=op.ttl_s),
+                key=op.key,
+            )
+            for op in _reserves(ops)
+        ]
+        return list(await pg_statements.reserve_many(transaction, holds))
+    closes = _closes(ops)
+    if step == "release":
+        releases = [(op.hold.id, op.usage) for op in closes]
+        return list(await pg_statements.release_many(transaction, releases, now))
+    settlements = [(op.hold.id, op.cost, op.usage) for op in closes if op.cost is not None and op.usage]
+    assert len(settlements) == len(closes)  # a settlement always carries its usage
+    return list(await pg_statements.settle_many(transaction, settlements, now))
 
 
 def _sqlite_walk(raw: sqlite3.Connection, batch: list[_Op], now: datetime) -> tuple[list[object], list[int]]:
     """`_walk` on the writer thread's sqlite3 connection, inside its transaction. The holds' times are
     this process's clock, as `Ledger`'s on SQLite (`Database.now`)."""
-    walk, result = _walk(batch), None
+    walk: Generator[_Run, list[Any], tuple[list[object], list[int]]] = _walk(batch)
     try:
+        step, ops = next(walk)
         while True:
-            step, op = walk.send(result)
-            result = _sqlite_step(raw, step, op, now)
+            step, ops = walk.send([_sqlite_step(raw, step, op, now) for op in ops])
     except StopIteration as walked:
         return walked.value  # type: ignore[no-any-return]  # _walk's return value
 
@@ -386,6 +417,14 @@ def _sqlite_step(raw: sqlite3.Connection, step: _Step, op: _Op, now: datetime) -
         key=op.key,
     )
     return None if balance is None else (balance, now)
+
+
+def _reserves(ops: list[_Op]) -> list[_Reserve]:
+    return [op for op in ops if isinstance(op, _Reserve)]
+
+
+def _closes(ops: list[_Op]) -> list[_Close]:
+    return [op for op in ops if isinstance(op, _Close)]
 
 
 def _refusal(op: _Reserve, balances: dict[int, int], live: dict[str, KeyTerms]) -> Exception | None:

@@ -21,14 +21,24 @@ returns None and the caller works out why in a transaction of its own (`Ledger.r
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from tokentill.billing.records import KeyTerms, UsageRecord
-from tokentill.storage.pg_direct import RowSource, Statement
+from tokentill.storage.pg_direct import BatchSource, RowSource, Statement
 
-__all__ = ["lock_accounts", "release_open", "reserve", "settle_open", "why_refused"]
+__all__ = [
+    "lock_accounts",
+    "release_many",
+    "release_open",
+    "reserve",
+    "reserve_many",
+    "reserve_values",
+    "settle_many",
+    "settle_open",
+    "why_refused",
+]
 
 _KEY_CHECK = """
       AND EXISTS (SELECT 1 FROM api_keys WHERE api_keys.id = :key AND api_keys.revoked_at IS NULL
@@ -63,6 +73,13 @@ SELECT (SELECT balance FROM accounts WHERE id = :account) AS balance,
 )
 _RESERVE_PLAIN = Statement(_RESERVE.format(key_check=""))
 _RESERVE_FOR_KEY = Statement(_RESERVE.format(key_check=_KEY_CHECK))
+# One statement for holds with and without a key (`reserve_many` pipelines one statement), and the
+# request id back, to tell which of them were taken.
+_RESERVE_ANY = Statement(
+    _RESERVE.format(
+        key_check=f"\n      AND (CAST(:key AS text) IS NULL OR EXISTS (SELECT 1 WHERE true{_KEY_CHECK}))"
+    ).replace("RETURNING balance_after, created_at", "RETURNING balance_after, created_at, ref")
+)
 
 _COUNTS = ("prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens", "image_tokens")
 # Parameters in a SELECT list have no type of their own (PostgreSQL would take them as text).
@@ -96,7 +113,7 @@ WITH closed AS (
         requests = usage_hourly.requests + 1,
         {", ".join(f"{c} = usage_hourly.{c} + excluded.{c}" for c in (*_COUNTS, "cost", "cached_saving"))}
 )
-SELECT balance, account_id, amount, charge FROM paid
+SELECT balance, account_id, amount, charge, CAST(:hold AS text) AS hold FROM paid
 """
 _CHARGE_ROW = """
     UNION ALL
@@ -122,19 +139,71 @@ async def reserve(
     """Take `amount` from the balance if it covers it (and `key` is live on its terms), writing the open
     hold (expiring `ttl` after the database's `now()`) and its 'hold' ledger row: (balance after, now),
     or None when refused (nothing written)."""
+    values = reserve_values(
+        account_id=account_id, key_id=key_id, request_id=request_id, amount=amount, ttl=ttl, key=key
+    )
+    statement = _RESERVE_PLAIN if key is None else _RESERVE_FOR_KEY
+    row = await source.fetch_row(statement, values)
+    return (int(row["balance_after"]), row["created_at"]) if row is not None else None
+
+
+def reserve_values(
+    *, account_id: int, key_id: str | None, request_id: str, amount: int, ttl: timedelta, key: KeyTerms | None
+) -> dict[str, Any]:
+    """The parameters of one hold, for `reserve` or `reserve_many`."""
     values: dict[str, Any] = {
         "amount": amount,
         "account": account_id,
         "request": request_id,
         "key_id": key_id,
         "ttl": ttl,
+        "key": None,
+        "rpm": None,
+        "tpm": None,
+        "max_concurrent": None,
     }
-    statement = _RESERVE_PLAIN
     if key is not None:
-        statement = _RESERVE_FOR_KEY
         values.update(key=key.key_id, rpm=key.rpm, tpm=key.tpm, max_concurrent=key.max_concurrent)
-    row = await source.fetch_row(statement, values)
-    return (int(row["balance_after"]), row["created_at"]) if row is not None else None
+    return values
+
+
+async def reserve_many(
+    source: BatchSource, holds: Sequence[dict[str, Any]]
+) -> list[tuple[int, datetime] | None]:
+    """`reserve` for each of `holds` (`reserve_values`), in order, pipelined: for each, (balance
+    after, now) or None when refused."""
+    rows = await source.fetch_many(_RESERVE_ANY, holds)
+    taken = _aligned(rows, "ref", [values["request"] for values in holds])
+    return [(int(row["balance_after"]), row["created_at"]) if row is not None else None for row in taken]
+
+
+async def settle_many(
+    source: BatchSource, settlements: Sequence[tuple[str, int, UsageRecord]], now: datetime
+) -> list[tuple[int, int, int] | None]:
+    """`settle_open` for each (hold id, cost, usage), in order, pipelined."""
+    values = [_close_values(hold_id, cost, usage, now) for hold_id, cost, usage in settlements]
+    rows = _aligned(await source.fetch_many(_SETTLE, values), "hold", [s[0] for s in settlements])
+    return [(int(r["balance"]), int(r["amount"]), int(r["charge"])) if r is not None else None for r in rows]
+
+
+async def release_many(
+    source: BatchSource, releases: Sequence[tuple[str, UsageRecord | None]], now: datetime
+) -> list[int | None]:
+    """`release_open` for each (hold id, usage or None), in order, pipelined."""
+    values = [
+        {**_close_values(hold_id, 0, usage, now), "record": usage is not None} for hold_id, usage in releases
+    ]
+    rows = _aligned(await source.fetch_many(_RELEASE, values), "hold", [r[0] for r in releases])
+    return [int(row["balance"]) if row is not None else None for row in rows]
+
+
+def _aligned(rows: list[Any], column: str, ids: list[str]) -> list[Any]:
+    """The row of each of `ids` (by `column`), or None: executions that wrote nothing return no row. The
+    same id twice (a hold settled twice in one batch) takes its rows in execution order."""
+    by_id: dict[str, list[Any]] = {}
+    for row in rows:
+        by_id.setdefault(row[column], []).append(row)
+    return [found.pop(0) if (found := by_id.get(i)) else None for i in ids]
 
 
 async def settle_open(

@@ -58,7 +58,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
 from tokentill.errors import ServiceUnavailable
-from tokentill.storage.pg_direct import DirectStatements, RowSource, Statement
+from tokentill.storage.pg_direct import BatchSource, DirectStatements, Statement
 from tokentill.storage.schema import utcnow
 
 __all__ = ["RETRY_AFTER_S", "Database", "DatabaseMissing", "describe_url", "is_outage", "open_database"]
@@ -217,10 +217,11 @@ class Database:
             return await self._direct.fetch_row(statement, values)
 
     @asynccontextmanager
-    async def direct_transaction(self) -> AsyncIterator[RowSource]:
+    async def direct_transaction(self) -> AsyncIterator[BatchSource]:
         """PostgreSQL only: one write transaction on a raw asyncpg connection for `fetch_row` after
-        `fetch_row` (each one round trip; BEGIN and COMMIT one each): committed when the block exits
-        normally, rolled back when it raises. Errors as `fetch_row`."""
+        `fetch_row` (each one round trip; BEGIN and COMMIT one each) and `fetch_many` (one statement
+        for many value sets, pipelined in one round trip): committed when the block exits normally,
+        rolled back when it raises. Errors as `fetch_row`."""
         if self._direct is None:
             raise RuntimeError(f"direct_transaction is for PostgreSQL; this database is {self.dialect}")
         with self._outage_is_503(), _refusals_as_sqlalchemy_errors():

@@ -27,11 +27,11 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
-__all__ = ["DirectStatements", "RowSource", "Statement"]
+__all__ = ["BatchSource", "DirectStatements", "RowSource", "Statement"]
 
 _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)(?!:)")  # as SQLAlchemy's `text()`: not `::type`
 
@@ -65,6 +65,13 @@ class RowSource(Protocol):
     async def fetch_row(self, statement: Statement, values: dict[str, Any]) -> Any: ...
 
 
+class BatchSource(RowSource, Protocol):
+    """One transaction's connection (`Database.direct_transaction`): also runs one statement for many
+    value sets, pipelined (one round trip for all of them, executed in order)."""
+
+    async def fetch_many(self, statement: Statement, values: Sequence[dict[str, Any]]) -> list[Any]: ...
+
+
 class _InTransaction:
     __slots__ = ("_conn",)
 
@@ -73,6 +80,11 @@ class _InTransaction:
 
     async def fetch_row(self, statement: Statement, values: dict[str, Any]) -> Any:
         return await self._conn.fetchrow(statement.sql, *statement.args(values))
+
+    async def fetch_many(self, statement: Statement, values: Sequence[dict[str, Any]]) -> list[Any]:
+        """Every row each execution returned, in execution order."""
+        rows: list[Any] = await self._conn.fetchmany(statement.sql, [statement.args(v) for v in values])
+        return rows
 
 
 class DirectStatements:
@@ -109,7 +121,7 @@ class DirectStatements:
         return row
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[RowSource]:
+    async def transaction(self) -> AsyncIterator[BatchSource]:
         """Statements on one connection in one transaction: committed when the block exits normally,
         rolled back when it raises (driver errors pass through)."""
         conn = await self._take()
