@@ -19,7 +19,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tokentill.billing.records import KeyTerms, UsageRecord
-from tokentill.storage.schema import USAGE_COUNTERS
+from tokentill.billing.statements import usage_bucket, usage_values
+from tokentill.storage.schema import USAGE_COUNTERS, usage, usage_hourly
 
 __all__ = ["release_open", "reserve", "settle_open", "stored_time", "why_refused"]
 
@@ -36,26 +37,10 @@ _WHY_REFUSED = f"SELECT (SELECT balance FROM accounts WHERE id = :account), :key
 _CLOSE_HOLD = """UPDATE holds SET status = :to, closed_at = :now WHERE id = :hold AND status = 'open'
     RETURNING account_id, amount"""
 _PAY_BACK = "UPDATE accounts SET balance = balance + :back WHERE id = :account RETURNING balance"
-_USAGE_COLUMNS = (
-    "request_id",
-    "account_id",
-    "key_id",
-    "model",
-    "prompt_tokens",
-    "completion_tokens",
-    "reasoning_tokens",
-    "cached_tokens",
-    "image_tokens",
-    "cost",
-    "cached_saving",
-    "status",
-    "latency_ms",
-    "estimated",
-    "created_at",
-)
+_USAGE_COLUMNS = tuple(c.name for c in usage.c if c.name != "id")
 _USAGE_ROW = f"""INSERT INTO usage ({", ".join(_USAGE_COLUMNS)})
     VALUES ({", ".join(f":{c}" for c in _USAGE_COLUMNS)}) ON CONFLICT (request_id) DO NOTHING RETURNING id"""
-_BUCKET_COLUMNS = ("account_id", "hour", "model", "key_id", *USAGE_COUNTERS)
+_BUCKET_COLUMNS = tuple(c.name for c in usage_hourly.c)
 _BUCKET = f"""INSERT INTO usage_hourly ({", ".join(_BUCKET_COLUMNS)})
     VALUES ({", ".join(f":{c}" for c in _BUCKET_COLUMNS)})
     ON CONFLICT (account_id, hour, model, key_id) DO UPDATE SET
@@ -151,28 +136,11 @@ def release_open(
 def _record_usage(
     conn: sqlite3.Connection, account_id: int, usage: UsageRecord, cost: int, now: datetime
 ) -> None:
-    """The usage row of `usage` charged `cost` and its hourly bucket, unless the request id has one."""
-    row: dict[str, Any] = {
-        "request_id": usage.request_id,
-        "account_id": account_id,
-        "key_id": usage.key_id,
-        "model": usage.model,
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "reasoning_tokens": usage.reasoning_tokens,
-        "cached_tokens": usage.cached_tokens,
-        "image_tokens": usage.image_tokens,
-        "cost": cost,
-        "cached_saving": usage.cached_saving,
-        "status": usage.status,
-        "latency_ms": usage.latency_ms,
-        "estimated": int(usage.estimated),
-        "created_at": stored_time(now),
-    }
-    if conn.execute(_USAGE_ROW, row).fetchone() is None:  # a duplicate request id: written before
+    """The usage row of `usage` charged `cost` and its hourly bucket, unless the request id has one:
+    `Ledger`'s values (`statements.usage_values`, `usage_bucket`) in SQLite's stored form."""
+    row = usage_values(account_id, usage, cost, now)
+    stored = {**row, "estimated": int(row["estimated"]), "created_at": stored_time(row["created_at"])}
+    if conn.execute(_USAGE_ROW, stored).fetchone() is None:  # a duplicate request id: written before
         return
-    bucket = {name: row[name] for name in USAGE_COUNTERS if name != "requests"}
-    bucket["requests"] = 1  # this one row
-    hour = stored_time(now.replace(minute=0, second=0, microsecond=0))
-    key = {"account_id": account_id, "hour": hour, "model": usage.model, "key_id": usage.key_id or ""}
-    conn.execute(_BUCKET, {**bucket, **key})
+    bucket = usage_bucket(row)
+    conn.execute(_BUCKET, {**bucket, "hour": stored_time(bucket["hour"])})

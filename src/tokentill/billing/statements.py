@@ -34,6 +34,7 @@ __all__ = [
     "read_balance",
     "record_usage",
     "reserve_from_balance",
+    "usage_bucket",
     "usage_values",
 ]
 
@@ -220,7 +221,7 @@ async def record_usage(
     if (await conn.execute(row_statement, values)).first() is None:
         return
     # The hourly rollup moves in the same transaction as the row it sums, so the two always agree.
-    await conn.execute(bucket_statement, _bucket(values))
+    await conn.execute(bucket_statement, usage_bucket(values))
 
 
 def usage_values(account_id: int, record: UsageRecord, cost: int, now: datetime) -> dict[str, Any]:
@@ -244,7 +245,7 @@ def usage_values(account_id: int, record: UsageRecord, cost: int, now: datetime)
     }
 
 
-def _bucket(row: dict[str, Any]) -> dict[str, Any]:
+def usage_bucket(row: dict[str, Any]) -> dict[str, Any]:
     """The `usage_hourly` contribution of one usage row (its UTC hour, one request)."""
     return {
         "account_id": row["account_id"],

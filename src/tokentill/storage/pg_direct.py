@@ -112,10 +112,7 @@ class DirectStatements:
         try:
             row = await conn.fetchrow(statement.sql, *statement.args(values))
         except BaseException as error:
-            keep = _is_statement_error(error)
-            if not keep and not isinstance(error, asyncio.CancelledError):
-                self.drop_idle()  # an outage cuts them all, as it invalidates SQLAlchemy's pool
-            self._give_back(conn, keep=keep)
+            self._failed(conn, error)
             raise
         self._give_back(conn, keep=True)
         return row
@@ -125,17 +122,13 @@ class DirectStatements:
         """Statements on one connection in one transaction: committed when the block exits normally,
         rolled back when it raises (driver errors pass through)."""
         conn = await self._take()
-        keep = True
         try:
             async with conn.transaction():
                 yield _InTransaction(conn)
         except BaseException as error:
-            keep = _is_statement_error(error)  # rolled back: the connection itself is fine
-            if not keep and not isinstance(error, asyncio.CancelledError):
-                self.drop_idle()
+            self._failed(conn, error)
             raise
-        finally:
-            self._give_back(conn, keep=keep)
+        self._give_back(conn, keep=True)
 
     async def aclose(self) -> None:
         self.drop_idle()
@@ -173,6 +166,15 @@ class DirectStatements:
         except BaseException:
             self._slots.release()
             raise
+
+    def _failed(self, conn: Any, error: BaseException) -> None:
+        """Give back `conn` after `error`: kept after a plain statement error (a transaction's is rolled
+        back), else closed, and after an outage the idle ones too (it cuts them all, as it invalidates
+        SQLAlchemy's pool)."""
+        keep = _is_statement_error(error)
+        if not keep and not isinstance(error, asyncio.CancelledError):
+            self.drop_idle()
+        self._give_back(conn, keep=keep)
 
     def _give_back(self, conn: Any, *, keep: bool) -> None:
         if keep and not conn.is_closed():
