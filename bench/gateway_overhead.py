@@ -27,6 +27,12 @@ balance equals the sum of its ledger rows, one usage row per request sent, no ho
 
     --workers 2  runs tokentill with two worker processes (with Redis for the limits, on SQLite too); the
         CPU figure sums the whole process tree.
+    --instructions  runs `tokentill serve` under valgrind's callgrind with instrumentation off, switched on
+        (`callgrind_control`) only while a row's requests run, and adds each row's instructions per
+        request (millions, warm-up included, like the CPU figure): a count that, unlike seconds, does not
+        move with the machine's speed (the same tree gives the same count within about 1 %), so two trees
+        can be compared on a machine whose speed drifts. Under valgrind a tokentill row's timings are
+        valgrind's (about 50 x slower); the LiteLLM row is skipped.
     --profile FILE.txt  runs `tokentill serve` under pyinstrument (wall-clock sampling of the event loop's
         thread; a call tree and the frames by self time; `pip install pyinstrument` first, tokentill does
         not depend on it), FILE.prof under cProfile (`python -m pstats`), one file per tokentill target
@@ -44,13 +50,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen
+
+T = TypeVar("T")
 
 STREAM_TOKENS = 16  # the answer, " t0 t1 … t15", is the same in both shapes
 USAGE = {"prompt_tokens": 12, "completion_tokens": STREAM_TOKENS, "total_tokens": 12 + STREAM_TOKENS}
@@ -287,8 +297,40 @@ def start_tokentill(
     if args.profile:
         path = args.profile.with_name(f"{args.profile.stem}-{name}{args.profile.suffix}")
         serve = [__file__, "--serve-profiled", str(path)]
-    proc = start([sys.executable, *serve], env, folder / f"{name}.log", f"http://127.0.0.1:{port}/readyz")
+    command = [sys.executable, *serve]
+    if args.instructions:
+        out = folder / f"callgrind-{name}.%p"
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={out}",
+            *command,
+        ]
+    proc = start(command, env, folder / f"{name}.log", f"http://127.0.0.1:{port}/readyz")
     return Target(name, proc, port, "bench", created["key"]), env
+
+
+def instructions_of(target: Target, folder: Path, work: Callable[[], T]) -> tuple[T, int]:
+    """`work()`'s result, and the instructions the target's process ran meanwhile (callgrind)."""
+    pid = str(target.proc.pid)
+
+    def control(*argv: str) -> None:
+        subprocess.run(["callgrind_control", *argv, pid], check=True, capture_output=True, timeout=120)
+
+    control("--zero")
+    control("--instr=on")
+    try:
+        result = work()
+    finally:
+        control("--instr=off")
+    dumps_before = set(folder.glob(f"callgrind-{target.name}.{pid}.*"))
+    control("--dump=row")
+    (dump,) = set(folder.glob(f"callgrind-{target.name}.{pid}.*")) - dumps_before
+    for line in dump.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("totals:"):
+            return result, int(line.split()[1])
+    raise SystemExit(f"no totals in {dump}")
 
 
 def litellm_python(venv: Path) -> Path | str:
@@ -421,6 +463,9 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, help="run tokentill serve under a profiler, writing FILE-<target>.SUFFIX"
     )
+    parser.add_argument(
+        "--instructions", action="store_true", help="count tokentill's instructions per request (valgrind)"
+    )
     parser.add_argument("--serve-profiled", type=Path, metavar="FILE", help=argparse.SUPPRESS)
     parser.add_argument("--serve-responder", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -463,7 +508,10 @@ def bench(args: argparse.Namespace, folder: Path, upstream: Target, responder_ur
     header = (
         f"{'mode':<5} {'target':<17} {'conn':>4} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'ttfb':>6} "
         f"{'+p50':>6} {'+p99':>6} {'+ttfb':>6} {'cpu ms/req':>10} {'load avg':>15}"
+        + (f" {'Minstr/req':>12}" if args.instructions else "")
     )
+    if args.instructions:
+        print("Minstr/req: millions of instructions per request in the tokentill process (callgrind)")
     print(header, flush=True)
     base: dict[tuple[str, int], loadgen.Figures] = {}
     rps: dict[tuple[str, str, int], float] = {}
@@ -471,7 +519,13 @@ def bench(args: argparse.Namespace, folder: Path, upstream: Target, responder_ur
     def row(target: Target) -> None:
         for mode in args.modes:
             for concurrency in args.concurrency:
-                figures, cpu = target.measure(mode, concurrency, n)
+                counted = args.instructions and target.name.startswith("tokentill")
+                if counted:
+                    (figures, cpu), instructions = instructions_of(
+                        target, folder, partial(target.measure, mode, concurrency, n)
+                    )
+                else:
+                    figures, cpu = target.measure(mode, concurrency, n)
                 rps[target.name, mode, concurrency] = figures.rps
                 ref = base.setdefault((mode, concurrency), figures)
                 added = (
@@ -486,7 +540,7 @@ def bench(args: argparse.Namespace, folder: Path, upstream: Target, responder_ur
                 print(
                     f"{mode:<5} {target.name:<17} {concurrency:>4} {figures.rps:>8.1f} {figures.p50:>7.2f} "
                     f"{figures.p99:>7.2f} {figures.ttfb_p50:>6.2f} {added:>20} {cpu_text:>10} "
-                    f"{load_average():>15}",
+                    f"{load_average():>15}" + (f" {instructions / (n + 20) / 1e6:>12.3f}" if counted else ""),
                     flush=True,
                 )
 
@@ -505,7 +559,8 @@ def bench(args: argparse.Namespace, folder: Path, upstream: Target, responder_ur
             try:
                 row(target)
             finally:
-                target.stop(timeout_s=600 if args.profile else 30)  # a profiler writes its file first
+                # a profiler writes its file first
+                target.stop(timeout_s=600 if args.profile or args.instructions else 30)
             problems = check_ledger(target, env) or [
                 f"holds ({target.sent} requests, {target.sent} usage rows, every balance = its ledger sum, "
                 "no open hold)"
@@ -514,7 +569,7 @@ def bench(args: argparse.Namespace, folder: Path, upstream: Target, responder_ur
     finally:
         if args.postgres != "off":
             asyncio.run(_pg_admin(args.postgres, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
-    if not args.no_litellm:
+    if not args.no_litellm and not args.instructions:
         litellm = start_litellm(folder, responder_url, args.litellm_venv)
         if isinstance(litellm, str):
             print(f"litellm proxy: not measured: {litellm}")

@@ -1,12 +1,15 @@
-"""The upstream hop's HTTP client, measured alone: httpx2 (what `engines/upstream.py` uses) against
-aiohttp, each sending the streamed chat request tokentill sends its upstream and reading the whole
-server-sent event body, against bench/gateway_overhead.py's trivial responder.
+"""The upstream hop measured alone: httpx2 and aiohttp (the engine's client) reading the streamed chat
+request tokentill sends its upstream, and tokentill's own `UpstreamEngine` doing the whole hop (the
+payload, aiohttp, the event-stream reader, the chunks folded into deltas and usage), all against
+bench/gateway_overhead.py's trivial responder (16 content chunks, a finish chunk, a usage chunk, [DONE]).
 
-    .venv/bin/python bench/upstream_client.py [--requests 2000] [--concurrency 1 16]
+    .venv/bin/python bench/upstream_client.py [--requests 2000] [--concurrency 1 16] [--rounds 3]
 
-(aiohttp is not a dependency of tokentill: `pip install aiohttp` into the venv first; without it only
-httpx2 is measured.) Prints the client's CPU time per request (this process's user + system time; the
-responder runs in its own process), which is what the hop costs tokentill's event loop.
+Prints the client's CPU time per request (this process's user + system time; the responder runs in its
+own process), which is what the hop costs tokentill's event loop, per round, and the engine's ratio to
+bare aiohttp reading the same body: what tokentill adds to its HTTP client. Rounds alternate the clients,
+so a machine whose speed drifts moves them alike. To compare two trees of tokentill, run this script
+with `PYTHONPATH=<tree>/src`, alternating.
 """
 
 from __future__ import annotations
@@ -63,6 +66,37 @@ async def with_aiohttp(url: str, n: int, concurrency: int) -> float:
         return await timed(one, n, concurrency)
 
 
+async def with_engine(url: str, n: int, concurrency: int) -> float:
+    from tokentill.catalog import ModelSpec
+    from tokentill.engines import create_engine
+    from tokentill.engines.base import EngineRequest
+    from tokentill.types import Finished, Message
+
+    base_url = url.removesuffix("/chat/completions")
+    spec = ModelSpec(id="responder", engine="upstream", base_url=base_url)
+    engine = create_engine(spec, queue_size=concurrency + 1, n_threads=None)
+    await engine.start()
+    messages = tuple(Message(m["role"], m["content"]) for m in BODY["messages"])
+
+    async def one() -> None:
+        request = EngineRequest(
+            request_id="req-bench",
+            messages=messages,
+            max_tokens=BODY["max_completion_tokens"],
+            deadline=time.monotonic() + 30,
+        )
+        last = None
+        async for event in engine.generate(request):
+            last = event
+        if not isinstance(last, Finished):
+            raise SystemExit(f"the engine ended without usage: {last!r}")
+
+    try:
+        return await timed(one, n, concurrency)
+    finally:
+        await engine.aclose()
+
+
 async def timed(one: Callable[[], Awaitable[None]], n: int, concurrency: int) -> float:
     """CPU µs per request of `one`, `n` times with `concurrency` in flight (after a warm-up)."""
     for _ in range(50):
@@ -78,20 +112,23 @@ async def timed(one: Callable[[], Awaitable[None]], n: int, concurrency: int) ->
     return (time.process_time() - before) * 1e6 / n
 
 
+CLIENTS: dict[str, Callable[[str, int, int], Awaitable[float]]] = {
+    "httpx2": with_httpx2,
+    "aiohttp": with_aiohttp,
+    "engine": with_engine,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--clients", nargs="+", choices=list(CLIENTS), default=list(CLIENTS))
     args = parser.parse_args()
-    clients: dict[str, Callable[[str, int, int], Awaitable[float]]] = {"httpx2": with_httpx2}
-    try:
-        import aiohttp  # noqa: F401
-
-        clients["aiohttp"] = with_aiohttp
-    except ImportError:
-        print("aiohttp is not installed: measuring httpx2 only")
+    clients = {name: CLIENTS[name] for name in args.clients}
     with tempfile.TemporaryDirectory(prefix="tokentill-client-") as tmp:
         port = free_port()
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -108,17 +145,30 @@ def main() -> None:
         )
         try:
             print(f"{args.requests} streamed requests per row, load average {loadgen_load()}")
-            for concurrency in args.concurrency:
-                figures = {
-                    name: loadgen.run(run(url, args.requests, concurrency)) for name, run in clients.items()
-                }
-                line = ", ".join(f"{name} {cpu:.0f} µs" for name, cpu in figures.items())
-                ratio = (
-                    f" (aiohttp / httpx2 x{figures['aiohttp'] / figures['httpx2']:.2f})"
-                    if "aiohttp" in figures
-                    else ""
-                )
-                print(f"{concurrency} in flight: client CPU per request: {line}{ratio}", flush=True)
+            engine_ratios: dict[int, list[float]] = {c: [] for c in args.concurrency}
+            for round_ in range(args.rounds):
+                for concurrency in args.concurrency:
+                    figures = {
+                        name: loadgen.run(run(url, args.requests, concurrency))
+                        for name, run in clients.items()
+                    }
+                    line = ", ".join(f"{name} {cpu:.0f} µs" for name, cpu in figures.items())
+                    ratios = []
+                    if "httpx2" in figures and "aiohttp" in figures:
+                        ratios.append(f"aiohttp / httpx2 x{figures['aiohttp'] / figures['httpx2']:.2f}")
+                    if "engine" in figures and "aiohttp" in figures:
+                        engine_ratios[concurrency].append(figures["engine"] / figures["aiohttp"])
+                        ratios.append(f"engine / aiohttp x{engine_ratios[concurrency][-1]:.2f}")
+                    print(
+                        f"round {round_}, {concurrency} in flight: client CPU per request: {line}"
+                        + (f" ({', '.join(ratios)})" if ratios else ""),
+                        flush=True,
+                    )
+            for concurrency, ratios in engine_ratios.items():
+                if not ratios:
+                    continue
+                mean = sum(ratios) / len(ratios)
+                print(f"{concurrency} in flight: engine / aiohttp x{mean:.2f} (mean of {len(ratios)} rounds)")
         finally:
             responder.terminate()
             responder.wait(timeout=20)

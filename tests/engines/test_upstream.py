@@ -18,7 +18,8 @@ from tokentill.engines import create_engine
 from tokentill.engines.base import Engine, EngineRequest
 from tokentill.engines.reasoning import with_reasoning
 from tokentill.engines.upstream import UpstreamEngine
-from tokentill.engines.upstream_sse import sse_lines
+from tokentill.engines.upstream_sse import MAX_EVENT, EventSplitter, sse_events
+from tokentill.engines.upstream_wire import BadAnswer
 from tokentill.types import Finished, ImageInput, Message, TextDelta, Usage
 
 
@@ -252,20 +253,47 @@ def test_error_mapping(
     assert "sk-secret-value" not in caplog.text
 
 
-def test_sse_lines_split_on_cr_lf_crlf_only_wherever_the_reads_break() -> None:
-    data = "a\r\nb\rc\n\u2028d\u0085\r\r\ne\r".encode()
+def test_events_split_on_cr_lf_crlf_only_wherever_the_reads_break() -> None:
+    # A BOM, a comment, an unknown field, multi-line data, U+2028/U+0085 inside data, every line ending,
+    # and an unterminated last event that the body's end dispatches.
+    data = (
+        "\ufeffdata: a\r\n: keep-alive\r\rdata:b\rid: 7\ndata: c\n\n\r\ndata: \u2028d\u0085\r\r\ndata: e\r"
+    ).encode()
+    expected = [b"a", b"b\nc", "\u2028d\u0085".encode(), b"e"]
 
-    async def lines(chunks: list[bytes]) -> list[bytes]:
-        async def body() -> AsyncIterator[bytes]:
-            for chunk in chunks:
-                yield chunk
+    def events(chunks: list[bytes]) -> list[bytes]:
+        splitter = EventSplitter()
+        return [event for chunk in chunks for event in splitter.feed(chunk)] + splitter.end()
 
-        return [line async for line in sse_lines(body(), time.monotonic() + 10)]
-
-    expected = [b"a", b"b", b"c", "\u2028d\u0085".encode(), b"", b"e"]
     for i in range(len(data) + 1):
         for j in range(i, len(data) + 1):
-            assert run(lines([data[:i], data[i:j], data[j:]])) == expected, (i, j)
+            assert events([data[:i], data[i:j], data[j:]]) == expected, (i, j)
+    assert events([b"data: x\r", b"", b"\n", b"\ndata: y\n\n"]) == [b"x", b"y"]  # CR, empty read, LF
+
+
+def test_a_line_or_an_event_past_the_cap_is_a_bad_answer() -> None:
+    with pytest.raises(BadAnswer, match="line"):
+        EventSplitter().feed(b"data: " + b"x" * MAX_EVENT)
+    splitter = EventSplitter()
+    line = b"data: " + b"x" * (MAX_EVENT // 2 + 1) + b"\n"
+    splitter.feed(line)
+    with pytest.raises(BadAnswer, match="event"):
+        splitter.feed(line)
+
+
+async def _reads(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+def test_sse_events_yields_one_list_per_read_and_checks_the_deadline() -> None:
+    async def collect(chunks: list[bytes], deadline: float) -> list[list[bytes]]:
+        return [events async for events in sse_events(_reads(chunks), deadline)]
+
+    chunks = [b"data: 1\n\ndata: 2\n\nda", b"ta: 3\n", b"\n", b"data: [DONE]"]
+    assert run(collect(chunks, time.monotonic() + 10)) == [[b"1", b"2"], [b"3"], [b"[DONE]"]]
+    with pytest.raises(errors.DeadlineExceeded):
+        run(collect(chunks, time.monotonic() - 1))
 
 
 @pytest.mark.parametrize(

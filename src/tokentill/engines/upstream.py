@@ -57,7 +57,7 @@ from tokentill.catalog import ModelSpec
 from tokentill.engines.base import Capabilities, EngineHealth, EngineRequest
 from tokentill.engines.upstream_config import headers, resolve_api_key, secrets, urls
 from tokentill.engines.upstream_pool import Replica, ReplicaPool
-from tokentill.engines.upstream_sse import read_capped, sse_data
+from tokentill.engines.upstream_sse import read_capped, sse_events
 from tokentill.engines.upstream_wire import (
     BadAnswer,
     StreamState,
@@ -308,19 +308,21 @@ class UpstreamEngine:
                 return
             if content_type != "text/event-stream":
                 raise BadAnswer(f"unexpected content type {content_type!r}")
-            async with aclosing(sse_data(response.content.iter_any(), request.deadline)) as events:
-                async for data in events:
-                    if data == "[DONE]":
-                        state.done = True
-                        await _finish_body(events)
-                        return
-                    obj = parse_json(data)
-                    if obj is None:
-                        raise BadAnswer(f"an event is not a JSON object: {data[:200]!r}")
-                    for delta in state.chunk(obj):
-                        yield delta
-                    if state.cut:
-                        return
+            async with aclosing(sse_events(response.content.iter_any(), request.deadline)) as reads:
+                async for events in reads:
+                    for data in events:
+                        if data == b"[DONE]":
+                            state.done = True
+                            if not response.content.at_eof():  # normally the body's end came with it
+                                await _finish_body(reads)
+                            return
+                        obj = parse_json(data)
+                        if obj is None:
+                            raise BadAnswer(f"an event is not a JSON object: {data[:200]!r}")
+                        for delta in state.chunk(obj):
+                            yield delta
+                        if state.cut:
+                            return
         except BadAnswer as exc:
             log.warning("upstream %s answered nonsense: %s", where, self._redact(str(exc)))
             raise errors.UpstreamError(_INVALID) from exc
@@ -343,14 +345,14 @@ class UpstreamEngine:
 _END_OF_BODY_S = 0.05  # how long the end of a body that said [DONE] may take to arrive
 
 
-async def _finish_body(events: AsyncGenerator[str, None]) -> None:
+async def _finish_body(reads: AsyncGenerator[list[bytes], None]) -> None:
     """Read what follows `[DONE]` (normally only the end of the chunked body, already in the same read),
     so that closing the response returns its connection to the pool: a body closed unread drops the
     connection, and every request then paid a new TCP connection to the upstream. Anything after
     `[DONE]` is ignored; an upstream that keeps the body open past `_END_OF_BODY_S` is cut off as before."""
     ignored = (BadAnswer, aiohttp.ClientError, TimeoutError, errors.APIError)  # the answer is complete
     with anyio.move_on_after(_END_OF_BODY_S), contextlib.suppress(*ignored):
-        async for _data in events:
+        async for _events in reads:
             pass
 
 
