@@ -26,14 +26,15 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tokentill.errors import APIError, Overloaded, RequestTimeout
 from tokentill.metrics import observe_response
 
-__all__ = ["TIMEOUT_MESSAGE", "GuardedHttpProtocol"]
+__all__ = ["TIMEOUT_MESSAGE", "CoalescedWrites", "GuardedHttpProtocol"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,56 @@ def _raw_response(error: APIError) -> bytes:
 _REASONS = {408: "Request Timeout", 503: "Service Unavailable"}
 
 
+class CoalescedWrites:
+    """A transport whose writes of one event-loop pass go out as one: a response's head and its body
+    (uvicorn writes them separately) leave in one `write` syscall and one TCP segment instead of two,
+    which the receiving side also wakes up for once. The writes are joined at the end of the pass
+    (`loop.call_soon`), and before anything that ends or half-closes the connection. Everything else
+    is the wrapped transport's."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(bytes(data))
+
+    def writelines(self, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def abort(self) -> None:
+        self._pending.clear()
+        self._transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(len(chunk) for chunk in self._pending)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, plus header/body timers, an idle timer from the first moment, and a
     per-process cap on open connections. Build it with `functools.partial(GuardedHttpProtocol,
@@ -71,6 +122,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.transport = cast(asyncio.Transport, CoalescedWrites(transport, self.loop))
         if len(self.connections) > self.max_connections:
             now = time.monotonic()
             if now - GuardedHttpProtocol._last_cap_warning > _WARN_EVERY_S:
