@@ -283,7 +283,7 @@ class GroupCommit:
             # Its statements lock accounts in arrival order; another replica's batch could take the same
             # two in the other order and both would wait for PostgreSQL's deadlock timeout: lock first.
             await pg_statements.lock_accounts(transaction, accounts)
-            walk: Generator[_Run, list[Any], tuple[list[object], list[int]]] = _walk(batch)
+            walk = _walk(batch)
             try:
                 step, ops = next(walk)
                 while True:
@@ -294,6 +294,8 @@ class GroupCommit:
 
 _Step = Literal["reserve", "why_refused", "settle", "release"]
 _Run = tuple[_Step, list["_Op"]]
+# Yields runs, is sent each run's results, returns (outcomes, late): see `_walk`.
+_Walk = Generator[_Run, list[Any], tuple[list[object], list[int]]]
 
 
 def _step(op: _Op) -> _Step:
@@ -302,7 +304,7 @@ def _step(op: _Op) -> _Step:
     return "release" if op.cost is None else "settle"
 
 
-def _walk(batch: list[_Op]) -> Generator[_Run, list[Any], tuple[list[object], list[int]]]:
+def _walk(batch: list[_Op]) -> _Walk:
     """The ops of `batch` in arrival order, as the statements to run: yields each run of consecutive
     ops of one kind as (step, ops), to be sent back what that step's statement returned for each op, in
     order (`pg_statements` / `sqlite_statements`: `reserve` gives (balance after, hold time) or None,
@@ -389,7 +391,7 @@ async def _pg_run(transaction: BatchSource, step: _Step, ops: list[_Op], now: da
 def _sqlite_walk(raw: sqlite3.Connection, batch: list[_Op], now: datetime) -> tuple[list[object], list[int]]:
     """`_walk` on the writer thread's sqlite3 connection, inside its transaction. The holds' times are
     this process's clock, as `Ledger`'s on SQLite (`Database.now`)."""
-    walk: Generator[_Run, list[Any], tuple[list[object], list[int]]] = _walk(batch)
+    walk = _walk(batch)
     try:
         step, ops = next(walk)
         while True:

@@ -40,15 +40,19 @@ __all__ = [
     "why_refused",
 ]
 
-_KEY_CHECK = """
-      AND EXISTS (SELECT 1 FROM api_keys WHERE api_keys.id = :key AND api_keys.revoked_at IS NULL
-                  AND api_keys.rpm IS NOT DISTINCT FROM CAST(:rpm AS integer)
-                  AND api_keys.tpm IS NOT DISTINCT FROM CAST(:tpm AS integer)
-                  AND api_keys.max_concurrent IS NOT DISTINCT FROM CAST(:max_concurrent AS integer))"""
-_RESERVE = """
+# Whether the hold's key (none: no key to check) is live on the terms the request was admitted under.
+_KEY_LIVE = """(CAST(:key AS text) IS NULL
+      OR EXISTS (SELECT 1 FROM api_keys WHERE api_keys.id = :key AND api_keys.revoked_at IS NULL
+                 AND api_keys.rpm IS NOT DISTINCT FROM CAST(:rpm AS integer)
+                 AND api_keys.tpm IS NOT DISTINCT FROM CAST(:tpm AS integer)
+                 AND api_keys.max_concurrent IS NOT DISTINCT FROM CAST(:max_concurrent AS integer)))"""
+# One statement for every hold, lone or pipelined (`reserve_many`); the request id comes back to tell
+# which of a pipeline's holds were taken.
+_RESERVE = Statement(
+    f"""
 WITH taken AS (
     UPDATE accounts SET balance = balance - :amount
-    WHERE id = :account AND balance >= :amount{key_check}
+    WHERE id = :account AND balance >= :amount AND {_KEY_LIVE}
     RETURNING balance, now() AS now
 ), held AS (
     INSERT INTO holds (id, account_id, key_id, amount, status, created_at, expires_at)
@@ -57,8 +61,9 @@ WITH taken AS (
 )
 INSERT INTO ledger (account_id, kind, amount, balance_after, ref, note, created_at)
 SELECT :account, 'hold', -CAST(:amount AS bigint), balance, :request, '', now FROM taken
-RETURNING balance_after, created_at
+RETURNING balance_after, created_at, ref
 """
+)
 # Every row locked, in id order (the count makes PostgreSQL read them all, where a fetch of the first row
 # alone would lock only that one).
 _LOCK_ACCOUNTS = Statement(
@@ -66,19 +71,7 @@ _LOCK_ACCOUNTS = Statement(
     " ORDER BY id FOR UPDATE) AS taken"
 )
 _WHY_REFUSED = Statement(
-    f"""
-SELECT (SELECT balance FROM accounts WHERE id = :account) AS balance,
-       (CAST(:key AS text) IS NULL OR EXISTS (SELECT 1 WHERE true{_KEY_CHECK})) AS key_live
-"""
-)
-_RESERVE_PLAIN = Statement(_RESERVE.format(key_check=""))
-_RESERVE_FOR_KEY = Statement(_RESERVE.format(key_check=_KEY_CHECK))
-# One statement for holds with and without a key (`reserve_many` pipelines one statement), and the
-# request id back, to tell which of them were taken.
-_RESERVE_ANY = Statement(
-    _RESERVE.format(
-        key_check=f"\n      AND (CAST(:key AS text) IS NULL OR EXISTS (SELECT 1 WHERE true{_KEY_CHECK}))"
-    ).replace("RETURNING balance_after, created_at", "RETURNING balance_after, created_at, ref")
+    f"SELECT (SELECT balance FROM accounts WHERE id = :account) AS balance, {_KEY_LIVE} AS key_live"
 )
 
 _COUNTS = ("prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens", "image_tokens")
@@ -142,8 +135,7 @@ async def reserve(
     values = reserve_values(
         account_id=account_id, key_id=key_id, request_id=request_id, amount=amount, ttl=ttl, key=key
     )
-    statement = _RESERVE_PLAIN if key is None else _RESERVE_FOR_KEY
-    row = await source.fetch_row(statement, values)
+    row = await source.fetch_row(_RESERVE, values)
     return (int(row["balance_after"]), row["created_at"]) if row is not None else None
 
 
@@ -151,20 +143,21 @@ def reserve_values(
     *, account_id: int, key_id: str | None, request_id: str, amount: int, ttl: timedelta, key: KeyTerms | None
 ) -> dict[str, Any]:
     """The parameters of one hold, for `reserve` or `reserve_many`."""
-    values: dict[str, Any] = {
+    return {
         "amount": amount,
         "account": account_id,
         "request": request_id,
         "key_id": key_id,
         "ttl": ttl,
-        "key": None,
-        "rpm": None,
-        "tpm": None,
-        "max_concurrent": None,
+        **_key_values(key),
     }
-    if key is not None:
-        values.update(key=key.key_id, rpm=key.rpm, tpm=key.tpm, max_concurrent=key.max_concurrent)
-    return values
+
+
+def _key_values(key: KeyTerms | None) -> dict[str, Any]:
+    """The parameters of `_KEY_LIVE`: the key and the terms it must still have (all None: no key)."""
+    if key is None:
+        return {"key": None, "rpm": None, "tpm": None, "max_concurrent": None}
+    return {"key": key.key_id, "rpm": key.rpm, "tpm": key.tpm, "max_concurrent": key.max_concurrent}
 
 
 async def reserve_many(
@@ -172,7 +165,7 @@ async def reserve_many(
 ) -> list[tuple[int, datetime] | None]:
     """`reserve` for each of `holds` (`reserve_values`), in order, pipelined: for each, (balance
     after, now) or None when refused."""
-    rows = await source.fetch_many(_RESERVE_ANY, holds)
+    rows = await source.fetch_many(_RESERVE, holds)
     taken = _aligned(rows, "ref", [values["request"] for values in holds])
     return [(int(row["balance_after"]), row["created_at"]) if row is not None else None for row in taken]
 
@@ -255,11 +248,7 @@ def _close_values(hold_id: str, cost: int, usage: UsageRecord | None, now: datet
 async def why_refused(source: RowSource, account_id: int, key: KeyTerms | None) -> tuple[int | None, bool]:
     """After `reserve` returned None, in the same transaction: the account's balance (None: no such
     account) and whether `key` is live on its terms (True without a key)."""
-    values: dict[str, Any] = {"account": account_id, "key": None, "rpm": None, "tpm": None}
-    values["max_concurrent"] = None
-    if key is not None:
-        values.update(key=key.key_id, rpm=key.rpm, tpm=key.tpm, max_concurrent=key.max_concurrent)
-    row = await source.fetch_row(_WHY_REFUSED, values)
+    row = await source.fetch_row(_WHY_REFUSED, {"account": account_id, **_key_values(key)})
     return (None if row["balance"] is None else int(row["balance"])), bool(row["key_live"])
 
 
