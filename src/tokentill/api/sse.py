@@ -33,7 +33,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tokentill import errors
-from tokentill.lifecycle import first_error
+from tokentill.lifecycle import first_error, watch_beside
 from tokentill.protocol import responses
 from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta
 
@@ -156,9 +156,10 @@ Frames = Callable[[MemoryObjectReceiveStream[Item]], AsyncGenerator[bytes, None]
 class PumpedEventStream(StreamingResponse):
     """`text/event-stream` of `events` (already known to have started), rendered by `frames`.
 
-    One task group spans the whole response: the pump, and a watcher that cancels it when the client hangs
-    up; the body is sent from this task, never from a generator in another. On any exit (done, client
-    gone, send failed) the group is cancelled and the body generator closed, both in this task.
+    One task group spans the whole response: the pump, and a watcher (`watch_beside`) that cancels it when
+    the client hangs up; the body is sent from this task, never from a generator in another. On any exit
+    (done, client gone, send failed) the watcher is cancelled, the group too if the pump is still running,
+    and the body generator closed, all in this task.
 
     Frames go out together when the pump has already handed over the next item (or has ended): one write
     for what one upstream read or decode step produced, not one per chunk; nothing ready is ever held
@@ -182,11 +183,13 @@ class PumpedEventStream(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_pump, self._events, self._send)
-            tg.start_soon(_until_hang_up, receive, tg.cancel_scope)
+            watcher = watch_beside(_until_hang_up(receive, tg.cancel_scope))
             try:
                 await self._respond(send)
             finally:
-                tg.cancel_scope.cancel()  # the watcher, and the pump if it has not ended
+                watcher.cancel()
+                if self._items.statistics().open_send_streams:  # the pump has not ended: cancel it
+                    tg.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True):
                     await self._frames.aclose()
                     if self._on_close is not None:
