@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from tokentill.errors import Overloaded, RateLimited
 from tokentill.limits import KeyLimits, Lease, LimiterUnavailable, MemoryRateLimiter, create_limiter
 from tokentill.limits.redis import ACQUIRE_LUA, FINISH_LUA, RedisRateLimiter
+from tokentill.limits.redis_scripts import Script
 
 
 def closed_port_url() -> str:
@@ -130,7 +131,7 @@ def test_cancelled_acquire_leaks_no_slot(limits_redis_url: str, key_id: str) -> 
 def test_timed_out_acquire_gives_back_the_slot_it_took(limits_redis_url: str, key_id: str) -> None:
     """A reply that times out after the script ran: 503, and the slot it took is freed in the background.
 
-    The pooled connection's socket timeout drops to 1 µs once it is open: the command still reaches Redis
+    The kept connection's socket timeout drops to 1 µs once it is open: the command still reaches Redis
     and runs there, while its reply comes too late for the client."""
     limits = KeyLimits(max_concurrent=1, rpm=100)
 
@@ -140,18 +141,12 @@ def test_timed_out_acquire_gives_back_the_slot_it_took(limits_redis_url: str, ke
             for script in (ACQUIRE_LUA, FINISH_LUA):  # loaded: EVALSHA needs no second round trip
                 await client.script_load(script)
             hasty = RedisRateLimiter(limits_redis_url)
-            await hasty._redis.ping()  # one open pooled connection
-            pool = hasty._redis.connection_pool
-
-            def socket_timeout(seconds: float) -> None:
-                pool.connection_kwargs["socket_timeout"] = seconds
-                for conn in pool._available_connections:
-                    conn.socket_timeout = seconds
-
-            socket_timeout(0.000001)
+            await hasty._scripts.run(Script("return 1"), [], [])  # one open connection, kept
+            (conn,) = hasty._scripts._idle
+            conn.socket_timeout = 0.000001
             with pytest.raises(LimiterUnavailable):
                 await hasty.acquire(key_id, limits, 1)
-            socket_timeout(1.0)  # Redis "recovers" in time for the give-back
+            assert not hasty._scripts._idle  # dropped; the give-back opens a new one (timeout 1 s)
             await hasty.aclose()  # waits for the background finish
             assert await client.zcard(f"tt:rl:{{{key_id}}}:req") == 1  # the script did run
             deadline = time.monotonic() + 5
@@ -227,7 +222,7 @@ def test_redis_is_imported_lazily() -> None:
 
 @pytest.mark.redis
 def test_retried_acquire_script_takes_once(limits_redis_url: str, key_id: str) -> None:
-    """redis-py may resend EVALSHA after a timeout; the same lease id must not be counted twice."""
+    """A script may be sent again (a dropped connection); the same lease id must not be counted twice."""
 
     async def main() -> None:
         limiter = RedisRateLimiter(limits_redis_url)

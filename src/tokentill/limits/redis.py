@@ -15,10 +15,10 @@ admitted_at µs), `tt:rl:{id}:tokn` (hash lease → tokens counted, plus field `
 window (concurrency slots: after the lease TTL); a replica that crashes mid-request leaks its slot only
 until that TTL.
 
-Retries and cancellation: redis-py resends a command once after a dropped connection, and the first
-attempt may already have run, so the script is idempotent per lease id (a resend never takes twice). A
-caller cancelled while the script is in flight leaves a tracked task that releases the lease if it was
-admitted.
+Retries and cancellation: a script is sent once more after a dropped idle connection (`redis_scripts`),
+and the first attempt may already have run, so the script is idempotent per lease id (a resend never
+takes twice). A caller cancelled while the script is in flight leaves a tracked task that releases the
+lease if it was admitted.
 
 Failure: any Redis error or timeout on `acquire` raises `LimiterUnavailable` (503 `overloaded`): we fail
 closed rather than serve unmetered. A timeout can come *after* the script ran and took a slot, so a
@@ -36,9 +36,6 @@ from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from tokentill.limits.base import (
@@ -52,6 +49,7 @@ from tokentill.limits.base import (
     rejection,
     screen,
 )
+from tokentill.limits.redis_scripts import Script, ScriptRunner
 
 __all__ = ["ACQUIRE_LUA", "FINISH_LUA", "PEEK_LUA", "RedisRateLimiter"]
 
@@ -226,6 +224,8 @@ return {req_used, req_reset, tok_used, tok_reset}
 """
 )
 
+_ACQUIRE, _FINISH, _PEEK = Script(ACQUIRE_LUA), Script(FINISH_LUA), Script(PEEK_LUA)
+
 
 def _keys(key_id: str) -> tuple[str, str, str, str]:
     prefix = f"tt:rl:{{{key_id}}}"
@@ -257,17 +257,11 @@ class RedisRateLimiter:
         self._where = _redacted(url)
         self._lease_ttl_us = _us(lease_ttl_s)
         self._window_us = _us(window_s)
-        # One retry, no backoff: a pooled connection that Redis closed is retried on a fresh one, but a
-        # dead Redis fails fast (redis-py's default is 10 retries with exponential backoff).
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            socket_connect_timeout=connect_timeout_s,
-            socket_timeout=socket_timeout_s,
-            retry=Retry(NoBackoff(), 1),
+        # A dead Redis fails fast (redis-py's client default is 10 retries with exponential backoff); an
+        # idle connection that Redis closed is retried once on a fresh one (`ScriptRunner`).
+        self._scripts = ScriptRunner(
+            url, connect_timeout_s=connect_timeout_s, socket_timeout_s=socket_timeout_s
         )
-        self._acquire_script = self._redis.register_script(ACQUIRE_LUA)
-        self._finish_script = self._redis.register_script(FINISH_LUA)
-        self._peek_script = self._redis.register_script(PEEK_LUA)
         self._background: set[asyncio.Task[None]] = set()
 
     async def acquire(self, key_id: str, limits: KeyLimits, tokens: int) -> Lease:
@@ -317,8 +311,8 @@ class RedisRateLimiter:
             return {}
         req, tok, tokn, _ = _keys(key_id)
         try:
-            raw = await self._peek_script(
-                keys=[req, tok, tokn], args=[limits.rpm or 0, limits.tpm or 0, self._window_us]
+            raw = await self._scripts.run(
+                _PEEK, [req, tok, tokn], [limits.rpm or 0, limits.tpm or 0, self._window_us]
             )
         except _REDIS_FAILURES as exc:
             logger.warning("rate limiter: Redis at %s failed on peek: %r", self._where, exc)
@@ -347,7 +341,7 @@ class RedisRateLimiter:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        await self._redis.aclose()
+        await self._scripts.aclose()
 
     def _in_background(self, job: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(job)
@@ -356,7 +350,7 @@ class RedisRateLimiter:
 
     async def _evalsha_acquire(self, keys: list[str], args: list[Any]) -> Decision:
         try:
-            raw = await self._acquire_script(keys=keys, args=args)
+            raw = await self._scripts.run(_ACQUIRE, keys, args)
         except _REDIS_FAILURES as exc:
             logger.warning("rate limiter: Redis at %s failed: %r; refusing the request", self._where, exc)
             raise LimiterUnavailable(
@@ -388,7 +382,7 @@ class RedisRateLimiter:
         """Run FINISH_LUA; False (logged) when Redis failed."""
         _, _, tok_hash, conc = _keys(key_id)
         try:
-            await self._finish_script(keys=[tok_hash, conc], args=[lease_id, actual_tokens])
+            await self._scripts.run(_FINISH, [tok_hash, conc], [lease_id, actual_tokens])
             return True
         except _REDIS_FAILURES as exc:
             # Never raise from settle/release (they run in `finally:`); the reservation ages out of the
