@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, multiprocess
 
@@ -64,34 +65,49 @@ GROUP_COMMIT = Counter(
 )
 
 
+_M = TypeVar("_M", Counter, Histogram)
+_children: dict[tuple[object, ...], Any] = {}
+
+
+def _child(metric: _M, *values: str) -> _M:
+    """`metric.labels(*values)`, made once: prometheus-client checks the values and takes a lock on every
+    `labels` call, about a dozen per request. The label values come from small fixed sets (catalogue
+    models, statuses, error codes), as prometheus-client's own table of children already assumes."""
+    key = (metric, *values)
+    child: _M | None = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*values)
+    return child
+
+
 def observe_group_commit(ops: int) -> None:
     """Count one group-commit transaction of `ops` operations."""
-    GROUP_COMMIT.labels("batches").inc()
-    GROUP_COMMIT.labels("ops").inc(ops)
+    _child(GROUP_COMMIT, "batches").inc()
+    _child(GROUP_COMMIT, "ops").inc(ops)
 
 
 def observe_deferred_settlement(event: str) -> None:
     """Count a settlement spooled during a database outage (`spooled`) or committed later (`committed`)."""
-    SETTLEMENTS_DEFERRED.labels(event).inc()
+    _child(SETTLEMENTS_DEFERRED, event).inc()
 
 
 def observe_response(status: int, code: str) -> None:
     """Count one HTTP response (`code` is the error envelope's code, "" for a success)."""
-    RESPONSES.labels(str(status), code).inc()
+    _child(RESPONSES, str(status), code).inc()
 
 
 def observe_request(record: UsageRecord, cost: int, seconds: float) -> None:
     """Count one settled request (every status, free failures included)."""
     model = record.model
-    REQUESTS.labels(model, str(record.status)).inc()
-    LATENCY.labels(model).observe(seconds)
+    _child(REQUESTS, model, str(record.status)).inc()
+    _child(LATENCY, model).observe(seconds)
     if cost:
-        TOKENS.labels(model, "prompt").inc(record.prompt_tokens)
-        TOKENS.labels(model, "completion").inc(record.completion_tokens)
-        TOKENS.labels(model, "reasoning").inc(record.reasoning_tokens)
-        TOKENS.labels(model, "cached").inc(record.cached_tokens)
-        TOKENS.labels(model, "image").inc(record.image_tokens)
-        CHARGED.labels(model).inc(cost)
+        _child(TOKENS, model, "prompt").inc(record.prompt_tokens)
+        _child(TOKENS, model, "completion").inc(record.completion_tokens)
+        _child(TOKENS, model, "reasoning").inc(record.reasoning_tokens)
+        _child(TOKENS, model, "cached").inc(record.cached_tokens)
+        _child(TOKENS, model, "image").inc(record.image_tokens)
+        _child(CHARGED, model).inc(cost)
 
 
 def registry(multiproc_dir: Path | None) -> CollectorRegistry:
