@@ -15,10 +15,10 @@ from typing import Any
 
 import anyio
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from tokentill import errors
-from tokentill.api.sse import EventStreamResponse, until_disconnect
+from tokentill.api.sse import EventStreamResponse, JSONBytesResponse, until_disconnect
 from tokentill.api.state import services_of
 from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits
@@ -97,7 +97,7 @@ async def complete(
         if collected is None:  # the client went away; nobody reads this response
             return Response(status_code=499)
         balance = format_credits(collected.balance)
-        return JSONResponse(collected.body, headers={"x-remaining-credits": balance, **admitted.headers})
+        return JSONBytesResponse(collected.body, headers={"x-remaining-credits": balance, **admitted.headers})
     events = await admitted.stream()
     if events is None:
         return Response(status_code=499)
@@ -118,7 +118,7 @@ def _replay(replayed: Replayed, body: ChatCompletionRequest, balance: str) -> Re
     headers = replay_headers(replayed, balance)
     if stored.streamed:
         return _replay_stream(stored.body, body, headers)
-    return JSONResponse(stored.body, status_code=stored.status, headers=headers)
+    return JSONBytesResponse(stored.body, status_code=stored.status, headers=headers)
 
 
 def stream_headers(run: Run) -> dict[str, str]:

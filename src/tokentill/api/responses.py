@@ -9,7 +9,6 @@ client sees its end, so a `retrieve` or a `previous_response_id` right after fin
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
@@ -25,10 +24,18 @@ from tokentill import errors
 from tokentill.api.account import parse_limit
 from tokentill.api.completions import HTTPClient, limit_headers_on_errors, replay_headers, stream_headers
 from tokentill.api.routes import THREAD_PARSE_BYTES, Authenticated, _with_balance
-from tokentill.api.sse import KEEPALIVE, KEEPALIVE_S, Item, PumpedEventStream, receive_until
+from tokentill.api.sse import (
+    KEEPALIVE,
+    KEEPALIVE_S,
+    Item,
+    JSONBytesResponse,
+    PumpedEventStream,
+    receive_until,
+)
 from tokentill.api.state import services_of
 from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits
+from tokentill.jsonbytes import dumps
 from tokentill.lifecycle import Answer, Replayed, first_error
 from tokentill.protocol.response_objects import ResponseBuilder
 from tokentill.protocol.responses_api import ResponsesRequest, decode_responses_body, to_chat
@@ -127,7 +134,7 @@ async def _respond(request: Request, principal: Principal, body: ResponsesReques
         headers = replay_headers(admitted, format_credits(principal.balance))
         if stored.streamed:
             return _replay_stream(stored.body, headers)
-        return JSONResponse(stored.body, status_code=stored.status, headers=headers)
+        return JSONBytesResponse(stored.body, status_code=stored.status, headers=headers)
     if not body.stream:
         collected = await admitted.collect()
         if rendered:
@@ -138,7 +145,7 @@ async def _respond(request: Request, principal: Principal, body: ResponsesReques
         if collected is None:  # the client went away; nobody reads this response
             return Response(status_code=499)
         balance = format_credits(collected.balance)
-        return JSONResponse(collected.body, headers={"x-remaining-credits": balance, **admitted.headers})
+        return JSONBytesResponse(collected.body, headers={"x-remaining-credits": balance, **admitted.headers})
     events = await admitted.stream()
     if events is None:
         return Response(status_code=499)
@@ -151,8 +158,7 @@ async def _respond(request: Request, principal: Principal, body: ResponsesReques
 
 
 def _sse(event: dict[str, Any]) -> bytes:
-    data = json.dumps(event, separators=(",", ":"))
-    return f"event: {event['type']}\ndata: {data}\n\n".encode()
+    return f"event: {event['type']}\ndata: ".encode() + dumps(event) + b"\n\n"
 
 
 async def _frames(

@@ -20,7 +20,6 @@ that hangs up cancels the task group: the pump's events are cancelled, and they 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
@@ -29,10 +28,11 @@ from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tokentill import errors
+from tokentill.jsonbytes import dumps
 from tokentill.lifecycle import first_error, watch_beside
 from tokentill.protocol import responses
 from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta
@@ -42,6 +42,7 @@ __all__ = [
     "KEEPALIVE_S",
     "EventStreamResponse",
     "Item",
+    "JSONBytesResponse",
     "PumpedEventStream",
     "receive_until",
     "sse_frames",
@@ -57,8 +58,17 @@ KEEPALIVE_S = 10.0
 Item = EngineEvent | Exception  # what the pump hands the renderer: an event, or the error that ended them
 
 
+class JSONBytesResponse(Response):
+    """Starlette's `JSONResponse`, rendered by `jsonbytes.dumps` (orjson) like the stream's chunks."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
+
+
 def _data(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + dumps(obj) + b"\n\n"
 
 
 async def _pump(events: AsyncGenerator[EngineEvent, None], send: MemoryObjectSendStream[Item]) -> None:

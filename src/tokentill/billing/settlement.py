@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import fields
 from datetime import datetime
 from typing import Any
 
@@ -41,6 +41,7 @@ __all__ = ["Settlements"]
 log = logging.getLogger(__name__)
 
 _FIRST_DELAY_S = 0.2
+_USAGE_FIELDS = tuple(f.name for f in fields(UsageRecord))  # flat: no asdict deep copy per request
 _MAX_DELAY_S = 5.0
 
 
@@ -174,5 +175,5 @@ def _fields(hold: Hold, usage: UsageRecord | None) -> dict[str, Any]:
         "key_id": hold.key_id,
         "amount": hold.amount,
         "expires_at": hold.expires_at.isoformat(),
-        "usage": asdict(usage) if usage is not None else None,
+        "usage": {name: getattr(usage, name) for name in _USAGE_FIELDS} if usage is not None else None,
     }

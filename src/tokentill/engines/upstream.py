@@ -42,7 +42,6 @@ Contract, beyond `engines/base.py`:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -67,6 +66,7 @@ from tokentill.engines.upstream_wire import (
     parse_json,
     rejects_max_tokens,
 )
+from tokentill.jsonbytes import dumps
 from tokentill.redact import Redactor
 from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta
 
@@ -242,7 +242,7 @@ class UpstreamEngine:
                 try:
                     response = await client.post(
                         replica.base_url + "/chat/completions",
-                        data=json.dumps(payload).encode(),
+                        data=dumps(payload),
                         # No x-request-id: llama-cpp-python's server answers 400 to one that is not a UUID.
                         headers=self._headers.for_json,
                         timeout=timeout,

@@ -33,6 +33,8 @@ import secrets
 from pathlib import Path
 from typing import IO, Any
 
+from tokentill.jsonbytes import dumps
+
 __all__ = ["COMPACT_BYTES", "Spool"]
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ class Spool:
     def append(self, record: dict[str, Any], *, durable: bool = False) -> None:
         """Write `record` (which has an `id`) as one line; `durable`: fsync before returning."""
         file = self._writer()
-        file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        file.write(dumps(record).decode() + "\n")
         file.flush()
         if durable:
             os.fsync(file.fileno())
@@ -84,7 +86,7 @@ class Spool:
         if not self._pending:
             file.truncate(0)  # "a+" appends after the truncation
             return
-        file.write(json.dumps({"id": record_id, "done": True}) + "\n")
+        file.write(dumps({"id": record_id, "done": True}).decode() + "\n")
         file.flush()
         if file.tell() > COMPACT_BYTES:
             self._compact()
