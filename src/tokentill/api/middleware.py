@@ -22,6 +22,7 @@ import contextvars
 import json
 import logging
 import secrets
+import time
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -72,7 +73,7 @@ class RequestMiddleware:
         token = _request_id.set(request_id)
         id_header = (b"x-request-id", request_id.encode())
         status = 0
-        deadline = anyio.current_time() + self.read_timeout_s
+        deadline = time.monotonic() + self.read_timeout_s
         received = 0
         body_done = False
 
@@ -88,7 +89,7 @@ class RequestMiddleware:
             nonlocal body_done, received
             if body_done:  # afterwards receive() only waits for a disconnect (streaming): no limit
                 return await receive()
-            with anyio.move_on_after(deadline - anyio.current_time()):
+            with anyio.move_on_after(deadline - time.monotonic()):
                 message = await receive()
                 if message["type"] != "http.request":
                     body_done = True

@@ -171,7 +171,7 @@ async def _frames(
     `response.completed` goes out. An error after the start is an `error` event and `response.failed`."""
     async with items:
         yield b"".join(_sse(event) for event in made.start())
-        last_sent = anyio.current_time()
+        last_sent = time.monotonic()
         while True:
             try:
                 item = await receive_until(items, last_sent + keepalive_s)
@@ -184,10 +184,10 @@ async def _frames(
             if isinstance(item, Finished):
                 with anyio.CancelScope(shield=True):
                     await keep(made)
-            if not out and anyio.current_time() - last_sent >= keepalive_s:
+            if not out and time.monotonic() - last_sent >= keepalive_s:
                 out = KEEPALIVE  # nothing visible for a while: keep proxies from timing out
             if out:
-                last_sent = anyio.current_time()
+                last_sent = time.monotonic()
                 yield out
 
 

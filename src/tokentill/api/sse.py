@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import suppress
 from typing import Any
@@ -90,14 +91,14 @@ async def _pump(events: AsyncGenerator[EngineEvent, None], send: MemoryObjectSen
 
 
 async def receive_until(items: MemoryObjectReceiveStream[Item], deadline: float) -> Item | None:
-    """The next item, or None when `deadline` (anyio time: a keep-alive is due) comes first; raises
+    """The next item, or None when `deadline` (`time.monotonic()`: a keep-alive is due) comes first; raises
     `anyio.EndOfStream` after the last. The cancel scope closes before the caller yields anything.
 
     An item already waiting (the pump ran ahead: one upstream read can carry several events) is taken
     without opening a cancel scope."""
     with suppress(anyio.WouldBlock):
         return items.receive_nowait()
-    with anyio.move_on_after(deadline - anyio.current_time()):
+    with anyio.move_on_after(deadline - time.monotonic()):
         return await items.receive()
     return None
 
@@ -121,7 +122,7 @@ async def sse_frames(
 
     async with items:
         yield chunk({"role": "assistant", "content": "", "refusal": None})
-        last_sent = anyio.current_time()
+        last_sent = time.monotonic()
         while True:
             try:
                 item = await receive_until(items, last_sent + keepalive_s)
@@ -143,10 +144,10 @@ async def sse_frames(
                     out = chunk({"content": item.text})
                 elif include_reasoning:
                     out = chunk({"reasoning_content": item.text})
-            if not out and anyio.current_time() - last_sent >= keepalive_s:
+            if not out and time.monotonic() - last_sent >= keepalive_s:
                 out = KEEPALIVE  # nothing visible for a while: keep proxies from timing out
             if out:
-                last_sent = anyio.current_time()
+                last_sent = time.monotonic()
                 yield out
     yield DONE
 
