@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from tokentill import errors
-from tokentill.api.sse import KEEPALIVE, EventStreamResponse
+from tokentill.api.sse import KEEPALIVE, EventStreamResponse, KeepAlive
 from tokentill.types import EngineEvent, Finished, TextDelta, Usage
 
 pytestmark = pytest.mark.anyio
@@ -212,3 +212,43 @@ async def test_a_ready_chunk_is_never_held_back_for_the_next() -> None:
             tg.start_soon(watch)
             await _bodies(_response(paced()), sent)
     assert b"".join(sent).endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_chunk_followed_by_an_invisible_item_is_not_held_back() -> None:
+    """A visible delta and, ready with it, one that shows nothing (a token that completes no character,
+    hidden reasoning): the visible one must go out before the engine makes anything more. The engine
+    waits until the client has seen it, so holding it back until the next visible chunk (or a keep-alive)
+    would never end. keepalive_s is far longer than the test: no tick can release it either."""
+    seen = anyio.Event()
+    sent: list[bytes] = []
+
+    async def split_character() -> AsyncGenerator[EngineEvent, None]:
+        yield TextDelta("visible")
+        yield TextDelta("", tokens=1)
+        yield TextDelta("secret", reasoning=True)
+        await seen.wait()
+        yield Finished("stop", Usage(prompt_tokens=3, completion_tokens=3))
+
+    async def watch() -> None:
+        while b"visible" not in b"".join(sent):
+            await anyio.sleep(0.001)
+        seen.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            await _bodies(_response(split_character(), keepalive_s=3600), sent)
+    body = b"".join(sent)
+    assert body.endswith(b"data: [DONE]\n\n") and b"secret" not in body and KEEPALIVE not in body
+
+
+def test_a_keep_alive_every_second_quiet_tick() -> None:
+    """Ticks come every keepalive_s / 2: a keep-alive when a whole tick went by without output, and the
+    keep-alive counts as output. So silence gets one every keepalive_s, and any output restarts it."""
+    alive = KeepAlive()
+    assert [alive.tick() for _ in range(5)] == [b"", KEEPALIVE, b"", KEEPALIVE, b""]
+    alive.sent()
+    assert [alive.tick() for _ in range(2)] == [b"", KEEPALIVE]
+    alive.tick()
+    alive.sent()  # output between a quiet tick and the next: no keep-alive at that next tick
+    assert alive.tick() == b""

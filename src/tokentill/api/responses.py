@@ -24,14 +24,7 @@ from tokentill import errors
 from tokentill.api.account import parse_limit
 from tokentill.api.completions import HTTPClient, limit_headers_on_errors, replay_headers, stream_headers
 from tokentill.api.routes import THREAD_PARSE_BYTES, Authenticated, _with_balance
-from tokentill.api.sse import (
-    KEEPALIVE,
-    KEEPALIVE_S,
-    Item,
-    JSONBytesResponse,
-    PumpedEventStream,
-    receive_until,
-)
+from tokentill.api.sse import Item, JSONBytesResponse, KeepAlive, PumpedEventStream, next_item
 from tokentill.api.state import services_of
 from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits
@@ -165,30 +158,30 @@ async def _frames(
     items: MemoryObjectReceiveStream[Item],
     made: ResponseBuilder,
     keep: Callable[[ResponseBuilder], Awaitable[None]],
-    keepalive_s: float = KEEPALIVE_S,
 ) -> AsyncGenerator[bytes, None]:
     """The `response.*` events of what the pump sends; the final object is stored (when asked) before
     `response.completed` goes out. An error after the start is an `error` event and `response.failed`."""
+    alive = KeepAlive()
     async with items:
         yield b"".join(_sse(event) for event in made.start())
-        last_sent = time.monotonic()
         while True:
             try:
-                item = await receive_until(items, last_sent + keepalive_s)
+                item = await next_item(items)
             except anyio.EndOfStream:
                 return
             if isinstance(item, Exception):
                 yield _failure(item, made)
                 return
-            out = b"".join(_sse(event) for event in made.feed(item)) if item is not None else b""
+            if item is None:
+                out = alive.tick()  # nothing visible for a while: keep proxies from timing out
+            else:
+                out = b"".join(_sse(event) for event in made.feed(item))
             if isinstance(item, Finished):
                 with anyio.CancelScope(shield=True):
                     await keep(made)
-            if not out and time.monotonic() - last_sent >= keepalive_s:
-                out = KEEPALIVE  # nothing visible for a while: keep proxies from timing out
             if out:
-                last_sent = time.monotonic()
-                yield out
+                alive.sent()
+            yield out  # b"" too (see `Frames`)
 
 
 def _failure(exc: BaseException, made: ResponseBuilder) -> bytes:

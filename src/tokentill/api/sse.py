@@ -20,9 +20,9 @@ that hangs up cancels the task group: the pump's events are cancelled, and they 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import suppress
 from typing import Any
@@ -43,9 +43,10 @@ __all__ = [
     "KEEPALIVE_S",
     "EventStreamResponse",
     "Item",
+    "KeepAlive",
     "JSONBytesResponse",
     "PumpedEventStream",
-    "receive_until",
+    "next_item",
     "sse_frames",
     "until_disconnect",
 ]
@@ -56,7 +57,8 @@ KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE_S = 10.0
 
-Item = EngineEvent | Exception  # what the pump hands the renderer: an event, or the error that ended them
+Item = EngineEvent | Exception | None
+"""What the pump hands the renderer: an event, or the error that ended them; `None` is a keep-alive tick."""
 
 
 class JSONBytesResponse(Response):
@@ -90,17 +92,35 @@ async def _pump(events: AsyncGenerator[EngineEvent, None], send: MemoryObjectSen
                 await events.aclose()
 
 
-async def receive_until(items: MemoryObjectReceiveStream[Item], deadline: float) -> Item | None:
-    """The next item, or None when `deadline` (`time.monotonic()`: a keep-alive is due) comes first; raises
-    `anyio.EndOfStream` after the last. The cancel scope closes before the caller yields anything.
+async def next_item(items: MemoryObjectReceiveStream[Item]) -> Item:
+    """The next item; raises `anyio.EndOfStream` after the last. An item already waiting (the pump ran
+    ahead: one upstream read can carry several events) is taken without a checkpoint.
 
-    An item already waiting (the pump ran ahead: one upstream read can carry several events) is taken
-    without opening a cancel scope."""
+    No timeout and no cancel scope: the keep-alive's cue is a tick in the stream itself (`PumpedEventStream`),
+    so a receive is never cancelled, and an item handed over just as a deadline passed cannot be lost
+    (anyio's `receive` drops an item delivered to a receiver that is cancelled before it resumes)."""
     with suppress(anyio.WouldBlock):
         return items.receive_nowait()
-    with anyio.move_on_after(deadline - time.monotonic()):
-        return await items.receive()
-    return None
+    return await items.receive()
+
+
+class KeepAlive:
+    """What a renderer does with the pump's ticks (`None` items, every `keepalive_s / 2`): `tick()` is
+    `KEEPALIVE` when a whole tick went by without output, else `b""`; `sent()` notes output (a keep-alive
+    included). So a silent stream gets a keep-alive every `keepalive_s`, the first after `keepalive_s / 2`
+    to `keepalive_s` of silence."""
+
+    __slots__ = ("_quiet",)
+
+    def __init__(self) -> None:
+        self._quiet = False  # a tick came and nothing went out since
+
+    def sent(self) -> None:
+        self._quiet = False
+
+    def tick(self) -> bytes:
+        self._quiet = not self._quiet
+        return b"" if self._quiet else KEEPALIVE
 
 
 async def sse_frames(
@@ -111,28 +131,29 @@ async def sse_frames(
     model: str,
     include_usage: bool,
     include_reasoning: bool,
-    keepalive_s: float = KEEPALIVE_S,
 ) -> AsyncGenerator[bytes, None]:
-    """Render what the pump sends (events, possibly ending with an error) as SSE bytes."""
+    """Render what the pump sends (events, possibly ending with an error, and ticks) as SSE bytes."""
 
     def chunk(delta: dict[str, Any] | None, **kw: Any) -> bytes:
         return _data(
             responses.chunk(completion_id=completion_id, created=created, model=model, delta=delta, **kw)
         )
 
+    alive = KeepAlive()
     async with items:
         yield chunk({"role": "assistant", "content": "", "refusal": None})
-        last_sent = time.monotonic()
         while True:
             try:
-                item = await receive_until(items, last_sent + keepalive_s)
+                item = await next_item(items)
             except anyio.EndOfStream:
                 break
             if isinstance(item, Exception):
                 yield _error(item, completion_id)
                 return
             out = b""
-            if isinstance(item, Finished):
+            if item is None:
+                out = alive.tick()  # nothing visible for a while: keep proxies from timing out
+            elif isinstance(item, Finished):
                 out = chunk({}, finish_reason=item.finish_reason)
                 if include_usage:
                     out += chunk(None, usage=item.usage)
@@ -144,11 +165,9 @@ async def sse_frames(
                     out = chunk({"content": item.text})
                 elif include_reasoning:
                     out = chunk({"reasoning_content": item.text})
-            if not out and time.monotonic() - last_sent >= keepalive_s:
-                out = KEEPALIVE  # nothing visible for a while: keep proxies from timing out
             if out:
-                last_sent = time.monotonic()
-                yield out
+                alive.sent()
+            yield out  # b"" too: the body then sends what it holds unless more is ready
     yield DONE
 
 
@@ -161,7 +180,8 @@ def _error(exc: BaseException, completion_id: str) -> bytes:
 
 
 Frames = Callable[[MemoryObjectReceiveStream[Item]], AsyncGenerator[bytes, None]]
-"""Renders what the pump sends (events, possibly ending with an error) as SSE bytes."""
+"""Renders what the pump sends (events, possibly ending with an error, and ticks) as SSE bytes: one
+frame per item after the first, `b""` for an item that shows nothing."""
 
 
 class PumpedEventStream(StreamingResponse):
@@ -174,7 +194,8 @@ class PumpedEventStream(StreamingResponse):
 
     Frames go out together when the pump has already handed over the next item (or has ended): one write
     for what one upstream read or decode step produced, not one per chunk; nothing ready is ever held
-    back waiting for more.
+    back waiting for more. Every `keepalive_s / 2` a loop callback puts a tick (`None`) in the stream
+    until the pump closes it, the renderer's cue for a keep-alive (`KeepAlive`): no timer per receive.
     """
 
     def __init__(
@@ -184,9 +205,11 @@ class PumpedEventStream(StreamingResponse):
         *,
         headers: Mapping[str, str] | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
+        keepalive_s: float = KEEPALIVE_S,
     ) -> None:
         self._events = events
         self._on_close = on_close
+        self._tick_s = keepalive_s / 2
         self._send, self._items = anyio.create_memory_object_stream[Item](math.inf)
         self._frames = frames(self._items)
         super().__init__(self._frames, media_type="text/event-stream", headers=headers)
@@ -195,9 +218,11 @@ class PumpedEventStream(StreamingResponse):
         async with anyio.create_task_group() as tg:
             tg.start_soon(_pump, self._events, self._send)
             watcher = watch_beside(_until_hang_up(receive, tg.cancel_scope))
+            ticks = _Ticks(self._send, self._tick_s)
             try:
                 await self._respond(send)
             finally:
+                ticks.stop()
                 watcher.cancel()
                 if self._items.statistics().open_send_streams:  # the pump has not ended: cancel it
                     tg.cancel_scope.cancel()
@@ -209,14 +234,36 @@ class PumpedEventStream(StreamingResponse):
     async def _respond(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         held: list[bytes] = []
-        async for frame in self._frames:
-            held.append(frame)
+        async for frame in self._frames:  # one per item, b"" for those that show nothing
+            if frame:
+                held.append(frame)
             waiting = self._items.statistics()
-            if waiting.current_buffer_used or not waiting.open_send_streams:
-                continue  # the next frame is ready now: send them together
+            if waiting.current_buffer_used or not waiting.open_send_streams or not held:
+                continue  # the next item is ready now: send what it makes with these
             await send({"type": "http.response.body", "body": b"".join(held), "more_body": True})
             held = []
         await send({"type": "http.response.body", "body": b"".join(held), "more_body": False})
+
+
+class _Ticks:
+    """A `None` into `send` every `period` seconds, from a loop callback, until the stream closes (the
+    pump ended: nothing is left to keep alive) or `stop()`."""
+
+    def __init__(self, send: MemoryObjectSendStream[Item], period: float) -> None:
+        self._send = send
+        self._period = period
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_later(period, self._tick)
+
+    def _tick(self) -> None:
+        try:
+            self._send.send_nowait(None)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            return
+        self._handle = self._loop.call_later(self._period, self._tick)
+
+    def stop(self) -> None:
+        self._handle.cancel()
 
 
 async def until_disconnect(receive: Receive) -> None:
@@ -255,7 +302,6 @@ class EventStreamResponse(PumpedEventStream):
                 model=model,
                 include_usage=include_usage,
                 include_reasoning=include_reasoning,
-                keepalive_s=keepalive_s,
             )
 
-        super().__init__(events, frames, headers=headers, on_close=on_close)
+        super().__init__(events, frames, headers=headers, on_close=on_close, keepalive_s=keepalive_s)
