@@ -1,19 +1,18 @@
 """Server-sent events framing for `stream: true`: the engine's events as `chat.completion.chunk`s.
 
-Order on the wire: a first chunk with `role: "assistant"`, content deltas (and `reasoning_content` deltas
-when the client asked to see the reasoning), `tool_calls` deltas as OpenAI sends them (a call's first with
-index, id, type and name, then argument fragments with the index only), a last choice chunk with
-`finish_reason`, the usage chunk (`choices: []`) when `stream_options.include_usage` is set, then `data:
-[DONE]`. Deltas without text (a token that completes no character yet, or hidden reasoning) send nothing.
-Once the stream has begun, an SSE comment goes out whenever nothing was sent for `keepalive_s` (hidden
-reasoning, a slow upstream), so proxies keep the connection. Nothing at all is sent before the engine's
-first event (the queue wait and the prompt evaluation): the route waits for it so that an early failure is
-an ordinary HTTP error. An error after the first byte is one `data: {"error": ...}` event, then the stream
-ends.
+Order on the wire: a first chunk with `role: "assistant"`, content deltas (and `reasoning_content` deltas when
+the client asked to see the reasoning), `tool_calls` deltas as OpenAI sends them (a call's first with index,
+id, type and name, then argument fragments with the index only), a last choice chunk with `finish_reason`, the
+usage chunk (`choices: []`) when `stream_options.include_usage` is set, then `data: [DONE]`. Deltas without
+text (a token that completes no character yet, or hidden reasoning) send nothing. Once the stream has begun,
+an SSE comment goes out at least every `keepalive_s` while nothing else is sent (hidden reasoning, a slow
+upstream), so proxies keep the connection. Nothing at all is sent before the engine's first event (the queue
+wait and the prompt evaluation): the route waits for it so that an early failure is an ordinary HTTP error. An
+error after the first byte is one `data: {"error": ...}` event, then the stream ends.
 
-Structure (cancellation, STYLE rule 10): `EventStreamResponse` owns a task group for the whole response;
-its pump task drives the engine's events into a memory stream, and the body generator (`sse_frames`) only
-receives from it, each receive under a keep-alive deadline. No `yield` happens inside a task group or cancel
+Structure (cancellation, STYLE rule 10): `EventStreamResponse` owns a task group for the whole response; its
+pump task drives the engine's events into a memory stream (with keep-alive ticks from a loop callback), and
+the body generator (`sse_frames`) only receives from it. No `yield` happens inside a task group or cancel
 scope, and the response closes the body itself, so nothing is left for a finalizer in another task. A client
 that hangs up cancels the task group: the pump's events are cancelled, and they settle under a shield.
 """
