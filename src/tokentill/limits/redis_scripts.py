@@ -35,6 +35,8 @@ _KEEP_IDLE = 32  # connections kept for later calls; a burst past it opens (and 
 
 @dataclass(frozen=True)
 class Script:
+    """A Lua script and the SHA1 that EVALSHA names it by."""
+
     body: str
     sha: str = field(init=False)
 
