@@ -1,5 +1,5 @@
 """Compact JSON bytes for what the hot path writes (responses, stream chunks, the upstream's request,
-spool lines): `dumps` (`api.sse.JSONBytesResponse` renders a response body with it).
+spool lines): `dumps` (`api.completions.JSONBytesResponse` renders a response body with it).
 
 orjson writes JSON several times faster than the standard library. What orjson refuses (an integer past
 64 bits, a key that is not a string, a string holding a lone UTF-16 surrogate) is written by `json`

@@ -18,16 +18,24 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from tokentill import errors
-from tokentill.api.sse import EventStreamResponse, JSONBytesResponse, until_disconnect
+from tokentill.api.sse import EventStreamResponse, until_disconnect
 from tokentill.api.state import services_of
 from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits
+from tokentill.jsonbytes import dumps
 from tokentill.lifecycle import Answer, Replayed, Run
 from tokentill.limits import LimiterUnavailable
 from tokentill.protocol.chat import ChatCompletionRequest
 from tokentill.types import EngineEvent, Finished, TextDelta, ToolCallDelta, Usage
 
-__all__ = ["HTTPClient", "complete", "limit_headers_on_errors", "replay_headers", "stream_headers"]
+__all__ = [
+    "HTTPClient",
+    "JSONBytesResponse",
+    "complete",
+    "limit_headers_on_errors",
+    "replay_headers",
+    "stream_headers",
+]
 
 
 @asynccontextmanager
@@ -57,6 +65,15 @@ class HTTPClient:
 
     def show_balance(self, ucr: int) -> None:
         self._request.state.remaining_credits = ucr
+
+
+class JSONBytesResponse(Response):
+    """Starlette's `JSONResponse`, rendered by `jsonbytes.dumps` (orjson) like the stream's chunks."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
 
 
 _STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}

@@ -22,9 +22,15 @@ from fastapi.responses import JSONResponse, Response
 
 from tokentill import errors
 from tokentill.api.account import parse_limit
-from tokentill.api.completions import HTTPClient, limit_headers_on_errors, replay_headers, stream_headers
+from tokentill.api.completions import (
+    HTTPClient,
+    JSONBytesResponse,
+    limit_headers_on_errors,
+    replay_headers,
+    stream_headers,
+)
 from tokentill.api.routes import THREAD_PARSE_BYTES, Authenticated, _with_balance
-from tokentill.api.sse import Item, JSONBytesResponse, KeepAlive, PumpedEventStream, next_item
+from tokentill.api.sse import Item, KeepAlive, PumpedEventStream, next_item
 from tokentill.api.state import services_of
 from tokentill.auth.service import Principal
 from tokentill.billing.money import format_credits

@@ -28,7 +28,7 @@ from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tokentill import errors
@@ -43,7 +43,6 @@ __all__ = [
     "EventStreamResponse",
     "Item",
     "KeepAlive",
-    "JSONBytesResponse",
     "PumpedEventStream",
     "next_item",
     "sse_frames",
@@ -58,15 +57,6 @@ KEEPALIVE_S = 10.0
 
 Item = EngineEvent | Exception | None
 """What the pump hands the renderer: an event, or the error that ended them; `None` is a keep-alive tick."""
-
-
-class JSONBytesResponse(Response):
-    """Starlette's `JSONResponse`, rendered by `jsonbytes.dumps` (orjson) like the stream's chunks."""
-
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return dumps(content)
 
 
 def _data(obj: dict[str, Any]) -> bytes:
