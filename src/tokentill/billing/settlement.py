@@ -41,8 +41,8 @@ __all__ = ["Settlements"]
 log = logging.getLogger(__name__)
 
 _FIRST_DELAY_S = 0.2
-_USAGE_FIELDS = tuple(f.name for f in fields(UsageRecord))  # flat: no asdict deep copy per request
 _MAX_DELAY_S = 5.0
+_USAGE_FIELDS = tuple(f.name for f in fields(UsageRecord))  # flat: no asdict deep copy per request
 
 
 class Settlements:
