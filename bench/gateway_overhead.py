@@ -128,21 +128,31 @@ async def responder_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` and its live descendants (uvicorn's worker processes)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    pending = [pid]
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (uvicorn's worker processes)."""
+    tree, pending = [], [pid]
     while pending:
         current = pending.pop()
         try:
-            stat = Path(f"/proc/{current}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
             for task in Path(f"/proc/{current}/task").iterdir():
                 pending += [int(c) for c in (task / "children").read_text().split()]
         except (FileNotFoundError, ProcessLookupError):
             continue  # exited meanwhile
+        tree.append(current)
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` and its live descendants."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for current in process_tree(pid):
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
     return total
 
 
@@ -284,6 +294,8 @@ def start_tokentill(
         "TOKENTILL_CONFIG": str(catalogue),
         "TOKENTILL_QUEUE_SIZE": "64",
         "TOKENTILL_WORKERS": str(args.workers),
+        # under valgrind one thread runs at a time: a worker answers uvicorn's health ping late
+        "TOKENTILL_WORKER_HEALTHCHECK_S": "600" if args.instructions else "5",
     }
     if database_url:
         env["TOKENTILL_DATABASE_URL"] = database_url
@@ -304,6 +316,7 @@ def start_tokentill(
             "valgrind",
             "--tool=callgrind",
             "--instr-atstart=no",
+            f"--trace-children={'yes' if args.workers > 1 else 'no'}",
             f"--callgrind-out-file={out}",
             *command,
         ]
@@ -312,11 +325,14 @@ def start_tokentill(
 
 
 def instructions_of(target: Target, folder: Path, work: Callable[[], T]) -> tuple[T, int]:
-    """`work()`'s result, and the instructions the target's process ran meanwhile (callgrind)."""
-    pid = str(target.proc.pid)
+    """`work()`'s result, and the instructions the target's processes ran meanwhile (callgrind; with
+    `--workers` the supervisor and every worker, all run under valgrind with `--trace-children`)."""
+    # The server's processes (a short-lived helper that one of them happens to run is not one)
+    pids = [str(pid) for pid in process_tree(target.proc.pid) if _under_callgrind(pid)]
 
     def control(*argv: str) -> None:
-        subprocess.run(["callgrind_control", *argv, pid], check=True, capture_output=True, timeout=120)
+        for pid in pids:
+            subprocess.run(["callgrind_control", *argv, pid], check=True, capture_output=True, timeout=120)
 
     control("--zero")
     control("--instr=on")
@@ -324,13 +340,26 @@ def instructions_of(target: Target, folder: Path, work: Callable[[], T]) -> tupl
         result = work()
     finally:
         control("--instr=off")
-    dumps_before = set(folder.glob(f"callgrind-{target.name}.{pid}.*"))
-    control("--dump=row")
-    (dump,) = set(folder.glob(f"callgrind-{target.name}.{pid}.*")) - dumps_before
-    for line in dump.read_text(encoding="utf-8", errors="replace").splitlines():
-        if line.startswith("totals:"):
-            return result, int(line.split()[1])
-    raise SystemExit(f"no totals in {dump}")
+    total = 0
+    for pid in pids:
+        dumps_before = set(folder.glob(f"callgrind-{target.name}.{pid}.*"))
+        control_one = ["callgrind_control", "--dump=row", pid]
+        subprocess.run(control_one, check=True, capture_output=True, timeout=120)
+        (dump,) = set(folder.glob(f"callgrind-{target.name}.{pid}.*")) - dumps_before
+        text = dump.read_text(encoding="utf-8", errors="replace")
+        totals = [line for line in text.splitlines() if line.startswith("totals:")]
+        if not totals:
+            raise SystemExit(f"no totals in {dump}")
+        total += int(totals[0].split()[1])
+    return result, total
+
+
+def _under_callgrind(pid: int) -> bool:
+    """Whether process `pid` is alive and runs under callgrind (its command line is valgrind's)."""
+    try:
+        return "callgrind" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def litellm_python(venv: Path) -> Path | str:

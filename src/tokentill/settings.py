@@ -147,6 +147,12 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
     workers: int = Field(default=1, ge=1, description="Server worker processes.")
+    worker_healthcheck_s: int = Field(
+        default=5,
+        ge=1,
+        description="With several workers: how long the supervisor waits for a worker to answer its health "
+        "ping before it restarts that worker (uvicorn's --timeout-worker-healthcheck).",
+    )
     max_body_bytes: int = Field(
         default=32 * 1024 * 1024,
         ge=1024,

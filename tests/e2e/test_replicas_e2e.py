@@ -5,7 +5,10 @@ killed with SIGKILL mid-load leaves no hold and no concurrency slot stranded."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -231,6 +234,47 @@ def test_workers_share_one_limit(pair: Pair, module_dir: Path) -> None:
         # And the limit is the same one the replicas use.
         assert _post(pair.a, key).status_code == 429
     finally:
+        workers.stop()
+
+
+def _children(pid: int) -> set[int]:
+    return {
+        int(c)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for c in (task / "children").read_text().split()
+    }
+
+
+def test_a_slow_worker_is_kept_for_the_set_healthcheck(pair: Pair, module_dir: Path) -> None:
+    """TOKENTILL_WORKER_HEALTHCHECK_S reaches uvicorn's supervisor: with 600 s, a worker that answers no
+    health ping for three times uvicorn's default (5 s) is still the same process afterwards (with the
+    default it is killed and replaced after 5 s)."""
+    workers = TokentillServer(
+        module_dir / "healthcheck",
+        pair.database_url,
+        **pair.env,
+        TOKENTILL_WORKERS="2",
+        TOKENTILL_WORKER_HEALTHCHECK_S="600",
+    ).start()
+    before: set[int] = set()
+    try:
+        assert workers.proc is not None
+        supervisor = workers.proc.pid
+        before = {
+            pid for pid in _children(supervisor) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        }
+        assert len(before) == 2, before
+        stopped = min(before)
+        os.kill(stopped, signal.SIGSTOP)  # alive, but it answers no ping
+        time.sleep(3 * 5)
+        assert stopped in _children(supervisor), "the supervisor replaced the worker before 600 s"
+        os.kill(stopped, signal.SIGCONT)
+        key = workers.new_key("rep-healthcheck")
+        assert [_post(workers, key).status_code for _ in range(4)] == [200] * 4
+    finally:
+        for pid in before:  # a worker left stopped would not end with the server
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         workers.stop()
 
 

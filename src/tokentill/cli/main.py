@@ -145,6 +145,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
             host=settings.host,
             port=settings.port,
             workers=settings.workers,
+            timeout_worker_healthcheck=settings.worker_healthcheck_s,
             log_level=settings.log_level,
             log_config=log_config(settings.log_level),  # applied again in each worker process
             access_log=settings.access_log,
