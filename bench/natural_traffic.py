@@ -187,13 +187,18 @@ def bodies(model: str, texts: list[str], max_tokens: int, *, budget_field: str) 
 
 
 def bare_replay(
-    texts: list[str], counts: tuple[int, ...], concurrency: int, threads: int, banned: list[int]
+    texts: list[str],
+    counts: tuple[int, ...],
+    concurrency: int,
+    threads: int,
+    banned: list[int],
+    context: int,
 ) -> Figures:
     """Bare batched `llama_decode` doing the work a server did: `concurrency` sequences, request i's prompt
     evaluated in a decode of its own when a sequence frees (as tokentill does), then exactly `counts[i]`
     tokens (greedy, end tokens masked) in one batched step per token with the other running sequences.
     A request counts as sent when its sequence freed (the first `concurrency` at the start), as a client
-    keeping `concurrency` in flight would send it."""
+    keeping `concurrency` in flight would send it. `context`: tokens per sequence, the server's."""
     import llama_cpp
     import numpy as np
 
@@ -201,7 +206,6 @@ def bare_replay(
     llm = llama_cpp.Llama(
         model_path=str(default_weights_path()), n_ctx=256, n_batch=64, n_threads=threads, verbose=False
     )
-    context = 1024
     params = lib.llama_context_default_params()
     params.n_ctx, params.n_batch, params.n_ubatch = concurrency * context, 512 + concurrency, 512
     params.n_seq_max, params.kv_unified = concurrency, False
