@@ -327,11 +327,11 @@ def start_tokentill(
 def instructions_of(target: Target, folder: Path, work: Callable[[], T]) -> tuple[T, int]:
     """`work()`'s result, and the instructions the target's processes ran meanwhile (callgrind; with
     `--workers` the supervisor and every worker, all run under valgrind with `--trace-children`)."""
-    # The server's processes (a short-lived helper that one of them happens to run is not one)
+    # Only processes under callgrind can be told anything (a child valgrind did not follow cannot).
     pids = [str(pid) for pid in process_tree(target.proc.pid) if _under_callgrind(pid)]
 
-    def control(*argv: str) -> None:
-        for pid in pids:
+    def control(*argv: str, of: list[str] | None = None) -> None:
+        for pid in pids if of is None else of:
             subprocess.run(["callgrind_control", *argv, pid], check=True, capture_output=True, timeout=120)
 
     control("--zero")
@@ -343,8 +343,7 @@ def instructions_of(target: Target, folder: Path, work: Callable[[], T]) -> tupl
     total = 0
     for pid in pids:
         dumps_before = set(folder.glob(f"callgrind-{target.name}.{pid}.*"))
-        control_one = ["callgrind_control", "--dump=row", pid]
-        subprocess.run(control_one, check=True, capture_output=True, timeout=120)
+        control("--dump=row", of=[pid])
         (dump,) = set(folder.glob(f"callgrind-{target.name}.{pid}.*")) - dumps_before
         text = dump.read_text(encoding="utf-8", errors="replace")
         totals = [line for line in text.splitlines() if line.startswith("totals:")]
