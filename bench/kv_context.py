@@ -17,10 +17,14 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from tokentill.catalog import default_weights_path
 from tokentill.settings import llama_wait_environment
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import natural_traffic as natural
 
 SEQUENCES = 8
 
@@ -47,19 +51,21 @@ def main() -> None:
     for start in args.positions:
         if start + args.steps > min(args.contexts):
             sys.exit(f"position {start} + {args.steps} steps do not fit a context of {min(args.contexts)}")
-        contexts = [_context(lib, llm, size, args.threads) for size in args.contexts]
+        contexts = [natural.bare_context(lib, llm, SEQUENCES, size, args.threads) for size in args.contexts]
         try:
             for ctx, batch in contexts:
                 for seq in range(SEQUENCES):
                     for at in range(0, start, 256):
                         tokens = range(at, min(start, at + 256))
-                        _decode(lib, ctx, batch, [(seq, 100 + (seq + k) % 1000, k, False) for k in tokens])
+                        natural.decode_rows(
+                            lib, ctx, batch, [(seq, 100 + (seq + k) % 1000, k, False) for k in tokens]
+                        )
             times: list[list[float]] = [[] for _ in contexts]
             for step in range(args.steps):
                 for (ctx, batch), spent in zip(contexts, times, strict=True):
                     rows = [(seq, 200 + step, start + step, True) for seq in range(SEQUENCES)]
                     began = time.perf_counter()
-                    _decode(lib, ctx, batch, rows)
+                    natural.decode_rows(lib, ctx, batch, rows)
                     spent.append(time.perf_counter() - began)
         finally:
             for ctx, batch in contexts:
@@ -72,28 +78,6 @@ def main() -> None:
             + f" | {' / '.join(f'{m / medians[0]:.2f}' for m in medians[1:])} |",
             flush=True,
         )
-
-
-def _context(lib: Any, llm: Any, size: int, threads: int) -> tuple[Any, Any]:
-    params = lib.llama_context_default_params()
-    params.n_ctx, params.n_batch, params.n_ubatch = SEQUENCES * size, 512 + SEQUENCES, 512
-    params.n_seq_max, params.kv_unified = SEQUENCES, False
-    params.n_threads = params.n_threads_batch = threads
-    params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    params.no_perf = True
-    ctx = lib.llama_init_from_model(llm.model, params)
-    if not ctx:
-        sys.exit(f"llama.cpp could not create a context of {SEQUENCES} x {size} tokens")
-    return ctx, lib.llama_batch_init(512 + SEQUENCES, 0, 1)
-
-
-def _decode(lib: Any, ctx: Any, batch: Any, items: list[tuple[int, int, int, bool]]) -> None:
-    for k, (seq, token, pos, logits) in enumerate(items):
-        batch.token[k], batch.pos[k], batch.n_seq_id[k], batch.logits[k] = token, pos, 1, logits
-        batch.seq_id[k][0] = seq
-    batch.n_tokens = len(items)
-    if lib.llama_decode(ctx, batch) != 0:
-        raise RuntimeError("llama_decode failed")
 
 
 if __name__ == "__main__":

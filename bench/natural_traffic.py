@@ -186,6 +186,31 @@ def bodies(model: str, texts: list[str], max_tokens: int, *, budget_field: str) 
     ]
 
 
+def bare_context(lib: Any, llm: Any, sequences: int, context: int, threads: int) -> tuple[Any, Any]:
+    """A llama.cpp context and batch with tokentill's engine's settings: one KV stream per sequence,
+    `context` tokens each, flash attention off, room for a 512-token chunk plus a row per sequence."""
+    params = lib.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch = sequences * context, 512 + sequences, 512
+    params.n_seq_max, params.kv_unified = sequences, False
+    params.n_threads = params.n_threads_batch = threads
+    params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as tokentill's engine
+    params.no_perf = True
+    ctx = lib.llama_init_from_model(llm.model, params)
+    if not ctx:
+        raise RuntimeError(f"llama.cpp could not create a context of {sequences} x {context} tokens")
+    return ctx, lib.llama_batch_init(512 + sequences, 0, 1)
+
+
+def decode_rows(lib: Any, ctx: Any, batch: Any, items: list[tuple[int, int, int, bool]]) -> None:
+    """One `llama_decode` of (sequence, token, position, wants logits) rows."""
+    for k, (seq, token, pos, logits) in enumerate(items):
+        batch.token[k], batch.pos[k], batch.n_seq_id[k], batch.logits[k] = token, pos, 1, logits
+        batch.seq_id[k][0] = seq
+    batch.n_tokens = len(items)
+    if lib.llama_decode(ctx, batch) != 0:
+        raise RuntimeError("llama_decode failed")
+
+
 def bare_replay(
     texts: list[str],
     counts: tuple[int, ...],
@@ -206,13 +231,7 @@ def bare_replay(
     llm = llama_cpp.Llama(
         model_path=str(default_weights_path()), n_ctx=256, n_batch=64, n_threads=threads, verbose=False
     )
-    params = lib.llama_context_default_params()
-    params.n_ctx, params.n_batch, params.n_ubatch = concurrency * context, 512 + concurrency, 512
-    params.n_seq_max, params.kv_unified = concurrency, False
-    params.n_threads = params.n_threads_batch = threads
-    params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as tokentill's engine
-    ctx = lib.llama_init_from_model(llm.model, params)
-    batch = lib.llama_batch_init(512 + concurrency, 0, 1)
+    ctx, batch = bare_context(lib, llm, concurrency, context, threads)
     memory = lib.llama_get_memory(ctx)
     n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(llm.model))
     tokenized = [
@@ -225,12 +244,7 @@ def bare_replay(
     ]
 
     def decode(items: list[tuple[int, int, int, bool]]) -> None:
-        for k, (seq, token, pos, logits) in enumerate(items):
-            batch.token[k], batch.pos[k], batch.n_seq_id[k], batch.logits[k] = token, pos, 1, logits
-            batch.seq_id[k][0] = seq
-        batch.n_tokens = len(items)
-        if lib.llama_decode(ctx, batch) != 0:
-            raise RuntimeError("llama_decode failed")
+        decode_rows(lib, ctx, batch, items)
 
     def argmax(row: int) -> int:
         logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, row), shape=(n_vocab,))
