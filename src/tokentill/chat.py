@@ -10,13 +10,21 @@ closes both with what the run came to:
 
 Who runs the engine and calls `settle` exactly once, on every exit, is `lifecycle.Run`. Nothing here
 knows about HTTP; the api package renders the events as JSON or SSE.
+
+An engine whose generation begins with a network request (`Capabilities.early_start`: an upstream server)
+is asked while the credit hold commits, when the account's last known balance covers the hold: the
+request's round trip to the upstream and the database's commit overlap instead of adding up. Nothing
+reaches the client before `prepare` returns with the hold committed; a hold that is refused (or a
+`prepare` that fails or is cancelled) stops that generation before anything else happens.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field, replace
 
 import anyio
@@ -34,7 +42,7 @@ from tokentill.limits import KeyLimits, Lease, RateLimiter
 from tokentill.media.service import ImageRef, MediaService
 from tokentill.protocol.chat import ChatCompletionRequest, ImagePart
 from tokentill.structured.tools import constraint
-from tokentill.types import Finished, ImageInput, Message
+from tokentill.types import EngineEvent, Finished, ImageInput, Message
 
 __all__ = ["ChatService", "PreparedChat"]
 
@@ -49,8 +57,43 @@ _ROLE_FOR_ENGINE = {
 }
 
 
+_KNOWN_BALANCES = 65_536  # accounts whose last balance a process remembers (forgotten all at once past it)
+
+
 def _limits(principal: Principal) -> KeyLimits:
     return KeyLimits(rpm=principal.rpm, tpm=principal.tpm, max_concurrent=principal.max_concurrent)
+
+
+class EarlyStart:
+    """A generation asked for before its hold committed: the first event is fetched in a task of its own
+    from the start, the rest by whoever iterates `events()`. `cancel` stops it whatever state it is in."""
+
+    def __init__(self, events: AsyncGenerator[EngineEvent, None]) -> None:
+        self._events = events
+        self._first: asyncio.Future[EngineEvent] = asyncio.ensure_future(anext(events))
+
+    async def events(self) -> AsyncGenerator[EngineEvent, None]:
+        """The generation's events, the first included; closing this stops the generation."""
+        try:
+            try:
+                first = await self._first
+            except StopAsyncIteration:
+                return
+            yield first
+            async for event in self._events:
+                yield event
+        finally:
+            await self.cancel()
+
+    async def cancel(self) -> None:
+        """Stop the generation: the first fetch if it still runs (its failure is not this caller's), then
+        the generator. Safe to call again."""
+        with anyio.CancelScope(shield=True):
+            if not self._first.done():
+                self._first.cancel()
+            with contextlib.suppress(BaseException):
+                await self._first
+            await self._events.aclose()
 
 
 @dataclass(frozen=True)
@@ -69,6 +112,18 @@ class PreparedChat:
     started: float = field(default_factory=time.monotonic)
     include_reasoning: bool = False
     stream: bool = False  # tokens reach the client as they are made (decides what a failure costs)
+    early: EarlyStart | None = None  # the generation, when it was asked for while the hold committed
+
+    def generate(self) -> AsyncGenerator[EngineEvent, None]:
+        """The engine's events for this request (closing them stops the generation)."""
+        if self.early is not None:
+            return self.early.events()
+        return self.engine.generate(self.engine_request)
+
+    async def abandon(self) -> None:
+        """Stop a generation asked for early that will never be iterated (the run ended before it)."""
+        if self.early is not None:
+            await self.early.cancel()
 
 
 class ChatService:
@@ -97,6 +152,9 @@ class ChatService:
         self._media = media
         self._timeout = request_timeout_s
         self._hold_ttl = hold_ttl_s
+        # Each account's balance after its last hold or settlement here: a hold it covers is expected to
+        # pass, so the engine may be asked while it commits (see the module docstring).
+        self._known_balances: dict[int, int] = {}
 
     def model(self, model_id: str) -> ModelSpec:
         spec = self._catalog.get(model_id)
@@ -160,17 +218,25 @@ class ChatService:
         room = self._check_context(spec, engine, prompt_tokens, explicit)
         budget = await self._budget(principal, spec, prompt_tokens, explicit, room)
         lease = await self._limiter.acquire(principal.key_id, _limits(principal), prompt_tokens + budget)
+        engine_request = replace(draft, max_tokens=budget)
+        need = pricing.cost(prompt_tokens, budget, spec.price_input, spec.price_output)
+        early: EarlyStart | None = None
         hold: Hold | None = None
         try:
-            need = pricing.cost(prompt_tokens, budget, spec.price_input, spec.price_output)
+            if engine.capabilities.early_start and self._known_balances.get(principal.account_id, -1) >= need:
+                early = EarlyStart(engine.generate(engine_request))
             hold = await self._reserve(principal, request_id, need, prompt_tokens, budget)
         except BaseException:
+            # Refused (or not taken at all): the next hold of this account waits for its commit.
+            self._known_balances.pop(principal.account_id, None)
             with anyio.CancelScope(shield=True):
+                if early is not None:
+                    await early.cancel()
                 if hold is not None:
                     await self._holds.release(hold)
                 await lease.release()
             raise
-        engine_request = replace(draft, max_tokens=budget)
+        self._remember_balance(principal.account_id, hold.balance_after)
         return PreparedChat(
             request_id=request_id,
             principal=principal,
@@ -183,7 +249,13 @@ class ChatService:
             balance_after_hold=hold.balance_after,
             include_reasoning=bool(request.include_reasoning),
             stream=bool(request.stream),
+            early=early,
         )
+
+    def _remember_balance(self, account_id: int, balance: int) -> None:
+        if len(self._known_balances) >= _KNOWN_BALANCES and account_id not in self._known_balances:
+            self._known_balances.clear()
+        self._known_balances[account_id] = balance
 
     async def _reserve(
         self, principal: Principal, request_id: str, need: int, prompt_tokens: int, budget: int
@@ -276,6 +348,7 @@ class ChatService:
                     # Spooled while the database is out: the header shows what the settlement will
                     # leave (the hold's balance plus what it gives back), not a 503 for a delivered answer.
                     balance = chat.balance_after_hold + chat.hold.amount - min(cost, chat.hold.amount)
+            self._remember_balance(chat.principal.account_id, balance)
             metrics.observe_request(record, cost, time.monotonic() - chat.started)
         except Exception:
             # The hold stays open and the sweeper releases it after hold_ttl_s: logged, never lost.
@@ -348,6 +421,7 @@ class ChatService:
     async def _check_affordable(self, principal: Principal, spec: ModelSpec, prompt_tokens: int) -> int:
         """How many completion tokens the balance affords after `prompt_tokens`; 402 if not even one."""
         balance = await self._ledger.balance(principal.account_id)
+        self._remember_balance(principal.account_id, balance)
         affordable = pricing.affordable_completion_tokens(
             balance, prompt_tokens, spec.price_input, spec.price_output
         )

@@ -216,6 +216,7 @@ class Run:
                 with contextlib.suppress(RuntimeError):
                     await self._events.aclose()
             if not self._started:
+                await self.prepared.abandon()
                 await self._settle(None, 0, 0, 499)
             await self._release_claim()
 
@@ -230,7 +231,7 @@ class Run:
         try:
             # Closed as soon as this generator is: a client that leaves stops the engine (and closes an
             # upstream's response) at once, not when the garbage collector gets to it.
-            async with aclosing(chat.engine.generate(chat.engine_request)) as events:
+            async with aclosing(chat.generate()) as events:
                 async for event in events:
                     if isinstance(event, TextDelta):
                         generated += event.tokens

@@ -4,8 +4,10 @@ finished, the stream closed early, the engine failing, the client leaving, and n
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncGenerator, Iterator
-from dataclasses import dataclass
+from contextlib import aclosing
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,9 @@ from starlette.testclient import TestClient
 from tokentill import errors
 from tokentill.app import create_app
 from tokentill.auth.service import Principal
+from tokentill.billing.records import Hold
 from tokentill.engines.base import EngineRequest
-from tokentill.lifecycle import Answer, Replayed, Run
+from tokentill.lifecycle import Answer, Collected, Replayed, Run
 from tokentill.protocol.chat import ChatCompletionRequest
 from tokentill.services import Services
 from tokentill.settings import Settings
@@ -26,6 +29,7 @@ from tokentill.storage.schema import holds, usage
 from tokentill.types import EngineEvent, Finished, TextDelta
 
 CREDITS = 1_000_000
+_REQUEST_IDS = itertools.count()
 WORDS = "one two three four five six seven eight"
 
 
@@ -69,7 +73,7 @@ class Harness:
             principal,
             "echo",
             body,
-            request_id="req_" + str(id(client)),
+            request_id=f"req_{next(_REQUEST_IDS)}",
             client=client,
             render=_render,
             idempotency_key=key,
@@ -253,3 +257,138 @@ def test_a_run_that_never_started_releases_everything_once(harness: Harness) -> 
 
     assert isinstance(harness.call(main), Run)
     assert harness.books("never") == (CREDITS, 0, [499, 499])
+
+
+# --------------------------------------------------------------------------- early start (upstream engines)
+
+
+@dataclass
+class Watched:
+    """The echo engine as an early-starting engine (as an upstream one is), noting when each generation
+    was asked for and closed, and, for each hold, whether its generation had been asked for by the time
+    the hold committed."""
+
+    asked: list[str]
+    closed: list[str]
+    asked_before_hold: list[bool]
+    hung: anyio.Event | None = None  # given: holds never commit; set once one is waiting
+
+
+def _watch(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> Watched:
+    engine = harness.services.engines["echo"]
+    monkeypatch.setattr(engine, "capabilities", replace(engine.capabilities, early_start=True))
+    watched = Watched([], [], [])
+    generate = engine.generate
+
+    async def noted(request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
+        watched.asked.append(request.request_id)
+        try:
+            async with aclosing(generate(request)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            watched.closed.append(request.request_id)
+
+    monkeypatch.setattr(engine, "generate", noted)
+    holds = harness.services.chat._holds  # the group commit the server gives the chat service
+    reserve = holds.reserve
+
+    async def reserve_noted(**fields: Any) -> Hold:
+        asked = len(watched.asked)
+        if watched.hung is not None:
+            await anyio.sleep(0)  # one pass of the loop: an engine asked early has been asked by now
+            watched.hung.set()
+            await anyio.sleep_forever()  # a commit that never comes
+        hold = await reserve(**fields)
+        watched.asked_before_hold.append(len(watched.asked) > asked)
+        return hold
+
+    monkeypatch.setattr(holds, "reserve", reserve_noted)
+    return watched
+
+
+def test_an_early_starting_engine_is_asked_while_the_hold_commits(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    principal = harness.principal("early-start")
+    watched = _watch(harness, monkeypatch)
+
+    async def main() -> list[Collected | None]:
+        out = []
+        for _ in range(2):
+            out.append(await _run(await harness.admit(principal, FakeClient())).collect())
+        return out
+
+    first, second = harness.call(main)
+    assert first is not None and second is not None
+    assert second.body["content"].strip() == WORDS
+    # The first hold of an account this process has not seen waits for its commit; by the second the
+    # balance is known to cover it, and the engine was already asked when the hold committed.
+    assert watched.asked_before_hold == [False, True]
+    assert len(watched.closed) == 2
+    balance, open_holds, statuses = harness.books("early-start")
+    assert (open_holds, statuses) == (0, [200, 200])
+    assert second.balance == balance
+
+
+def test_a_refused_hold_stops_the_generation_asked_early_and_charges_nothing(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    principal = harness.principal("stale")
+    watched = _watch(harness, monkeypatch)
+
+    async def main() -> BaseException | None:
+        await _run(await harness.admit(principal, FakeClient())).collect()
+        # Spent elsewhere (another replica, the operator): this process's last balance is stale.
+        balance = await harness.services.ledger.balance(principal.account_id)
+        await harness.services.ledger.debit("stale", balance - 1, note="spent elsewhere")
+        try:
+            await harness.admit(principal, FakeClient())
+        except errors.InsufficientCredits as exc:
+            return exc
+        return None
+
+    assert harness.call(main) is not None  # 402
+    assert len(watched.asked) == 2 and watched.closed == watched.asked  # asked early, then stopped
+    balance, open_holds, statuses = harness.books("stale")
+    assert (balance, open_holds, statuses) == (1, 0, [200])
+
+    # The key's only concurrency slot came back: a third request is admitted, and refused by the hold
+    # again now that the balance is known (the engine is not asked at all this time).
+    async def third() -> None:
+        with pytest.raises(errors.InsufficientCredits):
+            await harness.admit(principal, FakeClient())
+
+    harness.call(third)
+    assert len(watched.asked) == 2
+
+
+def test_an_early_generation_stops_when_its_run_never_starts_or_admission_is_cancelled(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    principal = harness.principal("abandoned")
+    watched = _watch(harness, monkeypatch)
+
+    async def main() -> None:
+        await _run(await harness.admit(principal, FakeClient())).collect()
+        # Admitted with the engine asked, then ended before anyone read it (the client left first).
+        run = _run(await harness.admit(principal, FakeClient()))
+        await run.aclose()
+        # Cancelled while its hold commits (the client hung up during admission).
+        watched.hung = hung = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(harness.admit, principal, FakeClient())
+            await hung.wait()
+            tg.cancel_scope.cancel()
+
+    harness.call(main)
+    assert len(watched.asked) == 3 and sorted(watched.closed) == sorted(watched.asked)
+    balance, open_holds, statuses = harness.books("abandoned")
+    assert open_holds == 0 and statuses == [200, 499]
+    # The lease of the cancelled admission came back (max_concurrent=1).
+    watched.hung = None
+
+    async def again() -> None:
+        await _run(await harness.admit(principal, FakeClient())).aclose()
+
+    harness.call(again)

@@ -96,6 +96,9 @@ class Capabilities:
     # False: it relays `response_format` and `tools` to a server that enforces them.
     grammar: bool = False
     follow_up: bool = False  # True: honours `EngineRequest.follow_up` (else it must not be set)
+    # True: a generation begins with a network request (an upstream server), which `ChatService.prepare`
+    # sends while the credit hold commits; its first event may be fetched in another task than the rest.
+    early_start: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
 

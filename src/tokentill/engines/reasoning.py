@@ -81,6 +81,7 @@ class _Wrapper:
             reasoning=mode,
             exact_prompt_tokens=inner.capabilities.exact_prompt_tokens,
             grammar=inner.capabilities.grammar,
+            early_start=inner.capabilities.early_start,
         )
 
     async def start(self) -> None:

@@ -103,6 +103,7 @@ class UpstreamEngine:
             vision=spec.vision,
             reasoning=spec.reasoning,
             exact_prompt_tokens=False,
+            early_start=True,
         )
         self._max_inflight = max(1, queue_size) * len(self.pool.replicas)
         self._inflight = 0
