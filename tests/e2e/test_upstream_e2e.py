@@ -319,6 +319,41 @@ def test_failures_charge_nothing(tokentill_a: TokentillServer, tmp_path: Path) -
         silent.close()
 
 
+def test_a_hold_refused_after_the_upstream_was_asked_leaves_nothing_behind(
+    scripted: ScriptedUpstream, tmp_path: Path
+) -> None:
+    """The gateway sends the upstream request while the hold commits once it knows the balance covers it
+    (docs/decisions.md "Hot path"). When the balance was spent elsewhere meanwhile, the hold is refused:
+    the client gets its 402, nothing is charged, and the upstream request is closed before the answer,
+    which `TOKENTILL_QUEUE_SIZE=1` makes visible: a request left open would keep the only slot (503)."""
+    gateway = start_gateway(tmp_path / "b", [_fronted(scripted.url + "/ok/v1")], TOKENTILL_QUEUE_SIZE="1")
+    try:
+        key = gateway.new_key("client", credits="10")
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+        messages: Any = [{"role": "user", "content": "Hi"}]
+        ask = {"model": "fronted", "messages": messages, "max_completion_tokens": 8}
+        assert client.chat.completions.create(**ask).choices[0].message.content  # the balance is known now
+        spent = Decimal(gateway.balance("client")) - Decimal("0.001")
+        gateway.cli("credits", "debit", "client", str(spent), "--note", "spent on another replica")
+        asked = len(scripted.seen)
+        for _ in range(3):  # each refused; the first after the upstream may have been asked already
+            with pytest.raises(openai.APIStatusError) as raised:
+                client.chat.completions.create(**{**ask, "max_completion_tokens": 1000})
+            assert raised.value.status_code == 402, raised.value.body
+            assert isinstance(raised.value.body, dict) and raised.value.body["code"] == "insufficient_credits"
+        assert len(scripted.seen) - asked <= 1  # a refused hold forgets the balance: no more early asks
+        assert Decimal(gateway.balance("client")) == Decimal("0.001")
+        (first,) = _usage_rows(gateway, "client")
+        assert first["status"] == 200
+        gateway.cli("credits", "add", "client", "10")
+        assert client.chat.completions.create(**ask).choices[0].message.content  # the slot is free
+        (last,) = [r for r in _usage_rows(gateway, "client") if r != first]
+        assert last["status"] == 200
+        assert Decimal(gateway.balance("client")) == Decimal("10.001") - Decimal(last["cost"])
+    finally:
+        gateway.stop()
+
+
 def test_endless_upstream_is_cut_at_the_budget_and_closed_when_the_client_leaves(
     scripted: ScriptedUpstream, tmp_path: Path
 ) -> None:
