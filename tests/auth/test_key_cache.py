@@ -3,6 +3,8 @@ money moves, because every credit hold checks the key as the request was admitte
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from sqlalchemy import func, select
 
@@ -105,5 +107,37 @@ def test_the_cache_checks_the_secret_and_forgets_what_its_own_store_revokes(data
         assert await store.revoke(created.key_id)
         with pytest.raises(AuthenticationFailed):
             await store.authenticate(created.key, cached=True)
+
+    run_with_db(database_url, body)
+
+
+def test_cached_authentications_that_miss_together_read_the_key_once(database_url: str) -> None:
+    """A busy key's entry expiring sends the requests that arrive during its re-read to that one read,
+    not each to the database; each still has its own secret checked, and one that gives up (its client
+    left) leaves the read to the others."""
+
+    async def body(db: Database) -> None:
+        await Ledger(db).create_account("acme", 10_000)
+        created = await KeyStore(db).create_key("acme")
+        wrong = created.key[:-1] + ("A" if created.key[-1] != "A" else "B")
+        store = KeyStore(db, cache_s=1.0)  # nothing cached yet: every call below misses
+
+        async def refused() -> None:
+            with pytest.raises(AuthenticationFailed):
+                await store.authenticate(wrong, cached=True)
+
+        results = await asyncio.gather(
+            *(store.authenticate(created.key, cached=True) for _ in range(20)), refused()
+        )
+        assert store.reads == 1
+        assert {principal.key_id for principal in results[:20]} == {created.key_id}
+
+        fresh = KeyStore(db, cache_s=1.0)
+        leaving = asyncio.ensure_future(fresh.authenticate(created.key, cached=True))
+        staying = asyncio.ensure_future(fresh.authenticate(created.key, cached=True))
+        await asyncio.sleep(0)  # both wait on the one read now
+        leaving.cancel()
+        assert (await staying).key_id == created.key_id
+        assert leaving.cancelled() and fresh.reads == 1
 
     run_with_db(database_url, body)

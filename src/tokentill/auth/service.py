@@ -14,6 +14,7 @@ a cached key reads the key afresh first (api/routes.py), so a refusal never rest
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hmac
 import json
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, bindparam, insert, select, update
+from sqlalchemy import Row, Select, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -151,6 +152,8 @@ class KeyStore:
         self._cache_s = cache_s
         # key id -> (when read, monotonic; sha256 of its secret; its principal); oldest first
         self._cache: dict[str, tuple[float, str, Principal]] = {}
+        self._reading: dict[str, asyncio.Future[Row[Any] | None]] = {}  # key id -> its read in flight
+        self.reads = 0  # the key table reads `authenticate` made
 
     async def authenticate(self, raw_key: str | None, *, cached: bool = False) -> Principal:
         """The `Principal` for `raw_key`, the text after `Bearer ` or of `x-api-key`; with `cached`, one
@@ -170,8 +173,7 @@ class KeyStore:
                     return entry[2]
         row = None
         if parsed is not None:
-            async with self._db.read() as conn:
-                row = (await conn.execute(_PRINCIPAL_BY_ID, {"b_key": parsed[0]})).first()
+            row = await (self._read_shared(parsed[0]) if cached else self._read(parsed[0]))
         stored = row.secret_sha256 if row is not None else _DUMMY_HASH
         given = hash_secret(parsed[1] if parsed is not None else raw_key)
         if row is None or not hmac.compare_digest(stored, given) or row.revoked_at is not None:
@@ -186,6 +188,28 @@ class KeyStore:
         if self._cache_s > 0:
             self._remember(principal, stored)
         return principal
+
+    async def _read(self, key_id: str) -> Row[Any] | None:
+        self.reads += 1
+        async with self._db.read() as conn:
+            row: Row[Any] | None = (await conn.execute(_PRINCIPAL_BY_ID, {"b_key": key_id})).first()
+        return row
+
+    async def _read_shared(self, key_id: str) -> Row[Any] | None:
+        """The key's row, read once for every cached authentication of it that misses meanwhile: when a
+        busy key's entry expires, the requests arriving during the read would each read it again. A
+        caller that is cancelled leaves the read to the others."""
+        reading = self._reading.get(key_id)
+        if reading is None:
+            reading = self._reading[key_id] = asyncio.ensure_future(self._read(key_id))
+            reading.add_done_callback(lambda done: self._read_done(key_id, done))
+        return await asyncio.shield(reading)
+
+    def _read_done(self, key_id: str, done: asyncio.Future[Row[Any] | None]) -> None:
+        if self._reading.get(key_id) is done:
+            del self._reading[key_id]
+        if not done.cancelled():
+            done.exception()  # retrieved here too: its waiters may all have been cancelled
 
     def _remember(self, principal: Principal, secret_sha256: str) -> None:
         self._cache.pop(principal.key_id, None)  # re-inserted last: the dict stays oldest first
