@@ -141,6 +141,7 @@ class Outcomes:
     delivered: dict[str, tuple[int, int]] = field(default_factory=dict)  # request id → (prompt, completion)
     streamed: list[str] = field(default_factory=list)  # request ids of streams that reached [DONE]
     failures: list[str] = field(default_factory=list)  # transport errors (resets): must stay empty
+    heads: int = 0  # streams whose response head arrived (the gateway answers once its hold committed)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, response: requests.Response, usage: dict[str, Any] | None) -> None:
@@ -200,6 +201,8 @@ def stream(server: TokentillServer, key: str, model: str, outcomes: Outcomes) ->
             stream=True,
             timeout=60,
         ) as response:
+            with outcomes.lock:
+                outcomes.heads += 1
             usage = None
             done = False
             for line in response.iter_lines():

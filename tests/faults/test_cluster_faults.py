@@ -44,7 +44,13 @@ def _start_streams(
     ]
     for thread in threads:
         thread.start()
-    cluster.upstream.wait_for(len(threads))  # every stream has sent its first token
+    # Every stream's first token is sent, and its client has the response: the upstream may be asked
+    # while the hold still commits (docs/decisions.md "Hot path"), the client is answered only after.
+    cluster.upstream.wait_for(len(threads))
+    deadline = time.monotonic() + 30
+    while outcomes.heads < len(threads):
+        assert time.monotonic() < deadline, f"only {outcomes.heads} of {len(threads)} streams were answered"
+        time.sleep(0.02)
     return threads
 
 
