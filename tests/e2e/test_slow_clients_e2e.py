@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from tests.e2e.conftest import TokentillServer
 
@@ -135,6 +136,31 @@ def test_trickled_body_gets_the_408_envelope_with_a_request_id(timed: TokentillS
     assert status == 408 and envelope(body)["code"] == "request_timeout", body
     assert headers["x-request-id"].startswith("req_") and headers["connection"] == "close"
     assert closed_by_server(sock)
+
+
+@pytest.mark.parametrize("path", ["/v1/echo", "/v1/responses"])  # the chat fast path, and FastAPI's
+def test_a_client_that_hangs_up_mid_body_is_not_a_server_error(timed: TokentillServer, path: str) -> None:
+    key = timed.new_key("hang-up")
+    gone = "the client closed the connection before its body arrived"
+
+    def counts() -> tuple[int, int]:
+        text = timed.log_path.read_text(errors="replace")
+        return text.count(gone), text.count("unhandled error") + text.count("Traceback")
+
+    before = counts()
+    sock = connect(timed)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: tokentill\r\ncontent-type: application/json\r\n".encode()
+        + f"Authorization: Bearer {key}\r\ncontent-length: 10000\r\n\r\n".encode()
+        + b'{"model": "echo", "messages": [{"role": "user", "content": "hel'
+    )
+    sock.close()
+    deadline = time.monotonic() + PATIENCE_S
+    while counts()[0] == before[0]:
+        assert time.monotonic() < deadline, timed.log()
+        time.sleep(0.05)
+    assert counts() == (before[0] + 1, before[1]), timed.log()  # an event, not a 500 with a traceback
+    assert requests.get(timed.url + "/healthz", timeout=PATIENCE_S).status_code == 200  # and it goes on
 
 
 def test_a_body_nobody_reads_cannot_hold_the_connection(timed: TokentillServer) -> None:

@@ -9,6 +9,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 from starlette.routing import compile_path
 
 from tokentill import errors
@@ -80,15 +82,27 @@ def _allow_header(request: Request) -> dict[str, str]:
 _METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
 
-async def render_handled(request: Request, exc: Exception) -> JSONResponse | None:
-    """What the exception middleware would answer for `exc` (an `APIError` or an `HTTPException`); None
-    for anything else, which is a bug for the outermost handler (`_bug`). For routes served outside
-    FastAPI's router (api/fastpath.py)."""
+async def render_handled(request: Request, exc: Exception) -> Response | None:
+    """What the exception middleware would answer for `exc` (an `APIError`, an `HTTPException`, a client
+    gone mid-body); None for anything else, which is a bug for the outermost handler (`_bug`). For routes
+    served outside FastAPI's router (api/fastpath.py)."""
     if isinstance(exc, errors.APIError):
         return await _api_error(request, exc)
     if isinstance(exc, HTTPException):
         return await _http_error(request, exc)
+    if isinstance(exc, ClientDisconnect):
+        return await _client_gone(request, exc)
     return None
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """A client that hung up before its request body arrived: nobody is left to answer, and nothing was
+    admitted. A 499 (the status nginx logs for it, and the usage rows' "client went away") for the
+    response counter, logged as an event, not as a server error."""
+    request_id = getattr(request.state, "request_id", "-")
+    log.info("request %s: the client closed the connection before its body arrived", request_id)
+    request.state.error_code = "client_closed_request"
+    return Response(status_code=499)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -127,5 +141,6 @@ async def _bug(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(errors.APIError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _bug)
