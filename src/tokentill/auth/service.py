@@ -200,7 +200,7 @@ class KeyStore:
         busy key's entry expires, the requests arriving during the read would each read it again. A
         caller that is cancelled leaves the read to the others."""
         reading = self._reading.get(key_id)
-        if reading is None:
+        if reading is None or reading.get_loop() is not asyncio.get_running_loop():  # (a closed loop's)
             reading = self._reading[key_id] = asyncio.ensure_future(self._read(key_id))
             reading.add_done_callback(lambda done: self._read_done(key_id, done))
         return await asyncio.shield(reading)
