@@ -420,18 +420,20 @@ def start_litellm(folder: Path, responder_url: str, venv: Path) -> Target | str:
     return Target("litellm", proc, port, "bench", master)
 
 
+LEDGER_QUERIES = {  # each account's balance beside its ledger sum; the holds left open
+    "drift": "SELECT a.id, a.balance, COALESCE((SELECT SUM(l.amount) FROM ledger l "
+    "WHERE l.account_id = a.id), 0) FROM accounts a",
+    "open": "SELECT COUNT(*) FROM holds WHERE status = 'open'",
+}
+
+
 def check_ledger(target: Target, env: dict[str, str]) -> list[str]:
     """The invariant after the load: every account's balance is the sum of its ledger rows, one usage row
     per request sent (all were answered 200), no hold left open. Problems found (none: holds)."""
     from sqlalchemy import create_engine, text
 
     url = env.get("TOKENTILL_DATABASE_URL") or f"sqlite:///{Path(env['TOKENTILL_DATA_DIR']) / 'tokentill.db'}"
-    queries = {
-        "drift": "SELECT a.id, a.balance, COALESCE((SELECT SUM(l.amount) FROM ledger l "
-        "WHERE l.account_id = a.id), 0) FROM accounts a",
-        "usage": "SELECT COUNT(*) FROM usage",
-        "open": "SELECT COUNT(*) FROM holds WHERE status = 'open'",
-    }
+    queries = {**LEDGER_QUERIES, "usage": "SELECT COUNT(*) FROM usage"}
     if url.startswith("postgresql"):
         rows = asyncio.run(_pg_rows(url, queries))
     else:

@@ -89,10 +89,8 @@ async def run(args: argparse.Namespace) -> None:
         rows = await bench._pg_rows(
             env["TOKENTILL_DATABASE_URL"],
             {
-                "drift": "SELECT a.id, a.balance, COALESCE((SELECT SUM(l.amount) FROM ledger l "
-                "WHERE l.account_id = a.id), 0) FROM accounts a",
+                **bench.LEDGER_QUERIES,
                 "negative": "SELECT COUNT(*) FROM accounts WHERE balance < 0",
-                "open": "SELECT COUNT(*) FROM holds WHERE status = 'open'",
                 "usage": "SELECT status, COUNT(*) FROM usage GROUP BY status ORDER BY status",
             },
         )
