@@ -19,8 +19,8 @@ from tokentill.engines.base import Engine, EngineRequest
 from tokentill.engines.reasoning import with_reasoning
 from tokentill.engines.upstream import UpstreamEngine
 from tokentill.engines.upstream_sse import MAX_EVENT, EventSplitter, sse_events
-from tokentill.engines.upstream_wire import BadAnswer
-from tokentill.types import Finished, ImageInput, Message, TextDelta, Usage
+from tokentill.engines.upstream_wire import BadAnswer, coalesce
+from tokentill.types import Finished, ImageInput, Message, TextDelta, ToolCallDelta, Usage
 
 
 @pytest.fixture(scope="module")
@@ -296,6 +296,78 @@ def test_sse_events_yields_one_list_per_read_and_checks_the_deadline() -> None:
         run(collect(chunks, time.monotonic() - 1))
 
 
+def test_coalesce_joins_runs_of_a_kind_and_keeps_their_tokens() -> None:
+    deltas: list[TextDelta | ToolCallDelta] = [
+        TextDelta("Let", reasoning=True),
+        TextDelta(" me", reasoning=True),
+        TextDelta("4", tokens=1),
+        TextDelta("2", tokens=2),
+        ToolCallDelta(0, id="call_a", name="f"),
+        ToolCallDelta(0, arguments='{"x"'),
+        ToolCallDelta(0, arguments=": 1}"),
+        ToolCallDelta(1, id="call_b", name="g", arguments="{"),
+        ToolCallDelta(1, arguments="}"),
+        ToolCallDelta(2, arguments="{}"),  # another call's fragment: its own delta
+        TextDelta("!"),
+    ]
+    assert coalesce(deltas) == [
+        TextDelta("Let me", reasoning=True, tokens=2),
+        TextDelta("42", tokens=3),
+        ToolCallDelta(0, id="call_a", name="f", arguments='{"x": 1}', tokens=3),
+        ToolCallDelta(1, id="call_b", name="g", arguments="{}", tokens=2),
+        ToolCallDelta(2, arguments="{}"),
+        TextDelta("!"),
+    ]
+    # Answer text stays one delta per chunk for `<think>` splitting; reasoning is still joined.
+    joined = TextDelta("Let me", reasoning=True, tokens=2)
+    assert coalesce(deltas[:4], content=False) == [joined, *deltas[2:4]]
+    assert coalesce(deltas[:1]) == deltas[:1] and coalesce([]) == []
+
+
+def test_chunks_read_together_are_one_delta_billed_the_same(upstream: ScriptedUpstream) -> None:
+    deltas, finished = _complete(_spec(upstream.url + "/burst-text/v1"))
+    assert deltas == [TextDelta("one two three", tokens=3)]
+    assert finished.usage.completion_tokens == 3 and finished.usage.estimated
+
+
+def test_think_tags_in_chunks_read_together_are_counted_per_chunk(upstream: ScriptedUpstream) -> None:
+    deltas, finished = _complete(_spec(upstream.url + "/burst-think/v1", reasoning="native"), mode="native")
+    assert (_text(deltas, reasoning=True), _text(deltas)) == ("a b", "c d")
+    assert (finished.usage.completion_tokens, finished.usage.reasoning_tokens) == (4, 2)
+
+
+def test_tool_call_fragments_read_together_are_one_delta_per_call(upstream: ScriptedUpstream) -> None:
+    async def main() -> list[ToolCallDelta]:
+        engine = UpstreamEngine(_spec(upstream.url + "/burst-tools/v1"), queue_size=4)
+        await engine.start()
+        try:
+            return [e async for e in engine.generate(_request()) if isinstance(e, ToolCallDelta)]
+        finally:
+            await engine.aclose()
+
+    assert run(main()) == [
+        ToolCallDelta(0, id="call_up1", name="get_weather", arguments='{"city": "Paris"}', tokens=3),
+        ToolCallDelta(1, id="call_up2", name="get_time", arguments="{}", tokens=2),
+    ]
+
+
+def test_deltas_before_a_broken_chunk_in_the_same_read_are_passed_on(upstream: ScriptedUpstream) -> None:
+    async def main() -> list[TextDelta]:
+        engine = UpstreamEngine(_spec(upstream.url + "/burst-broken/v1"), queue_size=4)
+        await engine.start()
+        seen: list[TextDelta] = []
+        try:
+            with pytest.raises(errors.UpstreamError):
+                async for event in engine.generate(_request()):
+                    assert isinstance(event, TextDelta)
+                    seen.append(event)
+        finally:
+            await engine.aclose()
+        return seen
+
+    assert run(main()) == [TextDelta("one two", tokens=2)]  # what was streamed is what a failure bills
+
+
 @pytest.mark.parametrize(
     ("script", "text"),
     [
@@ -324,7 +396,7 @@ def test_trickle_without_line_break_ends_at_the_deadline(upstream: ScriptedUpstr
 def test_upstream_ignoring_max_tokens_is_cut_at_the_budget(upstream: ScriptedUpstream) -> None:
     upstream.closed.clear()
     deltas, finished = _complete(_spec(upstream.url + "/endless/v1"), _request(max_tokens=5))
-    assert len(deltas) == 5 and _text(deltas) == "xxxxx"
+    assert sum(d.tokens for d in deltas) == 5 and _text(deltas) == "xxxxx"
     assert finished.finish_reason == "length"
     assert finished.usage.completion_tokens == 5 and finished.usage.estimated
     assert upstream.closed.wait(5), "the upstream kept streaming past the budget"

@@ -167,6 +167,14 @@ class ScriptedUpstream:
             ]
         if script == "think":  # tags split across chunks
             return _content_stream("<thi", "nk>plan", "ning</th", "ink>Ans", "wer", usage=False)
+        if script.startswith("burst-"):  # every chunk in one write: they reach the gateway in one read
+            chunks = {
+                "burst-text": _content_stream("one", " two", " three", usage=False),
+                "burst-think": _content_stream("<think>a", " b</think>", "c", " d", usage=False),
+                "burst-tools": TOOL_CALL_STREAM,
+                "burst-broken": _content_stream("one", " two")[:3] + [b"data: not json\n\n"],
+            }[script]
+            return [b"".join(chunks)]
         if script == "json":  # ignores stream: true
             message = {"role": "assistant", "content": "fixed answer"}
             choice = {"index": 0, "message": message, "finish_reason": "stop"}

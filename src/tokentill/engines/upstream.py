@@ -33,10 +33,11 @@ Contract, beyond `engines/base.py`:
   closed, `finish_reason` "length", usage = the budget, marked estimated), and no reported usage above the
   budget is passed on.
 - Usage comes from the upstream; without it we count (`Usage.estimated`). Every non-empty text delta is
-  `TextDelta(tokens=1)`: most servers stream one token per delta, which is what an interrupted stream is
-  billed by. `<think>` tags in content are split by `reasoning.NativeThinking` (applied by the app for
-  `reasoning = "native"`), exactly as for the embedded engine; `reasoning_content` / `reasoning` fields are
-  reasoning deltas here already.
+  one token: most servers stream one token per delta, which is what an interrupted stream is billed by.
+  The chunks one read of the body brought are passed on as one delta per run of a kind, carrying their
+  tokens (`upstream_wire.coalesce`). `<think>` tags in content are split by `reasoning.NativeThinking`
+  (applied by the app for `reasoning = "native"`), exactly as for the embedded engine;
+  `reasoning_content` / `reasoning` fields are reasoning deltas here already.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from tokentill.engines.upstream_wire import (
     BadAnswer,
     StreamState,
     build_payload,
+    coalesce,
     error_for_status,
     estimate_prompt_tokens,
     parse_json,
@@ -108,6 +110,8 @@ class UpstreamEngine:
         self._max_inflight = max(1, queue_size) * len(self.pool.replicas)
         self._inflight = 0
         self._send_max_tokens = True
+        # Answer text is left one delta per chunk for `NativeThinking` (see `coalesce`).
+        self._coalesce_content = spec.reasoning != "native"
         self._headers = _Headers()
         # Upstream text (error bodies, broken answers) passes through this before it is relayed or logged:
         # an upstream that echoes our Authorization header must not leak the key.
@@ -311,19 +315,30 @@ class UpstreamEngine:
                 raise BadAnswer(f"unexpected content type {content_type!r}")
             async with aclosing(sse_events(response.content.iter_any(), request.deadline)) as reads:
                 async for events in reads:
-                    for data in events:
-                        if data == b"[DONE]":
-                            state.done = True
-                            if not response.content.at_eof():  # normally the body's end came with it
-                                await _finish_body(reads)
-                            return
-                        obj = parse_json(data)
-                        if obj is None:
-                            raise BadAnswer(f"an event is not a JSON object: {data[:200]!r}")
-                        for delta in state.chunk(obj):
-                            yield delta
-                        if state.cut:
-                            return
+                    deltas: list[TextDelta | ToolCallDelta] = []
+                    broken: BadAnswer | None = None  # raised after the deltas before it are passed on
+                    try:
+                        for data in events:
+                            if data == b"[DONE]":
+                                state.done = True
+                                break
+                            obj = parse_json(data)
+                            if obj is None:
+                                raise BadAnswer(f"an event is not a JSON object: {data[:200]!r}")
+                            deltas += state.chunk(obj)
+                            if state.cut:
+                                break
+                    except BadAnswer as exc:
+                        broken = exc
+                    # One delta per run of a kind in this read, not one per chunk (`coalesce`).
+                    for delta in coalesce(deltas, content=self._coalesce_content):
+                        yield delta
+                    if broken is not None:
+                        raise broken
+                    if state.done and not response.content.at_eof():  # normally the body's end came too
+                        await _finish_body(reads)
+                    if state.done or state.cut:
+                        return
         except BadAnswer as exc:
             log.warning("upstream %s answered nonsense: %s", where, self._redact(str(exc)))
             raise errors.UpstreamError(_INVALID) from exc

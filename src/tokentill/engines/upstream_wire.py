@@ -8,6 +8,8 @@ Pure functions and one small accumulator, no I/O, so every rule here is visible 
 - `estimate_prompt_tokens`: a deliberately high guess, because we cannot run a remote model's tokenizer.
 - `StreamState`: folds streamed chunks (or one non-streamed completion) into `TextDelta`s and a final
   `Usage`, counting for ourselves when the upstream reports no usage (then `Usage.estimated` is true).
+- `coalesce`: the deltas of the chunks that arrived in one read, runs of one kind joined into one delta
+  that carries their tokens.
 - `error_for_status`: an upstream HTTP error answer → the `tokentill.errors` class the client should see.
 """
 
@@ -18,7 +20,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -31,6 +33,7 @@ __all__ = [
     "IMAGE_TOKEN_ALLOWANCE",
     "StreamState",
     "build_payload",
+    "coalesce",
     "error_for_status",
     "estimate_prompt_tokens",
     "BadAnswer",
@@ -339,6 +342,54 @@ class StreamState:
     @property
     def started(self) -> bool:
         return self._seen_choice
+
+
+def coalesce(deltas: list[Delta], *, content: bool = True) -> list[Delta]:
+    """`deltas` (those of the chunks one read brought) with each run of text deltas of one kind (reasoning
+    or not) joined into one, and each run of one tool call's argument fragments too; a joined delta
+    carries the tokens of its parts, so what is billed does not change.
+
+    Chunks arrive together when the gateway reads slower than the upstream writes (a loaded gateway, a
+    fast upstream): passing one delta on instead of many is what lets it catch up, and a streaming client
+    gets the same text in fewer chunks, none later. `content=False` leaves answer text (not reasoning)
+    one delta per chunk: an entry whose model writes its reasoning as `<think>` tags in the answer is
+    split by `reasoning.NativeThinking`, which counts reasoning tokens by delta.
+    """
+    if len(deltas) < 2:
+        return deltas
+    out: list[Delta] = []
+    run: list[Delta] = []
+    for delta in deltas:
+        if run and _continues(run[-1], delta, content):
+            run.append(delta)
+            continue
+        if run:
+            out.append(_joined(run))
+        run = [delta]
+    out.append(_joined(run))
+    return out
+
+
+def _continues(last: Delta, delta: Delta, content: bool) -> bool:
+    if isinstance(delta, TextDelta):
+        return (
+            isinstance(last, TextDelta) and last.reasoning == delta.reasoning and (content or delta.reasoning)
+        )
+    # A later fragment of the same call: it names no new call
+    same_call = isinstance(last, ToolCallDelta) and last.index == delta.index
+    return same_call and delta.id is None and delta.name is None
+
+
+def _joined(run: list[Delta]) -> Delta:
+    first = run[0]
+    if len(run) == 1:
+        return first
+    tokens = sum(delta.tokens for delta in run)
+    if isinstance(first, TextDelta):
+        text = "".join(delta.text for delta in run if isinstance(delta, TextDelta))
+        return TextDelta(text, reasoning=first.reasoning, tokens=tokens)
+    arguments = "".join(delta.arguments for delta in run if isinstance(delta, ToolCallDelta))
+    return replace(first, arguments=arguments, tokens=tokens)
 
 
 # 400 codes of DESIGN §3 an upstream's own code may pass through as; any other code becomes invalid_value.
