@@ -19,7 +19,7 @@ from tokentill.engines.base import Engine, EngineRequest
 from tokentill.engines.reasoning import with_reasoning
 from tokentill.engines.upstream import UpstreamEngine
 from tokentill.engines.upstream_sse import MAX_EVENT, EventSplitter, sse_events
-from tokentill.engines.upstream_wire import BadAnswer, coalesce
+from tokentill.engines.upstream_wire import BadAnswer, Piece, coalesce
 from tokentill.types import Finished, ImageInput, Message, TextDelta, ToolCallDelta, Usage
 
 
@@ -271,6 +271,22 @@ def test_events_split_on_cr_lf_crlf_only_wherever_the_reads_break() -> None:
     assert events([b"data: x\r", b"", b"\n", b"\ndata: y\n\n"]) == [b"x", b"y"]  # CR, empty read, LF
 
 
+def test_lf_streams_split_the_same_whole_or_line_by_line_wherever_the_reads_break() -> None:
+    # Whole one-line `data: ` events take the short path; a comment, a multi-line event, `data:` without
+    # its space and an empty event between them take the line-by-line one, in any mix across reads.
+    data = "\ufeffdata: a\n\ndata: b\n\n: ping\n\ndata: c\ndata: d\n\n".encode()
+    data += b"data:e\n\ndata: \n\ndata: f\n\n"
+    expected = [b"a", b"b", b"c\nd", b"e", b"", b"f"]
+
+    def events(chunks: list[bytes]) -> list[bytes]:
+        splitter = EventSplitter()
+        return [event for chunk in chunks for event in splitter.feed(chunk)] + splitter.end()
+
+    for i in range(len(data) + 1):
+        for j in range(i, len(data) + 1):
+            assert events([data[:i], data[i:j], data[j:]]) == expected, (i, j)
+
+
 def test_a_line_or_an_event_past_the_cap_is_a_bad_answer() -> None:
     with pytest.raises(BadAnswer, match="line"):
         EventSplitter().feed(b"data: " + b"x" * MAX_EVENT)
@@ -279,6 +295,8 @@ def test_a_line_or_an_event_past_the_cap_is_a_bad_answer() -> None:
     splitter.feed(line)
     with pytest.raises(BadAnswer, match="event"):
         splitter.feed(line)
+    with pytest.raises(BadAnswer, match="event"):  # whole events, as servers write them
+        EventSplitter().feed(b"data: 1\n\ndata: " + b"x" * (MAX_EVENT + 1) + b"\n\n")
 
 
 async def _reads(chunks: list[bytes]) -> AsyncIterator[bytes]:
@@ -297,31 +315,31 @@ def test_sse_events_yields_one_list_per_read_and_checks_the_deadline() -> None:
 
 
 def test_coalesce_joins_runs_of_a_kind_and_keeps_their_tokens() -> None:
-    deltas: list[TextDelta | ToolCallDelta] = [
-        TextDelta("Let", reasoning=True),
-        TextDelta(" me", reasoning=True),
-        TextDelta("4", tokens=1),
-        TextDelta("2", tokens=2),
+    pieces: list[Piece] = [
+        (True, "Let"),
+        (True, " me"),
+        (False, "4"),
+        (False, "2"),
         ToolCallDelta(0, id="call_a", name="f"),
         ToolCallDelta(0, arguments='{"x"'),
         ToolCallDelta(0, arguments=": 1}"),
         ToolCallDelta(1, id="call_b", name="g", arguments="{"),
         ToolCallDelta(1, arguments="}"),
         ToolCallDelta(2, arguments="{}"),  # another call's fragment: its own delta
-        TextDelta("!"),
+        (False, "!"),
     ]
-    assert coalesce(deltas) == [
+    assert coalesce(pieces) == [
         TextDelta("Let me", reasoning=True, tokens=2),
-        TextDelta("42", tokens=3),
+        TextDelta("42", tokens=2),
         ToolCallDelta(0, id="call_a", name="f", arguments='{"x": 1}', tokens=3),
         ToolCallDelta(1, id="call_b", name="g", arguments="{}", tokens=2),
         ToolCallDelta(2, arguments="{}"),
         TextDelta("!"),
     ]
-    # Answer text stays one delta per chunk for `<think>` splitting; reasoning is still joined.
+    # Answer text stays one delta per piece for `<think>` splitting; reasoning is still joined.
     joined = TextDelta("Let me", reasoning=True, tokens=2)
-    assert coalesce(deltas[:4], content=False) == [joined, *deltas[2:4]]
-    assert coalesce(deltas[:1]) == deltas[:1] and coalesce([]) == []
+    assert coalesce(pieces[:4], content=False) == [joined, TextDelta("4"), TextDelta("2")]
+    assert coalesce(pieces[:1]) == [TextDelta("Let", reasoning=True)] and coalesce([]) == []
 
 
 def test_chunks_read_together_are_one_delta_billed_the_same(upstream: ScriptedUpstream) -> None:

@@ -60,6 +60,7 @@ from tokentill.engines.upstream_pool import Replica, ReplicaPool
 from tokentill.engines.upstream_sse import read_capped, sse_events
 from tokentill.engines.upstream_wire import (
     BadAnswer,
+    Piece,
     StreamState,
     build_payload,
     coalesce,
@@ -315,8 +316,8 @@ class UpstreamEngine:
                 raise BadAnswer(f"unexpected content type {content_type!r}")
             async with aclosing(sse_events(response.content.iter_any(), request.deadline)) as reads:
                 async for events in reads:
-                    deltas: list[TextDelta | ToolCallDelta] = []
-                    broken: BadAnswer | None = None  # raised after the deltas before it are passed on
+                    pieces: list[Piece] = []
+                    broken: BadAnswer | None = None  # raised after the pieces before it are passed on
                     try:
                         for data in events:
                             if data == b"[DONE]":
@@ -325,13 +326,13 @@ class UpstreamEngine:
                             obj = parse_json(data)
                             if obj is None:
                                 raise BadAnswer(f"an event is not a JSON object: {data[:200]!r}")
-                            deltas += state.chunk(obj)
+                            state.fold(obj, pieces)
                             if state.cut:
                                 break
                     except BadAnswer as exc:
                         broken = exc
                     # One delta per run of a kind in this read, not one per chunk (`coalesce`).
-                    for delta in coalesce(deltas, content=self._coalesce_content):
+                    for delta in coalesce(pieces, content=self._coalesce_content):
                         yield delta
                     if broken is not None:
                         raise broken

@@ -82,10 +82,26 @@ class EventSplitter:
         else:  # LF only, as servers write: one split of the lines this chunk completes
             start = buffer.rfind(b"\n") + 1
             lines = bytes(buffer[: start - 1]).split(b"\n") if start else []
+            if self._first and lines:
+                lines[0], self._first = lines[0].removeprefix(_BOM), False
+            if (events := self._whole_events(lines)) is not None:
+                del buffer[:start]
+                return events
         del buffer[:start]
         if len(buffer) > MAX_EVENT:
             raise BadAnswer("a line of the event stream is longer than 1 MiB")
         return self._lines(lines)
+
+    def _whole_events(self, lines: list[bytes]) -> list[bytes] | None:
+        """The events when `lines` are what servers send, whole events of one `data: ` line each (every
+        other line blank, none open before them); None for anything else, which `_lines` reads line by
+        line. The same events either way, found without a loop over every line."""
+        if self._data or not lines or len(lines) % 2 or any(lines[1::2]):
+            return None
+        events = [line[6:] for line in lines[::2] if line.startswith(b"data: ")]
+        if len(events) != len(lines) // 2 or max(map(len, events)) > MAX_EVENT:
+            return None  # a comment or another field: read line by line
+        return events
 
     def end(self) -> list[bytes]:
         """The events left when the body ends: an unterminated last line and event count as ended."""

@@ -8,8 +8,8 @@ Pure functions and one small accumulator, no I/O, so every rule here is visible 
 - `estimate_prompt_tokens`: a deliberately high guess, because we cannot run a remote model's tokenizer.
 - `StreamState`: folds streamed chunks (or one non-streamed completion) into `TextDelta`s and a final
   `Usage`, counting for ourselves when the upstream reports no usage (then `Usage.estimated` is true).
-- `coalesce`: the deltas of the chunks that arrived in one read, runs of one kind joined into one delta
-  that carries their tokens.
+- `coalesce`: the pieces of the chunks that arrived in one read as deltas, each run of one kind joined
+  into one delta that carries its tokens.
 - `error_for_status`: an upstream HTTP error answer → the `tokentill.errors` class the client should see.
 """
 
@@ -31,6 +31,7 @@ from tokentill.types import FinishReason, Message, TextDelta, ToolCallDelta, Usa
 
 __all__ = [
     "IMAGE_TOKEN_ALLOWANCE",
+    "Piece",
     "StreamState",
     "build_payload",
     "coalesce",
@@ -50,6 +51,9 @@ IMAGE_TOKEN_ALLOWANCE = 1000  # vision encoders use roughly 256–1500 tokens pe
 # stop, content_filter, anything else → "stop"
 _FINISH: dict[str, FinishReason] = {"length": "length", "tool_calls": "tool_calls"}
 Delta = TextDelta | ToolCallDelta
+Piece = tuple[bool, str] | ToolCallDelta
+"""What one streamed delta adds, one token: a text as (reasoning, text), or a tool call's fragment. Folding
+makes pieces and `coalesce` makes deltas of them, so text that arrives together is one delta, made once."""
 
 
 def estimate_prompt_tokens(request: EngineRequest) -> int:
@@ -197,9 +201,15 @@ class StreamState:
 
     def chunk(self, obj: dict[str, Any]) -> list[Delta]:
         """Fold one `chat.completion.chunk`; returns its text as deltas (reasoning ones flagged)."""
-        return self._fold(obj, streamed=True)
+        pieces: list[Piece] = []
+        self.fold(obj, pieces)
+        return coalesce(pieces)
 
-    def _fold(self, obj: dict[str, Any], *, streamed: bool) -> list[Delta]:
+    def fold(self, obj: dict[str, Any], pieces: list[Piece]) -> None:
+        """Fold one `chat.completion.chunk`, appending what it adds to `pieces` (see `coalesce`)."""
+        self._fold(obj, pieces, streamed=True)
+
+    def _fold(self, obj: dict[str, Any], out: list[Piece], *, streamed: bool) -> None:
         if "error" in obj:
             raise BadAnswer(f"error event in the stream: {str(obj['error'])[:300]}")
         usage = obj.get("usage")
@@ -208,9 +218,8 @@ class StreamState:
         choices = obj.get("choices")
         if not isinstance(choices, list):
             if self.finish_reason is not None:
-                return []  # after the answer: a usage-only chunk that omits `choices`, or a trailer
+                return  # after the answer: a usage-only chunk that omits `choices`, or a trailer
             raise BadAnswer("chunk without a choices list")
-        out: list[Delta] = []
         for choice in choices:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
@@ -220,14 +229,13 @@ class StreamState:
                 raise BadAnswer("choice delta is not an object")
             self._texts(delta, out, streamed=streamed)
             if "tool_calls" in delta:
-                out.extend(self._tool_calls(delta, streamed=streamed))
+                self._tool_calls(delta, out, streamed=streamed)
             if self.cut:
                 self.finish_reason = "length"
-                return out
+                return
             reason = choice.get("finish_reason")
             if isinstance(reason, str):
                 self.finish_reason = _FINISH.get(reason, "stop")
-        return out
 
     def completion(self, obj: dict[str, Any]) -> list[Delta]:
         """Fold a whole non-streamed `chat.completion` (an upstream that ignored `stream: true`)."""
@@ -245,20 +253,20 @@ class StreamState:
             ]
         reason = choices[0].get("finish_reason")
         # One delta per field, not per token: the budget is enforced on the reported usage instead.
-        out = self._fold({"choices": [{"delta": delta_like, "finish_reason": reason}]}, streamed=False)
+        pieces: list[Piece] = []
+        self._fold({"choices": [{"delta": delta_like, "finish_reason": reason}]}, pieces, streamed=False)
         if isinstance(obj.get("usage"), dict):
             self.usage = obj["usage"]
         self.done = True
-        return out
+        return coalesce(pieces)
 
-    def _tool_calls(self, delta: dict[str, Any], *, streamed: bool) -> list[Delta]:
-        """`delta.tool_calls` entries relayed as they came (index, id, name, argument fragments)."""
+    def _tool_calls(self, delta: dict[str, Any], out: list[Piece], *, streamed: bool) -> None:
+        """Append `delta.tool_calls` entries to `out` as they came (index, id, name, argument fragments)."""
         calls = delta.get("tool_calls")
         if calls is None:
-            return []
+            return
         if not isinstance(calls, list):
             raise BadAnswer("delta tool_calls is not a list")
-        out: list[Delta] = []
         for call in calls:
             if not isinstance(call, dict):
                 raise BadAnswer("a tool call delta is not an object")
@@ -280,9 +288,8 @@ class StreamState:
                 break
             self.deltas += 1
             out.append(ToolCallDelta(index, id=call_id, name=name, arguments=arguments))
-        return out
 
-    def _texts(self, delta: dict[str, Any], out: list[Delta], *, streamed: bool) -> None:
+    def _texts(self, delta: dict[str, Any], out: list[Piece], *, streamed: bool) -> None:
         """Append the delta's reasoning text, then its content, to `out`."""
         reasoning_text = delta.get("reasoning_content")
         if not (reasoning_text and isinstance(reasoning_text, str)):
@@ -300,7 +307,7 @@ class StreamState:
                 break
             self.deltas += 1
             self.reasoning_deltas += int(reasoning)
-            out.append(TextDelta(piece, reasoning=reasoning))
+            out.append((reasoning, piece))
 
     def final_usage(self) -> Usage:
         """The upstream's usage if it sent one, else our own count marked `estimated`; never over budget.
@@ -344,52 +351,51 @@ class StreamState:
         return self._seen_choice
 
 
-def coalesce(deltas: list[Delta], *, content: bool = True) -> list[Delta]:
-    """`deltas` (those of the chunks one read brought) with each run of text deltas of one kind (reasoning
-    or not) joined into one, and each run of one tool call's argument fragments too; a joined delta
-    carries the tokens of its parts, so what is billed does not change.
+def coalesce(pieces: list[Piece], *, content: bool = True) -> list[Delta]:
+    """`pieces` (those of the chunks one read brought) as deltas: each run of texts of one kind (reasoning
+    or not) is one `TextDelta`, each run of one tool call's fragments one `ToolCallDelta`, carrying the
+    run's tokens (one per piece), so what is billed does not change.
 
     Chunks arrive together when the gateway reads slower than the upstream writes (a loaded gateway, a
     fast upstream): passing one delta on instead of many is what lets it catch up, and a streaming client
     gets the same text in fewer chunks, none later. `content=False` leaves answer text (not reasoning)
-    one delta per chunk: an entry whose model writes its reasoning as `<think>` tags in the answer is
+    one delta per piece: an entry whose model writes its reasoning as `<think>` tags in the answer is
     split by `reasoning.NativeThinking`, which counts reasoning tokens by delta.
     """
-    if len(deltas) < 2:
-        return deltas
     out: list[Delta] = []
-    run: list[Delta] = []
-    for delta in deltas:
-        if run and _continues(run[-1], delta, content):
-            run.append(delta)
-            continue
-        if run:
-            out.append(_joined(run))
-        run = [delta]
-    out.append(_joined(run))
+    start, end = 0, len(pieces)
+    while start < end:
+        first = pieces[start]
+        stop = start + 1
+        if isinstance(first, tuple):
+            reasoning = first[0]
+            if content or reasoning:
+                while stop < end and isinstance(piece := pieces[stop], tuple) and piece[0] == reasoning:
+                    stop += 1
+            run = pieces[start:stop]
+            text = first[1] if stop == start + 1 else "".join(p[1] for p in run if isinstance(p, tuple))
+            out.append(TextDelta(text, reasoning=reasoning, tokens=stop - start))
+        else:
+            while stop < end and _continues(first, pieces[stop]):
+                stop += 1
+            if stop == start + 1:
+                out.append(first)
+            else:
+                calls = [p for p in pieces[start:stop] if isinstance(p, ToolCallDelta)]
+                arguments = "".join(call.arguments for call in calls)
+                out.append(replace(first, arguments=arguments, tokens=sum(call.tokens for call in calls)))
+        start = stop
     return out
 
 
-def _continues(last: Delta, delta: Delta, content: bool) -> bool:
-    if isinstance(delta, TextDelta):
-        return (
-            isinstance(last, TextDelta) and last.reasoning == delta.reasoning and (content or delta.reasoning)
-        )
-    # A later fragment of the same call: it names no new call
-    same_call = isinstance(last, ToolCallDelta) and last.index == delta.index
-    return same_call and delta.id is None and delta.name is None
-
-
-def _joined(run: list[Delta]) -> Delta:
-    first = run[0]
-    if len(run) == 1:
-        return first
-    tokens = sum(delta.tokens for delta in run)
-    if isinstance(first, TextDelta):
-        text = "".join(delta.text for delta in run if isinstance(delta, TextDelta))
-        return TextDelta(text, reasoning=first.reasoning, tokens=tokens)
-    arguments = "".join(delta.arguments for delta in run if isinstance(delta, ToolCallDelta))
-    return replace(first, arguments=arguments, tokens=tokens)
+def _continues(call: ToolCallDelta, piece: Piece) -> bool:
+    """Whether `piece` is a later fragment of `call` (same index, naming no new call)."""
+    return (
+        isinstance(piece, ToolCallDelta)
+        and piece.index == call.index
+        and piece.id is None
+        and piece.name is None
+    )
 
 
 # 400 codes of DESIGN §3 an upstream's own code may pass through as; any other code becomes invalid_value.
