@@ -74,6 +74,7 @@ class EarlyStart:
 
     async def events(self) -> AsyncGenerator[EngineEvent, None]:
         """The generation's events, the first included; closing this stops the generation."""
+        ended = False  # the generation ran to its end: nothing is left to stop
         try:
             try:
                 first = await self._first
@@ -82,8 +83,10 @@ class EarlyStart:
             yield first
             async for event in self._events:
                 yield event
+            ended = True
         finally:
-            await self.cancel()
+            if not ended:  # a shielded scope costs ~5 µs: only where something may still be running
+                await self.cancel()
 
     async def cancel(self) -> None:
         """Stop the generation: the first fetch if it still runs (its failure is not this caller's), then

@@ -179,7 +179,7 @@ class Run:
             return Collected(self._answer, self._render(self._answer), balance)
         finally:
             with anyio.CancelScope(shield=True):
-                await self.aclose()
+                await self._close()
                 # The balance the settlement returned; read again only if it failed.
                 self._client.show_balance(await self._final_balance())
 
@@ -203,7 +203,7 @@ class Run:
                 return None
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self.aclose()
+                await self._close()
             raise
         return _prepend(first[0], events)
 
@@ -211,14 +211,18 @@ class Run:
         """End the run now if nothing else has: settle (a run that never started charges nothing) and
         release the claim. Safe to call again and from any `finally`."""
         with anyio.CancelScope(shield=True):
-            if self._events is not None:
-                # "already running": the body's own pump is inside it, and its `finally` ends the run.
-                with contextlib.suppress(RuntimeError):
-                    await self._events.aclose()
-            if not self._started:
-                await self.prepared.abandon()
-                await self._settle(None, 0, 0, 499)
-            await self._release_claim()
+            await self._close()
+
+    async def _close(self) -> None:
+        """`aclose`'s work, for a caller already inside a shielded scope."""
+        if self._events is not None:
+            # "already running": the body's own pump is inside it, and its `finally` ends the run.
+            with contextlib.suppress(RuntimeError):
+                await self._events.aclose()
+        if not self._started:
+            await self.prepared.abandon()
+            await self._settle(None, 0, 0, 499)
+        await self._release_claim()
 
     async def _generate(self) -> AsyncGenerator[EngineEvent, None]:
         """The engine's events; settles in `finally` whether the consumer finishes, fails or goes away."""
@@ -267,18 +271,19 @@ class Run:
                         self._answer = answer
                     yield event
         finally:
-            with anyio.CancelScope(shield=True):
-                if self._answer is not None and not self._claim_closed and self._claim is not None:
-                    # Stored before the client sees the end: a retry that arrives now finds the answer.
-                    self._claim_closed = True
-                    await self._idempotency.complete(
-                        self._claim,
-                        status=200,
-                        body=self._render(self._answer),
-                        headers={"x-original-request-id": self.prepared.request_id},
-                        streamed=self.prepared.stream,
-                    )
-                await self._release_claim()
+            if self._claim is not None and not self._claim_closed:  # else nothing to await, no shield
+                with anyio.CancelScope(shield=True):
+                    if self._answer is not None:
+                        # Stored before the client sees the end: a retry that arrives now finds the answer.
+                        self._claim_closed = True
+                        await self._idempotency.complete(
+                            self._claim,
+                            status=200,
+                            body=self._render(self._answer),
+                            headers={"x-original-request-id": self.prepared.request_id},
+                            streamed=self.prepared.stream,
+                        )
+                    await self._release_claim()
 
     async def _settle(self, finished: Finished | None, generated: int, reasoning: int, status: int) -> None:
         if self._settled:
