@@ -682,3 +682,15 @@ def test_a_finished_stream_leaves_its_connection_for_the_next_request(upstream: 
     run(main())
     first, second = upstream.seen[-2:]
     assert first["port"] is not None and first["port"] == second["port"]
+
+
+def test_a_body_left_open_after_done_is_cut_off_and_the_answer_stands(upstream: ScriptedUpstream) -> None:
+    """An upstream that says `[DONE]` and keeps its body open: the answer is complete, the connection is
+    dropped (the upstream sees it go) instead of waiting out `timeout_s`."""
+    upstream.closed.clear()
+    started = time.monotonic()
+    request = _request(deadline=started + 600)
+    deltas, finished = _complete(_spec(upstream.url + "/done-open/v1", timeout_s=600), request)
+    assert _text(deltas) == "Hello" and finished.finish_reason == "stop"
+    assert time.monotonic() - started < 600 / 10  # far from timeout_s and the deadline: not waited out
+    assert upstream.closed.wait(10), "the connection of a body left open was kept"

@@ -175,6 +175,10 @@ class ScriptedUpstream:
                 "burst-broken": _content_stream("one", " two")[:3] + [b"data: not json\n\n"],
             }[script]
             return [b"".join(chunks)]
+        if script == "done-open":  # says [DONE] and then never ends the body
+            return StreamingResponse(
+                _held_open(_content_stream("Hello"), self.closed), media_type="text/event-stream"
+            )
         if script == "json":  # ignores stream: true
             message = {"role": "assistant", "content": "fixed answer"}
             choice = {"index": 0, "message": message, "finish_reason": "stop"}
@@ -319,6 +323,15 @@ async def _paced(chunks: list[bytes] | None, closed: threading.Event) -> AsyncIt
     finally:
         if chunks is None:
             closed.set()
+
+
+async def _held_open(chunks: list[bytes], closed: threading.Event) -> AsyncIterator[bytes]:
+    try:
+        for chunk in chunks:
+            yield chunk
+        await asyncio.sleep(60)  # the body stays open until the client drops the connection
+    finally:
+        closed.set()
 
 
 class SilentServer:
