@@ -297,6 +297,8 @@ def test_a_line_or_an_event_past_the_cap_is_a_bad_answer() -> None:
         splitter.feed(line)
     with pytest.raises(BadAnswer, match="event"):  # whole events, as servers write them
         EventSplitter().feed(b"data: 1\n\ndata: " + b"x" * (MAX_EVENT + 1) + b"\n\n")
+    with pytest.raises(BadAnswer, match="line"):  # whole events, then a line that never ends
+        EventSplitter().feed(b"data: 1\n\ndata: " + b"x" * MAX_EVENT)
 
 
 async def _reads(chunks: list[bytes]) -> AsyncIterator[bytes]:

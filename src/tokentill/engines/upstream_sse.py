@@ -82,14 +82,13 @@ class EventSplitter:
         else:  # LF only, as servers write: one split of the lines this chunk completes
             start = buffer.rfind(b"\n") + 1
             lines = bytes(buffer[: start - 1]).split(b"\n") if start else []
-            if self._first and lines:
-                lines[0], self._first = lines[0].removeprefix(_BOM), False
-            if (events := self._whole_events(lines)) is not None:
-                del buffer[:start]
-                return events
         del buffer[:start]
         if len(buffer) > MAX_EVENT:
             raise BadAnswer("a line of the event stream is longer than 1 MiB")
+        if self._first and lines:
+            lines[0], self._first = lines[0].removeprefix(_BOM), False
+        if (events := self._whole_events(lines)) is not None:
+            return events
         return self._lines(lines)
 
     def _whole_events(self, lines: list[bytes]) -> list[bytes] | None:
@@ -110,7 +109,7 @@ class EventSplitter:
         return self._lines(lines)
 
     def _lines(self, lines: list[bytes]) -> list[bytes]:
-        if self._first and lines:
+        if self._first and lines:  # a body that ends before its first line end
             lines[0], self._first = lines[0].removeprefix(_BOM), False
         events: list[bytes] = []
         data = self._data
