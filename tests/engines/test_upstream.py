@@ -253,38 +253,35 @@ def test_error_mapping(
     assert "sk-secret-value" not in caplog.text
 
 
+def _events(chunks: list[bytes]) -> list[bytes]:
+    splitter = EventSplitter()
+    return [event for chunk in chunks for event in splitter.feed(chunk)] + splitter.end()
+
+
+def _assert_split_anywhere(data: bytes, expected: list[bytes]) -> None:
+    """`data` read in three reads, wherever the two breaks fall, gives `expected`."""
+    for i in range(len(data) + 1):
+        for j in range(i, len(data) + 1):
+            assert _events([data[:i], data[i:j], data[j:]]) == expected, (i, j)
+
+
 def test_events_split_on_cr_lf_crlf_only_wherever_the_reads_break() -> None:
     # A BOM, a comment, an unknown field, multi-line data, U+2028/U+0085 inside data, every line ending,
     # and an unterminated last event that the body's end dispatches.
     data = (
         "\ufeffdata: a\r\n: keep-alive\r\rdata:b\rid: 7\ndata: c\n\n\r\ndata: \u2028d\u0085\r\r\ndata: e\r"
     ).encode()
-    expected = [b"a", b"b\nc", "\u2028d\u0085".encode(), b"e"]
-
-    def events(chunks: list[bytes]) -> list[bytes]:
-        splitter = EventSplitter()
-        return [event for chunk in chunks for event in splitter.feed(chunk)] + splitter.end()
-
-    for i in range(len(data) + 1):
-        for j in range(i, len(data) + 1):
-            assert events([data[:i], data[i:j], data[j:]]) == expected, (i, j)
-    assert events([b"data: x\r", b"", b"\n", b"\ndata: y\n\n"]) == [b"x", b"y"]  # CR, empty read, LF
+    _assert_split_anywhere(data, [b"a", b"b\nc", "\u2028d\u0085".encode(), b"e"])
+    assert _events([b"data: x\r", b"", b"\n", b"\ndata: y\n\n"]) == [b"x", b"y"]  # CR, empty read, LF
 
 
-def test_lf_streams_split_the_same_whole_or_line_by_line_wherever_the_reads_break() -> None:
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n"])
+def test_streams_split_the_same_whole_or_line_by_line_wherever_the_reads_break(line_end: bytes) -> None:
     # Whole one-line `data: ` events take the short path; a comment, a multi-line event, `data:` without
     # its space and an empty event between them take the line-by-line one, in any mix across reads.
     data = "\ufeffdata: a\n\ndata: b\n\n: ping\n\ndata: c\ndata: d\n\n".encode()
     data += b"data:e\n\ndata: \n\ndata: f\n\n"
-    expected = [b"a", b"b", b"c\nd", b"e", b"", b"f"]
-
-    def events(chunks: list[bytes]) -> list[bytes]:
-        splitter = EventSplitter()
-        return [event for chunk in chunks for event in splitter.feed(chunk)] + splitter.end()
-
-    for i in range(len(data) + 1):
-        for j in range(i, len(data) + 1):
-            assert events([data[:i], data[i:j], data[j:]]) == expected, (i, j)
+    _assert_split_anywhere(data.replace(b"\n", line_end), [b"a", b"b", b"c\nd", b"e", b"", b"f"])
 
 
 def test_a_line_or_an_event_past_the_cap_is_a_bad_answer() -> None:
