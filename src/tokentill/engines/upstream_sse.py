@@ -85,6 +85,16 @@ class EventSplitter:
         del buffer[:start]
         if len(buffer) > MAX_EVENT:
             raise BadAnswer("a line of the event stream is longer than 1 MiB")
+        return self._events(lines)
+
+    def end(self) -> list[bytes]:
+        """The events left when the body ends: an unterminated last line and event count as ended."""
+        lines = [bytes(self._buffer), b""] if self._buffer else [b""]
+        self._buffer.clear()
+        return self._events(lines)
+
+    def _events(self, lines: list[bytes]) -> list[bytes]:
+        """The events that complete `lines`: whole one-line events at once, anything else line by line."""
         if self._first and lines:
             lines[0], self._first = lines[0].removeprefix(_BOM), False
         if (events := self._whole_events(lines)) is not None:
@@ -102,15 +112,7 @@ class EventSplitter:
             return None  # a comment or another field: read line by line
         return events
 
-    def end(self) -> list[bytes]:
-        """The events left when the body ends: an unterminated last line and event count as ended."""
-        lines = [bytes(self._buffer), b""] if self._buffer else [b""]
-        self._buffer.clear()
-        return self._lines(lines)
-
     def _lines(self, lines: list[bytes]) -> list[bytes]:
-        if self._first and lines:  # a body that ends before its first line end
-            lines[0], self._first = lines[0].removeprefix(_BOM), False
         events: list[bytes] = []
         data = self._data
         for line in lines:
